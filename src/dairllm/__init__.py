@@ -15,3 +15,12 @@ def build_info() -> dict:
     from . import _ops
 
     return dict(_ops.build_info())
+
+
+def __getattr__(name: str):
+    """Lazy exports: `dairllm.Model` imports the engine (and the kernels) on first use only."""
+    if name == "Model":
+        from .engine import Model
+
+        return Model
+    raise AttributeError(f"module 'dairllm' has no attribute {name!r}")

@@ -1,0 +1,136 @@
+"""The forward pass: our run.c. One line per kernel call, shapes in comments.
+
+A batch of n tokens at positions p0..p0+n-1 goes through three stages that the execution modes
+compose: `embed` (tokens -> x), `run_layers` (a range of transformer blocks over x; a cluster node
+runs its own range, the layer streamer swaps the weight provider) and `head` (x -> logits).
+Buffer names are defined in state.py. Math follows distributed-llama's single-node graph:
+with Q40/Q80 weights every matmul input is quantized to Q80 first, and so is each block's
+output before it joins the residual stream; F32/F16 weights keep F32 activations.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .. import _ops as ops
+
+if TYPE_CHECKING:
+    from .model import Net
+    from .state import Rows, RunState
+    from .weights import LayerWeights
+
+
+def q80(m: "Net", out_q: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """The matmul input for activations x: their Q80 blocks (quantized weights) or x itself."""
+    if m.quantized:
+        ops.quantize_q80(out_q, x)
+        return out_q
+    return x
+
+
+def residual(m: "Net", r: "Rows") -> None:
+    """x += dx, with dx rounded through Q80 first when activations are Q80 (as the reference)."""
+    if m.quantized:
+        ops.quantize_q80(r.dxq, r.dx)
+        ops.dequantize_q80(r.dx, r.dxq)
+    ops.add(r.x, r.dx)                                  # x: (n, dim)
+
+
+def embed(m: "Net", r: "Rows", tokens: np.ndarray) -> None:
+    """x = embedding rows of the tokens (only those rows of the table are read)."""
+    np.take(m.weights.embedding, tokens, axis=0, out=r.x)   # x: (n, dim)
+
+
+def attention_block(m: "Net", s: "RunState", r: "Rows", w: "LayerWeights", p0: int) -> None:
+    n, l = r.n, w.index
+    k = s.k_cache[l][p0:p0 + n]                         # (n, kv_dim): this batch's cache rows
+    v = s.v_cache[l][p0:p0 + n]
+    ops.rmsnorm(r.xb, r.x, w.attn_norm, m.eps)          # xb = rmsnorm(x) * attn_norm
+    xin = q80(m, r.xq, r.xb)
+    m.matmul(r.q, w.q, xin)                             # q = Wq xb        (n, q_dim)
+    m.matmul(k, w.k, xin)                               # k = Wk xb, into the cache
+    m.matmul(v, w.v, xin)                               # v = Wv xb, into the cache
+    if m.qk_norm:                                       # Qwen3: rmsnorm of every head
+        qh = r.q.reshape(n * m.n_heads, m.head_dim)
+        kh = k.reshape(n * m.n_kv_heads, m.head_dim)
+        ops.rmsnorm(qh, qh, w.q_norm, m.eps)
+        ops.rmsnorm(kh, kh, w.k_norm, m.eps)
+    ops.rope(r.q, r.pos, s.rope, m.head_dim, s.rope_neox)   # rotate q and k by position
+    ops.rope(k, r.pos, s.rope, m.head_dim, s.rope_neox)
+    ops.attention(r.att, r.q, s.k_cache[l], s.v_cache[l], r.pos,
+                  m.n_heads, m.n_kv_heads, m.head_dim)  # att: (n, q_dim), causal over 0..pos
+    ain = q80(m, r.attq, r.att)
+    m.matmul(r.dx, w.wo, ain)                           # dx = Wo att      (n, dim)
+    residual(m, r)
+
+
+def ffn_block(m: "Net", s: "RunState", r: "Rows", w: "LayerWeights") -> None:
+    ops.rmsnorm(r.xb, r.x, w.ffn_norm, m.eps)           # xb = rmsnorm(x) * ffn_norm
+    if m.moe:
+        moe_ffn(m, s, r, w)
+    else:
+        xin = q80(m, r.xq, r.xb)
+        m.matmul(r.hb, w.w1, xin)                       # hb  = W1 xb      (n, hidden)
+        m.matmul(r.hb2, w.w3, xin)                      # hb2 = W3 xb
+        ops.silu_mul(r.hb, r.hb2)                       # hb  = silu(hb) * hb2
+        hin = q80(m, r.hbq, r.hb)
+        m.matmul(r.dx, w.w2, hin)                       # dx = W2 hb       (n, dim)
+    residual(m, r)
+
+
+def moe_ffn(m: "Net", s: "RunState", r: "Rows", w: "LayerWeights") -> None:
+    """dx = sum over each row's top-k experts of weight * expert_ffn(xb); rows grouped by expert
+    so one pass over an expert's weights serves every row routed to it."""
+    ops.matmul_f32(r.gate, w.moe_gate, r.xb)            # gate = Wg xb (unquantized)  (n, E)
+    ops.moe_route(r.route_idx, r.route_w, r.gate, m.k_active)   # top-k, renormalised
+    xin = q80(m, r.xq, r.xb)
+    r.dx.fill(0.0)
+    for e, rows, wts in route_groups(r.route_idx, r.route_w):
+        ew = w.experts[e]
+        c = rows.size
+        ein, h1, h2, hq, eout = s.ein[:c], s.hb[:c], s.hb2[:c], s.hbq, s.eout[:c]
+        np.take(xin, rows, axis=0, out=ein)             # the rows routed to expert e
+        m.matmul(h1, ew.w1, ein)                        # (c, moe_hidden)
+        m.matmul(h2, ew.w3, ein)
+        ops.silu_mul(h1, h2)
+        hin = q80(m, None if hq is None else hq[:c], h1)
+        m.matmul(eout, ew.w2, hin)                      # (c, dim)
+        if c == 1:
+            ops.scale_add(r.dx[rows[0]:rows[0] + 1], eout, float(wts[0]))
+        else:
+            r.dx[rows] += wts[:, None] * eout
+
+
+def route_groups(idx: np.ndarray, wts: np.ndarray):
+    """(expert, rows, weights) for every expert chosen by at least one row, expert ascending."""
+    flat = idx.ravel()
+    if flat.size == 1:
+        yield int(flat[0]), np.zeros(1, dtype=np.intp), wts.ravel()
+        return
+    order = np.argsort(flat, kind="stable")
+    experts = flat[order]
+    bounds = np.flatnonzero(np.diff(experts)) + 1
+    k = idx.shape[1]
+    for chunk in np.split(order, bounds):
+        yield int(flat[chunk[0]]), chunk // k, wts.ravel()[chunk]
+
+
+def run_layers(m: "Net", s: "RunState", r: "Rows", p0: int, start: int, end: int) -> None:
+    """Transformer blocks start..end-1 over the n rows of x at positions p0.. (rows already set)."""
+    for l in range(start, end):
+        w = m.weights.layer(l)                          # views of layer l's weights
+        attention_block(m, s, r, w, p0)
+        ffn_block(m, s, r, w)
+        m.weights.release(l)
+
+
+def head(m: "Net", r: "Rows", logits: np.ndarray) -> None:
+    """logits = Wcls rmsnorm(x) for the n rows of x."""
+    ops.rmsnorm(r.xb, r.x, m.weights.final_norm, m.eps)
+    xin = q80(m, r.xq, r.xb)
+    m.matmul(logits, m.weights.wcls, xin)               # (n, vocab)
+
+
+def set_positions(s: "RunState", r: "Rows", p0: int) -> None:
+    np.add(s.arange[:r.n], p0, out=r.pos)               # pos = p0, p0+1, ..., p0+n-1

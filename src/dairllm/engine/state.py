@@ -1,0 +1,155 @@
+"""Run state: activation buffers for a batch of up to `max_batch` tokens, the rope table and the
+per-layer KV caches. Everything is allocated once when a model opens; the token loop only takes
+views of it.
+
+Short names used by forward.py (B = rows of the current batch):
+    x      (B, dim)      residual stream
+    xb     (B, dim)      normed x (attention and FFN input)
+    xq     (B, dim/32)   Q80 blocks of xb (quantized weights only)
+    q      (B, q_dim)    queries
+    att    (B, q_dim)    attention output; attq its Q80 blocks
+    dx     (B, dim)      a block's output before the residual add; dxq its Q80 blocks
+    hb     (B, ff)       FFN gate (w1) output, then silu(w1 x) * w3 x; hbq its Q80 blocks
+    hb2    (B, ff)       FFN up (w3) output
+    pos    (B,) int32    absolute position of each row
+    k_cache[l], v_cache[l]  (seq_len, kv_dim) f32, row p = key/value at position p
+MoE (Qwen3-MoE) only:
+    gate   (B, n_experts)    router logits
+    route_idx, route_w (B, k)  chosen experts and their normalised weights
+    ein    (B, dim/32 Q80 or dim f32)  the rows routed to one expert, gathered
+    eout   (B, dim)      that expert's output for those rows
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..formats.modelfile import Header, RopeType
+from ..formats.quant import Q80_BYTES
+
+BLOCK = 32
+
+
+def q80_bytes(n: int) -> int:
+    return n // BLOCK * Q80_BYTES
+
+
+class Rows:
+    """Views of the first n rows of every activation buffer (cached per n by RunState)."""
+
+    __slots__ = ("n", "x", "xb", "xq", "q", "att", "attq", "dx", "dxq", "hb", "hb2", "hbq",
+                 "pos", "gate", "route_idx", "route_w")
+
+    def __init__(self, s: "RunState", n: int) -> None:
+        self.n = n
+        for name in self.__slots__[1:]:
+            buf = getattr(s, name)
+            setattr(self, name, None if buf is None else buf[:n])
+
+
+class RunState:
+    """Buffers for one sequence: activations for `max_batch` rows and the KV cache of `layers`."""
+
+    def __init__(self, h: Header, max_batch: int, quantized: bool,
+                 layers: "range | None" = None) -> None:
+        self.header = h
+        self.seq_len = h.seq_len
+        self.max_batch = B = max_batch
+        self.quantized = quantized
+        self.layers = range(h.n_layers) if layers is None else layers
+        f32 = np.float32
+
+        def act(n: int) -> np.ndarray:
+            return np.zeros((B, n), dtype=f32)
+
+        def qact(n: int) -> "np.ndarray | None":
+            return np.zeros((B, q80_bytes(n)), dtype=np.uint8) if quantized else None
+
+        ff = h.ff_dim
+        self.x, self.xb, self.xq = act(h.dim), act(h.dim), qact(h.dim)
+        self.q, self.att, self.attq = act(h.q_dim), act(h.q_dim), qact(h.q_dim)
+        self.dx, self.dxq = act(h.dim), qact(h.dim)
+        self.hb, self.hb2, self.hbq = act(ff), act(ff), qact(ff)
+        self.pos = np.zeros(B, dtype=np.int32)
+        self.arange = np.arange(B, dtype=np.int32)
+        if h.is_moe:
+            self.gate = act(h.n_experts)
+            self.route_idx = np.zeros((B, h.n_active_experts), dtype=np.int32)
+            self.route_w = np.zeros((B, h.n_active_experts), dtype=f32)
+            self.ein = qact(h.dim) if quantized else act(h.dim)
+            self.eout = act(h.dim)
+        else:
+            self.gate = self.route_idx = self.route_w = self.ein = self.eout = None
+        # np.zeros maps fresh zero pages: a long context costs RSS only as positions fill.
+        kv = (self.seq_len, h.kv_dim)
+        self.k_cache: list = [None] * h.n_layers
+        self.v_cache: list = [None] * h.n_layers
+        for l in self.layers:
+            self.k_cache[l] = np.zeros(kv, dtype=f32)
+            self.v_cache[l] = np.zeros(kv, dtype=f32)
+        self.rope = rope_table(h, self.seq_len)
+        self.rope_neox = h.effective_rope_type is RopeType.FALCON
+        self._rows: dict[int, Rows] = {}
+
+    def rows(self, n: int) -> Rows:
+        r = self._rows.get(n)
+        if r is None:
+            r = self._rows[n] = Rows(self, n)
+        return r
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every buffer this state holds (an upper bound on its resident memory)."""
+        arrays = [v for v in vars(self).values() if isinstance(v, np.ndarray)]
+        arrays += [a for a in self.k_cache + self.v_cache if a is not None]
+        return sum(a.nbytes for a in arrays)
+
+    @property
+    def kv_nbytes(self) -> int:
+        return sum(a.nbytes for a in self.k_cache + self.v_cache if a is not None)
+
+
+def rope_frequencies(h: Header) -> np.ndarray:
+    """f32 [head_dim/2]: rotation frequency of pair i, computed in float32 as the reference does.
+
+    LLAMA pairs (x[2i], x[2i+1]); FALCON pairs (x[i], x[i + head_dim/2]); both use
+    theta^(-2i/head_dim). Llama-3.1 scaling applies to LLAMA whenever the factor is not 1.
+    """
+    hd = h.head_dim
+    i2 = np.arange(0, hd, 2, dtype=np.float32)
+    exponent = (i2 / np.float32(hd)).astype(np.float32)
+    power = np.power(np.float64(np.float32(h.rope_theta)), exponent.astype(np.float64))
+    freq = (np.float32(1) / power.astype(np.float32)).astype(np.float32)
+    if h.effective_rope_type is not RopeType.FALCON and h.rope_scaling_factor != 1.0:
+        freq = _llama31_scaling(freq, h)
+    return freq
+
+
+def _llama31_scaling(freq: np.ndarray, h: Header) -> np.ndarray:
+    """Llama 3.1: keep high frequencies, divide low ones by the factor, blend in between."""
+    factor, low, high = h.rope_scaling_factor, h.rope_scaling_low_freq_factor, \
+        h.rope_scaling_high_freq_factor
+    orig = float(h.rope_scaling_orig_max_seq_len)
+    if low <= 0 or high <= low or orig <= 0:
+        # degenerate settings: the reference divides by these; refuse rather than emit inf/nan
+        from ..errors import ModelFormatError
+        raise ModelFormatError(h, f"rope scaling needs 0 < low ({low}) < high ({high}) frequency "
+                               f"factors and an original length ({orig:g})")
+    f = freq.astype(np.float64)
+    wavelen = 2 * math.pi / f
+    smooth = (orig / wavelen - low) / (high - low)
+    out = np.where(wavelen < orig / high, f,
+                   np.where(wavelen > orig / low, f / factor, (1 - smooth) * f / factor + smooth * f))
+    return out.astype(np.float32)
+
+
+def rope_table(h: Header, seq_len: int) -> np.ndarray:
+    """f32 [seq_len, head_dim/2, 2]: (cos, sin) of angle pos * freq[i], the angle in float32."""
+    freq = rope_frequencies(h)
+    angle = np.arange(seq_len, dtype=np.float32)[:, None] * freq[None, :]     # f32 product
+    table = np.empty((seq_len, freq.size, 2), dtype=np.float32)
+    a64 = angle.astype(np.float64)
+    table[:, :, 0] = np.cos(a64)
+    table[:, :, 1] = np.sin(a64)
+    return table
