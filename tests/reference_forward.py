@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-from dairllm.formats.modelfile import Arch, ModelFile, RopeType
+from dairllm.formats.modelfile import Arch, ModelFile
 from dairllm.formats.quant import FloatType, decode
 
 
@@ -45,9 +45,10 @@ def silu(x: np.ndarray) -> np.ndarray:
 
 
 class Reference:
-    def __init__(self, mf: ModelFile) -> None:
+    def __init__(self, mf: ModelFile, q80_activations: "bool | None" = None) -> None:
         h = self.h = mf.header
-        self.quant = h.weight_type in (FloatType.Q40, FloatType.Q80)
+        block = h.weight_type in (FloatType.Q40, FloatType.Q80)
+        self.quant = block if q80_activations is None else q80_activations
 
         def mat(name: str) -> np.ndarray:
             t = mf.layout[name]
@@ -79,9 +80,10 @@ class Reference:
         self.v_cache = [np.zeros((h.seq_len, h.kv_dim)) for _ in range(h.n_layers)]
 
     @classmethod
-    def load(cls, path, max_seq_len: "int | None" = None) -> "Reference":
-        mf = ModelFile(path, max_seq_len=max_seq_len)
-        return cls(mf)
+    def load(cls, path, max_seq_len: "int | None" = None,
+             q80_activations: "bool | None" = None) -> "Reference":
+        """q80_activations: None = as distributed-llama (Q80 when the weights are Q40/Q80)."""
+        return cls(ModelFile(path, max_seq_len=max_seq_len), q80_activations)
 
     # -- pieces ---------------------------------------------------------------------------------
 
