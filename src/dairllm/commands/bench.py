@@ -1,0 +1,315 @@
+"""`dairllm bench`: end-to-end prompt and decode speed on a synthetic Llama-3.2-1B-shaped Q40 model,
+peak memory, the kernel benchmarks, and llama.cpp on the very same weight bytes, side by side.
+
+Q40 blocks are byte-identical to GGUF Q4_0 (f16 scale, 16 bytes of nibbles: element j in the low
+nibble of byte j, element j+16 in the high one, value (q - 8) * d), and LLAMA q/k rows are in the
+interleaved rotary order in both formats, so the .m tensors are re-wrapped as GGUF without
+requantizing. Each engine runs in its own child process (clean peak-RSS figures, no shared
+state); both see the same file pages in the page cache.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ConfigError, DairError
+
+HELP = "benchmark prompt/decode tokens/s, memory and kernels, next to llama.cpp on the same weights"
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="a LLAMA Q40 .m file (default: a synthetic model, made once)")
+    p.add_argument("--preset", default="llama-3.2-1b", help="synthetic model shape (default llama-3.2-1b)")
+    p.add_argument("--cache-dir", default=os.environ.get("DAIRLLM_CACHE", "~/.cache/dairllm"),
+                   help="where synthetic models and GGUF copies are kept")
+    p.add_argument("--nthreads", type=int, default=None, help="threads for every engine (default all)")
+    p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length (default 128)")
+    p.add_argument("--gen-tokens", type=int, default=64, help="tokens to decode (default 64)")
+    p.add_argument("--no-llamacpp", action="store_true", help="skip llama.cpp")
+    p.add_argument("--no-kernels", action="store_true", help="skip the kernel benchmarks")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--child", choices=["dairllm", "llamacpp"], help=argparse.SUPPRESS)
+    p.add_argument("--gguf", help=argparse.SUPPRESS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model files
+
+def synthetic_model(args) -> Path:
+    cache = Path(args.cache_dir).expanduser() / "bench"
+    cache.mkdir(parents=True, exist_ok=True)
+    path = cache / f"{args.preset}-q40.m"
+    if not path.exists():
+        from ..synth import make_model
+
+        log.warning("making synthetic %s Q40 model at %s (once)", args.preset, path)
+        tmp = path.with_suffix(".m.part")
+        make_model(tmp, "llama", args.preset, "q40")
+        tmp.rename(path)
+    return path
+
+
+def write_gguf(model_path: Path, out: Path) -> Path:
+    """Re-wrap a LLAMA Q40 .m file as GGUF (llama architecture, Q4_0), reusing the blocks as-is."""
+    import gguf
+
+    from ..engine.state import rope_frequencies
+    from ..formats.modelfile import Arch, ModelFile, RopeType
+    from ..formats.quant import FloatType
+
+    mf = ModelFile(model_path)
+    h = mf.header
+    if h.arch is not Arch.LLAMA or h.weight_type is not FloatType.Q40:
+        raise ConfigError(f"{model_path}: the llama.cpp comparison needs a LLAMA Q40 model, "
+                          f"this is {h.arch.name} {h.weight_type.name}")
+    tmp = out.with_suffix(".gguf.part")
+    w = gguf.GGUFWriter(str(tmp), "llama")
+    w.add_context_length(h.orig_seq_len)
+    w.add_embedding_length(h.dim)
+    w.add_block_count(h.n_layers)
+    w.add_feed_forward_length(h.hidden_dim)
+    w.add_head_count(h.n_heads)
+    w.add_head_count_kv(h.n_kv_heads)
+    w.add_rope_dimension_count(h.head_dim)
+    w.add_key_length(h.head_dim)
+    w.add_value_length(h.head_dim)
+    w.add_layer_norm_rms_eps(h.norm_epsilon)
+    w.add_rope_freq_base(h.rope_theta)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
+    w.add_vocab_size(h.vocab_size)
+    _add_placeholder_vocab(w, h.vocab_size)
+    Q40 = gguf.GGMLQuantizationType.Q4_0
+    w.add_tensor("token_embd.weight", mf.f32("embedding"))
+    if h.rope_scaling_factor != 1.0 and h.effective_rope_type is not RopeType.FALCON:
+        # llama.cpp takes Llama-3.1 scaling as per-frequency divisors
+        plain = rope_frequencies(_unscaled(h))
+        w.add_tensor("rope_freqs.weight", (plain / rope_frequencies(h)).astype(np.float32))
+    names = dict(q="attn_q", k="attn_k", v="attn_v", wo="attn_output", w1="ffn_gate",
+                 w2="ffn_down", w3="ffn_up")
+    for l in range(h.n_layers):
+        w.add_tensor(f"blk.{l}.attn_norm.weight", mf.f32(f"layers.{l}.attn_norm"))
+        for ours, theirs in names.items():
+            w.add_tensor(f"blk.{l}.{theirs}.weight", mf.raw(f"layers.{l}.{ours}"), raw_dtype=Q40)
+        w.add_tensor(f"blk.{l}.ffn_norm.weight", mf.f32(f"layers.{l}.ffn_norm"))
+    w.add_tensor("output_norm.weight", mf.f32("final_norm"))
+    w.add_tensor("output.weight", mf.raw("wcls"), raw_dtype=Q40)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    tmp.rename(out)
+    return out
+
+
+def _unscaled(h):
+    from dataclasses import replace
+
+    return replace(h, rope_scaling_factor=1.0)
+
+
+def _add_placeholder_vocab(w, vocab: int) -> None:
+    """A SentencePiece-style vocabulary of the right size (we feed token ids, never text)."""
+    import gguf
+
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    tokens += [f"<t{i}>" for i in range(len(tokens), vocab)]
+    types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
+    types += [gguf.TokenType.BYTE] * 256 + [gguf.TokenType.NORMAL] * (vocab - 259)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens[:vocab])
+    w.add_token_scores([0.0] * vocab)
+    w.add_token_types(types[:vocab])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+
+
+def gguf_copy(model_path: Path) -> Path:
+    out = model_path.with_suffix(".gguf")
+    if not out.exists() or out.stat().st_mtime < model_path.stat().st_mtime:
+        log.warning("writing the GGUF copy %s", out)
+        write_gguf(model_path, out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Children: one engine each, results as one JSON line on stdout
+
+def _memory() -> dict:
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
+                out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def _prompt(vocab: int, n: int) -> list[int]:
+    return np.random.default_rng(0).integers(3, vocab, size=n).tolist()
+
+
+def child_dairllm(args) -> dict:
+    from ..engine import Model
+
+    before = _memory()
+    P, G = args.prompt_tokens, args.gen_tokens
+    with Model.open(args.model, max_seq_len=P + G + 8, nthreads=args.nthreads) as m:
+        prompt = _prompt(m.vocab_size, P)
+        list(m.generate(prompt[:8], steps=4))                    # warm-up: page weights in
+        tokens = list(m.generate(prompt, steps=G))
+        st = m.stats
+        mem = _memory()
+        return dict(engine="dairllm", prompt_tps=st.prompt_tps, decode_tps=st.decode_tps,
+                    generated=len(tokens), peak_rss=mem.get("VmHWM"), rss_file=mem.get("RssFile"),
+                    rss_anon=mem.get("RssAnon"), rss_anon_before_open=before.get("RssAnon"),
+                    state_bytes=m.state.nbytes, kv_bytes=m.state.kv_nbytes,
+                    nthreads=_threads())
+
+
+def _threads() -> int:
+    from .. import _ops
+
+    return int(_ops.get_num_threads())
+
+
+def child_llamacpp(args) -> dict:
+    from llama_cpp import Llama
+
+    P, G = args.prompt_tokens, args.gen_tokens
+    n = args.nthreads or os.cpu_count()
+    llm = Llama(model_path=args.gguf, n_ctx=P + G + 8, n_batch=max(P, 8), n_ubatch=max(P, 8),
+                n_threads=n, n_threads_batch=n, use_mmap=True, verbose=False)
+    prompt = _prompt(llm.n_vocab(), P)
+    llm.eval(prompt[:8])                                          # warm-up
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(prompt)
+    prompt_s = time.perf_counter() - t0
+    token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    t0 = time.perf_counter()
+    for _ in range(G - 1):
+        llm.eval([token])
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    decode_s = time.perf_counter() - t0
+    mem = _memory()
+    return dict(engine="llama.cpp", prompt_tps=P / prompt_s, decode_tps=(G - 1) / decode_s,
+                peak_rss=mem.get("VmHWM"), rss_file=mem.get("RssFile"),
+                rss_anon=mem.get("RssAnon"), nthreads=n)
+
+
+def _spawn(args, which: str, model: Path, gguf_path: "Path | None" = None) -> dict:
+    cmd = [sys.executable, "-m", "dairllm", "bench", "--child", which, "--model", str(model),
+           "--prompt-tokens", str(args.prompt_tokens), "--gen-tokens", str(args.gen_tokens)]
+    if args.nthreads:
+        cmd += ["--nthreads", str(args.nthreads)]
+    if gguf_path is not None:
+        cmd += ["--gguf", str(gguf_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        raise DairError(f"{which} benchmark failed:\n{proc.stderr.strip()[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+
+def weight_bytes_per_token(model: Path) -> int:
+    """Bytes a decode step must read: every layer, the classifier, one embedding row."""
+    from ..formats.modelfile import ModelFile
+
+    with ModelFile(model) as mf:
+        h = mf.header
+        layers = sum(t.nbytes for t in mf.tensors if t.layer >= 0)
+        return layers + mf.layout["wcls"].nbytes + mf.layout["final_norm"].nbytes + 4 * h.dim
+
+
+def kernel_section(args) -> "dict | None":
+    try:
+        from .. import bench_kernels
+    except ImportError as e:
+        log.warning("kernel benchmarks unavailable: %s", e)
+        return None
+    return bench_kernels.run(nthreads=args.nthreads)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.child:
+        result = child_dairllm(args) if args.child == "dairllm" else child_llamacpp(args)
+        print(json.dumps(result))
+        return 0
+    if args.prompt_tokens <= 0 or args.gen_tokens < 2:
+        raise ConfigError("--prompt-tokens must be positive and --gen-tokens at least 2")
+    model = Path(args.model) if args.model else synthetic_model(args)
+    report: dict = {"model": str(model), "weight_bytes_per_token": weight_bytes_per_token(model)}
+    if not args.no_kernels:
+        report["kernels"] = kernel_section(args)
+    report["dairllm"] = _spawn(args, "dairllm", model)
+    if not args.no_llamacpp:
+        try:
+            report["llama.cpp"] = _spawn(args, "llamacpp", model, gguf_copy(model))
+        except (ImportError, DairError) as e:
+            log.warning("llama.cpp comparison skipped: %s", e)
+            report["llama.cpp"] = {"error": str(e)[-500:]}
+    bw = _bandwidth(report.get("kernels"))
+    if bw:
+        report["bandwidth_bytes_per_s"] = bw
+        report["decode_floor_tps"] = bw / report["weight_bytes_per_token"]
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        print_report(report)
+    return 0
+
+
+def _bandwidth(kernels) -> "float | None":
+    """The multi-threaded memory read bandwidth measured by the kernel benchmarks, if any."""
+    if not isinstance(kernels, dict):
+        return None
+    for key in ("bandwidth_bytes_per_s", "read_bandwidth_bytes_per_s", "bandwidth"):
+        value = kernels.get(key)
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, dict) and value:
+            return float(max(v for v in value.values() if isinstance(v, (int, float))))
+    return None
+
+
+def print_report(r: dict) -> None:
+    gb = 1e9
+    print(f"model: {r['model']}  ({r['weight_bytes_per_token'] / gb:.3f} GB of weights read per "
+          f"decoded token)")
+    if r.get("kernels"):
+        print("kernels:")
+        print(json.dumps(r["kernels"], indent=2, default=str))
+    ours, theirs = r["dairllm"], r.get("llama.cpp") or {}
+    floor = r.get("decode_floor_tps")
+    print(f"{'engine':10s} {'prompt tok/s':>13s} {'decode tok/s':>13s} {'peak RSS':>10s} "
+          f"{'RSS file':>10s} {'RSS anon':>10s}")
+    for e in (ours, theirs):
+        if "prompt_tps" in e:
+            print(f"{e['engine']:10s} {e['prompt_tps']:13.1f} {e['decode_tps']:13.1f} "
+                  f"{e['peak_rss'] / 2**20:8.0f}Mi {e['rss_file'] / 2**20:8.0f}Mi "
+                  f"{e['rss_anon'] / 2**20:8.0f}Mi")
+        elif "error" in e:
+            print(f"llama.cpp  skipped: {e['error'].splitlines()[-1] if e['error'] else ''}")
+    print(f"dairllm run state (KV cache + activations): {ours['state_bytes'] / 2**20:.1f} MiB "
+          f"(KV {ours['kv_bytes'] / 2**20:.1f} MiB); anonymous RSS before opening the model "
+          f"{ours['rss_anon_before_open'] / 2**20:.0f} MiB")
+    if "prompt_tps" in theirs:
+        print(f"ratio dairllm / llama.cpp: prompt {ours['prompt_tps'] / theirs['prompt_tps']:.2f}, "
+              f"decode {ours['decode_tps'] / theirs['decode_tps']:.2f}")
+    if floor:
+        line = f"decode vs bandwidth floor ({floor:.1f} tok/s): dairllm {ours['decode_tps'] / floor:.0%}"
+        if "decode_tps" in theirs:
+            line += f", llama.cpp {theirs['decode_tps'] / floor:.0%}"
+        print(line)
