@@ -1,2 +1,4 @@
 # cython: language_level=3
 """Binary wire framing."""
+
+include "_net_dllama.pxi"

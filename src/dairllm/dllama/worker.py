@@ -1,0 +1,236 @@
+"""A drop-in distributed-llama worker (spec §4.6 and Appendix A).
+
+One session = one root: handshake, mesh with the other workers (accept lower-indexed ones,
+connect to higher-indexed ones, in list order), NetConfig, NodeConfig (validated and allocated
+before the ACK), weight records, then forwards until a stop packet or the root goes away.
+Anything hostile raises ProtocolError: the session is dropped and the worker listens again.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from dataclasses import dataclass
+
+from .. import _net
+from ..errors import DairError, ProtocolError
+from ..formats.modelfile import ModelFile
+from . import localweights
+from .configs import NetConfig, NodeConfig, read_net_config, read_node_config
+from .executor import Executor, Links, memory_cap
+
+log = logging.getLogger("dairllm.dllama.worker")
+
+ACK_BYTES = _net.dllama_pack_u32(_net.DLLAMA_ACK)
+
+
+@dataclass
+class WorkerOptions:
+    n_threads: int = 1
+    model: ModelFile | None = None      # for --local-weights sessions
+    kernels: object = None              # None: dairllm._ops
+    setup_timeout: float = 60.0         # per blocking read before the first forward
+    max_bytes: int | None = None        # allocation cap (default: 90% of RAM)
+
+
+def tune_socket(sock: socket.socket) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if hasattr(socket, "TCP_QUICKACK"):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+        except OSError:
+            pass
+
+
+def looks_like_dllama(first: bytes) -> bool:
+    """A dllama root opens with u32 nWorkers (1..1023) then u32 workerIndex < nWorkers."""
+    if len(first) < 8:
+        return False
+    n = int.from_bytes(first[:4], "little")
+    i = int.from_bytes(first[4:8], "little")
+    return 1 <= n < _net.DLLAMA_MAX_NODES and i < n
+
+
+def serve_session(root: socket.socket, listener: socket.socket, opts: WorkerOptions) -> None:
+    """Run one root's session to its end; raises ProtocolError (or OSError) on a bad peer."""
+    peer_name = "root {}:{}".format(*root.getpeername()[:2])
+    tune_socket(root)
+    root.settimeout(opts.setup_timeout)
+    stream = _net.DllamaStream(root, peer_name)
+    peers: list[socket.socket] = []
+    try:
+        n_workers, index, others = stream.handshake()
+        log.info("%s: worker %d of %d", peer_name, index, n_workers)
+        root.sendall(ACK_BYTES)
+        stream.ack("root ready")
+        peers = _build_mesh(listener, index, others, opts.setup_timeout)
+        net = read_net_config(stream)
+        _check_net(net, n_workers)
+        root.sendall(ACK_BYTES)
+        node = read_node_config(stream, net)
+        if node.node_index != index + 1:
+            raise ProtocolError(f"{peer_name}: node index {node.node_index}, handshake said {index + 1}")
+        kernels = opts.kernels
+        if kernels is None:
+            from .executor import default_kernels
+            kernels = default_kernels()
+        if hasattr(kernels, "set_num_threads"):
+            kernels.set_num_threads(opts.n_threads)
+        ex = Executor(net, node, kernels, opts.max_bytes if opts.max_bytes is not None else memory_cap())
+        root.sendall(ACK_BYTES)
+        n_records, n_bytes = _receive_weights(stream, root, ex, net, node, opts)
+        root.sendall(ACK_BYTES)
+        log.info("%s: node %d/%d ready (%d weight records, %.1f MB received)", peer_name, node.node_index,
+                 net.n_nodes, n_records, n_bytes / 1e6)
+        root.settimeout(None)
+        for p in peers:
+            p.settimeout(None)
+        links = Links([root, *peers], node.node_index, net.n_nodes)
+        _inference_loop(stream, ex, links, peer_name)
+    finally:
+        for s in [root, *peers]:
+            try:
+                s.close()
+            except OSError:
+                pass
+
+
+def _check_net(net: NetConfig, n_workers: int) -> None:
+    if net.n_nodes != n_workers + 1:
+        raise ProtocolError(f"NetConfig says {net.n_nodes} nodes, the handshake {n_workers + 1}")
+    if not net.pipes or net.pipes[0][1].ft != 0 or net.pipes[0][1].y != net.n_batches:
+        raise ProtocolError("pipe 0 must be the F32 position pipe with nBatches rows")
+
+
+def _build_mesh(listener: socket.socket, index: int, others: list, timeout: float) -> list[socket.socket]:
+    """Accept workers 0..index-1 (in accept order), then connect to workers index+1.. in order."""
+    peers = []
+    try:
+        for t, (host, port) in enumerate(others):
+            if t < index:
+                listener.settimeout(timeout)
+                try:
+                    conn, addr = listener.accept()
+                except socket.timeout:
+                    raise ProtocolError(f"no connection from worker {t} within {timeout:.0f} s") from None
+                log.debug("mesh: accepted worker %d from %s", t, addr)
+            else:
+                conn = _connect(host, port, timeout)
+                log.debug("mesh: connected to worker %d at %s:%d", t + 1, host, port)
+            tune_socket(conn)
+            conn.settimeout(timeout)
+            peers.append(conn)
+    except BaseException:
+        for p in peers:
+            p.close()
+        raise
+    return peers
+
+
+def _connect(host: str, port: int, timeout: float) -> socket.socket:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return socket.create_connection((host, port), timeout=min(timeout, 10.0))
+        except OSError as e:
+            if time.monotonic() > deadline:
+                raise ProtocolError(f"cannot connect to worker {host}:{port}: {e}") from None
+            time.sleep(0.05)
+
+
+def _receive_weights(stream, root, ex: Executor, net: NetConfig, node: NodeConfig,
+                     opts: WorkerOptions) -> tuple[int, int]:
+    """Weight records until the end marker; the first record may ask for local weights."""
+    cap = max((w.nbytes for w in ex.weights.values()), default=0)
+    cap = max(cap, localweights.MAX_REQUEST_BYTES)
+    n_records = n_bytes = 0
+    while True:
+        head = stream.weight_header(cap)
+        if head is None:
+            return n_records, n_bytes
+        name, op_index, offset, nbytes = head
+        if name == localweights.RECORD_NAME:
+            if n_records:
+                raise ProtocolError("local-weights request after weight records")
+            request = stream.read(nbytes) if nbytes <= localweights.MAX_REQUEST_BYTES else None
+            if request is None:
+                raise ProtocolError("local-weights request too large")
+            localweights.answer_request(root, request, opts.model, ex, net, node)
+            n_records += 1
+            continue
+        target = ex.weights.get((name, op_index))
+        if target is None:
+            raise ProtocolError(f"weight record for unknown op {name}[{op_index}]")
+        if offset + nbytes > target.nbytes:
+            raise ProtocolError(f"weight record {name}[{op_index}]: {nbytes} bytes at offset {offset} "
+                                f"exceed the op's {target.nbytes} bytes")
+        stream.read_into(target[offset:offset + nbytes])
+        n_records += 1
+        n_bytes += nbytes
+
+
+def _inference_loop(stream, ex: Executor, links: Links, peer_name: str) -> None:
+    n = 0
+    t0 = time.perf_counter()
+    while True:
+        position, batch = stream.control()
+        if batch == 0:
+            dt = time.perf_counter() - t0
+            log.info("%s: stop after %d forwards (%.1f ms each)", peer_name, n, 1e3 * dt / max(n, 1))
+            return
+        ex.forward(position, batch, links)
+        n += 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Listening loop (used by `dairllm worker`; the command adds protocol detection on top)
+
+def open_listener(host: str, port: int) -> socket.socket:
+    lst = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        lst.bind((host, port))
+    except OSError as e:
+        lst.close()
+        raise DairError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    lst.listen(socket.SOMAXCONN)
+    return lst
+
+
+def run_session_logged(root: socket.socket, listener: socket.socket, opts: WorkerOptions) -> bool:
+    """serve_session with the worker's error policy: log one line, drop the session, keep serving."""
+    try:
+        addr = root.getpeername()
+    except OSError:
+        addr = ("?", 0)
+    try:
+        serve_session(root, listener, opts)
+        log.info("session with root %s:%s ended", *addr[:2])
+        return True
+    except (DairError, OSError, ValueError) as e:
+        log.error("dllama session with %s:%s dropped: %s", addr[0], addr[1], e)
+    except Exception as e:  # a bug must not take the worker down either
+        log.exception("dllama session with %s:%s failed: %s", addr[0], addr[1], e)
+    finally:
+        try:
+            root.close()
+        except OSError:
+            pass
+    return False
+
+
+def read_weights_into(ex: Executor, model: ModelFile, n_nodes: int) -> None:
+    """Copy this node's slices of every weight from a local model file (root and local mode)."""
+    from .graph import slice_weight, weight_plan
+    for rec in weight_plan(model, n_nodes):
+        target = ex.weights.get((rec.op_name, rec.op_index))
+        if target is None or rec.offset + rec.nbytes > target.nbytes:
+            raise ProtocolError(f"local weights: op {rec.op_name}[{rec.op_index}] missing or too small")
+        target[rec.offset:rec.offset + rec.nbytes] = slice_weight(model, rec, n_nodes, ex.k)
+    emb = ex.weights.get(("embedding", 0))
+    if emb is not None:
+        emb[:] = model.raw("embedding").reshape(-1)
+
+
+__all__ = ["WorkerOptions", "serve_session", "open_listener", "run_session_logged", "looks_like_dllama",
+           "read_weights_into"]

@@ -1,0 +1,97 @@
+"""NumPy versions of the dairllm._ops kernels the dllama executor calls (same signatures, written
+from spec §2.3-§2.5 and §8.2 in float64 where it matters). Tests use them as an independent oracle
+and to exercise the protocol layer where the compiled kernels are missing."""
+from __future__ import annotations
+
+import numpy as np
+
+from dairllm.formats.quant import BLOCK_Q40, BLOCK_Q80
+
+
+def set_num_threads(n: int) -> None:
+    pass
+
+
+def quantize_q80(out: np.ndarray, x: np.ndarray, n_threads=None) -> None:
+    """Runtime quantizer: d = amax/127 (f32), q = round-half-even(x * (1/d)) in f32, store f16(d)."""
+    g = np.asarray(x, np.float32).reshape(-1, 32)
+    d = (np.abs(g).max(axis=1) / np.float32(127)).astype(np.float32)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d != 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
+    blocks = out.reshape(-1).view(BLOCK_Q80)
+    blocks["d"] = d.astype(np.float16)
+    blocks["qs"] = np.rint(g * inv[:, None]).astype(np.int8)
+
+
+def dequantize_q80(out: np.ndarray, xq: np.ndarray) -> None:
+    b = np.ascontiguousarray(xq).reshape(-1).view(BLOCK_Q80)
+    out.reshape(-1)[:] = (b["qs"].astype(np.float32) * b["d"].astype(np.float32)[:, None]).reshape(-1)
+
+
+def dequantize_q40(out: np.ndarray, w: np.ndarray) -> None:
+    b = np.ascontiguousarray(w).reshape(-1).view(BLOCK_Q40)
+    lo = (b["qs"] & 15).astype(np.float32) - 8
+    hi = (b["qs"] >> 4).astype(np.float32) - 8
+    out.reshape(-1)[:] = (np.concatenate([lo, hi], axis=1) * b["d"].astype(np.float32)[:, None]).reshape(-1)
+
+
+def matmul_q40(out, w, xq, n_threads=None) -> None:
+    d, n = w.shape[0], w.shape[1] // 18 * 32
+    wf = np.empty((d, n), np.float32)
+    dequantize_q40(wf, w)
+    xf = np.empty((xq.shape[0], n), np.float32)
+    dequantize_q80(xf, xq)
+    out[...] = (xf.astype(np.float64) @ wf.astype(np.float64).T).astype(np.float32)
+
+
+def matmul_f32(out, w, x, n_threads=None) -> None:
+    out[...] = (np.asarray(x, np.float64) @ np.asarray(w, np.float64).T).astype(np.float32)
+
+
+def rope(x, positions, table, head_dim, neox) -> None:
+    B = x.shape[0]
+    h = x.reshape(B, -1, head_dim)
+    c = table[positions, :, 0][:, None, :]
+    s = table[positions, :, 1][:, None, :]
+    if neox:
+        a, b = h[..., :head_dim // 2].copy(), h[..., head_dim // 2:].copy()
+        h[..., :head_dim // 2] = a * c - b * s
+        h[..., head_dim // 2:] = a * s + b * c
+    else:
+        a, b = h[..., 0::2].copy(), h[..., 1::2].copy()
+        h[..., 0::2] = a * c - b * s
+        h[..., 1::2] = a * s + b * c
+
+
+def attention(out, q, k_cache, v_cache, positions, n_heads, n_kv_heads, head_dim, n_threads=None) -> None:
+    mul = n_heads // n_kv_heads
+    for b, p in enumerate(positions):
+        for hh in range(n_heads):
+            g = hh // mul
+            qv = q[b, hh * head_dim:(hh + 1) * head_dim].astype(np.float64)
+            K = k_cache[:p + 1, g * head_dim:(g + 1) * head_dim].astype(np.float64)
+            V = v_cache[:p + 1, g * head_dim:(g + 1) * head_dim].astype(np.float64)
+            sc = K @ qv / np.sqrt(head_dim)
+            a = np.exp(sc - sc.max())
+            a /= a.sum()
+            out[b, hh * head_dim:(hh + 1) * head_dim] = (a @ V).astype(np.float32)
+
+
+def silu(x) -> None:
+    x64 = x.astype(np.float64)
+    x[...] = (x64 / (1 + np.exp(-x64))).astype(np.float32)
+
+
+def gelu(x) -> None:
+    x64 = x.astype(np.float64)
+    x[...] = (0.5 * x64 * (1 + np.tanh(0.7978845608 * x64 * (1 + 0.044715 * x64 * x64)))).astype(np.float32)
+
+
+def mul(x, y) -> None:
+    x *= y
+
+
+def softmax(x) -> None:
+    x64 = x.astype(np.float64)
+    e = np.exp(x64 - x64.max(axis=-1, keepdims=True))
+    x[...] = (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
