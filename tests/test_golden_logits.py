@@ -9,8 +9,7 @@ float64 re-implementation, exact exp: median 1e-5). Q40 models run Q80 activatio
 rounding flip anywhere (a one-ulp difference in a matmul sum is enough) propagates through the
 KV cache, so after the first rows agreement is a few percent per row with an occasional argmax
 change; the README's float64 emulation reaches median 1.3-1.9e-2 with exact exp, 59-62 of 64
-argmax agreeing (measured with tests/reference_forward.py). Before any flip can have happened
-(the first row) agreement must be float32-close.
+argmax agreeing (measured with tests/reference_forward.py).
 """
 from __future__ import annotations
 
@@ -24,15 +23,17 @@ from reference_forward import Reference
 GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
 MODELS = ["tiny_f32", "tiny_q40", "qwen3tiny_f32", "qwen3tiny_q40", "moetiny_q40"]
 
-# name: (max median row error, max single-row error, min argmax agreement of 64 rows)
+# name: (max median row error, max single-row error, min argmax agreement of 64 rows,
+#        max error of row 0)
+# Row 0 of tiny_q40/qwen3tiny_q40 is already off with exact exp: dllama's AVX2 SiLU uses a
+# polynomial exp whose 1e-5 differences flip Q80 roundings from the first layer on (README §5).
 LIMITS = {
-    "tiny_f32": (3e-5, 1e-4, 64),
-    "qwen3tiny_f32": (3e-5, 1e-4, 64),
-    "tiny_q40": (2.5e-2, 6e-2, 59),
-    "qwen3tiny_q40": (2.5e-2, 6e-2, 59),
-    "moetiny_q40": (2.0e-2, 2.0e-1, 59),     # one row hits an expert-gate near-tie (README §5)
+    "tiny_f32": (3e-5, 1e-4, 64, 1e-4),
+    "qwen3tiny_f32": (3e-5, 1e-4, 64, 1e-4),
+    "tiny_q40": (2.5e-2, 6e-2, 59, 6e-2),
+    "qwen3tiny_q40": (2.5e-2, 6e-2, 59, 6e-2),
+    "moetiny_q40": (2.0e-2, 2.0e-1, 59, 1e-4),   # one row hits an expert-gate near-tie
 }
-FIRST_ROW_LIMIT = 1e-4
 
 
 def golden(name: str):
@@ -61,9 +62,9 @@ def check(name: str, logits: np.ndarray, gold: np.ndarray) -> dict:
     agree = int((logits.argmax(axis=1) == gold.argmax(axis=1)).sum())
     summary = dict(median=float(np.median(rel)), max=float(rel.max()), first=float(rel[0]),
                    argmax=agree)
-    med, worst, min_agree = LIMITS[name]
+    med, worst, min_agree, first = LIMITS[name]
     assert logits.shape == gold.shape
-    assert rel[0] <= FIRST_ROW_LIMIT, summary
+    assert rel[0] <= first, summary
     assert np.median(rel) <= med, summary
     assert rel.max() <= worst, summary
     assert agree >= min_agree, summary
@@ -98,7 +99,7 @@ def test_engine_matches_reference_on_golden_tokens(name):
         ours = run_recorded(model, z)
     ref = run_recorded(Reference.load(path), z)
     rel = row_errors(ref, ours)
-    med, worst, min_agree = LIMITS[name]
-    assert rel[0] <= FIRST_ROW_LIMIT
+    med, worst, min_agree, _ = LIMITS[name]
+    assert rel[0] <= 1e-4          # same exp on both sides: only float32 noise before a flip
     assert np.median(rel) <= med and rel.max() <= worst
     assert (ours.argmax(1) == ref.argmax(1)).sum() >= min_agree
