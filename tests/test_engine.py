@@ -160,8 +160,9 @@ def test_bad_inputs_raise_clear_errors(models):
             m.forward([1], S)
         with pytest.raises(DairError, match="steps"):
             list(m.generate([1, 2], steps=0))
+        assert len(list(m.generate([1] * S, steps=1))) == 1     # fills the context exactly
         with pytest.raises(DairError, match="sequence length"):
-            list(m.generate([1] * S, steps=1))
+            list(m.generate([1] * S, steps=2))
         with pytest.raises(DairError, match="empty"):
             list(m.generate([], steps=1))
     with pytest.raises(ConfigError):

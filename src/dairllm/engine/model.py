@@ -210,7 +210,7 @@ class Model:
         prompt = self._check_tokens(prompt_tokens, 0) if len(prompt_tokens) else None
         if prompt is None:
             raise InputError("the prompt is empty (it needs at least one token, e.g. BOS)")
-        if prompt.size + steps > self.seq_len:
+        if prompt.size + steps - 1 > self.seq_len:        # the last new token is never fed back
             raise InputError(f"prompt ({prompt.size} tokens) + steps ({steps}) exceed the sequence "
                              f"length {self.seq_len}; lower steps or raise max_seq_len")
         stop = frozenset(int(t) for t in stop_ids)
