@@ -12,11 +12,11 @@ import struct
 from dataclasses import dataclass, field, fields, replace
 from enum import IntEnum
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Iterable, Iterator
 
 import numpy as np
 
-from ..errors import ModelFormatError
+from ..errors import ConfigError, ModelFormatError
 from .quant import FloatType, encode
 
 MAGIC = 0x0A00ABCD
@@ -107,6 +107,12 @@ class Header:
     header_size: int = 0
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
+    def __post_init__(self) -> None:
+        # A header built in code (not parsed) gives only seq_len: that is the stored value too,
+        # otherwise with_max_seq_len() would fall back to orig_seq_len = 0.
+        if not self.orig_seq_len:
+            object.__setattr__(self, "orig_seq_len", self.seq_len)
+
     # Derived values, as the reference derives them.
     @property
     def head_dim(self) -> int:
@@ -148,7 +154,7 @@ class Header:
         if not max_seq_len or max_seq_len >= self.orig_seq_len:
             return replace(self, seq_len=self.orig_seq_len)
         if max_seq_len < 0:
-            raise ValueError(f"max_seq_len must be positive, got {max_seq_len}")
+            raise ConfigError(f"max_seq_len must be positive, got {max_seq_len}")
         return replace(self, seq_len=max_seq_len)
 
     def pairs(self) -> list[tuple[int, int]]:
@@ -402,6 +408,20 @@ class Layout:
         return self.by_name[name]
 
 
+def expected_file_size(h: Header) -> int:
+    """Bytes of a file with header `h`, computed without enumerating the tensors (a hostile
+    header may describe millions of them; check the size before building the layout)."""
+    W, F32 = h.weight_type, FloatType.F32
+    attn = W.nbytes(h.q_dim * h.dim) * 2 + W.nbytes(h.kv_dim * h.dim) * 2
+    ffn = W.nbytes(h.ff_dim * h.dim) * 3
+    if h.n_experts > 0:
+        ffn = F32.nbytes(h.n_experts * h.dim) + h.n_experts * ffn
+    norms = F32.nbytes(2 * h.dim) + (F32.nbytes(2 * h.head_dim) if h.has_qk_norm else 0)
+    per_layer = attn + ffn + norms
+    return ((h.header_size or len(h.to_bytes())) + F32.nbytes(h.vocab_size * h.dim)
+            + h.n_layers * per_layer + F32.nbytes(h.dim) + W.nbytes(h.vocab_size * h.dim))
+
+
 def tensor_layout(h: Header) -> Layout:
     offset = h.header_size or len(h.to_bytes())
     out = []
@@ -432,13 +452,14 @@ class ModelFile:
             self.file_size = os.fstat(fd).st_size
             head = os.pread(fd, MAX_HEADER_BYTES, 0)
             self.header = parse_header(head, self.file_size, self.path, max_seq_len)
-            self.layout = tensor_layout(self.header)
-            if self.layout.file_size != self.file_size:
-                diff = self.file_size - self.layout.file_size
+            expected = expected_file_size(self.header)
+            if expected != self.file_size:
+                diff = self.file_size - expected
                 what = "truncated" if diff < 0 else "has trailing bytes"
                 raise ModelFormatError(
-                    self.path, f"{what}: the header describes {self.layout.file_size} bytes "
-                    f"of tensors, the file has {self.file_size} ({diff:+d})")
+                    self.path, f"{what}: the header describes a file of {expected} bytes, "
+                    f"the file has {self.file_size} ({diff:+d})")
+            self.layout = tensor_layout(self.header)
             self._mmap = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
         finally:
             os.close(fd)
@@ -518,6 +539,27 @@ class ModelWriter:
             raise ValueError(f"{name}: {raw.nbytes} bytes, the layout needs {t.nbytes} "
                              f"({t.rows}x{t.cols} {t.ftype.name})")
         self._file.write(memoryview(np.ascontiguousarray(raw)))
+        self._next += 1
+
+    def write_chunks(self, name: str, chunks: Iterable[np.ndarray]) -> None:
+        """Write the next tensor from pieces in order (float values or raw uint8 bytes each), so a
+        large tensor never has to be in memory at once. Value pieces of block types must hold
+        whole 32-value blocks (whole rows always do)."""
+        if self._next >= len(self.layout.tensors):
+            raise ValueError(f"{name}: every tensor has been written already")
+        t = self.layout.tensors[self._next]
+        if name != t.name:
+            raise ValueError(f"expected tensor {t.name} next, got {name}")
+        written = 0
+        for data in chunks:
+            raw = data.reshape(-1) if data.dtype == np.uint8 else encode(data, t.ftype)
+            written += raw.nbytes
+            if written > t.nbytes:
+                raise ValueError(f"{name}: more than the {t.nbytes} bytes the layout needs")
+            self._file.write(memoryview(np.ascontiguousarray(raw)))
+        if written != t.nbytes:
+            raise ValueError(f"{name}: {written} bytes, the layout needs {t.nbytes} "
+                             f"({t.rows}x{t.cols} {t.ftype.name})")
         self._next += 1
 
     def close(self) -> None:

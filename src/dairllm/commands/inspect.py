@@ -1,0 +1,109 @@
+"""`dairllm inspect MODEL.m`: header, derived dims, bytes per layer, RAM per layer, tensor table."""
+from __future__ import annotations
+
+import argparse
+import json
+
+HELP = "show a .m model's header, sizes, RAM per layer and (with --tensors) every tensor"
+
+KV_BYTES = 4      # the KV cache holds float32 values, as dllama's does
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL.m", help="the model file")
+    p.add_argument("--tensors", action="store_true", help="also list every tensor")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="size the KV cache for this context instead of the model's seq_len")
+    # Hook: the layer-streaming issue adds `--ram-budget` here and fills summary["plan"] in
+    # plan_section(); render_text() already prints a "plan" section when there is one.
+
+
+def kv_cache_bytes(h) -> int:
+    """K and V cache of one layer at the header's seq_len."""
+    return 2 * h.seq_len * h.kv_dim * KV_BYTES
+
+
+def summarize(mf, with_tensors: bool = False) -> dict:
+    """Everything `inspect` shows, as plain JSON-able values."""
+    h, lay = mf.header, mf.layout
+    kv = kv_cache_bytes(h)
+    layers = []
+    for l in range(h.n_layers):
+        start, end = lay.layer_range(l)
+        layers.append(dict(layer=l, start=start, end=end, weight_bytes=end - start,
+                           kv_cache_bytes=kv, ram_bytes=end - start + kv))
+    emb, final_norm, wcls = lay["embedding"], lay["final_norm"], lay["wcls"]
+    out = dict(
+        file=str(mf.path), file_size=mf.file_size,
+        header=h.describe(),
+        derived=dict(head_dim=h.head_dim, q_dim=h.q_dim, kv_dim=h.kv_dim, ff_dim=h.ff_dim,
+                     norm_epsilon=h.norm_epsilon, rope=h.effective_rope_type.name,
+                     qk_norm=h.has_qk_norm, moe=h.is_moe),
+        sizes=dict(header_bytes=h.header_size, embedding_bytes=emb.nbytes,
+                   layers_bytes=sum(x["weight_bytes"] for x in layers),
+                   head_bytes=final_norm.nbytes + wcls.nbytes, total_bytes=mf.file_size),
+        ram=dict(seq_len=h.seq_len, kv_cache_bytes_per_layer=kv,
+                 max_layer_bytes=max((x["ram_bytes"] for x in layers), default=0),
+                 all_layers_bytes=sum(x["ram_bytes"] for x in layers),
+                 everything_bytes=mf.file_size - h.header_size + kv * h.n_layers),
+        layers=layers,
+    )
+    if with_tensors:
+        out["tensors"] = [dict(name=t.name, type=t.ftype.name, shape=list(t.shape),
+                               offset=t.offset, bytes=t.nbytes) for t in mf.tensors]
+    return out
+
+
+def plan_section(mf, args: argparse.Namespace) -> "dict | None":
+    """Hook for the layer-streaming planner (`--ram-budget`); nothing to plan yet."""
+    return None
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def render_text(s: dict) -> str:
+    h, sz, ram = s["header"], s["sizes"], s["ram"]
+    lines = [f"{s['file']}: {h['arch']} {h['weight_type']}, {_mb(s['file_size'])}", "", "header:"]
+    lines += [f"  {k:<30} {v}" for k, v in h.items()]
+    lines += ["", "derived:"] + [f"  {k:<30} {v}" for k, v in s["derived"].items()]
+    lines += ["", "sizes:",
+              f"  {'header':<30} {sz['header_bytes']} B",
+              f"  {'embedding (F32)':<30} {_mb(sz['embedding_bytes'])}",
+              f"  {'layers':<30} {_mb(sz['layers_bytes'])} ({len(s['layers'])} layers)",
+              f"  {'final norm + classifier':<30} {_mb(sz['head_bytes'])}",
+              f"  {'total':<30} {_mb(sz['total_bytes'])} ({sz['total_bytes']:,} B)"]
+    lines += ["", f"RAM (KV cache float32 at seq_len {ram['seq_len']}):",
+              f"  {'KV cache per layer':<30} {_mb(ram['kv_cache_bytes_per_layer'])}",
+              f"  {'largest layer + its KV cache':<30} {_mb(ram['max_layer_bytes'])}",
+              f"  {'all layers + KV caches':<30} {_mb(ram['all_layers_bytes'])}",
+              f"  {'whole model + KV caches':<30} {_mb(ram['everything_bytes'])}"]
+    lines += ["", f"  {'layer':>5} {'bytes in file':>27} {'weights':>12} {'KV cache':>12} "
+              f"{'RAM':>12}"]
+    for x in s["layers"]:
+        lines.append(f"  {x['layer']:>5} {x['start']:>13,}..{x['end']:<13,} "
+                     f"{_mb(x['weight_bytes']):>12} {_mb(x['kv_cache_bytes']):>12} "
+                     f"{_mb(x['ram_bytes']):>12}")
+    if s.get("plan"):
+        lines += ["", "plan:"] + [f"  {k:<30} {v}" for k, v in s["plan"].items()]
+    if "tensors" in s:
+        lines += ["", f"  {'tensor':<28} {'type':<4} {'shape':<16} {'offset':>15} {'bytes':>14}"]
+        for t in s["tensors"]:
+            shape = "x".join(map(str, t["shape"]))
+            lines.append(f"  {t['name']:<28} {t['type']:<4} {shape:<16} {t['offset']:>15,} "
+                         f"{t['bytes']:>14,}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..formats.modelfile import ModelFile
+
+    with ModelFile(args.model, max_seq_len=args.max_seq_len) as mf:
+        summary = summarize(mf, with_tensors=args.tensors)
+        plan = plan_section(mf, args)
+        if plan:
+            summary["plan"] = plan
+    print(json.dumps(summary, indent=1) if args.json else render_text(summary))
+    return 0
