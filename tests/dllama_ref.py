@@ -77,9 +77,27 @@ def attention(out, q, k_cache, v_cache, positions, n_heads, n_kv_heads, head_dim
             out[b, hh * head_dim:(hh + 1) * head_dim] = (a @ V).astype(np.float32)
 
 
+def exp_avx2(x: np.ndarray) -> np.ndarray:
+    """The reference's x86 AVX2 exp (spec §2.6): 2^n * degree-4 polynomial of the fraction, in f32.
+    The golden transcripts were made on AVX2; with exact exp a worker drifts by a few Q80 steps."""
+    x = np.clip(np.asarray(x, np.float32), -88, 88)
+    y = (x * np.float32(1.4426950408889634)).astype(np.float32)
+    n = np.rint(y).astype(np.int32)
+    f = (y - n.astype(np.float32)).astype(np.float32)
+    p = np.full_like(f, np.float32(0.009618129107628477))
+    for c in (0.05550410866482158, 0.2402265069591007, 0.6931471805599453, 1.0):
+        p = (p * f + np.float32(c)).astype(np.float32)
+    return (p * np.ldexp(np.float32(1), n)).astype(np.float32)
+
+
 def silu(x) -> None:
-    x64 = x.astype(np.float64)
-    x[...] = (x64 / (1 + np.exp(-x64))).astype(np.float32)
+    """x / (1 + exp(-x)) with the AVX2 exp on whole groups of 8, libm exp on the rest (f32)."""
+    flat = x.reshape(x.shape[0] if x.ndim > 1 else 1, -1)
+    n8 = flat.shape[1] - flat.shape[1] % 8
+    e = np.empty_like(flat)
+    e[:, :n8] = exp_avx2(-flat[:, :n8])
+    e[:, n8:] = np.exp(-flat[:, n8:].astype(np.float64)).astype(np.float32)
+    flat[...] = (flat / (np.float32(1) + e)).astype(np.float32)
 
 
 def gelu(x) -> None:

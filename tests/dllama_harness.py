@@ -1,0 +1,80 @@
+"""Shared helpers for the dllama tests: golden paths, kernel choice, an in-process worker."""
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+
+import dllama_ref
+
+GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
+
+
+def golden_dir() -> Path:
+    if not (GOLDEN / "README.md").exists():
+        pytest.skip(f"golden data not found under {GOLDEN}")
+    return GOLDEN
+
+
+def ops_kernels():
+    """dairllm._ops when it has every kernel the executor needs, else None."""
+    try:
+        from dairllm.dllama.executor import default_kernels
+        return default_kernels()
+    except Exception:
+        return None
+
+
+KERNEL_PARAMS = ["ops", "numpy"]
+
+
+def kernels_for(name: str):
+    """'ops' = the compiled kernel library (skipped until it has every kernel), 'numpy' = the
+    float64 NumPy oracle in dllama_ref (exercises the protocol layer independently)."""
+    if name == "numpy":
+        return dllama_ref
+    k = ops_kernels()
+    if k is None:
+        pytest.skip("dairllm._ops does not provide every kernel the dllama executor needs yet")
+    return k
+
+
+class ThreadWorker:
+    """`dairllm worker` in a thread on 127.0.0.1 (ephemeral port); serves sessions until stopped."""
+
+    def __init__(self, kernels, model=None, setup_timeout: float = 10.0) -> None:
+        from dairllm.dllama.worker import WorkerOptions, open_listener
+        self.listener = open_listener("127.0.0.1", 0)
+        self.port = self.listener.getsockname()[1]
+        self.opts = WorkerOptions(kernels=kernels, model=model, setup_timeout=setup_timeout)
+        self.sessions: list[bool] = []
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        from dairllm.dllama.worker import run_session_logged
+        self.listener.settimeout(0.1)
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except (socket.timeout, OSError):
+                continue
+            self.sessions.append(run_session_logged(conn, self.listener, self.opts))
+            self.listener.settimeout(0.1)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.thread.join(10)
+        self.listener.close()
+        assert not self.thread.is_alive()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+logging.getLogger("dairllm").setLevel(logging.INFO)
