@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 import struct
 from dataclasses import dataclass, field, fields, replace
 from enum import IntEnum
@@ -445,12 +446,19 @@ class ModelFile:
     def __init__(self, path: str | os.PathLike, max_seq_len: int | None = None) -> None:
         self.path = Path(path)
         try:
-            fd = os.open(self.path, os.O_RDONLY)
+            # O_NONBLOCK: opening a FIFO must not hang; it is refused as not a regular file.
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
         except OSError as e:
             raise ModelFormatError(self.path, f"cannot open: {e.strerror}") from None
         try:
-            self.file_size = os.fstat(fd).st_size
-            head = os.pread(fd, MAX_HEADER_BYTES, 0)
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ModelFormatError(self.path, "cannot open: not a regular file")
+            self.file_size = st.st_size
+            try:
+                head = os.pread(fd, MAX_HEADER_BYTES, 0)
+            except OSError as e:
+                raise ModelFormatError(self.path, f"cannot read: {e.strerror}") from None
             self.header = parse_header(head, self.file_size, self.path, max_seq_len)
             expected = expected_file_size(self.header)
             if expected != self.file_size:
