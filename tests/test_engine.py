@@ -176,3 +176,55 @@ def test_max_seq_len_caps_the_kv_cache(models):
         assert m.seq_len == 16 and m.state.k_cache[0].shape == (16, 32)
         with pytest.raises(DairError):
             m.forward(TOKENS, 0)
+
+
+# -- the generate command -------------------------------------------------------------------
+
+GOLDEN = __import__("pathlib").Path(__file__).resolve().parents[1].parent / "shared" / "golden"
+GOLDEN_PROMPT = "hello world the of and to in a is hello world"
+
+
+@pytest.mark.parametrize("name", ["tiny_f32", "qwen3tiny_f32"])
+def test_generate_command_reproduces_dllama_greedy_tokens(name, capsys):
+    """End to end (tokenizer, batched prompt, decode, greedy sampler) against the golden runs.
+    F32 models only: their smallest top-1/top-2 margin (1e-2) dwarfs our float32 noise."""
+    import json
+
+    from dairllm.cli import main
+
+    model, tok = GOLDEN / "models" / f"{name}.m", GOLDEN / "models" / f"{name}.t"
+    if not model.exists() or not tok.exists():
+        pytest.skip("golden models not found")
+    z = np.load(GOLDEN / "logits" / f"{name}_1node.npz")
+    rc = main(["generate", "--model", str(model), "--tokenizer", str(tok), "--prompt",
+               GOLDEN_PROMPT, "--steps", str(z["generated"].size), "--temperature", "0",
+               "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    assert out["prompt_tokens"] == z["prompt_tokens"].tolist()
+    assert out["generated_tokens"] == z["generated"].tolist()
+    assert out["timings"]["generated_tokens"] == z["generated"].size
+    assert isinstance(out["text"], str)
+
+
+def test_generate_command_streams_text_and_speed(models, capsys):
+    from dairllm.cli import main
+
+    tok = GOLDEN / "models" / "tiny_q40.t"
+    if not tok.exists():
+        pytest.skip("golden tokenizer not found")
+    rc = main(["generate", "--model", str(GOLDEN / "models" / "tiny_q40.m"), "--tokenizer",
+               str(tok), "--prompt", "hello", "--steps", "8", "--seed", "3"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "tokens/s" in out and "prompt: " in out
+
+
+def test_generate_command_refuses_a_tokenizer_of_another_model(models, capsys):
+    from dairllm.cli import main
+
+    tok = GOLDEN / "models" / "tiny_q40.t"          # 512 tokens; the model has 96
+    if not tok.exists():
+        pytest.skip("golden tokenizer not found")
+    rc = main(["generate", "--model", str(models[Arch.LLAMA, FloatType.Q40]), "--tokenizer",
+               str(tok), "--prompt", "hi", "--steps", "2"])
+    assert rc == 1 and "does not belong" in capsys.readouterr().err

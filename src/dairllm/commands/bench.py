@@ -53,9 +53,7 @@ def synthetic_model(args) -> Path:
         from ..synth import make_model
 
         log.warning("making synthetic %s Q40 model at %s (once)", args.preset, path)
-        tmp = path.with_suffix(".m.part")
-        make_model(tmp, "llama", args.preset, "q40")
-        tmp.rename(path)
+        make_model(path, None, args.preset, "q40")
     return path
 
 

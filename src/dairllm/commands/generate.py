@@ -51,20 +51,22 @@ def run(args: argparse.Namespace) -> int:
             log.info("tokenizer vocab %d < model vocab %d: sampling among the tokenizer's ids",
                      tok.vocab_size, model.vocab_size)
         prompt = tok.encode(args.prompt, add_bos=True)
-        seed = args.seed if args.seed is not None else _clock_seed()
-        sampler = Sampler(args.temperature, args.topp, seed)
+        try:
+            sampler = Sampler(args.temperature, args.topp, args.seed)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         decoder = tok.decoder()
         generated: list[int] = []
         pieces: list[str] = []
         for token in model.generate(prompt, args.steps, sampler=sampler, stop_ids=tok.eos_ids,
                                     vocab_limit=tok.vocab_size):
             generated.append(token)
-            piece = decoder.decode(token)
+            piece = decoder.feed(token)
             pieces.append(piece)
             if not args.json and piece:
                 sys.stdout.write(piece)
                 sys.stdout.flush()
-        tail = decoder.flush() if hasattr(decoder, "flush") else ""
+        tail = decoder.flush()
         pieces.append(tail)
         st = model.stats
         if args.json:
@@ -78,9 +80,3 @@ def run(args: argparse.Namespace) -> int:
             print(f"generation: {st.generated_tokens} tokens, {st.decode_tps:.1f} tokens/s "
                   f"(stopped: {st.stop_reason})")
     return 0
-
-
-def _clock_seed() -> int:
-    import time
-
-    return int(time.time()) & 0x7FFFFFFF
