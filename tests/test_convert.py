@@ -248,3 +248,118 @@ def test_missing_tensor_leaves_no_output(tmp_path):
     with pytest.raises(ConfigError, match="k_norm"):
         convert_checkpoint(tmp_path / "hf", tmp_path / "m.m", "q40", progress=False)
     assert not (tmp_path / "m.m").exists() and not (tmp_path / "m.m.partial").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# convert-tokenizer: a byte-level BPE trained here with the `tokenizers` library
+
+tokenizers = pytest.importorskip("tokenizers")
+
+from hf_helpers import PLAIN, SPECIALS, TEMPLATE, WHITESPACE_RUNS, build_tokenizer  # noqa: E402
+
+
+def dllama_encode(text: str, tokens: list, scores: list, bos_id: int) -> list:
+    """distributed-llama's encoder (spec §3.2), written here from the spec: specials matched
+    literally, bytes collected until they form a regular token, then merge the adjacent pair
+    whose concatenation is the highest-scoring regular token until none is left."""
+    regular = {tokens[i]: i for i in range(bos_id)}
+    specials = [(tokens[i], i) for i in range(bos_id, len(tokens))]
+    data, ids, pending, i = text.encode("utf-8"), [], b"", 0
+    while i < len(data):
+        hit = next(((s, sid) for s, sid in specials if data.startswith(s, i)), None)
+        if hit:
+            ids.append(hit[1])
+            i += len(hit[0])
+            continue
+        pending += data[i:i + 1]
+        i += 1
+        if pending in regular:
+            ids.append(regular[pending])
+            pending = b""
+    assert not pending
+    while True:
+        best, at = None, -1
+        for k in range(len(ids) - 1):
+            joined = regular.get(tokens[ids[k]] + tokens[ids[k + 1]])
+            if joined is not None and (best is None or scores[joined] > scores[best]):
+                best, at = joined, k
+        if at < 0:
+            return ids
+        ids[at:at + 2] = [best]
+
+
+def test_tokenizer_vocab_bytes_ids_and_template(tmp_path):
+    from dairllm.convert.hf_tokenizer import read_hf_tokenizer
+    hf = build_tokenizer(tmp_path)
+    t = read_hf_tokenizer(tmp_path)
+    assert len(t.tokens) == hf.get_vocab_size()
+    assert t.bos_id == hf.token_to_id(SPECIALS[0]) and t.add_bos
+    assert t.eos_ids == [hf.token_to_id(SPECIALS[1]), hf.token_to_id(SPECIALS[2])]
+    assert t.chat_template == TEMPLATE
+    for s in SPECIALS:
+        assert t.tokens[hf.token_to_id(s)] == s.encode()
+    # Every token's bytes, against the tokenizers library's own ByteLevel decoder.
+    for i, b in enumerate(t.tokens):
+        try:
+            text = b.decode("utf-8")
+        except UnicodeDecodeError:
+            continue                        # a piece of a multi-byte character
+        assert hf.decode([i], skip_special_tokens=False) == text, i
+    for text in PLAIN + WHITESPACE_RUNS:
+        ids = hf.encode(text, add_special_tokens=False).ids
+        assert b"".join(t.tokens[i] for i in ids) == text.encode("utf-8")
+
+
+def test_dllama_encoding_against_hf(tmp_path):
+    """Where dllama's algorithm (no pre-tokenizer, score-driven merges) meets HF's BPE."""
+    from dairllm.convert.hf_tokenizer import read_hf_tokenizer
+    hf = build_tokenizer(tmp_path)
+    t = read_hf_tokenizer(tmp_path)
+    enc = lambda s: dllama_encode(s, t.tokens, t.scores, t.bos_id)  # noqa: E731
+    for text in PLAIN:                      # no whitespace runs: identical ids
+        assert enc(text) == hf.encode(text, add_special_tokens=False).ids, text
+    # Word by word (HF's pre-tokens), even the texts with whitespace runs agree...
+    pre = hf.pre_tokenizer
+    for text in WHITESPACE_RUNS:
+        for word, (a, b) in pre.pre_tokenize_str(text):
+            piece = text[a:b]
+            assert enc(piece) == hf.encode(piece, add_special_tokens=False).ids, piece
+    # ...but across HF's split of a whitespace run the results differ (same bytes, other ids).
+    differ = [s for s in WHITESPACE_RUNS if enc(s) != hf.encode(s, add_special_tokens=False).ids]
+    assert differ, "expected dllama to merge across HF's whitespace split"
+    for s in differ:
+        assert b"".join(t.tokens[i] for i in enc(s)) == s.encode()
+    # Specials are matched literally in both.
+    text = "<|start_header_id|>user<|end_header_id|>Hello world!<|eot_id|>"
+    assert enc(text) == hf.encode(text, add_special_tokens=False).ids
+
+
+def test_convert_tokenizer_cli_file_reads_back_and_encodes_as_dllama(tmp_path, capsys):
+    from dairllm.convert.hf_tokenizer import read_hf_tokenizer
+    from dairllm.formats.tokenizer import Tokenizer
+    hf = build_tokenizer(tmp_path / "hf")
+    assert cli_main(["convert-tokenizer", str(tmp_path / "hf"), "-o", str(tmp_path / "t.t")]) == 0
+    assert "wrote" in capsys.readouterr().out
+    src = read_hf_tokenizer(tmp_path / "hf")
+    tok = Tokenizer.open(tmp_path / "t.t")
+    assert tok.vocab == src.tokens and tok.bos_id == src.bos_id and tok.add_bos
+    assert tok.eos_ids == src.eos_ids and tok.chat_template == TEMPLATE
+    np.testing.assert_array_equal(np.float32(tok.scores), np.float32(src.scores))
+    for text in PLAIN + WHITESPACE_RUNS:
+        ids = tok.encode(text, add_bos=False)
+        assert ids == dllama_encode(text, src.tokens, src.scores, src.bos_id), text
+        assert tok.decode(ids) == text
+        if text in PLAIN:
+            assert ids == hf.encode(text, add_special_tokens=False).ids, text
+    # BOS as the HF post-processor adds it
+    assert tok.encode(PLAIN[0], add_bos=True) == hf.encode(PLAIN[0]).ids
+
+
+def test_convert_tokenizer_refuses_non_byte_level(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    t = Tokenizer(models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    t.save(str(tmp_path / "tokenizer.json"))
+    from dairllm.convert.hf_tokenizer import read_hf_tokenizer
+    with pytest.raises(ConfigError, match="byte-level BPE"):
+        read_hf_tokenizer(tmp_path)

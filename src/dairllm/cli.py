@@ -13,7 +13,8 @@ from . import __version__
 from .errors import DairError
 
 # Order shown in --help. Each name is a module in dairllm.commands.
-COMMANDS = ["inspect", "make_model", "generate", "bench", "convert", "convert_tokenizer", "worker"]
+COMMANDS = ["inspect", "make_model", "generate", "bench", "convert", "convert_tokenizer", "worker",
+            "chat", "serve"]
 
 
 def _command_name(module: str) -> str:

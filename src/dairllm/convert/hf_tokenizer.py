@@ -200,7 +200,10 @@ def read_hf_tokenizer(folder: str | os.PathLike) -> HFTokenizer:
         if add_bos:
             raise ConfigError(f"{folder}: add_bos_token is set but no BOS token is named")
         # distributed-llama treats ids >= bos as special tokens: point it at the first special
-        bos = special[0] if special else n
+        if not special:
+            raise ConfigError(f"{folder}: no BOS token and no special tokens; a .t file needs a "
+                              "BOS id (ids from it on are special)")
+        bos = special[0]
     eos: list[int] = []
     for e in ([_token_id(tcfg.get("eos_token"), names)] + _ids(gcfg.get("eos_token_id"))
               + _ids(mcfg.get("eos_token_id"))):
@@ -211,8 +214,8 @@ def read_hf_tokenizer(folder: str | os.PathLike) -> HFTokenizer:
     if not eos:
         raise ConfigError(f"{folder}: no EOS token in tokenizer_config.json, "
                           "generation_config.json or config.json")
-    if bos >= n and add_bos:
-        raise ConfigError(f"{folder}: bos id {bos} is outside the vocabulary")
+    if not 0 <= bos < n:
+        raise ConfigError(f"{folder}: bos id {bos} is outside the vocabulary 0..{n - 1}")
     regular_added = [i for i in added if i < bos]
     if regular_added:
         log.warning("%d added tokens have ids below BOS %d; distributed-llama treats them as "

@@ -1,0 +1,228 @@
+"""Conversations with a model: prompt rendering, KV-cache reuse between turns, streaming output.
+
+`Session` owns one model's KV cache and remembers which tokens it holds. Each request becomes a
+token sequence; only the part after the longest prefix already in the cache is fed through the
+model. A chat turn extends the previous turn's text (template render of the history + the reply
+the model produced), so a follow-up feeds just the end-of-turn marker and the new user message.
+
+The chat CLI and the API server both drive a Session.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from .convert.chat_template import ChatTemplate
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationConfig:
+    max_tokens: int = 256
+    temperature: float = 0.8
+    top_p: float = 0.9
+    seed: int | None = None
+    stop: Sequence[str] = ()
+
+    def validate(self) -> None:
+        if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
+            raise ValueError("max_tokens must be a positive integer")
+        if not 0.0 <= float(self.temperature) <= 100.0:
+            raise ValueError("temperature must be between 0 and 100")
+        if not 0.0 <= float(self.top_p) <= 1.0:
+            raise ValueError("top_p must be between 0 and 1")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError("stop must be non-empty strings")
+
+
+@dataclass
+class Result:
+    """What one generation produced (filled in while it streams)."""
+
+    prompt_tokens: int = 0
+    cached_tokens: int = 0           # prompt tokens whose K/V were reused, not recomputed
+    completion_tokens: int = 0
+    text: str = ""
+    finish_reason: str | None = None     # "stop" (EOS or stop string), "length", "cancelled"
+    stopped_by: str | None = None        # "eos" or "stop_string" when finish_reason is "stop"
+    prompt_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    token_ids: list = field(default_factory=list)
+
+
+def _clock_seed() -> int:
+    return time.time_ns() & 0xFFFFFFFFFFFF
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class Session:
+    """One model, one tokenizer, one cached sequence. Not thread-safe: one request at a time."""
+
+    def __init__(self, model, tokenizer, template: ChatTemplate | None = None) -> None:
+        self.model = model
+        self.tok = tokenizer
+        self.template = template
+        self.tokens: list[int] = []          # ids whose K/V sit in the cache, positions 0..n-1
+        self.vocab_limit = min(tokenizer.vocab_size, model.vocab_size)
+        if tokenizer.vocab_size > model.vocab_size:
+            raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                              f"{model.vocab_size}: they do not belong together")
+        self.eos = frozenset(int(e) for e in tokenizer.eos_ids)
+        self.max_batch = int(getattr(getattr(model, "state", None), "max_batch", 32) or 32)
+
+    # -- prompts -------------------------------------------------------------------------------
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        return [int(t) for t in self.tok.encode(text, add_bos=add_bos)]
+
+    def chat_prompt(self, messages: Sequence[dict], history: "ChatHistory | None" = None) -> list[int]:
+        """Token ids of the rendered conversation (ending with the assistant prompt).
+
+        With a ChatHistory from the previous turn, the ids extend that turn's ids when the new
+        render extends its text, so the cache prefix survives even where re-encoding the whole
+        text would tokenize the model's own reply differently."""
+        if self.template is None:
+            raise ConfigError("no chat template (the tokenizer has none; choose a built-in)")
+        text = self.template.render(messages, add_generation_prompt=True)
+        if history is not None and history.text and text.startswith(history.text):
+            rest = text[len(history.text):]
+            return list(history.ids) + (self.encode(rest, add_bos=False) if rest else [])
+        return self.encode(text, add_bos=True)
+
+    # -- generation ----------------------------------------------------------------------------
+
+    def _feed(self, ids: Sequence[int], position: int) -> np.ndarray:
+        """Run ids at position.. and return the last row's logits."""
+        last = None
+        for c in range(0, len(ids), self.max_batch):
+            chunk = ids[c:c + self.max_batch]
+            last = self.model.forward(chunk, position + c)[-1]
+        return last
+
+    def generate(self, prompt: Sequence[int], cfg: GenerationConfig,
+                 cancel: threading.Event | None = None, result: Result | None = None,
+                 ) -> Iterator[str]:
+        """Yield text pieces of the continuation of `prompt`. Reuses the cached prefix; stops on
+        any EOS id, a stop string, max_tokens, the context end or `cancel`. Fills `result`."""
+        from .sampling import Sampler
+
+        cfg.validate()
+        res = result if result is not None else Result()
+        prompt = [int(t) for t in prompt]
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        seq_len = self.model.seq_len
+        if len(prompt) >= seq_len:
+            raise ValueError(f"the prompt has {len(prompt)} tokens; the context holds {seq_len}")
+        reuse = min(common_prefix(prompt, self.tokens), len(prompt) - 1)
+        res.prompt_tokens, res.cached_tokens = len(prompt), reuse
+        sampler = Sampler(float(cfg.temperature), float(cfg.top_p),
+                          cfg.seed if cfg.seed is not None else _clock_seed())
+        decoder = self.tok.decoder()
+        t0 = time.perf_counter()
+        del self.tokens[reuse:]
+        logits = self._feed(prompt[reuse:], reuse)
+        self.tokens.extend(prompt[reuse:])
+        res.prompt_seconds = time.perf_counter() - t0
+        text, sent = "", 0           # decoded so far; chars already yielded
+        while True:
+            if cancel is not None and cancel.is_set():
+                res.finish_reason = "cancelled"
+                break
+            token = int(sampler.sample(logits[:self.vocab_limit]))
+            if token in self.eos:
+                res.finish_reason, res.stopped_by = "stop", "eos"
+                break
+            res.token_ids.append(token)
+            res.completion_tokens += 1
+            text += decoder.feed(token)
+            cut = _find_stop(text, cfg.stop)
+            if cut is not None:
+                text = text[:cut]
+                res.finish_reason, res.stopped_by = "stop", "stop_string"
+                break
+            safe = len(text) - _stop_prefix_len(text, cfg.stop)   # never stream half a stop
+            if safe > sent:
+                res.text = text[:safe]
+                yield text[sent:safe]
+                sent = safe
+            if res.completion_tokens >= cfg.max_tokens or len(self.tokens) + 1 >= seq_len:
+                res.finish_reason = "length"
+                break
+            t1 = time.perf_counter()
+            logits = self._feed([token], len(self.tokens))
+            self.tokens.append(token)
+            res.decode_seconds += time.perf_counter() - t1
+        if res.stopped_by != "stop_string":
+            flush = getattr(decoder, "flush", None)
+            text += (flush() or "") if flush else ""
+        if len(text) > sent:
+            yield text[sent:]
+        res.text = text
+
+
+def _find_stop(text: str, stops: Sequence[str]) -> int | None:
+    cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(cuts) if cuts else None
+
+
+def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest tail of text that is a proper prefix of a stop string (held back
+    so a stop string is never streamed in part)."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
+
+
+@dataclass
+class ChatHistory:
+    """The previous turn's prompt + reply as text and ids (what the cache holds)."""
+
+    text: str = ""
+    ids: tuple = ()
+
+
+class Chat:
+    """A multi-turn conversation on a Session."""
+
+    def __init__(self, session: Session, system: str | None = None) -> None:
+        self.session = session
+        self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
+        self.history = ChatHistory()
+
+    def send(self, user_text: str, cfg: GenerationConfig, result: Result | None = None,
+             cancel: threading.Event | None = None) -> Iterator[str]:
+        res = result if result is not None else Result()
+        messages = self.messages + [{"role": "user", "content": user_text}]
+        prompt_text = self.session.template.render(messages, add_generation_prompt=True)
+        prompt = self.session.chat_prompt(messages, self.history)
+        self.messages = messages
+        try:
+            yield from self.session.generate(prompt, cfg, cancel=cancel, result=res)
+        finally:
+            # Interrupted or not, the reply (so far) is part of the conversation.
+            self.messages.append({"role": "assistant", "content": res.text})
+            # Text and ids of this turn line up when generation ended normally; otherwise the
+            # next turn re-encodes and reuses the cache up to the first differing id.
+            consistent = res.finish_reason in ("length", "cancelled") or res.stopped_by == "eos"
+            self.history = (ChatHistory(prompt_text + res.text,
+                                        tuple(prompt) + tuple(res.token_ids))
+                            if consistent and res.finish_reason else ChatHistory())

@@ -1,0 +1,113 @@
+"""`dairllm chat --model M.m --tokenizer T.t`: a multi-turn conversation in the terminal."""
+from __future__ import annotations
+
+import argparse
+import inspect
+import sys
+import threading
+
+from ..errors import ConfigError
+
+HELP = "chat with a model in the terminal (the model's own chat template, streaming replies)"
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """Options shared by chat and serve."""
+    p.add_argument("--model", required=True, help="the .m model file")
+    p.add_argument("--tokenizer", required=True, help="the .t tokenizer file")
+    p.add_argument("--workers", nargs="+", default=None, metavar="HOST:PORT",
+                   help="worker nodes of a cluster (needs an engine with cluster support)")
+    p.add_argument("--chat-template", default="auto", choices=["auto", "llama3", "chatml"],
+                   help="auto (default): the tokenizer's own template; or a built-in one")
+    p.add_argument("--nthreads", type=int, default=None, help="kernel threads (default: all cores)")
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="cap the context (and KV cache) below the model's sequence length")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0: greedy)")
+    p.add_argument("--topp", type=float, default=0.9, help="top-p (nucleus) sampling")
+    p.add_argument("--seed", type=int, default=None, help="sampler seed (default: the clock)")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--max-tokens", type=int, default=1024, help="most tokens per reply")
+
+
+def open_session(args: argparse.Namespace):
+    """Model, tokenizer and template from the shared options -> a chat.Session."""
+    from ..chat import Session
+    from ..convert.chat_template import ChatTemplate
+    from ..engine import Model
+    from ..formats.tokenizer import Tokenizer
+
+    kw = dict(max_seq_len=args.max_seq_len, nthreads=args.nthreads)
+    if args.workers:
+        if "workers" not in inspect.signature(Model.open).parameters:
+            raise ConfigError("--workers: this engine build has no cluster support yet")
+        kw["workers"] = args.workers
+    tok = Tokenizer.open(args.tokenizer)
+    template = ChatTemplate.choose(getattr(tok, "chat_template", None), args.chat_template,
+                                   bos_token=_piece(tok, getattr(tok, "bos_id", -1)),
+                                   eos_token=_piece(tok, (list(tok.eos_ids) or [-1])[0]))
+    model = Model.open(args.model, **kw)
+    try:
+        return Session(model, tok, template)
+    except BaseException:
+        model.close()
+        raise
+
+
+def _piece(tok, token_id: int) -> str:
+    """A token's text (BOS/EOS strings for templates); '' if it has none."""
+    if token_id is None or token_id < 0:
+        return ""
+    try:
+        return tok.piece(token_id).decode("utf-8", errors="replace")
+    except (AttributeError, IndexError, ValueError):
+        return ""
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..chat import Chat, GenerationConfig, Result
+
+    cfg = GenerationConfig(max_tokens=args.max_tokens, temperature=args.temperature,
+                           top_p=args.topp, seed=args.seed)
+    cfg.validate()
+    session = open_session(args)
+    out = sys.stdout
+    try:
+        chat = Chat(session, args.system)
+        interactive = sys.stdin.isatty()
+        if interactive:
+            print("Type a message; /reset starts over, /exit or Ctrl-D quits.", file=sys.stderr)
+        while True:
+            if interactive:
+                out.write("\n> ")
+                out.flush()
+            line = sys.stdin.readline()
+            if not line:
+                break
+            text = line.rstrip("\n")
+            if text.strip() == "/exit":
+                break
+            if text.strip() == "/reset":
+                chat = Chat(session, args.system)
+                continue
+            if not text.strip():
+                continue
+            res = Result()
+            cancel = threading.Event()
+            try:
+                for piece in chat.send(text, cfg, result=res, cancel=cancel):
+                    out.write(piece)
+                    out.flush()
+            except KeyboardInterrupt:       # Ctrl-C stops the reply, not the chat
+                cancel.set()
+                out.write(" [stopped]")
+            out.write("\n")
+            out.flush()
+            print(f"[{res.prompt_tokens} prompt tokens ({res.cached_tokens} cached), "
+                  f"{res.completion_tokens} generated, {res.finish_reason}]", file=sys.stderr)
+    finally:
+        session.model.close()
+    return 0
