@@ -35,13 +35,28 @@ def dequantize_q40(out: np.ndarray, w: np.ndarray) -> None:
     out.reshape(-1)[:] = (np.concatenate([lo, hi], axis=1) * b["d"].astype(np.float32)[:, None]).reshape(-1)
 
 
+_W_CACHE: dict = {}
+
+
+def _weights_f64_t(w) -> np.ndarray:
+    """Dequantized W^T in float64, cached by content (tests reuse the same weights a lot)."""
+    key = (w.shape, hash(w.tobytes()))
+    hit = _W_CACHE.get(key)
+    if hit is None:
+        d, n = w.shape[0], w.shape[1] // 18 * 32
+        wf = np.empty((d, n), np.float32)
+        dequantize_q40(wf, w)
+        if len(_W_CACHE) > 512:
+            _W_CACHE.clear()
+        hit = _W_CACHE[key] = np.ascontiguousarray(wf.astype(np.float64).T)
+    return hit
+
+
 def matmul_q40(out, w, xq, n_threads=None) -> None:
-    d, n = w.shape[0], w.shape[1] // 18 * 32
-    wf = np.empty((d, n), np.float32)
-    dequantize_q40(wf, w)
-    xf = np.empty((xq.shape[0], n), np.float32)
+    wt = _weights_f64_t(w)
+    xf = np.empty((xq.shape[0], wt.shape[0]), np.float32)
     dequantize_q80(xf, xq)
-    out[...] = (xf.astype(np.float64) @ wf.astype(np.float64).T).astype(np.float32)
+    out[...] = (xf.astype(np.float64) @ wt).astype(np.float32)
 
 
 def matmul_f32(out, w, x, n_threads=None) -> None:
@@ -64,17 +79,16 @@ def rope(x, positions, table, head_dim, neox) -> None:
 
 
 def attention(out, q, k_cache, v_cache, positions, n_heads, n_kv_heads, head_dim, n_threads=None) -> None:
+    """Causal GQA attention in float64: row b attends to cache rows 0..positions[b]."""
     mul = n_heads // n_kv_heads
     for b, p in enumerate(positions):
-        for hh in range(n_heads):
-            g = hh // mul
-            qv = q[b, hh * head_dim:(hh + 1) * head_dim].astype(np.float64)
-            K = k_cache[:p + 1, g * head_dim:(g + 1) * head_dim].astype(np.float64)
-            V = v_cache[:p + 1, g * head_dim:(g + 1) * head_dim].astype(np.float64)
-            sc = K @ qv / np.sqrt(head_dim)
-            a = np.exp(sc - sc.max())
-            a /= a.sum()
-            out[b, hh * head_dim:(hh + 1) * head_dim] = (a @ V).astype(np.float32)
+        qv = q[b].reshape(n_kv_heads, mul, head_dim).astype(np.float64)
+        K = k_cache[:p + 1].reshape(p + 1, n_kv_heads, head_dim).astype(np.float64)
+        V = v_cache[:p + 1].reshape(p + 1, n_kv_heads, head_dim).astype(np.float64)
+        sc = np.einsum("gmd,tgd->gmt", qv, K) / np.sqrt(head_dim)
+        a = np.exp(sc - sc.max(axis=-1, keepdims=True))
+        a /= a.sum(axis=-1, keepdims=True)
+        out[b] = np.einsum("gmt,tgd->gmd", a, V).reshape(-1).astype(np.float32)
 
 
 def exp_avx2(x: np.ndarray) -> np.ndarray:
