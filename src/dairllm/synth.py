@@ -8,12 +8,13 @@ Scaling (x: the RMS-normalised input of a matmul, RMS about 1):
 - q, k, v, w1, w3, MoE gate: std 1/sqrt(fan_in), so their outputs have RMS about 1;
 - wo, w2 (they write into the residual stream): additionally / sqrt(2 n_layers), so the sum of
   all layer updates stays about as large as the embedding;
-- embedding rows: RMS 1; classifier: std LOGIT_STD/sqrt(dim), so logits spread by ~LOGIT_STD;
+- embedding rows: RMS 1 (matrices in F32/F16/Q80 are triangular-distributed, see _values);
+  classifier: std LOGIT_STD/sqrt(dim), so logits spread by ~LOGIT_STD;
 - RMSNorm weights (and Qwen3 q/k norms): 1 +- NORM_JITTER.
 
 Q40 weights are made as blocks directly (random nibbles, zero mean, and float16 scales), not
 as floats that are then quantized: that is what makes a 1.7 GB file take seconds.
-Every tensor has its own random stream seeded by (seed, SYNTH_VERSION, tensor index), so the
+Every tensor has its own random streams seeded by (seed, SYNTH_VERSION, tensor index), so the
 output depends on the seed only, never on chunk sizes or on which tensors were written before.
 """
 from __future__ import annotations
@@ -161,10 +162,14 @@ def _chunk_rows(t: TensorInfo) -> int:
     return max(1, CHUNK_VALUES // t.cols)
 
 
-def tensor_chunks(t: TensorInfo, h: Header, rng: np.random.Generator) -> Iterator[np.ndarray]:
-    """The raw bytes of tensor `t`, in pieces of whole rows."""
+def tensor_chunks(t: TensorInfo, h: Header, seed: int, index: int) -> Iterator[np.ndarray]:
+    """The raw bytes of tensor `t` (the `index`-th of the file), in pieces of whole rows.
+
+    Each random quantity has its own stream, and every draw takes whole 32-bit words from it,
+    so the bytes do not depend on how the rows are cut into chunks."""
+    values_rng, scales_rng = (_rng(seed, index, stream) for stream in (0, 1))
     if t.rows == 1 and t.kind not in (Kind.EMBEDDING, Kind.WCLS, Kind.MOE_GATE):   # a norm
-        values = 1.0 + NORM_JITTER * rng.standard_normal(t.cols, dtype=np.float32)
+        values = 1.0 + NORM_JITTER * values_rng.standard_normal(t.cols, dtype=np.float32)
         yield values.astype("<f4").view(np.uint8)
         return
     std = weight_std(t, h)
@@ -172,10 +177,9 @@ def tensor_chunks(t: TensorInfo, h: Header, rng: np.random.Generator) -> Iterato
     for r0 in range(0, t.rows, step):
         n = min(step, t.rows - r0) * t.cols
         if t.ftype is FloatType.Q40:
-            yield _q40_blocks(n // BLOCK, std, rng)
+            yield _q40_blocks(n // BLOCK, std, values_rng, scales_rng)
         else:
-            values = rng.standard_normal(n, dtype=np.float32)
-            values *= np.float32(std)
+            values = _values(n, std, values_rng)
             if t.ftype is FloatType.F32:
                 yield values.view(np.uint8)
             elif t.ftype is FloatType.F16:
@@ -184,20 +188,39 @@ def tensor_chunks(t: TensorInfo, h: Header, rng: np.random.Generator) -> Iterato
                 yield quantize_q80(values).view(np.uint8)
 
 
-def _q40_blocks(n_blocks: int, std: float, rng: np.random.Generator) -> np.ndarray:
+def _words(n: int, rng: np.random.Generator) -> np.ndarray:
+    """n random uint32 words (the full range: no rejection, so any split gives the same)."""
+    return rng.integers(0, 1 << 32, n, dtype=np.uint32)
+
+
+_TRIANGULAR_STD = math.sqrt(2 * (65536 ** 2 - 1) / 12)     # std of u1 - u2, u uniform 16-bit
+
+
+def _values(n: int, std: float, rng: np.random.Generator) -> np.ndarray:
+    """n float32 values with mean 0 and standard deviation `std`: the difference of the two
+    16-bit halves of a random word (triangular), several times cheaper than normal draws."""
+    halves = _words(n, rng).view("<u2").reshape(n, 2)
+    values = halves[:, 0].astype(np.float32)
+    values -= halves[:, 1]
+    values *= np.float32(std / _TRIANGULAR_STD)
+    return values
+
+
+def _q40_blocks(n_blocks: int, std: float, rng: np.random.Generator,
+                scales_rng: np.random.Generator) -> np.ndarray:
     """n random Q40 blocks whose values have standard deviation about `std`, as raw bytes."""
     out = np.empty((n_blocks, BLOCK_Q40.itemsize), np.uint8)
-    jitter = rng.random(n_blocks, dtype=np.float32) * np.float32(2 * Q40_SCALE_JITTER)
+    jitter = scales_rng.random(n_blocks, dtype=np.float32) * np.float32(2 * Q40_SCALE_JITTER)
     d = (np.float32(std / Q40_VALUE_STD) * (jitter + np.float32(1 - Q40_SCALE_JITTER)))
     out[:, :2] = d.astype("<f2").view(np.uint8).reshape(n_blocks, 2)
-    nibbles = np.frombuffer(rng.bytes(n_blocks * 16), np.uint8).reshape(n_blocks, 16)
+    nibbles = _words(n_blocks * 4, rng).view(np.uint8).reshape(n_blocks, 16)
     np.take(_Q40_LUT, nibbles, out=out[:, 2:])
     return out.reshape(-1)
 
 
-def _tensor_rng(seed: int, index: int) -> np.random.Generator:
-    return np.random.Generator(np.random.Philox(np.random.SeedSequence([seed, SYNTH_VERSION,
-                                                                         index])))
+def _rng(seed: int, index: int, stream: int) -> np.random.Generator:
+    return np.random.Generator(np.random.SFC64(np.random.SeedSequence(
+        [seed, SYNTH_VERSION, index, stream])))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,8 +294,8 @@ def make_model(path: "str | os.PathLike", arch: "str | Arch | None", preset: str
 def _write_weights(path: Path, h: Header, seed: int, progress: Progress) -> None:
     with ModelWriter(path, h) as w:
         for index, t in enumerate(w.expected()):
-            rng = _tensor_rng(seed, index)
-            w.write_chunks(t.name, _counted(tensor_chunks(t, h, rng), progress, t.name))
+            chunks = tensor_chunks(t, h, seed, index)
+            w.write_chunks(t.name, _counted(chunks, progress, t.name))
     progress.finish()
 
 
