@@ -1,0 +1,553 @@
+"""LayerStore: the engine's weight provider under a RAM budget (AirLLM-style layer streaming).
+
+The forward pass asks `store.layer(l)` for a layer's weights and calls `store.release(l)` after
+it (engine/weights.py). Pinned layers are zero-copy views into the model's mmap, exactly as the
+resident engine uses them. Streamed units (layers, possibly the classifier) go through a few
+*slots*; a background reader thread fills the next slots in cycle order while the current unit
+computes, so decoding overlaps disk reads with compute. Two ways to fill a slot:
+
+- "pread" (default): `os.preadv` into a reusable page-aligned anonymous buffer per slot. The
+  bytes land where the kernels read them, the buffer is reused for every unit, RSS is flat.
+- "mmap": the views stay in the file mapping; the reader maps the unit's pages in ahead of
+  time with madvise(MADV_POPULATE_READ) and a slot's pages are dropped with madvise(DONTNEED)
+  when the slot is reused. bench/bench_store.py compares the two.
+
+MoE layers read only what routing needs: the slot gets attention, router and norms ahead of
+time, and an expert's three matrices are read when the forward pass first indexes
+`layer.experts[e]` (a lazy sequence), i.e. only for the experts some row was routed to.
+
+The embedding table is never mapped in: `embedding.take(tokens, out=x)` (what np.take calls)
+preads one row per token. `drop_cache=True` also evicts streamed bytes from the page cache after
+reading them (posix_fadvise DONTNEED), so every pass reads them from disk again as it would on a
+machine whose RAM cannot cache the model; benchmarks use it.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import mmap
+import os
+import threading
+import time
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+import numpy as np
+
+from ..engine.weights import LayerWeights, layer_weights, matrix_view
+from ..errors import ConfigError
+from ..formats.modelfile import ModelFile
+from .plan import PAGE, Plan, Unit
+
+log = logging.getLogger(__name__)
+
+MODES = ("pread", "mmap")
+MADV_POPULATE_READ = 22          # Linux >= 5.14
+
+EMPTY, LOADING, READY, IN_USE = "empty", "loading", "ready", "in use"
+
+
+# ---------------------------------------------------------------------------------------------
+# Stats
+
+def memory_status() -> dict:
+    """Current and peak resident set of this process, in bytes (Linux /proc; getrusage else)."""
+    out = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+                    out[key] = int(rest.split()[0]) * 1024
+    except OSError:
+        import resource
+        out["VmHWM"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return out
+
+
+@dataclass
+class StoreStats:
+    tokens: int = 0                   # embedding rows read (one per token through the network)
+    bytes_read: int = 0               # weight bytes read from the file (streamed units, experts)
+    embedding_bytes: int = 0
+    reads: int = 0
+    hits: int = 0                     # streamed unit already read when asked for
+    late: int = 0                     # being read when asked for (waited for the rest)
+    misses: int = 0                   # not read ahead (read synchronously)
+    pinned_uses: int = 0
+    expert_reads: int = 0
+    expert_bytes: int = 0
+    io_wait_seconds: float = 0.0      # forward pass blocked on reads
+    read_seconds: float = 0.0         # time spent inside reads (reader thread and main)
+    compute_seconds: float = 0.0      # from layer(l) returning to release(l), summed
+
+    @property
+    def hit_rate(self) -> float:
+        n = self.hits + self.late + self.misses
+        return self.hits / n if n else 1.0
+
+    def as_dict(self) -> dict:
+        d = dict(vars(self))
+        d["hit_rate"] = self.hit_rate
+        d["bytes_read_per_token"] = self.bytes_read / self.tokens if self.tokens else 0.0
+        d["read_bandwidth"] = self.bytes_read / self.read_seconds if self.read_seconds else 0.0
+        d.update({k.lower(): v for k, v in memory_status().items()})
+        return d
+
+
+# ---------------------------------------------------------------------------------------------
+# Embedding rows, read on demand
+
+class EmbeddingRows:
+    """The F32 embedding table as something np.take can read rows from, one pread per row."""
+
+    def __init__(self, fd: int, offset: int, vocab: int, dim: int, stats: StoreStats) -> None:
+        self._fd, self._offset, self._stats = fd, offset, stats
+        self.shape = (vocab, dim)
+        self.dtype = np.dtype(np.float32)
+        self.row_bytes = dim * 4
+
+    def take(self, indices, axis=0, out=None, mode="raise") -> np.ndarray:
+        if axis != 0:
+            raise ValueError("embedding rows are taken along axis 0")
+        idx = np.asarray(indices).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.shape[0]):
+            raise IndexError(f"token id outside 0..{self.shape[0] - 1}")
+        if out is None:
+            out = np.empty((idx.size, self.shape[1]), dtype=np.float32)
+        if out.shape != (idx.size, self.shape[1]) or out.dtype != np.float32 \
+                or not out.flags.c_contiguous:
+            raise ValueError(f"out must be C-contiguous float32 {(idx.size, self.shape[1])}")
+        for i, t in enumerate(idx):
+            _pread_into(self._fd, out[i].view(np.uint8), self._offset + int(t) * self.row_bytes)
+        self._stats.tokens += idx.size
+        self._stats.embedding_bytes += idx.size * self.row_bytes
+        return out
+
+    def __getitem__(self, token) -> np.ndarray:
+        return self.take(np.asarray([token]))[0]
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+
+def _pread_into(fd: int, dst: np.ndarray, offset: int) -> None:
+    """Fill the uint8 array dst with the file bytes at offset (loops over short reads)."""
+    view = memoryview(dst)
+    done, n = 0, dst.nbytes
+    while done < n:
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got <= 0:
+            raise ConfigError(f"unexpected end of the model file at byte {offset + done}")
+        done += got
+
+
+# ---------------------------------------------------------------------------------------------
+# Slots and how they are filled
+
+class Slot:
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.unit: "Unit | None" = None
+        self.state = EMPTY
+        self.experts: set = set()         # expert ids read into this fill
+        self.weights: "LayerWeights | None" = None
+        self.base = 0                      # file offset of buf[0] (pread mode)
+        self.buf: "np.ndarray | None" = None
+
+
+class _OffsetBuffer:
+    """Indexing by absolute file offsets into a buffer that holds the file from `base`."""
+
+    def __init__(self, buf: np.ndarray, base: int) -> None:
+        self.buf, self.base = buf, base
+
+    def __getitem__(self, s: slice) -> np.ndarray:
+        return self.buf[s.start - self.base:s.stop - self.base]
+
+
+class _SlotSource:
+    """Looks like a ModelFile to engine.weights.layer_weights, over one slot's buffer."""
+
+    raw = ModelFile.raw
+    f32 = ModelFile.f32
+
+    def __init__(self, mf: ModelFile, buffer) -> None:
+        self.header, self.layout, self.buffer = mf.header, mf.layout, buffer
+
+
+class PreadFiller:
+    """Slots are page-aligned anonymous buffers; units are preadv'd into them."""
+
+    name = "pread"
+
+    def __init__(self, mf: ModelFile, fd: int, slot_bytes: int, drop_cache: bool) -> None:
+        self.mf, self.fd, self.slot_bytes, self.drop_cache = mf, fd, slot_bytes, drop_cache
+        self._maps: list = []
+
+    def init_slot(self, slot: Slot) -> None:
+        m = mmap.mmap(-1, max(self.slot_bytes, PAGE))
+        self._maps.append(m)
+        slot.buf = np.frombuffer(m, dtype=np.uint8)
+
+    def assign(self, slot: Slot, unit: Unit) -> None:
+        # Same offset within a page as in the file mapping, so views are aligned alike.
+        slot.base = unit.start - unit.start % PAGE
+        if unit.end - slot.base > slot.buf.size:
+            raise AssertionError(f"{unit.name} does not fit its slot")
+
+    def load(self, slot: Slot, start: int, end: int) -> None:
+        _pread_into(self.fd, slot.buf[start - slot.base:end - slot.base], start)
+        if self.drop_cache:
+            _fadvise_dontneed(self.fd, start, end)
+
+    def source(self, slot: Slot):
+        return _SlotSource(self.mf, _OffsetBuffer(slot.buf, slot.base))
+
+    def evict(self, slot: Slot) -> None:
+        pass                               # the buffer is simply overwritten
+
+    def close(self) -> None:
+        self._maps.clear()                 # the mappings go with their last view
+
+
+class MmapFiller:
+    """Views stay in the file mapping; pages are mapped in ahead and dropped on eviction."""
+
+    name = "mmap"
+
+    def __init__(self, mf: ModelFile, fd: int, slot_bytes: int, drop_cache: bool) -> None:
+        self.mf, self.fd, self.drop_cache = mf, fd, drop_cache
+        self._addr = mf.buffer.ctypes.data
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self._libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        self._populate = True
+
+    def init_slot(self, slot: Slot) -> None:
+        pass
+
+    def assign(self, slot: Slot, unit: Unit) -> None:
+        pass
+
+    def load(self, slot: Slot, start: int, end: int) -> None:
+        a = start - start % PAGE
+        if self._populate and self._madvise(a, end - a, MADV_POPULATE_READ) == 0:
+            return
+        self._populate = False             # old kernel: read through the mapping instead
+        self._touch(start, end)
+
+    def _touch(self, start: int, end: int) -> None:
+        # One byte per page faults the pages in (numpy sums without holding up the kernels).
+        int(self.mf.buffer[start:end:PAGE].sum())
+
+    def source(self, slot: Slot):
+        return self.mf
+
+    def evict(self, slot: Slot) -> None:
+        u = slot.unit
+        if u is None:
+            return
+        # Only pages wholly inside the unit: the neighbours' boundary pages may be pinned.
+        a, b = -(-u.start // PAGE) * PAGE, u.end // PAGE * PAGE
+        if b > a:
+            self._madvise(a, b - a, mmap.MADV_DONTNEED)
+            if self.drop_cache:
+                _fadvise_dontneed(self.fd, a, b)
+
+    def _madvise(self, offset: int, length: int, advice: int) -> int:
+        # ctypes releases the GIL: the reader thread does not stall the forward pass.
+        return self._libc.madvise(ctypes.c_void_p(self._addr + offset), length, advice)
+
+    def close(self) -> None:
+        pass
+
+
+def _fadvise_dontneed(fd: int, start: int, end: int) -> None:
+    a, b = -(-start // PAGE) * PAGE, end // PAGE * PAGE
+    if b > a:
+        os.posix_fadvise(fd, a, b - a, os.POSIX_FADV_DONTNEED)
+
+
+# ---------------------------------------------------------------------------------------------
+# The store
+
+class LazyExperts(Sequence):
+    """`layer.experts[e]` of a streamed MoE layer: expert e's bytes are read on first use."""
+
+    def __init__(self, store: "LayerStore", slot: Slot, views: Sequence) -> None:
+        self._store, self._slot, self._views = store, slot, views
+
+    def __getitem__(self, e):
+        if isinstance(e, slice):
+            raise TypeError("index experts one at a time, so only routed ones are read")
+        e = int(e)
+        if e not in self._slot.experts:
+            self._store._read_expert(self._slot, e)
+        return self._views[e]
+
+    def __len__(self) -> int:
+        return len(self._views)
+
+
+class LayerStore:
+    """Weight provider that keeps `plan.pinned` resident and streams `plan.streamed`."""
+
+    def __init__(self, mf: ModelFile, plan: Plan, mode: str = "pread", drop_cache: bool = False,
+                 prefetch: bool = True) -> None:
+        if mode not in MODES:
+            raise ConfigError(f"unknown streaming mode {mode!r}; choose from {', '.join(MODES)}")
+        self.file, self.plan, self.mode = mf, plan, mode
+        self.header = h = mf.header
+        self.stats = StoreStats()
+        self._fd = os.open(mf.path, os.O_RDONLY)
+        emb = mf.layout["embedding"]
+        self.embedding = EmbeddingRows(self._fd, emb.offset, h.vocab_size, h.dim, self.stats)
+        self.final_norm = mf.f32("final_norm")
+        self._units = plan.units
+        self._head = h.n_layers
+        self._pinned = {i: self._pinned_weights(i) for i in plan.pinned}
+        self._cycle = {u: i for i, u in enumerate(plan.streamed)}
+        filler = PreadFiller if mode == "pread" else MmapFiller
+        self._filler = filler(mf, self._fd, plan.slot_bytes, drop_cache)
+        self._slots = [Slot(i) for i in range(plan.slots)]
+        for s in self._slots:
+            self._filler.init_slot(s)
+        self._in_use: dict[int, Slot] = {}
+        self._t_acquired: dict[int, float] = {}
+        self._cv = threading.Condition()
+        self._cursor = 0                   # position in the cycle of the next unit needed
+        self._wanted = -1                  # unit the forward pass is waiting for: never evicted
+        self._closed = False
+        self._warm_pinned()
+        self._thread = None
+        if prefetch and plan.streamed:
+            self._thread = threading.Thread(target=self._reader, name="dairllm-prefetch",
+                                            daemon=True)
+            self._thread.start()
+        log.info("%s; streaming by %s", plan.summary(), mode)
+
+    # -- the provider interface -----------------------------------------------------------------
+
+    def layer(self, l: int) -> LayerWeights:
+        if self._head in self._in_use:
+            self.release(self._head)       # the classifier is done once the next pass starts
+        if l in self._pinned:
+            self.stats.pinned_uses += 1
+            self._t_acquired[l] = time.perf_counter()
+            return self._pinned[l]
+        return self._acquire(l).weights
+
+    def release(self, l: int) -> None:
+        t = self._t_acquired.pop(l, None)
+        if t is not None:
+            self.stats.compute_seconds += time.perf_counter() - t
+        slot = self._in_use.pop(l, None)
+        if slot is None:
+            return
+        with self._cv:
+            slot.state = READY
+            self._cv.notify_all()
+
+    @property
+    def wcls(self) -> np.ndarray:
+        """The classifier; a streamed one is held until the next pass asks for a layer."""
+        if self._head in self._pinned:
+            return self._pinned[self._head]
+        if self._head in self._in_use:
+            return self._in_use[self._head].weights
+        return self._acquire(self._head).weights
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        for s in self._slots:
+            if s.state != LOADING:
+                self._filler.evict(s)
+            s.weights = None
+        self._filler.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    # -- pinned ---------------------------------------------------------------------------------
+
+    def _pinned_weights(self, i: int):
+        if i == self._head:
+            return matrix_view(self.file, "wcls")
+        return layer_weights(self.file, i)
+
+    def _warm_pinned(self) -> None:
+        """Ask the kernel to start reading the pinned bytes now (asynchronously)."""
+        mm = self.file._mmap
+        for i in self.plan.pinned:
+            u = self._units[i]
+            a = u.start - u.start % PAGE
+            try:
+                mm.madvise(mmap.MADV_WILLNEED, a, u.end - a)
+            except (OSError, ValueError):
+                break
+
+    # -- streamed -------------------------------------------------------------------------------
+
+    def _window(self) -> list[int]:
+        """The next units the forward pass will need, in order (one per slot at most)."""
+        order = self.plan.streamed
+        n = min(len(self._slots), len(order))
+        return [order[(self._cursor + i) % len(order)] for i in range(n)]
+
+    def _find(self, unit: int) -> "Slot | None":
+        for s in self._slots:
+            if s.unit is not None and s.unit.index == unit and s.state != EMPTY:
+                return s
+        return None
+
+    def _victim(self, keep: list[int]) -> "Slot | None":
+        """A slot that may be refilled: not in use, not being read, preferring ones whose
+        unit is not needed soon (empty first, then the one needed last)."""
+        free = [s for s in self._slots if s.state == EMPTY or (
+            s.state == READY and s.unit is not None and s.unit.index != self._wanted)]
+        if not free:
+            return None
+
+        def rank(s: Slot) -> tuple:
+            if s.state == EMPTY or s.unit is None:
+                return (0, 0)
+            if s.unit.index not in keep:
+                return (1, 0)
+            return (2, -keep.index(s.unit.index))
+        return min(free, key=rank)
+
+    def _acquire(self, unit: int) -> Slot:
+        t0 = time.perf_counter()
+        waited = False
+        with self._cv:
+            self._cursor = (self._cycle[unit] + 1) % len(self.plan.streamed)
+            self._wanted = unit
+            while True:
+                slot = self._find(unit)
+                if slot is not None and slot.state == READY:
+                    break
+                if slot is not None and slot.state == LOADING:
+                    waited = True
+                    self._cv.wait()
+                    continue
+                slot = self._victim(keep=self._window())
+                if slot is None:           # every slot busy: wait for the reader to finish one
+                    self._cv.wait()
+                    continue
+                self._claim(slot, unit)
+                break
+            self._wanted = -1
+            sync = slot.state == LOADING
+            if not sync:
+                slot.state = IN_USE
+            self._cv.notify_all()
+        if sync:                           # a miss: read it here and now
+            self._fill(slot)
+            with self._cv:
+                slot.state = IN_USE
+                self._cv.notify_all()
+            self.stats.misses += 1
+        elif waited:
+            self.stats.late += 1
+        else:
+            self.stats.hits += 1
+        self._in_use[unit] = slot
+        now = time.perf_counter()
+        self.stats.io_wait_seconds += now - t0
+        self._t_acquired[unit] = now
+        return slot
+
+    def _claim(self, slot: Slot, unit: int) -> None:
+        """Under the lock: slot will hold `unit` (its previous unit is evicted)."""
+        self._filler.evict(slot)
+        slot.unit = self._units[unit]
+        slot.state = LOADING
+        slot.experts = set()
+        slot.weights = None
+        self._filler.assign(slot, slot.unit)
+
+    def _fill(self, slot: Slot) -> None:
+        """Outside the lock: read the unit's always-needed bytes and build its views."""
+        u = slot.unit
+        t0 = time.perf_counter()
+        for s, e in u.core:
+            self._filler.load(slot, s, e)
+        dt = time.perf_counter() - t0
+        with self._cv:                     # the reader thread and the forward pass both count
+            self.stats.read_seconds += dt
+            self.stats.bytes_read += u.core_bytes
+            self.stats.reads += 1
+        src = self._filler.source(slot)
+        if u.index == self._head:
+            slot.weights = matrix_view(src, "wcls")
+        else:
+            w = layer_weights(src, u.index)
+            if u.experts:
+                w = replace(w, experts=LazyExperts(self, slot, w.experts))
+            slot.weights = w
+
+    def _read_expert(self, slot: Slot, e: int) -> None:
+        t0 = time.perf_counter()
+        s, end = slot.unit.experts[e]
+        self._filler.load(slot, s, end)
+        slot.experts.add(e)
+        dt = time.perf_counter() - t0
+        with self._cv:
+            st = self.stats
+            st.read_seconds += dt
+            st.io_wait_seconds += dt
+            st.bytes_read += end - s
+            st.expert_reads += 1
+            st.expert_bytes += end - s
+
+    def _reader(self) -> None:
+        """Background thread: keep the slots filled with the next units of the cycle."""
+        while True:
+            with self._cv:
+                while True:
+                    if self._closed:
+                        return
+                    job = self._next_job()
+                    if job is not None:
+                        break
+                    self._cv.wait()
+                slot = job
+            try:
+                self._fill(slot)
+            except Exception:              # surfaced when the forward pass asks for the unit
+                log.exception("prefetch of %s failed", slot.unit.name)
+                with self._cv:
+                    slot.state = EMPTY
+                    slot.unit = None
+                    self._cv.notify_all()
+                continue
+            with self._cv:
+                slot.state = READY
+                self._cv.notify_all()
+
+    def _next_job(self) -> "Slot | None":
+        """Under the lock: claim a slot for the first unit of the window not yet read."""
+        window = self._window()
+        for unit in window:
+            if self._find(unit) is not None:
+                continue
+            slot = self._victim(keep=window)
+            if slot is None or (slot.unit is not None and slot.state != EMPTY
+                                and slot.unit.index in window):
+                return None                # no slot to spare without dropping a needed unit
+            self._claim(slot, unit)
+            return slot
+        return None
+
+
+def open_store(mf: ModelFile, ram_budget, run_state_bytes: int, mode: str = "pread",
+               drop_cache: bool = False, prefetch: bool = True) -> LayerStore:
+    """Plan the budget for `mf` and open a LayerStore (ConfigError if it is too small)."""
+    from .plan import make_plan
+
+    plan = make_plan(mf.layout, ram_budget, run_state_bytes)
+    return LayerStore(mf, plan, mode=mode, drop_cache=drop_cache, prefetch=prefetch)

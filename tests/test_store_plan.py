@@ -1,0 +1,129 @@
+"""RAM budget parsing and the residency plan (pure Python: no kernels needed).
+
+Expected sizes are recomputed here from the tensor layout (bytes of each layer, of the
+classifier), not taken from the planner."""
+from __future__ import annotations
+
+import pytest
+
+from dairllm.errors import ConfigError
+from dairllm.formats.modelfile import Arch, Header, tensor_layout
+from dairllm.formats.quant import FloatType
+from dairllm.store import Budget, make_plan, parse_budget
+from dairllm.store.plan import PAGE, spread
+
+GiB, MiB = 1 << 30, 1 << 20
+
+
+@pytest.mark.parametrize("text,want", [
+    ("4G", 4 * GiB), ("4g", 4 * GiB), ("4GB", 4 * GiB), ("4GiB", 4 * GiB), ("512M", 512 * MiB),
+    ("1.5G", int(1.5 * GiB)), ("64k", 64 * 1024), ("123456", 123456), (" 2 G ", 2 * GiB),
+    ("1T", 1 << 40), (1000, 1000)])
+def test_parse_absolute(text, want):
+    assert parse_budget(text) == Budget(nbytes=want)
+
+
+@pytest.mark.parametrize("text,frac", [("50%", 0.5), ("100%", 1.0), ("10 %", 0.1), ("2.5%", 0.025)])
+def test_parse_percent(text, frac):
+    b = parse_budget(text)
+    assert b.fraction == pytest.approx(frac)
+    assert b.resolve(1000) == int(frac * 1000)
+
+
+@pytest.mark.parametrize("bad", ["", "abc", "4X", "-1G", "0", "0%", "150%", "G", "1e3", "4 GB B",
+                                 None, True, -5, 0, [4]])
+def test_parse_rejects(bad):
+    with pytest.raises(ConfigError):
+        parse_budget(bad)
+
+
+def header(arch=Arch.LLAMA, n_layers=12, **kw) -> Header:
+    base = dict(dim=128, hidden_dim=256, n_heads=4, n_kv_heads=2, vocab_size=300, seq_len=64,
+                weight_type=FloatType.Q40)
+    if arch is Arch.QWEN3_MOE:
+        base.update(moe_hidden_dim=64, n_experts=8, n_active_experts=2, head_dim_key=32)
+    base.update(kw)
+    return Header(arch=arch, n_layers=n_layers, **base)
+
+
+def sizes(layout):
+    h = layout.header
+    layer = [layout.layer_range(l)[1] - layout.layer_range(l)[0] for l in range(h.n_layers)]
+    return layer, layout["wcls"].nbytes, layout["final_norm"].nbytes
+
+
+STATE = 10_000
+
+
+@pytest.mark.parametrize("arch", [Arch.LLAMA, Arch.QWEN3, Arch.QWEN3_MOE])
+def test_full_and_minimum(arch):
+    lay = tensor_layout(header(arch))
+    layer, wcls, norm = sizes(lay)
+    full = STATE + norm + sum(layer) + wcls
+    minimum = STATE + norm + max(max(layer), wcls) + 2 * PAGE
+    p = make_plan(lay, "100%", STATE)
+    assert (p.full_bytes, p.min_bytes) == (full, minimum)
+    assert p.streamed == () and p.slots == 0 and p.stream_bytes_per_token == 0
+    assert len(p.pinned) == lay.header.n_layers + 1
+    assert make_plan(lay, full, STATE).streamed == ()
+    assert make_plan(lay, minimum, STATE).resident_bytes <= minimum
+    with pytest.raises(ConfigError, match=f"minimum of .*{minimum} bytes"):
+        make_plan(lay, minimum - 1, STATE)
+
+
+@pytest.mark.parametrize("arch", [Arch.LLAMA, Arch.QWEN3_MOE])
+def test_plans_fit_their_budget_and_stream_less_with_more(arch):
+    lay = tensor_layout(header(arch))
+    L = lay.header.n_layers
+    layer, wcls, norm = sizes(lay)
+    p0 = make_plan(lay, "100%", STATE)
+    last = {}                        # per slot count: two slots (read-ahead) win when they fit
+    for b in range(p0.min_bytes, p0.full_bytes + 1, max(1, (p0.full_bytes - p0.min_bytes) // 40)):
+        p = make_plan(lay, b, STATE)
+        assert p.resident_bytes <= b
+        assert sorted(p.pinned + p.streamed) == list(range(L + 1))
+        assert p.streamed, "below full, something streams"
+        if p.slots in last:
+            assert p.stream_bytes_per_token <= last[p.slots]
+        last[p.slots] = p.stream_bytes_per_token
+        if arch is Arch.LLAMA:       # dense: every streamed unit is read whole
+            want = sum(layer[i] if i < L else wcls for i in p.streamed)
+            assert p.stream_bytes_per_token == want
+
+
+def test_moe_reads_only_active_experts_per_token():
+    h = header(Arch.QWEN3_MOE)
+    lay = tensor_layout(h)
+    p = make_plan(lay, make_plan(lay, "100%", STATE).min_bytes, STATE)
+    expert = sum(lay[f"layers.0.experts.0.{n}"].nbytes for n in ("w1", "w2", "w3"))
+    layer, wcls, _ = sizes(lay)
+    streamed_layers = [i for i in p.streamed if i < h.n_layers]
+    want = sum(layer[i] - (h.n_experts - h.n_active_experts) * expert for i in streamed_layers)
+    want += wcls if h.n_layers in p.streamed else 0
+    assert p.stream_bytes_per_token == want
+
+
+def test_two_slots_when_they_fit_one_at_the_minimum():
+    lay = tensor_layout(header())
+    p0 = make_plan(lay, "100%", STATE)
+    assert make_plan(lay, p0.min_bytes, STATE).slots == 1
+    assert make_plan(lay, "50%", STATE).slots == 2
+
+
+def test_streamed_layers_are_spread_out():
+    lay = tensor_layout(header(n_layers=12))
+    p = make_plan(lay, "50%", STATE)
+    layers = [i for i in p.streamed if i < 12]
+    assert 2 <= len(layers) <= 10
+    gaps = [b - a for a, b in zip(layers, layers[1:])]
+    assert max(gaps) - min(gaps) <= 1
+    assert spread(3, 12) == [0, 4, 8] and spread(12, 12) == list(range(12)) and spread(0, 5) == []
+
+
+def test_percent_is_of_the_fully_resident_size():
+    lay = tensor_layout(header(n_layers=20))
+    p0 = make_plan(lay, "100%", STATE)
+    for pct in (10, 25, 50, 90):
+        p = make_plan(lay, f"{pct}%", STATE)
+        assert p.budget_bytes == int(p0.full_bytes * pct / 100)
+        assert p.resident_bytes <= p.budget_bytes
