@@ -95,12 +95,15 @@ class Model:
 
     @classmethod
     def open(cls, path, max_seq_len: "int | None" = None, nthreads: "int | None" = None,
-             max_batch: int = DEFAULT_MAX_BATCH) -> "Model":
+             max_batch: int = DEFAULT_MAX_BATCH, ram_budget: "str | int | None" = None,
+             stream_options: "dict | None" = None) -> "Model":
         """Map `path` (weights stay in the page cache, never copied) and allocate the run state.
 
         max_seq_len caps the context (and the KV cache) below the file's seq_len; nthreads sets
         the kernel threads (default: all cores, or OMP_NUM_THREADS); max_batch is the most
-        prompt tokens one pass over the weights serves.
+        prompt tokens one pass over the weights serves. ram_budget ("4G", "512M", "50%", bytes)
+        caps resident weights + run state: layers that do not fit are streamed from disk by a
+        dairllm.store.LayerStore (stream_options: its mode / drop_cache / prefetch).
         """
         if max_seq_len is not None and max_seq_len <= 0:
             raise ConfigError(f"max_seq_len must be positive, got {max_seq_len}")
@@ -114,13 +117,25 @@ class Model:
         h = mf.header
         if h.weight_type not in _MATMUL_BY_TYPE:
             raise ConfigError(f"{path}: no matmul kernel for {h.weight_type.name} weights")
-        model = cls(mf, ResidentWeights(mf), max_batch)
+        if ram_budget is None:
+            weights = ResidentWeights(mf)
+        else:
+            from ..store import open_store_for
+            try:
+                weights = open_store_for(mf, ram_budget, max_batch, **(stream_options or {}))
+            except BaseException:
+                mf.close()
+                raise
+        model = cls(mf, weights, max_batch)
         log.info("opened %s: %s %s, %d layers, seq_len %d, run state %.1f MiB (KV %.1f MiB)",
                  path, h.arch.name, h.weight_type.name, h.n_layers, h.seq_len,
                  model.state.nbytes / 2**20, model.state.kv_nbytes / 2**20)
         return model
 
     def close(self) -> None:
+        close_weights = getattr(self.net.weights, "close", None)
+        if close_weights is not None:
+            close_weights()                   # a LayerStore stops its prefetch thread
         self.file.close()
 
     def __enter__(self) -> "Model":
