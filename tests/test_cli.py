@@ -80,3 +80,13 @@ def test_make_model_bad_arguments_fail_with_one_line(tmp_path):
         assert r.returncode == 1, (args, r.stderr)
         assert r.stderr.count("\n") == 1 and "error" in r.stderr
         assert not (tmp_path / "x.m").exists()
+
+
+def test_inspect_without_a_model_uses_the_cached_default(tmp_path, monkeypatch):
+    pytest.importorskip("dairllm.formats.tokenizer")
+    monkeypatch.setenv("DAIRLLM_CACHE", str(tmp_path))
+    r = run("inspect")
+    assert r.returncode == 0, r.stderr
+    built = sorted(p.name for p in tmp_path.iterdir())
+    assert len(built) == 2 and built[0].endswith(".m") and built[1].endswith(".t")
+    assert str(tmp_path / built[0]) in r.stdout and "LLAMA Q40" in r.stdout

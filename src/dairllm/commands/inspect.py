@@ -10,7 +10,9 @@ KV_BYTES = 4      # the KV cache holds float32 values, as dllama's does
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="MODEL.m", help="the model file")
+    p.add_argument("model", metavar="MODEL.m", nargs="?", default=None,
+                   help="the model file (default: the built-in tiny model, made on first use "
+                        "in $DAIRLLM_CACHE or ~/.cache/dairllm)")
     p.add_argument("--tensors", action="store_true", help="also list every tensor")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument("--max-seq-len", type=int, default=None,
@@ -100,6 +102,9 @@ def render_text(s: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     from ..formats.modelfile import ModelFile
 
+    if args.model is None:
+        from ..synth import default_model
+        args.model = default_model()[0]
     with ModelFile(args.model, max_seq_len=args.max_seq_len) as mf:
         summary = summarize(mf, with_tensors=args.tensors)
         plan = plan_section(mf, args)
