@@ -122,6 +122,7 @@ class _Header:
     add_bos: bool
     chat_template: bytes | None
     pairs: list                        # (key, value) as stored, current format only
+    legacy: bool = False
 
 
 def _read_header(r: _Reader) -> _Header:
@@ -129,7 +130,7 @@ def _read_header(r: _Reader) -> _Header:
     if magic == LEGACY_MAGIC:
         vocab_size, max_len, bos, eos, _pad = (r.i32(f"legacy header field {i}") for i in range(5))
         # The C++ reader leaves add-BOS uninitialised here; legacy (llama2) files expect BOS.
-        return _Header(vocab_size, max_len, bos, [eos], True, None, [])
+        return _Header(vocab_size, max_len, bos, [eos], True, None, [], legacy=True)
     if magic != MAGIC:
         raise r.fail(f"not a tokenizer file (magic 0x{magic & 0xFFFFFFFF:x}, expected "
                      f"0x{MAGIC:x} or legacy 0x{LEGACY_MAGIC:x})")
@@ -260,12 +261,15 @@ class Tokenizer:
             raise ValueError(f"BOS id {bos_id} outside the vocabulary of {self.vocab_size}")
         self.bos_id = int(bos_id)
         self.eos_ids = [int(e) for e in eos_ids]
+        if any(not 0 <= e < self.vocab_size for e in self.eos_ids):
+            raise ValueError(f"an EOS id of {self.eos_ids} is outside the vocabulary of "
+                             f"{self.vocab_size}")
         self.add_bos = bool(add_bos)
         if isinstance(chat_template, str):
             chat_template = chat_template.encode("utf-8")
-        self.chat_template_bytes = chat_template or None
-        self.chat_template = (None if chat_template is None
-                              else chat_template.decode("utf-8", errors="replace"))
+        self.chat_template_bytes = bytes(chat_template) if chat_template else None
+        self.chat_template = (None if self.chat_template_bytes is None
+                              else self.chat_template_bytes.decode("utf-8", errors="replace"))
         self.max_token_length = (max(map(len, self.vocab)) if max_token_length is None
                                  else int(max_token_length))
         self.legacy = legacy
@@ -294,14 +298,19 @@ class Tokenizer:
     def open(cls, path: "str | os.PathLike") -> "Tokenizer":
         """Read a `.t` file (current or legacy format); TokenizerFormatError on any problem."""
         path = Path(path)
-        r = _Reader(_read_file(path), path)
+        return cls.from_bytes(_read_file(path), path)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, path: object = "<bytes>") -> "Tokenizer":
+        """Parse the contents of a `.t` file; `path` only names it in errors."""
+        r = _Reader(bytes(data), path)
         h = _read_header(r)
         _check_header(r, h)
         vocab, scores = _read_vocab(r, h.vocab_size, h.max_token_length)
         if r.remaining():
             log.debug("%s: %d bytes after the vocabulary ignored", path, r.remaining())
         return cls(vocab, scores, h.bos_id, h.eos_ids, h.add_bos, h.chat_template,
-                   h.max_token_length, path=path, legacy=not h.pairs, header_pairs=h.pairs)
+                   h.max_token_length, path=path, legacy=h.legacy, header_pairs=h.pairs)
 
     def __repr__(self) -> str:
         return (f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size}, "
@@ -487,7 +496,8 @@ def tokenizer_bytes(vocab: Sequence[bytes], scores: Sequence[float], bos_id: int
     sc = np.asarray(scores, dtype=np.float64)
     if sc.shape != (n,):
         raise ValueError(f"{n} tokens but scores of shape {sc.shape}")
-    sc32 = sc.astype(np.float32)
+    with np.errstate(over="ignore"):
+        sc32 = sc.astype(np.float32)
     if np.any(np.isfinite(sc) & ~np.isfinite(sc32)):
         raise ValueError("a score does not fit a float32")
     longest = max(len(t) for t in vocab)
