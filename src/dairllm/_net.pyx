@@ -2,3 +2,4 @@
 """Binary wire framing."""
 
 include "_net_dllama.pxi"
+include "_net_frames.pxi"

@@ -1,0 +1,305 @@
+"""The native worker: serve roots one session at a time per connection, run a layer range.
+
+    worker = NativeWorker(NodeOptions(model_path="model.m", nthreads=2))
+    serve(worker, "0.0.0.0", 9998)            # or worker.handle(sock, first_bytes) per connection
+
+A session: handshake (and HMAC check when a secret is set), INFO with this node's profile, then
+ASSIGN (map the model, keep the KV caches of the assigned layers only), then FORWARD records,
+each answered with a RESULT record, until BYE or the root goes away. Anything malformed closes
+that connection only; the listener keeps accepting, so a new root (or the same one after a fault)
+can connect again. Each connection runs in its own thread with its own KV cache.
+"""
+from __future__ import annotations
+
+import argparse
+import hmac
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import _net
+from ..errors import ConfigError, DairError, ProtocolError
+from ..formats.modelfile import ModelFile, read_header
+from . import protocol as P
+from .assign import available_ram
+from .fingerprint import get_threads, measure_speed, model_fingerprint, set_threads
+
+log = logging.getLogger("dairllm.cluster.node")
+
+MAX_BATCH_LIMIT = 4096
+MAX_SESSIONS = 4
+
+
+@dataclass
+class NodeOptions:
+    model_path: "str | os.PathLike"
+    ram_budget: "int | None" = None        # bytes; None: what the OS reports available
+    nthreads: "int | None" = None
+    secret: "bytes | None" = None
+    verify_model: bool = False             # full-file hash instead of sampled blocks
+    handshake_timeout: float = 15.0
+    idle_timeout: float = 3600.0           # a root silent this long is presumed gone
+    speed: "float | None" = None           # skip the measurement (tests)
+
+
+@dataclass
+class Profile:
+    fingerprint: str
+    file_size: int
+    model_name: str
+    ram_budget: int
+    threads: int
+    speed: float
+    n_layers: int
+
+    def as_dict(self) -> dict:
+        return dict(vars(self))
+
+
+class NativeWorker:
+    """Holds this node's profile (measured once) and serves sessions on sockets it is given."""
+
+    def __init__(self, opts: NodeOptions) -> None:
+        self.opts = opts
+        path = Path(opts.model_path)
+        h = read_header(path)                         # fails early on a bad file
+        set_threads(opts.nthreads)
+        t0 = time.perf_counter()
+        fp = model_fingerprint(path, full=opts.verify_model)
+        speed = opts.speed or measure_speed(nthreads=opts.nthreads)
+        self.profile = Profile(fp, path.stat().st_size, path.name,
+                               int(opts.ram_budget or available_ram()), get_threads(),
+                               float(speed), h.n_layers)
+        log.info("model %s (%s), %d layers; speed %.2f GB/s, budget %.0f MiB (%.2f s)", path,
+                 fp, h.n_layers, speed / 1e9, self.profile.ram_budget / 2**20,
+                 time.perf_counter() - t0)
+        self._sessions = threading.BoundedSemaphore(MAX_SESSIONS)
+
+    def handle(self, sock: socket.socket, first: bytes = b"", peer: "str | None" = None) -> None:
+        """Serve one connection to its end; never raises (errors are logged, the socket closed).
+        `first`: bytes the caller already read from the socket (protocol dispatch)."""
+        if peer is None:
+            try:
+                peer = "{}:{}".format(*sock.getpeername()[:2])
+            except OSError:
+                peer = "peer"
+        conn = P.Connection(sock, f"root {peer}", self.opts.handshake_timeout)
+        if first:
+            conn.decoder.feed(first)
+        if not self._sessions.acquire(blocking=False):
+            conn.send_error(f"worker busy ({MAX_SESSIONS} sessions)")
+            conn.close()
+            return
+        try:
+            Session(self, conn).run()
+        except (P.PeerLost, P.RemoteError) as e:
+            log.info("%s: session ended: %s", conn.peer, e)
+        except DairError as e:                         # ProtocolError, ConfigError...
+            log.warning("%s: %s; closing that connection", conn.peer, e)
+            conn.send_error(str(e))
+        except Exception as e:                         # a bug: keep serving others
+            log.exception("%s: unexpected error", conn.peer)
+            conn.send_error(f"worker error: {type(e).__name__}: {e}")
+        finally:
+            self._sessions.release()
+            conn.close()
+
+
+class Session:
+    """One root's session on one connection."""
+
+    def __init__(self, worker: NativeWorker, conn: P.Connection) -> None:
+        self.w = worker
+        self.conn = conn
+        self.stage = None
+
+    def run(self) -> None:
+        self.handshake()
+        self.conn.timeout = self.w.opts.idle_timeout
+        while True:
+            t, payload = self.conn.recv()
+            if t == P.FORWARD:
+                self.forward(payload)
+            elif t == P.ASSIGN:
+                self.assign(P.parse_json(payload, self.conn.peer, t))
+            elif t == P.PING:
+                self.conn.send_json(P.PONG, {})
+            elif t == P.BYE:
+                log.info("%s: session over", self.conn.peer)
+                return
+            else:
+                raise ProtocolError(f"{self.conn.peer}: unexpected {_net.frame_type_name(t)}")
+
+    def handshake(self) -> None:
+        c, prof, secret = self.conn, self.w.profile, self.w.opts.secret
+        hello = c.expect_json(P.HELLO)
+        version = P.get_int(hello, "version", 0, 255, c.peer)
+        if version != P.PROTOCOL_VERSION:
+            raise ProtocolError(f"{c.peer}: protocol version {version}, this worker speaks "
+                                f"{P.PROTOCOL_VERSION}")
+        root_nonce = P.check_nonce(hello.get("nonce"), c.peer)
+        nonce = P.new_nonce()
+        c.send_json(P.CHALLENGE, {"nonce": nonce, "auth": secret is not None})
+        auth = c.expect_json(P.AUTH)
+        if secret is not None:
+            got = auth.get("mac")
+            if not isinstance(got, str) or not hmac.compare_digest(
+                    got, P.mac(secret, b"root", nonce)):
+                raise ProtocolError(f"{c.peer}: authentication failed (missing or wrong secret)")
+        info = prof.as_dict()
+        if secret is not None:
+            info["mac"] = P.mac(secret, b"worker", root_nonce)
+        c.send_json(P.INFO, info)
+
+    def assign(self, a: dict) -> None:
+        self.stage = None                              # drop the previous range (and its KV)
+        self.stage = Stage.open(self.w, a, self.conn.peer)
+        cap = P.record_bytes(self.stage.max_batch, self.stage.dim, _net.ACT_F32)
+        self.conn.decoder.set_cap(P.FORWARD, cap)
+        self.conn.send_json(P.READY, {"load_seconds": self.stage.load_seconds,
+                                      "resident_bytes": self.stage.resident_bytes})
+
+    def forward(self, payload: bytes) -> None:
+        st = self.stage
+        if st is None:
+            raise ProtocolError(f"{self.conn.peer}: FORWARD before ASSIGN")
+        pos0, n, ftype = _net.parse_act_header(payload, len(payload), st.dim, st.max_batch,
+                                               st.seq_len)
+        if pos0 > st.n_past:
+            raise ProtocolError(f"{self.conn.peer}: rows at position {pos0} but only positions "
+                                f"0..{st.n_past - 1} are cached")
+        x = st.run(memoryview(payload)[_net.ACT_HEADER_BYTES:], pos0, n, ftype)
+        self.conn.send(P.RESULT, *P.act_record(pos0, x, ftype))
+
+
+class Stage:
+    """This node's layers [start, end): weights mapped from the local file, their KV caches."""
+
+    def __init__(self) -> None:
+        self.n_past = 0
+
+    @classmethod
+    def open(cls, worker: NativeWorker, a: dict, peer: str) -> "Stage":
+        from ..engine.model import Net
+        from ..engine.state import RunState
+        from ..engine.weights import ResidentWeights
+
+        prof = worker.profile
+        fp = P.get_str(a, "fingerprint", peer, 200)
+        if fp != prof.fingerprint:
+            raise ProtocolError(f"model mismatch: the root's file has fingerprint {fp}, this "
+                                f"worker's {worker.opts.model_path} has {prof.fingerprint}")
+        L = prof.n_layers
+        start = P.get_int(a, "start", 0, L - 1, peer)
+        end = P.get_int(a, "end", start + 1, L, peer)
+        max_batch = P.get_int(a, "max_batch", 1, MAX_BATCH_LIMIT, peer)
+        t0 = time.perf_counter()
+        h0 = read_header(worker.opts.model_path)
+        seq = P.get_int(a, "max_seq_len", 1, h0.seq_len, peer)
+        s = cls()
+        s.file = ModelFile(worker.opts.model_path, max_seq_len=seq)
+        h = s.file.header
+        s.start, s.end, s.max_batch = start, end, max_batch
+        s.dim, s.seq_len = h.dim, h.seq_len
+        s.net = Net(h, ResidentWeights(s.file, layers=range(start, end)))
+        s.state = RunState(h, max_batch, s.net.quantized, layers=range(start, end))
+        lay = s.file.layout
+        s.resident_bytes = sum(t.nbytes for l in range(start, end) for t in lay.layer_tensors(l))
+        s.load_seconds = time.perf_counter() - t0
+        log.info("%s: layers %d..%d (%.1f MiB), max_seq_len %d, max_batch %d", peer, start,
+                 end - 1, s.resident_bytes / 2**20, seq, max_batch)
+        return s
+
+    def run(self, data: memoryview, pos0: int, n: int, ftype: int):
+        from ..engine import forward as fw
+
+        s = self.state
+        r = s.rows(n)
+        P.decode_rows(data, n, self.dim, ftype, r.x)
+        fw.set_positions(s, r, pos0)
+        fw.run_layers(self.net, s, r, pos0, self.start, self.end)
+        self.n_past = pos0 + n
+        return r.x
+
+
+# ---------------------------------------------------------------------------------------------
+# Listening
+
+def listen(host: str, port: int) -> socket.socket:
+    try:
+        sock = socket.create_server((host, port), reuse_port=False, backlog=16)
+    except OSError as e:
+        raise ConfigError(f"cannot listen on {host}:{port}: {e}") from None
+    return sock
+
+
+def warn_if_open(host: str, secret: "bytes | None") -> None:
+    if secret is None and not P.is_loopback(host):
+        log.warning("listening on %s without a secret: anyone who can reach this port can use "
+                    "this worker (set --secret or %s)", host or "all interfaces", P.SECRET_ENV)
+
+
+def serve(worker: NativeWorker, listener: socket.socket,
+          stop: "threading.Event | None" = None) -> None:
+    """Accept connections until `stop` is set; each one is served in its own thread."""
+    listener.settimeout(0.2)
+    while stop is None or not stop.is_set():
+        try:
+            sock, addr = listener.accept()
+        except socket.timeout:
+            continue
+        except OSError:
+            if stop is not None and stop.is_set():
+                return
+            raise
+        sock.settimeout(None)
+        threading.Thread(target=worker.handle, args=(sock, b"", f"{addr[0]}:{addr[1]}"),
+                         daemon=True, name=f"session {addr[0]}:{addr[1]}").start()
+
+
+def main(argv: "list[str] | None" = None) -> int:
+    """`python -m dairllm.cluster.node`: a native-only worker (tests, demo). The `worker`
+    command serves both this protocol and dllama's on one port."""
+    p = argparse.ArgumentParser(prog="python -m dairllm.cluster.node")
+    p.add_argument("--model", required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=9998)
+    p.add_argument("--nthreads", type=int, default=None)
+    p.add_argument("--ram-budget", default=None)
+    p.add_argument("--secret", default=None)
+    p.add_argument("--verify-model", action="store_true")
+    p.add_argument("--speed", type=float, default=None, help=argparse.SUPPRESS)
+    p.add_argument("-v", "--verbose", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s worker %(levelname)s: %(message)s")
+    from .assign import parse_size
+
+    try:
+        secret = P.resolve_secret(args.secret)
+        opts = NodeOptions(args.model, parse_size(args.ram_budget) if args.ram_budget else None,
+                           args.nthreads, secret, args.verify_model, speed=args.speed)
+        worker = NativeWorker(opts)
+        listener = listen(args.host, args.port)
+    except DairError as e:
+        print(f"worker: error: {e}", file=sys.stderr)
+        return 1
+    warn_if_open(args.host, secret)
+    host, port = listener.getsockname()[:2]
+    print(f"listening on {host}:{port}", flush=True)
+    try:
+        serve(worker, listener)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        listener.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,303 @@
+"""dairllm's native cluster protocol: messages, the blocking connection, activations on the wire.
+
+Framing and record headers live in Cython (`dairllm._net`, _net_frames.pxi, sans-I/O); this module
+is the thin Python above it: JSON control messages, activation encode/decode (F32, F16, Q80),
+HMAC challenge-response, and `Connection`, a socket plus a FrameDecoder with timeouts.
+
+Session (root R, worker W):
+    R->W HELLO {version, nonce_r}      W->R CHALLENGE {nonce_w, auth}
+    R->W AUTH {mac = HMAC(secret, "root" nonce_w)}        (W refuses a missing or wrong mac)
+    W->R INFO {profile..., mac = HMAC(secret, "worker" nonce_r)}   (R refuses a wrong worker mac)
+    R->W ASSIGN {start, end, max_seq_len, max_batch, act_type, fingerprint}  W->R READY
+    R->W FORWARD record -> W->R RESULT record        (any number; one per stage boundary)
+    R->W BYE (or the root just goes away): W waits for the next root.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import os
+import secrets
+import socket
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import _net
+from ..errors import ConfigError, DairError, ProtocolError
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_VERSION = _net.FRAME_VERSION
+HELLO, CHALLENGE, AUTH, INFO = _net.MSG_HELLO, _net.MSG_CHALLENGE, _net.MSG_AUTH, _net.MSG_INFO
+ASSIGN, READY, FORWARD, RESULT = _net.MSG_ASSIGN, _net.MSG_READY, _net.MSG_FORWARD, _net.MSG_RESULT
+ERROR, BYE, PING, PONG = _net.MSG_ERROR, _net.MSG_BYE, _net.MSG_PING, _net.MSG_PONG
+
+ACT_TYPES = {"f32": _net.ACT_F32, "f16": _net.ACT_F16, "q80": _net.ACT_Q80}
+ACT_NAMES = {v: k for k, v in ACT_TYPES.items()}
+SECRET_ENV = "DAIRLLM_SECRET"
+NONCE_BYTES = 16
+
+
+class RemoteError(DairError):
+    """The peer reported an error (an ERROR message) and closed the session."""
+
+
+class PeerLost(DairError, ConnectionError):
+    """The peer went away or stopped answering within the timeout."""
+
+
+def act_type(name: "str | int") -> int:
+    if isinstance(name, int) and name in ACT_NAMES:
+        return name
+    try:
+        return ACT_TYPES[str(name).lower()]
+    except KeyError:
+        raise ConfigError(f"unknown activation type {name!r}; use one of "
+                          f"{', '.join(ACT_TYPES)}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Activations
+
+def encode_rows(x: np.ndarray, ftype: int, out: "np.ndarray | None" = None) -> np.ndarray:
+    """float32 [n, dim] -> the wire bytes of the rows (uint8 [n, row_bytes])."""
+    from .. import _ops
+
+    n, dim = x.shape
+    if ftype == _net.ACT_F32:
+        return x.view(np.uint8).reshape(n, dim * 4)
+    if ftype == _net.ACT_F16:
+        return x.astype(np.float16).view(np.uint8).reshape(n, dim * 2)
+    if out is None:
+        out = np.empty((n, _net.act_row_bytes(dim, ftype)), dtype=np.uint8)
+    _ops.quantize_q80(out, x)
+    return out
+
+
+def decode_rows(data: "bytes | memoryview", n: int, dim: int, ftype: int,
+                out: np.ndarray) -> np.ndarray:
+    """Wire bytes of n rows -> float32 out[:n] (out is [>= n, dim] float32)."""
+    from .. import _ops
+
+    dst = out[:n]
+    if ftype == _net.ACT_F32:
+        dst[...] = np.frombuffer(data, dtype=np.float32).reshape(n, dim)
+    elif ftype == _net.ACT_F16:
+        dst[...] = np.frombuffer(data, dtype=np.float16).reshape(n, dim)
+    else:
+        q = np.frombuffer(data, dtype=np.uint8).reshape(n, _net.act_row_bytes(dim, ftype))
+        _ops.dequantize_q80(dst, q)
+    return dst
+
+
+def act_record(pos0: int, x: np.ndarray, ftype: int) -> list:
+    """The payload parts of an activation record for rows x at positions pos0..."""
+    n, dim = x.shape
+    return [_net.act_header(pos0, n, dim, ftype), encode_rows(x, ftype)]
+
+
+def record_bytes(n_rows: int, dim: int, ftype: int) -> int:
+    """Payload bytes of an activation record (what one stage boundary costs, header included)."""
+    return _net.ACT_HEADER_BYTES + n_rows * _net.act_row_bytes(dim, ftype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Authentication
+
+def resolve_secret(secret: "str | None") -> "bytes | None":
+    """--secret, else $DAIRLLM_SECRET, else None (no authentication)."""
+    value = secret if secret is not None else os.environ.get(SECRET_ENV)
+    return value.encode() if value else None
+
+
+def mac(secret: bytes, role: bytes, nonce_hex: str) -> str:
+    return hmac.new(secret, role + bytes.fromhex(nonce_hex), hashlib.sha256).hexdigest()
+
+
+def new_nonce() -> str:
+    return secrets.token_hex(NONCE_BYTES)
+
+
+def check_nonce(value: object, what: str) -> str:
+    if not isinstance(value, str) or len(value) != 2 * NONCE_BYTES:
+        raise ProtocolError(f"{what}: nonce must be {2 * NONCE_BYTES} hex digits")
+    try:
+        bytes.fromhex(value)
+    except ValueError:
+        raise ProtocolError(f"{what}: nonce is not hex") from None
+    return value
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        import ipaddress
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Connection
+
+@dataclass
+class Traffic:
+    sent: int = 0
+    received: int = 0
+
+
+class Connection:
+    """A socket speaking frames. `send(type, *parts)`; `recv(timeout) -> (type, payload)`.
+
+    Every read is bounded by a timeout (PeerLost when it passes), every frame header is checked by
+    the Cython decoder before its payload is buffered. An ERROR frame from the peer raises
+    RemoteError; an EOF raises PeerLost (ProtocolError when it cuts a frame).
+    """
+
+    def __init__(self, sock: socket.socket, peer: str, timeout: float = 30.0) -> None:
+        self.sock = sock
+        self.peer = peer
+        self.timeout = timeout
+        self.decoder = _net.FrameDecoder(peer)
+        self.traffic = Traffic()
+        self._chunk = bytearray(1 << 16)
+        tune(sock)
+
+    @classmethod
+    def connect(cls, host: str, port: int, timeout: float = 30.0) -> "Connection":
+        try:
+            sock = socket.create_connection((host, port), timeout=timeout)
+        except OSError as e:
+            raise PeerLost(f"cannot connect to worker {host}:{port}: {e}") from None
+        return cls(sock, f"{host}:{port}", timeout)
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def send(self, msg_type: int, *parts) -> int:
+        length = sum(len(memoryview(p).cast("B")) for p in parts)
+        data = [_net.frame_header(msg_type, length), *parts]
+        try:
+            self.sock.settimeout(self.timeout)
+            if hasattr(self.sock, "sendmsg"):
+                self._sendmsg(data)
+            else:
+                for p in data:
+                    self.sock.sendall(p)
+        except socket.timeout:
+            raise PeerLost(f"{self.peer}: send timed out after {self.timeout:g} s") from None
+        except OSError as e:
+            raise PeerLost(f"{self.peer}: {e}") from None
+        n = _net.FRAME_HEADER_BYTES + length
+        self.traffic.sent += n
+        return n
+
+    def _sendmsg(self, parts: list) -> None:
+        views = [memoryview(p).cast("B") for p in parts]
+        while views:
+            sent = self.sock.sendmsg(views)
+            while views and sent >= len(views[0]):
+                sent -= len(views[0])
+                views.pop(0)
+            if views and sent:
+                views[0] = views[0][sent:]
+
+    def send_json(self, msg_type: int, obj: dict) -> int:
+        return self.send(msg_type, json.dumps(obj, separators=(",", ":")).encode())
+
+    def send_error(self, message: str) -> None:
+        try:
+            self.send_json(ERROR, {"message": message[:1000]})
+        except DairError:
+            pass
+
+    def recv(self, timeout: "float | None" = None) -> tuple:
+        """The next frame (type, payload bytes); ERROR frames raise RemoteError."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while True:
+            frame = self.decoder.next_frame()
+            if frame is not None:
+                self.traffic.received += _net.FRAME_HEADER_BYTES + len(frame[1])
+                if frame[0] == ERROR:
+                    raise RemoteError(f"{self.peer}: {_error_text(frame[1])}")
+                return frame
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise PeerLost(f"{self.peer}: no answer within {self.timeout if timeout is None else timeout:g} s")
+            want = min(self.decoder.wanted(), len(self._chunk))
+            try:
+                self.sock.settimeout(left)
+                n = self.sock.recv_into(self._chunk, want)
+            except socket.timeout:
+                raise PeerLost(f"{self.peer}: no answer within "
+                               f"{self.timeout if timeout is None else timeout:g} s") from None
+            except OSError as e:
+                raise PeerLost(f"{self.peer}: {e}") from None
+            if n == 0:
+                self.decoder.eof()
+                raise PeerLost(f"{self.peer}: connection closed")
+            self.decoder.feed(memoryview(self._chunk)[:n])
+
+    def expect(self, msg_type: int, timeout: "float | None" = None) -> bytes:
+        t, payload = self.recv(timeout)
+        if t != msg_type:
+            raise ProtocolError(f"{self.peer}: expected {_net.frame_type_name(msg_type)}, got "
+                                f"{_net.frame_type_name(t)}")
+        return payload
+
+    def expect_json(self, msg_type: int, timeout: "float | None" = None) -> dict:
+        return parse_json(self.expect(msg_type, timeout), self.peer, msg_type)
+
+
+def parse_json(payload: bytes, peer: str, msg_type: int) -> dict:
+    try:
+        obj = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise ProtocolError(f"{peer}: {_net.frame_type_name(msg_type)} is not UTF-8 JSON") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"{peer}: {_net.frame_type_name(msg_type)} is not a JSON object")
+    return obj
+
+
+def _error_text(payload: bytes) -> str:
+    try:
+        return str(json.loads(payload.decode("utf-8", "replace")).get("message", "error"))[:1000]
+    except (ValueError, AttributeError):
+        return payload[:200].decode("utf-8", "replace")
+
+
+def tune(sock: socket.socket) -> None:
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        pass
+
+
+def get_int(obj: dict, key: str, lo: int, hi: int, peer: str) -> int:
+    """obj[key] as an int in lo..hi, else ProtocolError."""
+    v = obj.get(key)
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise ProtocolError(f"{peer}: {key}={v!r} is not an integer in {lo}..{hi}")
+    return v
+
+
+def get_num(obj: dict, key: str, lo: float, hi: float, peer: str) -> float:
+    v = obj.get(key)
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not lo <= v <= hi:
+        raise ProtocolError(f"{peer}: {key}={v!r} is not a number in {lo:g}..{hi:g}")
+    return float(v)
+
+
+def get_str(obj: dict, key: str, peer: str, max_len: int = 4096) -> str:
+    v = obj.get(key)
+    if not isinstance(v, str) or len(v) > max_len:
+        raise ProtocolError(f"{peer}: {key} must be a string of at most {max_len} characters")
+    return v

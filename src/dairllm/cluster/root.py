@@ -1,0 +1,364 @@
+"""The root of a cluster: a `Model` whose layers are spread over this node and its workers.
+
+    model = ClusterModel.open("model.m", workers=["10.0.0.2:9998", "10.0.0.3:9998"])
+    print(model.assignment.table())
+    for token in model.generate(prompt, steps=32): ...
+
+The root embeds, runs its own range, and sends the hidden state to each worker in turn (star:
+root -> w1 -> root -> w2 -> root ...), then applies the final norm and classifier and samples.
+Why a star and not a chain (w1 -> w2 directly): a chain saves one hop per extra worker, but a hop
+on a LAN costs ~0.1-0.5 ms against tens of ms of compute per token, and the star lets the root see
+every stage answer: a dead or stalled worker is noticed by the one socket the root waits on, with
+its own timeout, and recovery needs no worker-to-worker repair (bench/bench_cluster.py measures the
+per-hop cost).
+
+Faults: when a worker dies or does not answer within `timeout`, the root drops it, assigns the
+layers again over the remaining nodes, rebuilds every KV cache by replaying the token chunks of the
+sequence so far (same chunks, so the arithmetic is the same), and retries the interrupted chunk.
+With F32 activations the tokens are then bit-identical to a fault-free run; with Q80 the stage
+boundaries move, so logits differ within Q80 error.
+"""
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from .. import _net
+from ..engine import forward as fw
+from ..engine.model import DEFAULT_MAX_BATCH, Model
+from ..engine.state import RunState
+from ..engine.weights import ResidentWeights
+from ..errors import ConfigError, DairError, ProtocolError
+from ..formats.modelfile import ModelFile
+from . import protocol as P
+from .assign import (Assignment, ModelCosts, NodeProfile, assign, available_ram, build, manual,
+                     parse_size)
+from .fingerprint import get_threads, measure_speed, model_fingerprint, set_threads
+
+log = logging.getLogger("dairllm.cluster.root")
+
+FAULTS = (P.PeerLost, P.RemoteError, ProtocolError)
+
+
+def parse_address(addr: str) -> tuple:
+    host, sep, port = addr.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"worker address {addr!r} must be host:port")
+    return host.strip("[]"), int(port)
+
+
+@dataclass
+class WorkerLink:
+    address: str
+    conn: "P.Connection | None"
+    info: dict
+    profile: NodeProfile
+    alive: bool = True
+    traffic: "P.Traffic | None" = None     # survives the connection (stats after a fault)
+
+    def __post_init__(self) -> None:
+        if self.traffic is None and self.conn is not None:
+            self.traffic = self.conn.traffic
+
+    def close(self, bye: bool = True) -> None:
+        if self.conn is not None:
+            if bye and self.alive:
+                try:
+                    self.conn.send(P.BYE)
+                except DairError:
+                    pass
+            self.conn.close()
+            self.conn = None
+
+
+def connect_worker(address: str, fingerprint: str, secret: "bytes | None",
+                   timeout: float, path: object = "model") -> WorkerLink:
+    """Connect, authenticate and read the worker's profile; refuse a different model file."""
+    host, port = parse_address(address)
+    conn = P.Connection.connect(host, port, timeout)
+    try:
+        nonce = P.new_nonce()
+        conn.send_json(P.HELLO, {"version": P.PROTOCOL_VERSION, "nonce": nonce})
+        ch = conn.expect_json(P.CHALLENGE)
+        wnonce = P.check_nonce(ch.get("nonce"), conn.peer)
+        if ch.get("auth") and secret is None:
+            raise ConfigError(f"worker {address} requires a shared secret (--secret or "
+                              f"{P.SECRET_ENV})")
+        conn.send_json(P.AUTH, {"mac": P.mac(secret, b"root", wnonce) if secret else ""})
+        info = conn.expect_json(P.INFO)
+        if secret is not None:
+            got = info.get("mac")
+            if not isinstance(got, str) or not hmac.compare_digest(
+                    got, P.mac(secret, b"worker", nonce)):
+                raise ProtocolError(f"worker {address} failed authentication (wrong secret)")
+        wfp = P.get_str(info, "fingerprint", conn.peer, 200)
+        if not _same_model(wfp, fingerprint):
+            name = P.get_str(info, "model_name", conn.peer, 1000)
+            raise ConfigError(f"worker {address} has a different model: its {name} has "
+                              f"fingerprint {wfp}, the root's {path} has {fingerprint}")
+        t0 = time.perf_counter()
+        for _ in range(3):
+            conn.send_json(P.PING, {})
+            conn.expect(P.PONG)
+        rtt = (time.perf_counter() - t0) / 3
+        prof = NodeProfile(address, P.get_int(info, "ram_budget", 1, 1 << 60, conn.peer),
+                           P.get_num(info, "speed", 1.0, 1e15, conn.peer),
+                           P.get_int(info, "threads", 1, 1 << 16, conn.peer), rtt=rtt)
+        return WorkerLink(address, conn, info, prof)
+    except BaseException:
+        conn.close()
+        raise
+
+
+def _same_model(a: str, b: str) -> bool:
+    """Sampled fingerprints compare with sampled ones, full with full (--verify-model on both);
+    a root that checks fully refuses a worker that only sampled."""
+    return a == b
+
+
+@dataclass
+class NetStats:
+    """Wire traffic and waits of the forwards since the last reset."""
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    forwards: int = 0                     # chunks through the pipeline
+    tokens: int = 0                       # rows through the pipeline
+    stage_seconds: dict = field(default_factory=dict)   # stage name -> seconds (incl. network)
+    decode_bytes: list = field(default_factory=list)    # bytes on the wire per decoded token
+    decode_seconds: list = field(default_factory=list)
+    faults: list = field(default_factory=list)          # (worker, error, recovery seconds)
+
+    def as_dict(self) -> dict:
+        d = dict(vars(self))
+        d["bytes_per_decoded_token"] = (float(np.mean(self.decode_bytes))
+                                        if self.decode_bytes else 0.0)
+        return d
+
+
+class ClusterModel(Model):
+    """Model.forward / generate / reset, with the layers spread over the root and its workers."""
+
+    @classmethod
+    def open(cls, path, workers: Sequence[str] = (), max_seq_len: "int | None" = None,
+             nthreads: "int | None" = None, max_batch: int = DEFAULT_MAX_BATCH,
+             buffer_float_type: str = "q80", layers: "str | None" = None,
+             ram_budget: "int | str | None" = None, secret: "str | bytes | None" = None,
+             timeout: float = 60.0, link_bandwidth: float = 125e6,
+             verify_model: bool = False) -> "ClusterModel":
+        if nthreads is not None:
+            if nthreads <= 0:
+                raise ConfigError(f"nthreads must be positive, got {nthreads}")
+            set_threads(nthreads)
+        if max_batch <= 0:
+            raise ConfigError(f"max_batch must be positive, got {max_batch}")
+        if timeout <= 0:
+            raise ConfigError(f"timeout must be positive, got {timeout}")
+        act = P.act_type(buffer_float_type)
+        key = secret if isinstance(secret, bytes) else P.resolve_secret(secret)
+        mf = ModelFile(path, max_seq_len=max_seq_len)
+        links: list = []
+        try:
+            fp = model_fingerprint(path, full=verify_model)
+            for addr in workers:
+                links.append(connect_worker(addr, fp, key, timeout, path))
+            budget = parse_size(ram_budget) if ram_budget is not None else available_ram()
+            root = NodeProfile("root", budget, measure_speed(0.1), get_threads())
+            model = cls(mf, ResidentWeights(mf, layers=range(0)), max_batch)
+            model._setup(path, fp, links, root, act, layers, timeout, link_bandwidth)
+            return model
+        except BaseException:
+            for link in links:
+                link.close()
+            mf.close()
+            raise
+
+    def _setup(self, path, fp: str, links: list, root: NodeProfile, act: int,
+               layers: "str | None", timeout: float, link_bandwidth: float) -> None:
+        h = self.header
+        self.path, self.fingerprint, self.links = path, fp, links
+        self.root_profile, self.act, self.timeout = root, act, timeout
+        self.link_bandwidth = link_bandwidth
+        self.manual_layers = layers
+        self.costs = ModelCosts.of(h, _net.act_row_bytes(h.dim, act), self.state.max_batch)
+        self.history: list = []                # (p0, tokens) chunks run so far, in order
+        self.net_stats = NetStats()
+        self._plan(layers)
+
+    # -- assignment -----------------------------------------------------------------------------
+
+    def _alive(self) -> list:
+        return [l for l in self.links if l.alive]
+
+    def _plan(self, layers: "str | None") -> None:
+        """Assign layers over the root and the live workers; send each worker its range."""
+        alive = self._alive()
+        profiles = [self.root_profile] + [l.profile for l in alive]
+        if layers:
+            a = manual(profiles, self.costs, layers, self.link_bandwidth)
+        else:
+            a = assign(profiles, self.costs, self.link_bandwidth)
+        self.assignment = a
+        self.stage_links = [None] + alive      # stage i -> WorkerLink (None: the root)
+        for st, link in zip(a.stages[1:], alive):
+            if st.n_layers:
+                with _blame(link):
+                    link.conn.send_json(P.ASSIGN, {
+                        "start": st.start, "end": st.end, "max_seq_len": self.header.seq_len,
+                        "max_batch": self.state.max_batch, "act_type": P.ACT_NAMES[self.act],
+                        "fingerprint": self.fingerprint})
+        for st, link in zip(a.stages[1:], alive):
+            if st.n_layers:
+                with _blame(link):
+                    ready = link.conn.expect_json(P.READY)
+                link.conn.decoder.set_cap(P.RESULT, P.record_bytes(
+                    self.state.max_batch, self.header.dim, _net.ACT_F32))
+                log.info("%s: layers %d..%d ready (%.2f s)", link.address, st.start, st.end - 1,
+                         ready.get("load_seconds", 0.0))
+        r0 = a.stages[0]
+        h = self.header
+        self.net.weights = ResidentWeights(self.file, layers=r0.layers)
+        self.state = RunState(h, self.state.max_batch, self.net.quantized, layers=r0.layers)
+        self._rows_x = None
+
+    # -- forward --------------------------------------------------------------------------------
+
+    def _run(self, tokens: np.ndarray, position: int, logits: "np.ndarray | None",
+             last_only: bool = False) -> None:
+        s = self.state
+        self._truncate_history(position)
+        for c0 in range(0, tokens.size, s.max_batch):
+            chunk = tokens[c0:c0 + s.max_batch].copy()
+            p0 = position + c0
+            sent0 = self._traffic()
+            t0 = time.perf_counter()
+            r = self._forward_chunk(chunk, p0)
+            self.history.append((p0, chunk))
+            self.n_past = p0 + chunk.size
+            st = self.net_stats
+            sent1 = self._traffic()
+            st.bytes_sent += sent1[0] - sent0[0]
+            st.bytes_received += sent1[1] - sent0[1]
+            st.forwards += 1
+            st.tokens += chunk.size
+            if chunk.size == 1:
+                st.decode_bytes.append(sum(sent1) - sum(sent0))
+                st.decode_seconds.append(time.perf_counter() - t0)
+            r = self.state.rows(chunk.size)
+            if logits is None:
+                continue
+            if last_only:
+                if c0 + chunk.size == tokens.size:
+                    fw.head(self.net, r if r.n == 1 else _last_row(self.state, r), logits)
+            else:
+                fw.head(self.net, r, logits[c0:c0 + chunk.size])
+
+    def _forward_chunk(self, chunk: np.ndarray, p0: int):
+        """embed + every stage, recovering from worker faults until it goes through."""
+        while True:
+            try:
+                return self._pipeline(chunk, p0)
+            except FAULTS as e:
+                self._recover(e)
+
+    def _pipeline(self, chunk: np.ndarray, p0: int):
+        s, m = self.state, self.net
+        r = s.rows(chunk.size)
+        fw.set_positions(s, r, p0)
+        fw.embed(m, r, chunk)
+        times = self.net_stats.stage_seconds
+        for st, link in zip(self.assignment.stages, self.stage_links):
+            if st.n_layers == 0:
+                continue
+            t0 = time.perf_counter()
+            if link is None:
+                fw.run_layers(m, s, r, p0, st.start, st.end)
+            else:
+                self._remote(link, r.x, p0)
+            times[st.name] = times.get(st.name, 0.0) + time.perf_counter() - t0
+        return r
+
+    def _remote(self, link: WorkerLink, x: np.ndarray, p0: int) -> None:
+        """x -> the worker's layers -> x (in place)."""
+        n, dim = x.shape
+        with _blame(link):
+            link.conn.send(P.FORWARD, *P.act_record(p0, x, self.act))
+            payload = link.conn.expect(P.RESULT)
+            q0, qn, ftype = _net.parse_act_header(payload, len(payload), dim, n, self.seq_len)
+            if q0 != p0 or qn != n or ftype != self.act:
+                raise ProtocolError(f"{link.address}: answered rows {q0}+{qn} ({ftype}) for "
+                                    f"{p0}+{n} ({self.act})")
+            P.decode_rows(memoryview(payload)[_net.ACT_HEADER_BYTES:], n, dim, ftype, x)
+
+    def _recover(self, err: Exception) -> None:
+        """Drop the failed worker, assign again over the rest, replay the sequence so far."""
+        link = getattr(err, "link", None)
+        if link is None:
+            raise err
+        t0 = time.perf_counter()
+        log.warning("worker %s failed (%s): reassigning its layers %s", link.address, err,
+                    "and replaying %d positions" % self.n_past if self.n_past else "")
+        link.alive = False
+        link.close(bye=False)
+        while True:
+            try:
+                self._plan(None)               # a manual --layers no longer fits: automatic
+                for p0, chunk in self.history:
+                    self._pipeline(chunk, p0)
+                break
+            except FAULTS as e:
+                bad = getattr(e, "link", None)
+                if bad is None:
+                    raise
+                log.warning("worker %s failed during recovery (%s)", bad.address, e)
+                bad.alive = False
+                bad.close(bye=False)
+        dt = time.perf_counter() - t0
+        self.net_stats.faults.append((link.address, str(err), dt))
+        log.warning("recovered in %.2f s; layers now %s", dt, self.assignment.ranges())
+
+    def _truncate_history(self, position: int) -> None:
+        """Forget chunks at or after `position` (a rewind recomputes from there)."""
+        kept = []
+        for p0, chunk in self.history:
+            if p0 >= position:
+                break
+            kept.append((p0, chunk[:position - p0]))
+        self.history = kept
+
+    def _traffic(self) -> tuple:
+        return (sum(l.traffic.sent for l in self.links if l.traffic is not None),
+                sum(l.traffic.received for l in self.links if l.traffic is not None))
+
+    def reset(self) -> None:
+        super().reset()
+        self.history = []
+
+    def reset_stats(self) -> None:
+        self.net_stats = NetStats()
+
+    def close(self) -> None:
+        for link in self.links:
+            link.close()
+        super().close()
+
+
+@contextlib.contextmanager
+def _blame(link: WorkerLink):
+    """Tag a fault with the worker it came from, for recovery."""
+    try:
+        yield
+    except FAULTS as e:
+        e.link = link
+        raise
+
+
+def _last_row(s: RunState, r):
+    one = s.rows(1)
+    one.x[0] = r.x[r.n - 1]
+    return one
