@@ -1,0 +1,72 @@
+"""`python -m dairllm worker` as a real process: detects a dllama root, survives a hostile one,
+serves the next (end to end with the compiled kernels when they are available)."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dairllm import _net
+from dllama_harness import golden_dir, ops_kernels
+
+
+def _free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+@pytest.fixture
+def worker_proc():
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "dairllm", "-v", "worker", "--host", "127.0.0.1",
+                             "--port", str(port), "--nthreads", "1",
+                             "--model", str(golden_dir() / "models" / "tiny_q40.m")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        line = proc.stdout.readline()
+        assert "listening" in line, line + proc.stderr.read()
+        yield proc, port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_worker_process_drops_hostile_root_and_serves_next(worker_proc):
+    proc, port = worker_proc
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(_net.dllama_pack_u32(1, 0) + b"\x00\x00")     # handshake, then a broken ACK
+    s.shutdown(socket.SHUT_WR)
+    assert s.recv(4) == _net.dllama_pack_u32(_net.DLLAMA_ACK)   # the handshake itself was fine
+    assert s.recv(4) == b""                                    # then the worker hangs up
+    s.close()
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)   # the next root is served
+    s.sendall(_net.dllama_pack_u32(1, 0))
+    assert s.recv(4) == _net.dllama_pack_u32(_net.DLLAMA_ACK)
+    s.close()
+    assert proc.poll() is None
+
+
+def test_worker_process_serves_dllama_root_with_local_weights(worker_proc):
+    proc, port = worker_proc
+    kernels = ops_kernels()
+    if kernels is None:
+        pytest.skip("dairllm._ops does not provide every kernel the dllama executor needs yet")
+    from dairllm.dllama.root import DllamaRoot
+    path = golden_dir() / "models" / "tiny_q40.m"
+    gold = np.load(golden_dir() / "logits" / "tiny_q40_2nodes.npz")
+    with DllamaRoot.open(path, [f"127.0.0.1:{port}"], kernels=kernels, local_weights=True, timeout=20) as root:
+        logits = root.forward(gold["tokens"][:32], 0)
+    assert np.abs(logits - gold["logits"][:32]).max() < 0.15
+    assert proc.poll() is None
