@@ -50,3 +50,45 @@ def build_tokenizer(folder):
     return tok
 
 
+
+
+def build_chat_pair(folder, seq_len: int = 512, weights: str = "f32"):
+    """A random tiny Llama whose vocabulary is build_tokenizer's, converted with the CLI.
+    Returns (model_path, tokenizer_path, hf_tokenizer)."""
+    import torch
+    import transformers
+
+    from dairllm.cli import main
+
+    hf_dir = folder / "hf"
+    hf_dir.mkdir(parents=True, exist_ok=True)
+    hf = build_tokenizer(hf_dir)
+    eos = [hf.token_to_id(SPECIALS[1]), hf.token_to_id(SPECIALS[2])]
+    cfg = transformers.LlamaConfig(
+        bos_token_id=hf.token_to_id(SPECIALS[0]), eos_token_id=eos,
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=600, max_position_embeddings=seq_len,
+        tie_word_embeddings=False, rms_norm_eps=1e-5)
+    torch.manual_seed(5)
+    model = transformers.LlamaForCausalLM(cfg)
+    gen = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.ndim == 1:
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
+        # Greedy replies of a random model are byte soup; zero the head rows of every token
+        # that is not whole UTF-8 text without edge whitespace (and of specials and ids past
+        # the tokenizer) so greedy replies are clean text that templates keep verbatim.
+        specials = {hf.token_to_id(t) for t in SPECIALS}
+        for i in range(cfg.vocab_size):
+            text = hf.decode([i]) if i < hf.get_vocab_size() and i not in specials else ""
+            if not text or "\ufffd" in text or text != text.strip():
+                model.lm_head.weight[i].zero_()
+    model.save_pretrained(hf_dir)
+    assert hf.get_vocab_size() <= cfg.vocab_size
+    assert main(["convert", str(hf_dir), "-o", str(folder / "m.m"), "--weights", weights,
+                 "--quiet"]) == 0
+    assert main(["convert-tokenizer", str(hf_dir), "-o", str(folder / "t.t")]) == 0
+    return folder / "m.m", folder / "t.t", hf

@@ -92,15 +92,22 @@ class Session:
     def chat_prompt(self, messages: Sequence[dict], history: "ChatHistory | None" = None) -> list[int]:
         """Token ids of the rendered conversation (ending with the assistant prompt).
 
-        With a ChatHistory from the previous turn, the ids extend that turn's ids when the new
-        render extends its text, so the cache prefix survives even where re-encoding the whole
-        text would tokenize the model's own reply differently."""
+        With the previous turn's ChatHistory the ids extend what the cache holds: the whole
+        previous turn when the new render extends its text (prompt + reply), else at least the
+        previous prompt when the render extends that (the reply is re-encoded: a template may
+        trim it, or it ended in an incomplete character). Re-encoding everything instead could
+        tokenize the model's reply differently and lose the cache from there."""
         if self.template is None:
             raise ConfigError("no chat template (the tokenizer has none; choose a built-in)")
-        text = self.template.render(messages, add_generation_prompt=True)
-        if history is not None and history.text and text.startswith(history.text):
-            rest = text[len(history.text):]
-            return list(history.ids) + (self.encode(rest, add_bos=False) if rest else [])
+        return self._extend(self.template.render(messages, add_generation_prompt=True), history)
+
+    def _extend(self, text: str, history: "ChatHistory | None") -> list[int]:
+        if history is not None:
+            for old_text, old_ids in ((history.text, history.ids),
+                                      (history.prompt_text, history.prompt_ids)):
+                if old_text and text.startswith(old_text):
+                    rest = text[len(old_text):]
+                    return list(old_ids) + (self.encode(rest, add_bos=False) if rest else [])
         return self.encode(text, add_bos=True)
 
     # -- generation ----------------------------------------------------------------------------
@@ -194,8 +201,10 @@ def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
 
 @dataclass
 class ChatHistory:
-    """The previous turn's prompt + reply as text and ids (what the cache holds)."""
+    """The previous turn as text and ids: its prompt, and prompt + reply (what the cache holds)."""
 
+    prompt_text: str = ""
+    prompt_ids: tuple = ()
     text: str = ""
     ids: tuple = ()
 
@@ -212,8 +221,10 @@ class Chat:
              cancel: threading.Event | None = None) -> Iterator[str]:
         res = result if result is not None else Result()
         messages = self.messages + [{"role": "user", "content": user_text}]
+        if self.session.template is None:
+            raise ConfigError("no chat template (the tokenizer has none; choose a built-in)")
         prompt_text = self.session.template.render(messages, add_generation_prompt=True)
-        prompt = self.session.chat_prompt(messages, self.history)
+        prompt = self.session._extend(prompt_text, self.history)
         self.messages = messages
         try:
             yield from self.session.generate(prompt, cfg, cancel=cancel, result=res)
@@ -223,6 +234,7 @@ class Chat:
             # Text and ids of this turn line up when generation ended normally; otherwise the
             # next turn re-encodes and reuses the cache up to the first differing id.
             consistent = res.finish_reason in ("length", "cancelled") or res.stopped_by == "eos"
-            self.history = (ChatHistory(prompt_text + res.text,
-                                        tuple(prompt) + tuple(res.token_ids))
-                            if consistent and res.finish_reason else ChatHistory())
+            self.history = ChatHistory(prompt_text, tuple(prompt))
+            if consistent and res.finish_reason:
+                self.history.text = prompt_text + res.text
+                self.history.ids = tuple(prompt) + tuple(res.token_ids)

@@ -11,11 +11,13 @@ between tokens); a waiting request whose client has gone is skipped. Errors use 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import threading
 import time
 import uuid
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -152,6 +154,7 @@ class Engine:
         self.model_name = model_name
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dairllm-gen")
         self.queued = 0
+        self.finished: deque = deque(maxlen=64)      # recent Results (for /health and tests)
 
     def submit(self, job: Job):
         self.queued += 1
@@ -172,6 +175,9 @@ class Engine:
             job.emit("prompt", len(prompt))
             for piece in self.session.generate(prompt, job.cfg, cancel=job.cancel, result=res):
                 job.emit("text", piece)
+            self.finished.append(res)
+            log.info("request done: %d prompt tokens (%d cached), %d generated, %s",
+                     res.prompt_tokens, res.cached_tokens, res.completion_tokens, res.finish_reason)
             job.emit("done", res)
         except APIError as e:
             job.emit("error", e)
@@ -279,12 +285,17 @@ def create_app(session: Session, model_name: str = "dairllm", default_max_tokens
         return error_response(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
                               code="not_found" if exc.status_code == 404 else None)
 
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        engine.close()
+
     app = Starlette(routes=[
         Route("/health", health, methods=["GET"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
-    ], exception_handlers={HTTPException: not_found}, on_shutdown=[engine.close])
+    ], exception_handlers={HTTPException: not_found}, lifespan=lifespan)
     app.state.engine = engine
     return app
 

@@ -1,0 +1,228 @@
+"""The OpenAI-compatible server, live on 127.0.0.1, driven by the official `openai` client."""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import threading
+import time
+from urllib.parse import urlsplit
+
+import pytest
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("starlette")
+pytest.importorskip("transformers")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from dairllm import Model  # noqa: E402
+from dairllm.chat import GenerationConfig, Result, Session  # noqa: E402
+from dairllm.convert.chat_template import ChatTemplate  # noqa: E402
+from dairllm.formats.tokenizer import Tokenizer  # noqa: E402
+from dairllm.server import create_app  # noqa: E402
+from hf_helpers import SPECIALS, build_chat_pair  # noqa: E402
+
+PROMPTS = ["Hello world!", "naïve café 東京 😀", "The quick brown fox", "def f(x):"]
+
+
+def make_session(model_path, tok_path) -> Session:
+    tok = Tokenizer.open(tok_path)
+    return Session(Model.open(model_path), tok,
+                   ChatTemplate.choose(tok.chat_template, bos_token=SPECIALS[0],
+                                       eos_token=SPECIALS[1]))
+
+
+class Slow:
+    """Wraps model.forward with an adjustable delay (to hold a generation open)."""
+
+    def __init__(self, model) -> None:
+        self.delay = 0.0
+        self._forward = model.forward
+        model.forward = self
+
+    def __call__(self, ids, pos):
+        if self.delay:
+            time.sleep(self.delay)
+        return self._forward(ids, pos)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    model_path, tok_path, _ = build_chat_pair(tmp_path_factory.mktemp("srv"))
+    session = make_session(model_path, tok_path)
+    slow = Slow(session.model)
+    app = create_app(session, "tiny", default_max_tokens=12)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                        lifespan="on"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not srv.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.02)
+    ref = make_session(model_path, tok_path)       # a second model: the expected answers
+    try:
+        yield dict(url=f"http://127.0.0.1:{port}", app=app, ref=ref, slow=slow)
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+        assert not thread.is_alive(), "server did not stop"
+        ref.model.close()
+        session.model.close()
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server["url"] + "/v1", api_key="none", timeout=60, max_retries=0)
+
+
+class Raw:
+    """Plain HTTP (stdlib) for what the openai client will not send."""
+
+    def __init__(self, url: str) -> None:
+        u = urlsplit(url)
+        self.host, self.port = u.hostname, u.port
+
+    def request(self, method: str, path: str, body=None, raw: bytes | None = None):
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=30)
+        try:
+            data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+            conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
+            r = conn.getresponse()
+            return r.status, json.loads(r.read() or b"null")
+        finally:
+            conn.close()
+
+
+def expected_chat(server, text: str, max_tokens: int = 12) -> str:
+    ref: Session = server["ref"]
+    ids = ref.chat_prompt([{"role": "user", "content": text}])
+    return "".join(ref.generate(ids, GenerationConfig(max_tokens=max_tokens, temperature=0.0)))
+
+
+def expected_completion(server, text: str, max_tokens: int) -> Result:
+    ref: Session = server["ref"]
+    r = Result()
+    "".join(ref.generate(ref.encode(text), GenerationConfig(max_tokens=max_tokens,
+                                                            temperature=0.0), result=r))
+    return r
+
+
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    status, body = Raw(server["url"]).request("GET", "/health")
+    assert status == 200 and body["status"] == "ok"
+
+
+def test_chat_streaming_and_not(server, client):
+    msgs = [{"role": "user", "content": PROMPTS[0]}]
+    want = expected_chat(server, PROMPTS[0])
+    r = client.chat.completions.create(model="tiny", messages=msgs, temperature=0, max_tokens=12)
+    assert r.choices[0].message.content == want and r.choices[0].message.role == "assistant"
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 12
+    chunks = list(client.chat.completions.create(model="tiny", messages=msgs, temperature=0,
+                                                 max_tokens=12, stream=True,
+                                                 stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == want
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 12
+    # The second identical request reuses the cached prompt (all but its last token).
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == chunks[-1].usage.prompt_tokens - 1
+
+
+def test_completions_streaming_and_not(server, client):
+    want = expected_completion(server, PROMPTS[2], 9)
+    r = client.completions.create(model="tiny", prompt=PROMPTS[2], temperature=0, max_tokens=9)
+    assert r.choices[0].text == want.text and r.usage.prompt_tokens == want.prompt_tokens
+    stream = client.completions.create(model="tiny", prompt=PROMPTS[2], temperature=0,
+                                       max_tokens=9, stream=True)
+    assert "".join(c.choices[0].text for c in stream) == want.text
+
+
+def test_concurrent_clients_queue_and_all_get_their_answer(server, client):
+    want = {p: expected_chat(server, p) for p in PROMPTS}
+    got: dict = {}
+    errors: list = []
+
+    def ask(p: str, stream: bool) -> None:
+        try:
+            c = openai.OpenAI(base_url=server["url"] + "/v1", api_key="none", timeout=60,
+                              max_retries=0)
+            kw = dict(model="tiny", messages=[{"role": "user", "content": p}], temperature=0,
+                      max_tokens=12)
+            if stream:
+                got[p] = "".join(ch.choices[0].delta.content or ""
+                                 for ch in c.chat.completions.create(stream=True, **kw))
+            else:
+                got[p] = c.chat.completions.create(**kw).choices[0].message.content
+        except Exception as e:          # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=ask, args=(p, i % 2 == 0)) for i, p in enumerate(PROMPTS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors and got == want
+
+
+def test_bad_requests_get_openai_errors(server, client):
+    raw = Raw(server["url"])
+    status, r = raw.request("POST", "/v1/chat/completions", raw=b"{not json")
+    assert status == 400 and "JSON" in r["error"]["message"]
+    for body, param in ((dict(messages=[]), "messages"),
+                        (dict(messages=[{"role": "user", "content": "x"}], temperature=5), "temperature"),
+                        (dict(messages=[{"role": "user", "content": "x"}], n=2), "n"),
+                        (dict(messages=[{"role": "user", "content": "x"}], max_tokens=0), "max_tokens"),
+                        (dict(messages=[{"role": "robot", "content": "x"}]), "messages[0].role")):
+        status, r = raw.request("POST", "/v1/chat/completions", body)
+        assert status == 400, body
+        assert r["error"]["param"] == param and r["error"]["type"] == "invalid_request_error"
+    status, r = raw.request("POST", "/v1/completions", {"prompt": "x" * 5000})
+    assert status == 400 and r["error"]["code"] == "context_length_exceeded"
+    status, r = raw.request("GET", "/v1/nothing")
+    assert status == 404 and "error" in r
+    status, r = raw.request("GET", "/v1/chat/completions")
+    assert status == 405 and "error" in r
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
+                                       top_p=3)
+    # the server still works
+    assert client.completions.create(model="tiny", prompt="Hi", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_disconnecting_client_stops_its_generation(server, client):
+    engine = server["app"].state.engine
+    server["slow"].delay = 0.02                      # 400 tokens would take > 8 s
+    try:
+        body = dict(model="tiny", prompt=PROMPTS[1], max_tokens=400, temperature=0, stream=True)
+        t0 = time.monotonic()
+        raw = Raw(server["url"])
+        conn = http.client.HTTPConnection(raw.host, raw.port, timeout=30)
+        conn.request("POST", "/v1/completions", body=json.dumps(body).encode(),
+                     headers={"Content-Type": "application/json"})
+        r = conn.getresponse()
+        assert r.status == 200
+        line = r.fp.readline()
+        while not line.startswith(b"data: "):
+            line = r.fp.readline()
+        assert json.loads(line[6:])["choices"][0]["text"] is not None
+        conn.sock.shutdown(socket.SHUT_RDWR)          # the client goes away mid-stream
+        conn.close()
+        deadline = time.monotonic() + 10
+        while not (engine.finished and engine.finished[-1].finish_reason == "cancelled"):
+            assert time.monotonic() < deadline, "generation was not cancelled"
+            time.sleep(0.05)
+        res = engine.finished[-1]
+        assert res.completion_tokens < 400 and time.monotonic() - t0 < 8
+    finally:
+        server["slow"].delay = 0.0
+    # the next request runs normally
+    r = client.completions.create(model="tiny", prompt="Hi", max_tokens=3, temperature=0)
+    assert r.usage.completion_tokens == 3
