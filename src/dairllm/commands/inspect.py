@@ -17,8 +17,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="size the KV cache for this context instead of the model's seq_len")
-    # Hook: the layer-streaming issue adds `--ram-budget` here and fills summary["plan"] in
-    # plan_section(); render_text() already prints a "plan" section when there is one.
+    p.add_argument("--ram-budget", default=None,
+                   help="show what a run under this RAM budget (4G, 512M, 50%%) would pin, "
+                        "stream, and read from disk per token")
 
 
 def kv_cache_bytes(h) -> int:
@@ -58,8 +59,11 @@ def summarize(mf, with_tensors: bool = False) -> dict:
 
 
 def plan_section(mf, args: argparse.Namespace) -> "dict | None":
-    """Hook for the layer-streaming planner (`--ram-budget`); nothing to plan yet."""
-    return None
+    """The layer-streaming plan for `--ram-budget` (None without one)."""
+    if getattr(args, "ram_budget", None) is None:
+        return None
+    from ..store import plan_report
+    return plan_report(mf, args.ram_budget)
 
 
 def _mb(n: int) -> str:
