@@ -248,3 +248,11 @@ def test_tokenizer_file_and_default_model(tmp_path, monkeypatch):
     with ModelFile(model) as mf:
         assert mf.header.vocab_size == tokenizer.Tokenizer.open(tpath).vocab_size
     assert set(os.listdir(tmp_path / "cache")) == {model.name, tpath.name}     # no temporaries
+
+
+def test_a_vocab_too_small_for_the_tokenizer_fails_before_writing(tmp_path):
+    with pytest.raises(ConfigError, match="too small"):
+        make_model(tmp_path / "v.m", None, "llama-3.2-1b", n_layers=1, vocab_size=260, dim=64,
+                   hidden_dim=64, n_heads=2, n_kv_heads=1, head_dim_key=32,
+                   tokenizer_path=tmp_path / "v.t")
+    assert list(tmp_path.iterdir()) == []

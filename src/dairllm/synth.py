@@ -278,6 +278,8 @@ def make_model(path: "str | os.PathLike", arch: "str | Arch | None", preset: str
         progress = total > (256 << 20)
     log.info("writing %s: %s %s %s, %d layers, %.1f MB", path, preset, h.arch.name,
              h.weight_type.name, h.n_layers, total / 1e6)
+    # Build the vocabulary first: a setting it cannot hold fails before minutes of writing.
+    vocab = synth_vocab(PRESETS[preset].tokenizer, h.vocab_size) if tokenizer_path else None
     t0 = time.monotonic()
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
@@ -286,8 +288,8 @@ def make_model(path: "str | os.PathLike", arch: "str | Arch | None", preset: str
     finally:
         tmp.unlink(missing_ok=True)
     log.info("wrote %s (%.1f MB) in %.1f s", path, total / 1e6, time.monotonic() - t0)
-    if tokenizer_path is not None:
-        write_synth_tokenizer(tokenizer_path, PRESETS[preset].tokenizer, h.vocab_size)
+    if vocab is not None:
+        _write_vocab(tokenizer_path, vocab)
     return path
 
 
@@ -411,9 +413,12 @@ def _merge_tokens(n: int) -> list:
 
 def write_synth_tokenizer(path: "str | os.PathLike", style: str, vocab_size: int) -> Path:
     """Write the synthetic `.t` tokenizer of a vocabulary style."""
+    return _write_vocab(path, synth_vocab(style, vocab_size))
+
+
+def _write_vocab(path: "str | os.PathLike", v: SynthVocab) -> Path:
     from .formats.tokenizer import write_tokenizer
 
-    v = synth_vocab(style, vocab_size)
     write_tokenizer(path, v.vocab, v.scores, v.bos_id, v.eos_ids, add_bos=v.add_bos,
                     chat_template=v.chat_template)
     return Path(path)

@@ -86,10 +86,10 @@ def render_text(s: dict) -> str:
               f"  {'largest layer + its KV cache':<30} {_mb(ram['max_layer_bytes'])}",
               f"  {'all layers + KV caches':<30} {_mb(ram['all_layers_bytes'])}",
               f"  {'whole model + KV caches':<30} {_mb(ram['everything_bytes'])}"]
-    lines += ["", f"  {'layer':>5} {'bytes in file':>27} {'weights':>12} {'KV cache':>12} "
+    lines += ["", f"  {'layer':>5} {'bytes in file':^32} {'weights':>12} {'KV cache':>12} "
               f"{'RAM':>12}"]
     for x in s["layers"]:
-        lines.append(f"  {x['layer']:>5} {x['start']:>13,}..{x['end']:<13,} "
+        lines.append(f"  {x['layer']:>5} {x['start']:>15,}..{x['end']:<15,} "
                      f"{_mb(x['weight_bytes']):>12} {_mb(x['kv_cache_bytes']):>12} "
                      f"{_mb(x['ram_bytes']):>12}")
     if s.get("plan"):
