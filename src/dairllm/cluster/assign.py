@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from ..errors import ConfigError
 from ..formats.modelfile import Header, tensor_layout
 
+TIME_EPS = 1e-6        # seconds per token: closer than this counts as a tie
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b)?\s*$", re.I)
 
 
@@ -171,10 +172,10 @@ def assign(profiles: list, costs: ModelCosts, link_bandwidth: float = 125e6) -> 
         raise ConfigError("no nodes to assign layers to")
     L, N = costs.n_layers, len(profiles)
     INF = (math.inf, math.inf)
-    # best[i][l]: (time_us, peak_fraction) for layers [0, l) on nodes 0..i-1; choice[i][l] = k
+    # best[i][l]: (seconds, peak_fraction) for layers [0, l) on nodes 0..i-1; choice[i][l] = k
     best = [[INF] * (L + 1) for _ in range(N + 1)]
     choice = [[0] * (L + 1) for _ in range(N + 1)]
-    best[0][0] = (0, 0.0)
+    best[0][0] = (0.0, 0.0)
     for i, p in enumerate(profiles):
         for l0 in range(L + 1):
             if best[i][l0] == INF:
@@ -184,9 +185,8 @@ def assign(profiles: list, costs: ModelCosts, link_bandwidth: float = 125e6) -> 
                 c = _stage_cost(costs, p, k, i == 0, link_bandwidth)
                 if c is None:
                     break                          # more layers only need more memory
-                t = t0 + round((c[3] + c[4]) * 1e6)        # microseconds: ties compare exactly
-                cand = (t, max(f0, c[2] / max(p.ram_budget, 1)))
-                if cand < best[i + 1][l0 + k]:
+                cand = (t0 + c[3] + c[4], max(f0, c[2] / max(p.ram_budget, 1)))
+                if _better(cand, best[i + 1][l0 + k]):
                     best[i + 1][l0 + k] = cand
                     choice[i + 1][l0 + k] = k
     if best[N][L] == INF:
@@ -196,6 +196,13 @@ def assign(profiles: list, costs: ModelCosts, link_bandwidth: float = 125e6) -> 
         ks.append(choice[i][l])
         l -= choice[i][l]
     return build(profiles, costs, [k for k in reversed(ks)], link_bandwidth)
+
+
+def _better(a: tuple, b: tuple) -> bool:
+    """Less time, or the same time within TIME_EPS and a lower peak memory fraction."""
+    if a[0] < b[0] - TIME_EPS:
+        return True
+    return a[0] <= b[0] + TIME_EPS and a[1] < b[1]
 
 
 def build(profiles: list, costs: ModelCosts, counts: list, link_bandwidth: float = 125e6,

@@ -11,7 +11,7 @@ def assignment_table(a) -> str:
     rows = [("node", "layers", "resident", "streamed", "memory", "budget", "compute/tok",
              "network/tok")]
     for s in a.stages:
-        layers = f"{s.start}-{s.end - 1}" if s.n_layers else "(spare)"
+        layers = f"{s.start}-{s.end - 1}" if s.n_layers else ("(head)" if s.node == 0 else "(spare)")
         rows.append((s.name, layers, str(s.resident), str(s.streamed), _mib(s.memory),
                      _mib(s.budget), f"{s.compute_s * 1e3:.2f} ms", f"{s.network_s * 1e3:.2f} ms"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
