@@ -102,6 +102,13 @@ CASES = {
     "q40 dim not a multiple of 32": (lambda g: set_key(g, 2, 48), "multiple of 32"),
     "experts in a dense model": (lambda g: set_key(g, 7, 4), "dense"),
     "zero rope theta": (lambda g: set_key(g, 12, 0), "rope_theta"),
+    "rope scaling factor without frequency factors": (lambda g: set_key(g, 14, 8), "rope scaling"),
+    "rope scaling with a zero factor": (
+        lambda g: set_key(set_key(set_key(set_key(g, 14, 0), 15, 1), 16, 4), 17, 8192),
+        "rope scaling"),
+    "rope scaling with low == high": (
+        lambda g: set_key(set_key(set_key(set_key(g, 14, 8), 15, 4), 16, 4), 17, 8192),
+        "rope scaling"),
     "moe without experts": (lambda g: set_key(set_key(g, 1, 0xABCD02), 21, 32), "n_experts"),
 }
 

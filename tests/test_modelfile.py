@@ -241,6 +241,11 @@ SHAPES = {
 }
 
 
+LLAMA31 = dict(rope_type=RopeType.LLAMA3_1, rope_scaling_factor=8.0,
+               rope_scaling_low_freq_factor=1.0, rope_scaling_high_freq_factor=4.0,
+               rope_scaling_orig_max_seq_len=8192)
+
+
 def random_values(t, rng):
     if t.kind.name.endswith("NORM"):
         return (1 + 0.1 * rng.standard_normal(t.cols)).astype(np.float32)
@@ -251,8 +256,7 @@ def random_values(t, rng):
 @pytest.mark.parametrize("wtype", list(FloatType), ids=lambda t: t.name)
 def test_writer_round_trip(tmp_path, arch, wtype):
     h = Header(arch=arch, n_layers=2, vocab_size=40, seq_len=33, weight_type=wtype,
-               rope_type=RopeType.LLAMA3_1 if arch is Arch.LLAMA else RopeType.LLAMA,
-               rope_scaling_factor=8.0 if arch is Arch.LLAMA else 1.0, **SHAPES[arch])
+               **(LLAMA31 if arch is Arch.LLAMA else {}), **SHAPES[arch])
     rng = np.random.default_rng(int(wtype) * 10 + arch.value % 7)
     path, path2 = tmp_path / "a.m", tmp_path / "b.m"
     written = {}

@@ -306,6 +306,13 @@ def _validate_header(h: Header, fail) -> None:
                 raise fail(f"{name} {n} is not a multiple of 32, as {h.weight_type.name} rows need")
     if h.rope_theta <= 0:
         raise fail(f"rope_theta {h.rope_theta} must be positive")
+    if h.effective_rope_type is not RopeType.FALCON and h.rope_scaling_factor != 1.0:
+        # The reference then applies Llama-3.1 scaling, dividing by all four values.
+        lo, hi = h.rope_scaling_low_freq_factor, h.rope_scaling_high_freq_factor
+        if not (h.rope_scaling_factor > 0 and 0 < lo < hi and h.rope_scaling_orig_max_seq_len > 0):
+            raise fail(f"rope scaling (factor {h.rope_scaling_factor:g}) needs a positive "
+                       f"factor, 0 < low ({lo:g}) < high ({hi:g}) frequency factors and a "
+                       f"positive original length ({h.rope_scaling_orig_max_seq_len})")
 
 
 # ---------------------------------------------------------------------------------------------
