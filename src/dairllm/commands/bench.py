@@ -193,11 +193,11 @@ def child_llamacpp(args) -> dict:
     t0 = time.perf_counter()
     llm.eval(prompt)
     prompt_s = time.perf_counter() - t0
-    token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    # Decode: one token per forward (the last row's logits are computed as in generation; the
+    # token values do not change the work, so feed the prompt's tokens again).
     t0 = time.perf_counter()
-    for _ in range(G - 1):
-        llm.eval([token])
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    for i in range(G - 1):
+        llm.eval([prompt[i % P]])
     decode_s = time.perf_counter() - t0
     mem = _memory()
     return dict(engine="llama.cpp", prompt_tps=P / prompt_s, decode_tps=(G - 1) / decode_s,
@@ -248,7 +248,8 @@ def run(args: argparse.Namespace) -> int:
     if args.prompt_tokens <= 0 or args.gen_tokens < 2:
         raise ConfigError("--prompt-tokens must be positive and --gen-tokens at least 2")
     model = Path(args.model) if args.model else synthetic_model(args)
-    report: dict = {"model": str(model), "weight_bytes_per_token": weight_bytes_per_token(model)}
+    report: dict = {"model": str(model), "weight_bytes_per_token": weight_bytes_per_token(model),
+                    "cpu_count": os.cpu_count(), "load_average_before": os.getloadavg()[0]}
     if not args.no_kernels:
         report["kernels"] = kernel_section(args)
     report["dairllm"] = _spawn(args, "dairllm", model)
@@ -259,6 +260,7 @@ def run(args: argparse.Namespace) -> int:
             log.warning("llama.cpp comparison skipped: %s", e)
             report["llama.cpp"] = {"error": str(e)[-500:]}
     bw = _bandwidth(report.get("kernels"))
+    report["load_average_after"] = os.getloadavg()[0]
     if bw:
         report["bandwidth_bytes_per_s"] = bw
         report["decode_floor_tps"] = bw / report["weight_bytes_per_token"]
@@ -286,6 +288,8 @@ def print_report(r: dict) -> None:
     gb = 1e9
     print(f"model: {r['model']}  ({r['weight_bytes_per_token'] / gb:.3f} GB of weights read per "
           f"decoded token)")
+    print(f"load average {r['load_average_before']:.2f} before, {r['load_average_after']:.2f} "
+          f"after, on {r['cpu_count']} CPUs (other work on the machine skews every figure)")
     if r.get("kernels"):
         print("kernels:")
         print(json.dumps(r["kernels"], indent=2, default=str))
