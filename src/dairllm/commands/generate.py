@@ -26,13 +26,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="kernel threads (default: all cores or OMP_NUM_THREADS)")
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="cap the context (and KV cache) below the model's sequence length")
+    p.add_argument("--ram-budget", default=None,
+                   help="cap resident weights + run state (4G, 512M, 50%%): layers that do not "
+                        "fit are streamed from disk (see inspect --ram-budget)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object {prompt_tokens, generated_tokens, text, timings}")
 
 
 def open_kwargs(args: argparse.Namespace) -> dict:
     """Keyword arguments for Model.open (execution modes add theirs here)."""
-    return dict(max_seq_len=args.max_seq_len, nthreads=args.nthreads)
+    out = dict(max_seq_len=args.max_seq_len, nthreads=args.nthreads)
+    if getattr(args, "ram_budget", None) is not None:
+        out["ram_budget"] = args.ram_budget
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,14 +75,19 @@ def run(args: argparse.Namespace) -> int:
         tail = decoder.flush()
         pieces.append(tail)
         st = model.stats
+        store = model.net.weights if hasattr(model.net.weights, "report") else None
         if args.json:
-            print(json.dumps({"prompt_tokens": [int(t) for t in prompt],
-                              "generated_tokens": generated, "text": "".join(pieces),
-                              "timings": st.as_dict()}))
+            out = {"prompt_tokens": [int(t) for t in prompt], "generated_tokens": generated,
+                   "text": "".join(pieces), "timings": st.as_dict()}
+            if store is not None:
+                out["streaming"] = store.stats.as_dict()
+            print(json.dumps(out))
         else:
             sys.stdout.write(tail + "\n")
             print(f"prompt: {st.prompt_tokens} tokens in {st.prompt_seconds:.3f} s "
                   f"({st.prompt_tps:.1f} tokens/s)")
             print(f"generation: {st.generated_tokens} tokens, {st.decode_tps:.1f} tokens/s "
                   f"(stopped: {st.stop_reason})")
+            if store is not None:
+                print(store.report())
     return 0

@@ -68,6 +68,7 @@ def memory_status() -> dict:
 @dataclass
 class StoreStats:
     tokens: int = 0                   # embedding rows read (one per token through the network)
+    passes: int = 0                   # forward passes (times layer 0 was asked for)
     bytes_read: int = 0               # weight bytes read from the file (streamed units, experts)
     embedding_bytes: int = 0
     reads: int = 0
@@ -90,6 +91,7 @@ class StoreStats:
         d = dict(vars(self))
         d["hit_rate"] = self.hit_rate
         d["bytes_read_per_token"] = self.bytes_read / self.tokens if self.tokens else 0.0
+        d["bytes_read_per_pass"] = self.bytes_read / self.passes if self.passes else 0.0
         d["read_bandwidth"] = self.bytes_read / self.read_seconds if self.read_seconds else 0.0
         d.update({k.lower(): v for k, v in memory_status().items()})
         return d
@@ -329,6 +331,8 @@ class LayerStore:
     # -- the provider interface -----------------------------------------------------------------
 
     def layer(self, l: int) -> LayerWeights:
+        if l == 0:
+            self.stats.passes += 1
         if self._head in self._in_use:
             self.release(self._head)       # the classifier is done once the next pass starts
         if l in self._pinned:
@@ -356,6 +360,19 @@ class LayerStore:
         if self._head in self._in_use:
             return self._in_use[self._head].weights
         return self._acquire(self._head).weights
+
+    def report(self) -> str:
+        """One line of stats for people (generate prints it after a run)."""
+        d = self.stats.as_dict()
+        mb = 1e6
+        return (f"streaming ({self.mode}): {len(self.plan.pinned)} pinned / "
+                f"{len(self.plan.streamed)} streamed units; "
+                f"{d['bytes_read'] / mb:,.1f} MB read from disk for {d['tokens']} tokens in "
+                f"{d['passes']} passes ({d['bytes_read_per_pass'] / mb:,.1f} MB per pass; a "
+                f"decoded token is one pass, a prompt batch is one), "
+                f"prefetch hit rate {d['hit_rate']:.0%}, waiting on I/O {d['io_wait_seconds']:.2f} s"
+                f" vs computing {d['compute_seconds']:.2f} s, peak RSS "
+                f"{d.get('vmhwm', 0) / 2**20:,.0f} MiB")
 
     def close(self) -> None:
         with self._cv:
