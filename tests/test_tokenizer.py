@@ -54,6 +54,7 @@ def test_golden_contents(golden):
     assert (golden.bos_id, golden.eos_ids, golden.add_bos) == (510, [511], True)
     assert golden.max_token_length == 6 and golden.chat_template is None
     assert golden.regular_vocab_size == 510 and list(golden.special_ids) == [510, 511]
+    assert golden.special_tokens == {510: b"<s>", 511: b"</s>"}
     assert golden.header_pairs == [(0, 1), (1, 512), (2, 6), (3, 510), (9, 1), (10, 1)]
     assert not golden.legacy
 
@@ -265,9 +266,10 @@ def _only_format_errors(data: bytes) -> None:
 
 
 @settings(max_examples=1500, deadline=None, suppress_health_check=list(HealthCheck))
-@given(st.binary(max_size=200))
-def test_fuzz_random_bytes(data):
-    _only_format_errors(data)
+@given(st.sampled_from([b"", struct.pack("<i", 0x567124), struct.pack("<i", 0x567123)]),
+       st.binary(max_size=200))
+def test_fuzz_random_bytes(magic, data):
+    _only_format_errors(magic + data)
 
 
 @settings(max_examples=800, deadline=None, suppress_health_check=list(HealthCheck))

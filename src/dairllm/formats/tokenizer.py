@@ -257,6 +257,8 @@ class Tokenizer:
         if len(self.scores) != len(self.vocab):
             raise ValueError(f"{len(self.vocab)} tokens but {len(self.scores)} scores")
         self.vocab_size = len(self.vocab)
+        if not all(self.vocab):
+            raise ValueError(f"token {self.vocab.index(b'')} is empty")
         if not 0 <= bos_id < self.vocab_size:
             raise ValueError(f"BOS id {bos_id} outside the vocabulary of {self.vocab_size}")
         self.bos_id = int(bos_id)
@@ -315,6 +317,11 @@ class Tokenizer:
     def __repr__(self) -> str:
         return (f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size}, "
                 f"bos_id={self.bos_id}, eos_ids={self.eos_ids}, add_bos={self.add_bos})")
+
+    @property
+    def special_tokens(self) -> dict:
+        """{id: bytes} of the special tokens (ids from bos_id on, the reference's rule)."""
+        return {i: self.vocab[i] for i in self.special_ids}
 
     def is_eos(self, token: int) -> bool:
         return token in self._eos_set
