@@ -49,13 +49,13 @@ def check(data: bytes, file_size: int) -> None:
         assert tensor_layout(h).file_size == size
 
 
-@fuzz(1500)
+@fuzz(1000)
 @given(st.binary(max_size=300), st.integers(0, 1 << 40))
 def test_random_bytes(data, file_size):
     check(data, file_size)
 
 
-@fuzz(1200)
+@fuzz(800)
 @given(st.binary(max_size=200), st.integers(0, 1 << 40))
 def test_random_pairs_after_a_valid_magic(body, file_size):
     body = body[: len(body) // 8 * 8]
@@ -67,7 +67,7 @@ INT32 = st.one_of(st.integers(-2**31, 2**31 - 1), st.integers(-4, 70000),
 
 
 @pytest.mark.skipif(not HEADERS, reason="golden models not found")
-@fuzz(1500)
+@fuzz(1200)
 @given(st.data())
 def test_mutated_golden_headers(data):
     header, file_size = data.draw(st.sampled_from(HEADERS))
@@ -96,7 +96,7 @@ def small_file() -> bytes:
         return path.read_bytes()
 
 
-@fuzz(600)
+@fuzz(500)
 @given(st.data())
 def test_mutated_files_on_disk(small_file, tmp_path_factory, data):
     """Open real files: header ints changed, bytes cut or appended. A file that opens must give
