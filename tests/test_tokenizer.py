@@ -506,3 +506,9 @@ def test_decode_whole_sequence(golden):
     assert golden.decode(ids) == GOLDEN_PROMPT
     assert golden.decode(ids + [511] + ids[1:]) == GOLDEN_PROMPT + GOLDEN_PROMPT
     assert golden.decode([510, 0xC3]) == "\ufffd"
+
+
+def test_encode_argument_types(golden):
+    assert golden.encode(bytearray(b" a")) == golden.encode(" a") == [510, 261]
+    with pytest.raises(TypeError):
+        golden.encode(5)

@@ -253,7 +253,8 @@ class Tokenizer:
                  header_pairs: Sequence = ()) -> None:
         self.path = path
         self.vocab = [bytes(t) for t in vocab]
-        self.scores = [float(s) for s in np.asarray(scores, dtype=np.float32)]
+        with np.errstate(over="ignore"):
+            self.scores = np.asarray(scores, dtype=np.float32).tolist()
         if len(self.scores) != len(self.vocab):
             raise ValueError(f"{len(self.vocab)} tokens but {len(self.scores)} scores")
         self.vocab_size = len(self.vocab)
@@ -338,7 +339,12 @@ class Tokenizer:
                add_special_tokens: bool = True) -> list:
         """Token ids of `text`, exactly as dllama's encoder (add_bos is its `isStart`: BOS is
         emitted only if the file's add-BOS flag is set too)."""
-        data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+        if isinstance(text, str):
+            data = text.encode("utf-8")
+        elif isinstance(text, (bytes, bytearray, memoryview)):
+            data = bytes(text)
+        else:
+            raise TypeError(f"text must be str or bytes, not {type(text).__name__}")
         if 0 in data:
             raise UnencodableTextError(
                 f"text has a NUL byte at offset {data.index(0)}; dllama's encoder cannot "
