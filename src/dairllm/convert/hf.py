@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 ARCHS = {"llama": Arch.LLAMA, "mistral": Arch.LLAMA, "qwen3": Arch.QWEN3,
          "qwen3_moe": Arch.QWEN3_MOE}
 EPSILON_CODES = {1e-5: 5, 1e-6: 6}
-CHUNK_BYTES = 64 << 20           # float32 bytes of rows converted at a time
+CHUNK_BYTES = 16 << 20           # float32 bytes of rows converted at a time (RSS ~ 5x this)
 
 
 # ---------------------------------------------------------------------------------------------

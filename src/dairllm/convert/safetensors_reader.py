@@ -1,8 +1,9 @@
 """Read tensors from a Hugging Face checkpoint's `*.safetensors` files, a slice of rows at a time.
 
 A safetensors file is: u64 header length, a JSON header {name: {dtype, shape, data_offsets}},
-then the raw little-endian data. We map the file and hand out row ranges as float32, so the
-memory a conversion needs is one chunk of rows, never a whole model (nor a whole tensor).
+then the raw little-endian data. We read row ranges with pread and hand them out as float32, so
+the memory a conversion needs is one chunk of rows, never a whole model (nor a whole tensor);
+nothing is mapped, so the checkpoint does not count against the process's resident memory.
 
 Why not `safetensors.safe_open`: its NumPy backend cannot return BF16 — the dtype most real
 checkpoints are stored in — and its torch backend would make torch (about 1 GB) a conversion
@@ -11,7 +12,6 @@ dependency. The tests check this reader against `safe_open(framework="pt")`.
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -58,7 +58,6 @@ class SafetensorsFile:
                 header = json.loads(f.read(n))
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise ConfigError(f"{self.path}: unreadable safetensors header: {e}") from None
-            self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
         self.entries: dict[str, TensorEntry] = {}
         base = 8 + n
         for name, info in header.items():
@@ -74,12 +73,18 @@ class SafetensorsFile:
                 raise ConfigError(f"{self.path}: {name} lies outside the file")
             self.entries[name] = TensorEntry(name, dtype, shape, self.path, base + start, base + end)
 
+        self._fd = os.open(self.path, os.O_RDONLY)
+
+    def pread(self, nbytes: int, offset: int) -> bytes:
+        data = os.pread(self._fd, nbytes, offset)
+        if len(data) != nbytes:
+            raise ConfigError(f"{self.path}: short read ({len(data)} of {nbytes} bytes at {offset})")
+        return data
+
     def close(self) -> None:
-        if self._mmap is not None:
-            try:
-                self._mmap.close()
-            except BufferError:
-                pass            # a view is still alive; the mapping goes with it
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 class Checkpoint:
@@ -131,8 +136,8 @@ class Checkpoint:
         if not 0 <= r0 <= r1 <= n_rows:
             raise ValueError(f"{name}: rows {r0}..{r1} outside 0..{n_rows}")
         row_bytes = cols * dt.itemsize
-        view = np.frombuffer(sf._mmap, dtype=dt, count=(r1 - r0) * cols,
-                             offset=e.start + r0 * row_bytes).reshape(r1 - r0, cols)
+        raw = sf.pread((r1 - r0) * row_bytes, e.start + r0 * row_bytes)
+        view = np.frombuffer(raw, dtype=dt).reshape(r1 - r0, cols)
         if e.dtype == "BF16":         # bfloat16 is the top half of a float32
             return (view.astype(np.uint32) << 16).view(np.float32)
         return view.astype(np.float32)
