@@ -256,3 +256,13 @@ def test_a_vocab_too_small_for_the_tokenizer_fails_before_writing(tmp_path):
                    hidden_dim=64, n_heads=2, n_kv_heads=1, head_dim_key=32,
                    tokenizer_path=tmp_path / "v.t")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_default_model_rebuilds_a_broken_cache(tmp_path):
+    pytest.importorskip("dairllm.formats.tokenizer")
+    model, tok = synth.default_model(tmp_path)
+    good = digest(model)
+    model.write_bytes(model.read_bytes()[:1000])          # e.g. a disk that filled up
+    tok.write_bytes(b"junk")
+    assert synth.default_model(tmp_path) == (model, tok)
+    assert digest(model) == good and tok.stat().st_size > 1000

@@ -30,8 +30,8 @@ from typing import Iterator
 
 import numpy as np
 
-from .errors import ConfigError, ModelFormatError
-from .formats.modelfile import (Arch, Header, Kind, ModelWriter, RopeType, TensorInfo,
+from .errors import ConfigError, DairError, ModelFormatError
+from .formats.modelfile import (Arch, Header, Kind, ModelFile, ModelWriter, RopeType, TensorInfo,
                                 expected_file_size, parse_header)
 from .formats.quant import BLOCK, BLOCK_Q40, FloatType, quantize_q80
 
@@ -309,23 +309,43 @@ def _counted(chunks: Iterator[np.ndarray], progress: Progress, name: str) -> Ite
 
 def default_model(cache_dir: "str | os.PathLike | None" = None) -> tuple[Path, Path]:
     """A small default model (preset tiny, Q40) and its tokenizer, built once and cached in
-    $DAIRLLM_CACHE or ~/.cache/dairllm. Returns (model_path, tokenizer_path)."""
+    $DAIRLLM_CACHE or ~/.cache/dairllm (rebuilt if a cached file does not open).
+    Returns (model_path, tokenizer_path)."""
     cache = Path(cache_dir or os.environ.get("DAIRLLM_CACHE") or
                  Path.home() / ".cache" / "dairllm")
-    cache.mkdir(parents=True, exist_ok=True)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create the model cache {cache}: {e.strerror} "
+                          f"(set DAIRLLM_CACHE to a writable folder)") from None
     stem = f"default-tiny-q40-v{SYNTH_VERSION}"
     model, tok = cache / f"{stem}.m", cache / f"{stem}.t"
-    if not tok.exists():
+    if not _opens(tok, tokenizer=True):
         tmp = cache / f"{stem}.t.{os.getpid()}.tmp"
         try:
             write_synth_tokenizer(tmp, "tiny", PRESETS["tiny"].shape["vocab_size"])
             os.replace(tmp, tok)
         finally:
             tmp.unlink(missing_ok=True)
-    if not model.exists():
+    if not _opens(model, tokenizer=False):
         log.info("building the default model in %s (once)", cache)
         make_model(model, None, "tiny", "q40", seed=0)
     return model, tok
+
+
+def _opens(path: Path, tokenizer: bool) -> bool:
+    if not path.exists():
+        return False
+    try:
+        if tokenizer:
+            from .formats.tokenizer import Tokenizer
+            Tokenizer.open(path)
+        else:
+            ModelFile(path).close()
+        return True
+    except DairError as e:
+        log.warning("cached %s is unusable (%s); rebuilding it", path, e)
+        return False
 
 
 # ---------------------------------------------------------------------------------------------
