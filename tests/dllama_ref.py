@@ -1,6 +1,9 @@
 """NumPy versions of the dairllm._ops kernels the dllama executor calls (same signatures, written
 from spec §2.3-§2.5 and §8.2 in float64 where it matters). Tests use them as an independent oracle
-and to exercise the protocol layer where the compiled kernels are missing."""
+and to exercise the protocol layer where the compiled kernels are missing.
+It follows the reference's x86 AVX2 build where that changes results: SiLU and softmax (attention
+and the MoE gate) use its exp polynomial (with it, C++ root + this worker give the C++ cluster's
+tokens on every golden model; with exact exp, moetiny_q40 on 2 nodes drifts to other tokens)."""
 from __future__ import annotations
 
 import numpy as np
@@ -79,16 +82,16 @@ def rope(x, positions, table, head_dim, neox) -> None:
 
 
 def attention(out, q, k_cache, v_cache, positions, n_heads, n_kv_heads, head_dim, n_threads=None) -> None:
-    """Causal GQA attention in float64: row b attends to cache rows 0..positions[b]."""
+    """Causal GQA attention: row b attends to cache rows 0..positions[b]; scores in float64,
+    then the reference's AVX2 softmax (f32), then the weighted sum of V in float64."""
     mul = n_heads // n_kv_heads
     for b, p in enumerate(positions):
         qv = q[b].reshape(n_kv_heads, mul, head_dim).astype(np.float64)
         K = k_cache[:p + 1].reshape(p + 1, n_kv_heads, head_dim).astype(np.float64)
         V = v_cache[:p + 1].reshape(p + 1, n_kv_heads, head_dim).astype(np.float64)
-        sc = np.einsum("gmd,tgd->gmt", qv, K) / np.sqrt(head_dim)
-        a = np.exp(sc - sc.max(axis=-1, keepdims=True))
-        a /= a.sum(axis=-1, keepdims=True)
-        out[b] = np.einsum("gmt,tgd->gmd", a, V).reshape(-1).astype(np.float32)
+        sc = (np.einsum("gmd,tgd->gmt", qv, K) / np.sqrt(head_dim)).astype(np.float32)
+        softmax(sc)
+        out[b] = np.einsum("gmt,tgd->gmd", sc.astype(np.float64), V).reshape(-1).astype(np.float32)
 
 
 def exp_avx2(x: np.ndarray) -> np.ndarray:
@@ -124,6 +127,14 @@ def mul(x, y) -> None:
 
 
 def softmax(x) -> None:
-    x64 = x.astype(np.float64)
-    e = np.exp(x64 - x64.max(axis=-1, keepdims=True))
-    x[...] = (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+    """Row softmax as the reference's AVX2 build computes it: max-subtracted, AVX2 exp on whole
+    groups of 8, libm exp on the rest, f32 sum, multiply by the f32 reciprocal."""
+    rows = x.reshape(-1, x.shape[-1])
+    n8 = rows.shape[1] - rows.shape[1] % 8
+    for r in rows:
+        m = r.max()
+        e = np.empty_like(r)
+        e[:n8] = exp_avx2(r[:n8] - m)
+        e[n8:] = np.exp((r[n8:] - m).astype(np.float64)).astype(np.float32)
+        total = np.float32(e.astype(np.float64).sum())
+        r[...] = e * (np.float32(1) / (total if total != 0 else np.float32(1e-6)))
