@@ -12,7 +12,7 @@ import pytest
 
 from dairllm import synth
 from dairllm.errors import ConfigError
-from dairllm.formats.modelfile import Arch, Kind, ModelFile, RopeType, expected_file_size
+from dairllm.formats.modelfile import Arch, ModelFile, RopeType, expected_file_size
 from dairllm.formats.quant import FloatType, decode
 from dairllm.synth import PRESETS, make_model, preset_header, synth_vocab, weight_std
 

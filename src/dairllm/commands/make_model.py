@@ -2,14 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 
 from ..errors import ConfigError
 
 HELP = "write a synthetic .m model with random, well-scaled weights (and a matching .t)"
-
-log = logging.getLogger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
