@@ -62,7 +62,7 @@ common = dict(
     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
 )
 extensions = [
-    Extension("dairllm._ops", ["src/dairllm/_ops.pyx"], **common),
+    Extension("dairllm._ops", ["src/dairllm/_ops.pyx", "src/dairllm/csrc/dl_kernels.c"], **common),
     Extension("dairllm._net", ["src/dairllm/_net.pyx"], **common),
 ]
 

@@ -1,0 +1,799 @@
+/* dl_kernels.c: scalar reference kernels, AVX2 (x86_64) and NEON (aarch64) paths, run-time dispatch.
+ * See dl_kernels.h for the formats and the contract. Layout of this file:
+ *   1. configuration and CPU detection      4. x86_64 AVX2 path
+ *   2. f16 conversions                       5. aarch64 NEON / NEON+dotprod paths
+ *   3. scalar reference path                 6. dispatch
+ * The scalar path is the spec: each SIMD path computes the same per-block integer dot products and
+ * differs only in the order of float additions (quantize_q80 is bit-identical on every path).
+ */
+#include "dl_kernels.h"
+
+#include <math.h>
+#include <stddef.h>
+#include <string.h>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define DL_X86 1
+#include <immintrin.h>
+#define DL_AVX2 __attribute__((target("avx2,fma,f16c")))
+#endif
+
+#if defined(__aarch64__)
+#define DL_ARM 1
+#include <arm_neon.h>
+#include <sys/auxv.h>
+#ifndef HWCAP_ASIMDDP
+#define HWCAP_ASIMDDP (1UL << 20)
+#endif
+#ifndef HWCAP_ASIMD
+#define HWCAP_ASIMD (1UL << 1)
+#endif
+#ifndef HWCAP_FPHP
+#define HWCAP_FPHP (1UL << 9)
+#endif
+#define DL_DOTPROD __attribute__((target("arch=armv8.2-a+dotprod")))
+#endif
+
+static inline uint16_t ld_u16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
+static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+/* ======================================================================== 1. configuration */
+
+static int g_path = -1;
+static int g_supported[DL_N_PATHS];
+static char g_features[128];
+static const char *const g_names[DL_N_PATHS] = {"scalar", "avx2", "neon", "neon-dotprod"};
+
+static void add_feature(const char *name) {
+    size_t len = strlen(g_features);
+    if (len + strlen(name) + 2 >= sizeof(g_features)) return;
+    if (len) g_features[len++] = ' ';
+    strcpy(g_features + len, name);
+}
+
+void dl_init(void) {
+    if (g_path >= 0) return;
+    memset(g_supported, 0, sizeof(g_supported));
+    g_features[0] = 0;
+    g_supported[DL_PATH_SCALAR] = 1;
+#if DL_X86
+    __builtin_cpu_init();
+    int avx2 = __builtin_cpu_supports("avx2"), fma = __builtin_cpu_supports("fma");
+    /* __builtin_cpu_supports has no "f16c" on older compilers; every AVX2+FMA CPU has F16C. */
+    if (avx2) add_feature("avx2");
+    if (fma) add_feature("fma");
+    if (avx2 && fma) add_feature("f16c");
+    if (__builtin_cpu_supports("avx512f")) add_feature("avx512f");
+    g_supported[DL_PATH_AVX2] = avx2 && fma;
+#endif
+#if DL_ARM
+    unsigned long hw = getauxval(AT_HWCAP);
+    add_feature("asimd");       /* baseline on aarch64 */
+    if (hw & HWCAP_FPHP) add_feature("fphp");
+    if (hw & HWCAP_ASIMDDP) add_feature("asimddp");
+    g_supported[DL_PATH_NEON] = 1;
+    g_supported[DL_PATH_NEON_DOTPROD] = (hw & HWCAP_ASIMDDP) != 0;
+#endif
+    g_path = DL_PATH_SCALAR;
+    for (int p = DL_N_PATHS - 1; p > 0; p--) {
+        if (g_supported[p]) { g_path = p; break; }
+    }
+}
+
+int dl_path(void) { dl_init(); return g_path; }
+
+const char *dl_path_name(int path) { return path >= 0 && path < DL_N_PATHS ? g_names[path] : NULL; }
+
+int dl_path_compiled(int path) {
+    if (path == DL_PATH_SCALAR) return 1;
+#if DL_X86
+    if (path == DL_PATH_AVX2) return 1;
+#endif
+#if DL_ARM
+    if (path == DL_PATH_NEON || path == DL_PATH_NEON_DOTPROD) return 1;
+#endif
+    return 0;
+}
+
+int dl_path_supported(int path) {
+    dl_init();
+    return path >= 0 && path < DL_N_PATHS && g_supported[path];
+}
+
+int dl_set_path(int path) {
+    if (!dl_path_supported(path)) return -1;
+    g_path = path;
+    return 0;
+}
+
+const char *dl_arch(void) {
+#if DL_X86
+    return "x86_64";
+#elif DL_ARM
+    return "aarch64";
+#else
+    return "other";
+#endif
+}
+
+const char *dl_cpu_features(void) { dl_init(); return g_features; }
+
+/* ======================================================================== 2. f16 */
+
+float dl_f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ff, u;
+    float f;
+    if (exp == 0x1f) {
+        u = sign | 0x7f800000u | (mant << 13);
+    } else if (exp == 0) {
+        f = (float)mant * (1.0f / 16777216.0f);       /* subnormal: mant * 2^-24, exact */
+        memcpy(&u, &f, 4);
+        u |= sign;
+    } else {
+        u = sign | ((exp + 112) << 23) | (mant << 13);
+    }
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* Round to nearest even, overflow to inf (F. Giesen's float_to_half_fast3_rtne, rewritten). */
+uint16_t dl_f32_to_f16(float f) {
+    const uint32_t f32_inf = 255u << 23, f16_limit = (127u + 16u) << 23;
+    const uint32_t denorm_magic = ((127u - 15u) + (23u - 10u) + 1u) << 23;
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    uint32_t sign = u & 0x80000000u;
+    u ^= sign;
+    uint16_t o;
+    if (u >= f16_limit) {
+        o = u > f32_inf ? 0x7e00 : 0x7c00;
+    } else if (u < (113u << 23)) {              /* result is subnormal or zero: let the FPU round */
+        float fu, magic;
+        memcpy(&fu, &u, 4);
+        memcpy(&magic, &denorm_magic, 4);
+        fu += magic;
+        memcpy(&u, &fu, 4);
+        o = (uint16_t)(u - denorm_magic);
+    } else {
+        uint32_t mant_odd = (u >> 13) & 1;
+        u += ((uint32_t)(15 - 127) << 23) + 0xfff;
+        u += mant_odd;
+        o = (uint16_t)(u >> 13);
+    }
+    return (uint16_t)(o | (sign >> 16));
+}
+
+/* ======================================================================== 3. scalar path */
+
+static void quantize_q80_scalar(uint8_t *out, const float *x, int64_t nb) {
+    for (int64_t b = 0; b < nb; b++, x += DL_QK, out += DL_Q80_BYTES) {
+        float amax = 0.0f;
+        for (int j = 0; j < DL_QK; j++) {
+            float a = fabsf(x[j]);
+            amax = a > amax ? a : amax;
+        }
+        float d = amax / 127.0f;
+        float id = d != 0.0f ? 1.0f / d : 0.0f;
+        uint16_t dh = dl_f32_to_f16(d);
+        memcpy(out, &dh, 2);
+        int8_t *q = (int8_t *)(out + 2);
+        for (int j = 0; j < DL_QK; j++) {
+            float v = x[j] * id;
+            q[j] = (int8_t)(int)rintf(v);   /* default rounding mode: ties to even */
+        }
+    }
+}
+
+void dl_dequantize_q80(float *out, const uint8_t *xq, int64_t nb) {
+    for (int64_t b = 0; b < nb; b++, xq += DL_Q80_BYTES, out += DL_QK) {
+        float d = dl_f16_to_f32(ld_u16(xq));
+        const int8_t *q = (const int8_t *)(xq + 2);
+        for (int j = 0; j < DL_QK; j++) out[j] = (float)q[j] * d;
+    }
+}
+
+void dl_dequantize_q40(float *out, const uint8_t *w, int64_t nb) {
+    for (int64_t b = 0; b < nb; b++, w += DL_Q40_BYTES, out += DL_QK) {
+        float d = dl_f16_to_f32(ld_u16(w));
+        const uint8_t *q = w + 2;
+        for (int j = 0; j < 16; j++) {
+            out[j] = (float)((int)(q[j] & 15) - 8) * d;
+            out[j + 16] = (float)((int)(q[j] >> 4) - 8) * d;
+        }
+    }
+}
+
+void dl_q80_prep(float *dx, int32_t *sx, const uint8_t *xq, int64_t n_blocks) {
+    for (int64_t b = 0; b < n_blocks; b++, xq += DL_Q80_BYTES) {
+        dx[b] = dl_f16_to_f32(ld_u16(xq));
+        const int8_t *q = (const int8_t *)(xq + 2);
+        int32_t s = 0;
+        for (int j = 0; j < DL_QK; j++) s += q[j];
+        sx[b] = s;
+    }
+}
+
+/* The exact integer sum_j (w_j - 8) * x_j of one Q40 block against one Q80 block. */
+static inline int32_t block_dot_q40(const uint8_t *w, const uint8_t *x) {
+    const uint8_t *q = w + 2;
+    const int8_t *xs = (const int8_t *)(x + 2);
+    int32_t s = 0;
+    for (int j = 0; j < 16; j++) s += ((int)(q[j] & 15) - 8) * xs[j] + ((int)(q[j] >> 4) - 8) * xs[j + 16];
+    return s;
+}
+
+static inline int32_t block_dot_q80(const uint8_t *w, const uint8_t *x) {
+    const int8_t *a = (const int8_t *)(w + 2), *c = (const int8_t *)(x + 2);
+    int32_t s = 0;
+    for (int j = 0; j < DL_QK; j++) s += a[j] * c[j];
+    return s;
+}
+
+static float dot_q40_scalar(const uint8_t *w, const uint8_t *x, const float *dx, int64_t b0, int64_t nb) {
+    float sum = 0.0f;
+    for (int64_t b = b0; b < nb; b++) {
+        float scale = dl_f16_to_f32(ld_u16(w + b * DL_Q40_BYTES)) * dx[b];
+        sum += (float)block_dot_q40(w + b * DL_Q40_BYTES, x + b * DL_Q80_BYTES) * scale;
+    }
+    return sum;
+}
+
+static float dot_q80_scalar(const uint8_t *w, const uint8_t *x, const float *dx, int64_t b0, int64_t nb) {
+    float sum = 0.0f;
+    for (int64_t b = b0; b < nb; b++) {
+        float scale = dl_f16_to_f32(ld_u16(w + b * DL_Q80_BYTES)) * dx[b];
+        sum += (float)block_dot_q80(w + b * DL_Q80_BYTES, x + b * DL_Q80_BYTES) * scale;
+    }
+    return sum;
+}
+
+static float dot_f32_scalar(const float *a, const float *b, int64_t n) {
+    float s = 0.0f;
+    for (int64_t i = 0; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+static float dot_f16_scalar(const uint16_t *a, const float *b, int64_t n) {
+    float s = 0.0f;
+    for (int64_t i = 0; i < n; i++) s += dl_f16_to_f32(a[i]) * b[i];
+    return s;
+}
+
+/* Rows outer, activation rows inner: a weight row is read from memory once and from L1 for the
+ * other tokens. */
+static void matmul_q40_scalar(float *out, const uint8_t *w, const uint8_t *xq, const float *dx,
+                              int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *wr = w + r * nb * DL_Q40_BYTES;
+        for (int64_t t = 0; t < B; t++)
+            out[t * d + r] = dot_q40_scalar(wr, xq + t * nb * DL_Q80_BYTES, dx + t * nb, 0, nb);
+    }
+}
+
+static void matmul_q80_scalar(float *out, const uint8_t *w, const uint8_t *xq, const float *dx,
+                              int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *wr = w + r * nb * DL_Q80_BYTES;
+        for (int64_t t = 0; t < B; t++)
+            out[t * d + r] = dot_q80_scalar(wr, xq + t * nb * DL_Q80_BYTES, dx + t * nb, 0, nb);
+    }
+}
+
+static void matmul_f32_scalar(float *out, const float *w, const float *x,
+                              int64_t B, int64_t d, int64_t n, int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++)
+        for (int64_t t = 0; t < B; t++) out[t * d + r] = dot_f32_scalar(w + r * n, x + t * n, n);
+}
+
+static void matmul_f16_scalar(float *out, const uint16_t *w, const float *x,
+                              int64_t B, int64_t d, int64_t n, int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++)
+        for (int64_t t = 0; t < B; t++) out[t * d + r] = dot_f16_scalar(w + r * n, x + t * n, n);
+}
+
+static void axpy_scalar(float *y, const float *x, float a, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
+}
+
+static double sum_f64_scalar(const double *x, int64_t n) {
+    double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) { s0 += x[i]; s1 += x[i + 1]; s2 += x[i + 2]; s3 += x[i + 3]; }
+    for (; i < n; i++) s0 += x[i];
+    return (s0 + s1) + (s2 + s3);
+}
+
+/* ======================================================================== 4. x86_64 AVX2 */
+#if DL_X86
+
+DL_AVX2 static inline float hsum_ps(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+
+DL_AVX2 static inline int32_t hsum_epi32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 1));
+    return _mm_cvtsi128_si32(s);
+}
+
+/* 8 vectors of 8 int32 -> one vector whose lane k is the sum of v[k]. */
+DL_AVX2 static inline __m256i sum8_epi32(__m256i v0, __m256i v1, __m256i v2, __m256i v3,
+                                         __m256i v4, __m256i v5, __m256i v6, __m256i v7) {
+    __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(v0, v1), _mm256_hadd_epi32(v2, v3));
+    __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(v4, v5), _mm256_hadd_epi32(v6, v7));
+    return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
+}
+
+/* The 32 weights of a Q40 block as unsigned bytes 0..15 in element order (no -8 yet):
+ * broadcast the 16 nibble bytes to both halves, shift the upper half right by 4, mask. */
+DL_AVX2 static inline __m256i unpack_q40(const uint8_t *blk) {
+    const __m256i shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
+    __m256i q = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(blk + 2)));
+    return _mm256_and_si256(_mm256_srlv_epi32(q, shift), _mm256_set1_epi8(0x0f));
+}
+
+/* int32 lanes whose sum is sum_j q_j * x_j (q unsigned 0..15, x the int8 of a Q80 block). */
+DL_AVX2 static inline __m256i dot_u4_i8(__m256i q, const uint8_t *xblk) {
+    __m256i x = _mm256_loadu_si256((const __m256i *)(xblk + 2));
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), _mm256_set1_epi16(1));
+}
+
+DL_AVX2 static inline __m256i dot_i8_i8(const uint8_t *wblk, const uint8_t *xblk) {
+    __m256i w = _mm256_loadu_si256((const __m256i *)(wblk + 2));
+    __m256i x = _mm256_loadu_si256((const __m256i *)(xblk + 2));
+    __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+    return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+}
+
+/* f32 of the f16 scales of 8 consecutive blocks of one row (stride bytes apart). */
+DL_AVX2 static inline __m256 scales8(const uint8_t *p, int64_t stride) {
+    __m128i h = _mm_setr_epi16((short)ld_u16(p), (short)ld_u16(p + stride), (short)ld_u16(p + 2 * stride),
+                               (short)ld_u16(p + 3 * stride), (short)ld_u16(p + 4 * stride),
+                               (short)ld_u16(p + 5 * stride), (short)ld_u16(p + 6 * stride),
+                               (short)ld_u16(p + 7 * stride));
+    return _mm256_cvtph_ps(h);
+}
+
+DL_AVX2 static void quantize_q80_avx2(uint8_t *out, const float *x, int64_t nb) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int64_t b = 0; b < nb; b++, x += DL_QK, out += DL_Q80_BYTES) {
+        __m256 v0 = _mm256_loadu_ps(x), v1 = _mm256_loadu_ps(x + 8);
+        __m256 v2 = _mm256_loadu_ps(x + 16), v3 = _mm256_loadu_ps(x + 24);
+        __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
+                                 _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
+        float amax = _mm_cvtss_f32(h);
+        float d = amax / 127.0f;
+        float id = d != 0.0f ? 1.0f / d : 0.0f;
+        uint16_t dh = (uint16_t)_cvtss_sh(d, _MM_FROUND_TO_NEAREST_INT);
+        memcpy(out, &dh, 2);
+        const __m256 vid = _mm256_set1_ps(id);
+        const int r = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+        __m256i i0 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v0, vid), r));
+        __m256i i1 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v1, vid), r));
+        __m256i i2 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v2, vid), r));
+        __m256i i3 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v3, vid), r));
+        /* packs work within 128-bit lanes: fix the order with one dword permute */
+        __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+        p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256((__m256i *)(out + 2), p);
+    }
+}
+
+/* One Q40 row against one Q80 activation: groups of 8 blocks reduce their 8 integer dot
+ * products with one hadd tree, then one convert and one FMA against 8 scales. */
+DL_AVX2 static float dot_q40_avx2(const uint8_t *w, const uint8_t *x, const float *dx, const int32_t *sx,
+                                  int64_t nb) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t b = 0;
+    for (; b + 8 <= nb; b += 8) {
+        const uint8_t *wb = w + b * DL_Q40_BYTES, *xb = x + b * DL_Q80_BYTES;
+        __m256i s = sum8_epi32(dot_u4_i8(unpack_q40(wb), xb),
+                               dot_u4_i8(unpack_q40(wb + 18), xb + 34),
+                               dot_u4_i8(unpack_q40(wb + 36), xb + 68),
+                               dot_u4_i8(unpack_q40(wb + 54), xb + 102),
+                               dot_u4_i8(unpack_q40(wb + 72), xb + 136),
+                               dot_u4_i8(unpack_q40(wb + 90), xb + 170),
+                               dot_u4_i8(unpack_q40(wb + 108), xb + 204),
+                               dot_u4_i8(unpack_q40(wb + 126), xb + 238));
+        /* sum (q - 8) x = sum q x - 8 sum x */
+        s = _mm256_sub_epi32(s, _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)(sx + b)), 3));
+        __m256 scale = _mm256_mul_ps(scales8(wb, DL_Q40_BYTES), _mm256_loadu_ps(dx + b));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc);
+    }
+    return hsum_ps(acc) + dot_q40_scalar(w, x, dx, b, nb);
+}
+
+#define TOK_TILE 8
+#define ROW_TILE 16
+
+/* Batched Q40: for a tile of rows and a tile of tokens, each group of 8 weight blocks is
+ * unpacked once and multiplied against every token of the tile. */
+DL_AVX2 static void matmul_q40_avx2(float *out, const uint8_t *w, const uint8_t *xq, const float *dx,
+                                    const int32_t *sx, int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r1) {
+    const int64_t wrow = nb * DL_Q40_BYTES, xrow = nb * DL_Q80_BYTES, nb8 = nb & ~(int64_t)7;
+    if (B == 1) {
+        for (int64_t r = r0; r < r1; r++) out[r] = dot_q40_avx2(w + r * wrow, xq, dx, sx, nb);
+        return;
+    }
+    __m256i q[8];
+    __m256 acc[TOK_TILE];
+    for (int64_t rb = r0; rb < r1; rb += ROW_TILE) {
+        int64_t re = min64(rb + ROW_TILE, r1);
+        for (int64_t t0 = 0; t0 < B; t0 += TOK_TILE) {
+            int64_t tn = min64(TOK_TILE, B - t0);
+            for (int64_t r = rb; r < re; r++) {
+                const uint8_t *wr = w + r * wrow;
+                for (int64_t t = 0; t < tn; t++) acc[t] = _mm256_setzero_ps();
+                for (int64_t b = 0; b < nb8; b += 8) {
+                    const uint8_t *wb = wr + b * DL_Q40_BYTES;
+                    for (int k = 0; k < 8; k++) q[k] = unpack_q40(wb + k * DL_Q40_BYTES);
+                    __m256 dw = scales8(wb, DL_Q40_BYTES);
+                    for (int64_t t = 0; t < tn; t++) {
+                        const int64_t tb = (t0 + t) * nb + b;
+                        const uint8_t *xb = xq + (t0 + t) * xrow + b * DL_Q80_BYTES;
+                        __m256i s = sum8_epi32(dot_u4_i8(q[0], xb), dot_u4_i8(q[1], xb + 34),
+                                               dot_u4_i8(q[2], xb + 68), dot_u4_i8(q[3], xb + 102),
+                                               dot_u4_i8(q[4], xb + 136), dot_u4_i8(q[5], xb + 170),
+                                               dot_u4_i8(q[6], xb + 204), dot_u4_i8(q[7], xb + 238));
+                        s = _mm256_sub_epi32(s, _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)(sx + tb)), 3));
+                        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(dw, _mm256_loadu_ps(dx + tb)),
+                                                 acc[t]);
+                    }
+                }
+                for (int64_t t = 0; t < tn; t++) {
+                    const int64_t ti = t0 + t;
+                    out[ti * d + r] = hsum_ps(acc[t]) + dot_q40_scalar(wr, xq + ti * xrow, dx + ti * nb, nb8, nb);
+                }
+            }
+        }
+    }
+}
+
+DL_AVX2 static float dot_q80_avx2(const uint8_t *w, const uint8_t *x, const float *dx, int64_t nb) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t b = 0;
+    for (; b + 8 <= nb; b += 8) {
+        const uint8_t *wb = w + b * DL_Q80_BYTES, *xb = x + b * DL_Q80_BYTES;
+        __m256i s = sum8_epi32(dot_i8_i8(wb, xb), dot_i8_i8(wb + 34, xb + 34), dot_i8_i8(wb + 68, xb + 68),
+                               dot_i8_i8(wb + 102, xb + 102), dot_i8_i8(wb + 136, xb + 136),
+                               dot_i8_i8(wb + 170, xb + 170), dot_i8_i8(wb + 204, xb + 204),
+                               dot_i8_i8(wb + 238, xb + 238));
+        __m256 scale = _mm256_mul_ps(scales8(wb, DL_Q80_BYTES), _mm256_loadu_ps(dx + b));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc);
+    }
+    return hsum_ps(acc) + dot_q80_scalar(w, x, dx, b, nb);
+}
+
+DL_AVX2 static void matmul_q80_avx2(float *out, const uint8_t *w, const uint8_t *xq, const float *dx,
+                                    int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *wr = w + r * nb * DL_Q80_BYTES;
+        for (int64_t t = 0; t < B; t++)
+            out[t * d + r] = dot_q80_avx2(wr, xq + t * nb * DL_Q80_BYTES, dx + t * nb, nb);
+    }
+}
+
+DL_AVX2 static float dot_f32_avx2(const float *a, const float *b, int64_t n) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+    }
+    for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+    float s = hsum_ps(_mm256_add_ps(s0, s1));
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+DL_AVX2 static inline __m256 load_f16x8(const uint16_t *p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+}
+
+DL_AVX2 static float dot_f16_avx2(const uint16_t *a, const float *b, int64_t n) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        s0 = _mm256_fmadd_ps(load_f16x8(a + i), _mm256_loadu_ps(b + i), s0);
+        s1 = _mm256_fmadd_ps(load_f16x8(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+    }
+    for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(load_f16x8(a + i), _mm256_loadu_ps(b + i), s0);
+    float s = hsum_ps(_mm256_add_ps(s0, s1));
+    for (; i < n; i++) s += _cvtsh_ss(a[i]) * b[i];
+    return s;
+}
+
+/* F32/F16 weights, 4 tokens per pass over a weight row (each weight vector loaded once). */
+#define DEFINE_MATMUL_FLOAT_AVX2(NAME, WT, LOADW, DOT, CVT1)                                          \
+    DL_AVX2 static void NAME(float *out, const WT *w, const float *x, int64_t B, int64_t d, int64_t n,  \
+                             int64_t r0, int64_t r1) {                                                 \
+        for (int64_t r = r0; r < r1; r++) {                                                            \
+            const WT *wr = w + r * n;                                                                  \
+            int64_t t = 0;                                                                             \
+            for (; t + 4 <= B; t += 4) {                                                               \
+                const float *x0 = x + t * n, *x1 = x0 + n, *x2 = x1 + n, *x3 = x2 + n;                 \
+                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                            \
+                int64_t i = 0;                                                                         \
+                for (; i + 8 <= n; i += 8) {                                                           \
+                    __m256 wv = LOADW(wr + i);                                                         \
+                    a0 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x0 + i), a0);                             \
+                    a1 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x1 + i), a1);                             \
+                    a2 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x2 + i), a2);                             \
+                    a3 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x3 + i), a3);                             \
+                }                                                                                      \
+                float s0 = hsum_ps(a0), s1 = hsum_ps(a1), s2 = hsum_ps(a2), s3 = hsum_ps(a3);          \
+                for (; i < n; i++) {                                                                   \
+                    float wi = CVT1(wr[i]);                                                            \
+                    s0 += wi * x0[i]; s1 += wi * x1[i]; s2 += wi * x2[i]; s3 += wi * x3[i];            \
+                }                                                                                      \
+                out[t * d + r] = s0; out[(t + 1) * d + r] = s1;                                        \
+                out[(t + 2) * d + r] = s2; out[(t + 3) * d + r] = s3;                                  \
+            }                                                                                          \
+            for (; t < B; t++) out[t * d + r] = DOT(wr, x + t * n, n);                                 \
+        }                                                                                              \
+    }
+
+#define F32_ID(v) (v)
+#define F16_CVT(v) _cvtsh_ss(v)
+DEFINE_MATMUL_FLOAT_AVX2(matmul_f32_avx2, float, _mm256_loadu_ps, dot_f32_avx2, F32_ID)
+DEFINE_MATMUL_FLOAT_AVX2(matmul_f16_avx2, uint16_t, load_f16x8, dot_f16_avx2, F16_CVT)
+
+DL_AVX2 static void axpy_avx2(float *y, const float *x, float a, int64_t n) {
+    const __m256 va = _mm256_set1_ps(a);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+    for (; i < n; i++) y[i] += a * x[i];
+}
+
+DL_AVX2 static double sum_f64_avx2(const double *x, int64_t n) {
+    __m256d s0 = _mm256_setzero_pd(), s1 = s0, s2 = s0, s3 = s0;
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        s0 = _mm256_add_pd(s0, _mm256_loadu_pd(x + i));
+        s1 = _mm256_add_pd(s1, _mm256_loadu_pd(x + i + 4));
+        s2 = _mm256_add_pd(s2, _mm256_loadu_pd(x + i + 8));
+        s3 = _mm256_add_pd(s3, _mm256_loadu_pd(x + i + 12));
+    }
+    __m256d s = _mm256_add_pd(_mm256_add_pd(s0, s1), _mm256_add_pd(s2, s3));
+    double t[4];
+    _mm256_storeu_pd(t, s);
+    double r = (t[0] + t[1]) + (t[2] + t[3]);
+    for (; i < n; i++) r += x[i];
+    return r;
+}
+
+#endif /* DL_X86 */
+
+/* ======================================================================== 5. aarch64 NEON */
+#if DL_ARM
+
+static inline float neon_f16(const uint8_t *p) {
+    return vgetq_lane_f32(vcvt_f32_f16(vreinterpret_f16_u16(vdup_n_u16(ld_u16(p)))), 0);
+}
+
+static void quantize_q80_neon(uint8_t *out, const float *x, int64_t nb) {
+    for (int64_t b = 0; b < nb; b++, x += DL_QK, out += DL_Q80_BYTES) {
+        float32x4_t v[8];
+        float32x4_t m = vdupq_n_f32(0.0f);
+        for (int k = 0; k < 8; k++) {
+            v[k] = vld1q_f32(x + 4 * k);
+            m = vmaxq_f32(m, vabsq_f32(v[k]));
+        }
+        float amax = vmaxvq_f32(m);
+        float d = amax / 127.0f;
+        float id = d != 0.0f ? 1.0f / d : 0.0f;
+        uint16_t dh = dl_f32_to_f16(d);
+        memcpy(out, &dh, 2);
+        int8_t *q = (int8_t *)(out + 2);
+        for (int k = 0; k < 8; k += 2) {
+            /* vcvtnq: round to nearest, ties to even, like the scalar rintf and AVX2 round */
+            int32x4_t i0 = vcvtnq_s32_f32(vmulq_n_f32(v[k], id));
+            int32x4_t i1 = vcvtnq_s32_f32(vmulq_n_f32(v[k + 1], id));
+            int16x8_t h = vcombine_s16(vmovn_s32(i0), vmovn_s32(i1));
+            vst1_s8(q + 4 * k, vmovn_s16(h));
+        }
+    }
+}
+
+/* int32 lanes whose sum is sum_j (w_j - 8) * x_j, plain NEON (widening multiply-accumulate). */
+static inline int32x4_t neon_block_q40(const uint8_t *w, const uint8_t *x) {
+    uint8x16_t q = vld1q_u8(w + 2);
+    int8x16_t lo = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(q, vdupq_n_u8(15))), vdupq_n_s8(8));
+    int8x16_t hi = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(q, 4)), vdupq_n_s8(8));
+    int8x16_t x0 = vld1q_s8((const int8_t *)(x + 2)), x1 = vld1q_s8((const int8_t *)(x + 18));
+    int16x8_t p = vmull_s8(vget_low_s8(lo), vget_low_s8(x0));
+    p = vmlal_s8(p, vget_high_s8(lo), vget_high_s8(x0));
+    p = vmlal_s8(p, vget_low_s8(hi), vget_low_s8(x1));     /* |p| <= 4 * 8 * 127: no overflow */
+    p = vmlal_s8(p, vget_high_s8(hi), vget_high_s8(x1));
+    return vpaddlq_s16(p);
+}
+
+static inline int32x4_t neon_block_q80(const uint8_t *w, const uint8_t *x) {
+    int8x16_t w0 = vld1q_s8((const int8_t *)(w + 2)), w1 = vld1q_s8((const int8_t *)(w + 18));
+    int8x16_t x0 = vld1q_s8((const int8_t *)(x + 2)), x1 = vld1q_s8((const int8_t *)(x + 18));
+    int16x8_t p0 = vmull_s8(vget_low_s8(w0), vget_low_s8(x0));
+    p0 = vmlal_s8(p0, vget_high_s8(w0), vget_high_s8(x0));   /* 2 * 127 * 128 fits int16 */
+    int16x8_t p1 = vmull_s8(vget_low_s8(w1), vget_low_s8(x1));
+    p1 = vmlal_s8(p1, vget_high_s8(w1), vget_high_s8(x1));
+    return vaddq_s32(vpaddlq_s16(p0), vpaddlq_s16(p1));
+}
+
+#define DEFINE_DOT_NEON(NAME, ATTR, BLOCK, WBYTES)                                                \
+    ATTR static float NAME(const uint8_t *w, const uint8_t *x, const float *dx, int64_t nb) {     \
+        float32x4_t a0 = vdupq_n_f32(0.0f), a1 = a0;                                              \
+        int64_t b = 0;                                                                            \
+        for (; b + 2 <= nb; b += 2) {                                                             \
+            const uint8_t *w0 = w + b * WBYTES, *x0 = x + b * DL_Q80_BYTES;                       \
+            a0 = vmlaq_n_f32(a0, vcvtq_f32_s32(BLOCK(w0, x0)), neon_f16(w0) * dx[b]);             \
+            a1 = vmlaq_n_f32(a1, vcvtq_f32_s32(BLOCK(w0 + WBYTES, x0 + DL_Q80_BYTES)),            \
+                             neon_f16(w0 + WBYTES) * dx[b + 1]);                                  \
+        }                                                                                         \
+        for (; b < nb; b++)                                                                       \
+            a0 = vmlaq_n_f32(a0, vcvtq_f32_s32(BLOCK(w + b * WBYTES, x + b * DL_Q80_BYTES)),      \
+                             neon_f16(w + b * WBYTES) * dx[b]);                                   \
+        return vaddvq_f32(vaddq_f32(a0, a1));                                                     \
+    }
+
+DEFINE_DOT_NEON(dot_q40_neon, , neon_block_q40, DL_Q40_BYTES)
+DEFINE_DOT_NEON(dot_q80_neon, , neon_block_q80, DL_Q80_BYTES)
+
+DL_DOTPROD static inline int32x4_t sdot_block_q40(const uint8_t *w, const uint8_t *x) {
+    uint8x16_t q = vld1q_u8(w + 2);
+    int8x16_t lo = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(q, vdupq_n_u8(15))), vdupq_n_s8(8));
+    int8x16_t hi = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(q, 4)), vdupq_n_s8(8));
+    int32x4_t acc = vdotq_s32(vdupq_n_s32(0), lo, vld1q_s8((const int8_t *)(x + 2)));
+    return vdotq_s32(acc, hi, vld1q_s8((const int8_t *)(x + 18)));
+}
+
+DL_DOTPROD static inline int32x4_t sdot_block_q80(const uint8_t *w, const uint8_t *x) {
+    int32x4_t acc = vdotq_s32(vdupq_n_s32(0), vld1q_s8((const int8_t *)(w + 2)), vld1q_s8((const int8_t *)(x + 2)));
+    return vdotq_s32(acc, vld1q_s8((const int8_t *)(w + 18)), vld1q_s8((const int8_t *)(x + 18)));
+}
+
+DEFINE_DOT_NEON(dot_q40_sdot, DL_DOTPROD, sdot_block_q40, DL_Q40_BYTES)
+DEFINE_DOT_NEON(dot_q80_sdot, DL_DOTPROD, sdot_block_q80, DL_Q80_BYTES)
+
+typedef float (*dot_q_fn)(const uint8_t *, const uint8_t *, const float *, int64_t);
+
+static void matmul_q_neon(dot_q_fn dot, int64_t wbytes, float *out, const uint8_t *w, const uint8_t *xq,
+                          const float *dx, int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *wr = w + r * nb * wbytes;
+        for (int64_t t = 0; t < B; t++) out[t * d + r] = dot(wr, xq + t * nb * DL_Q80_BYTES, dx + t * nb, nb);
+    }
+}
+
+static float dot_f32_neon(const float *a, const float *b, int64_t n) {
+    float32x4_t s0 = vdupq_n_f32(0.0f), s1 = s0;
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        s0 = vfmaq_f32(s0, vld1q_f32(a + i), vld1q_f32(b + i));
+        s1 = vfmaq_f32(s1, vld1q_f32(a + i + 4), vld1q_f32(b + i + 4));
+    }
+    float s = vaddvq_f32(vaddq_f32(s0, s1));
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+static float dot_f16_neon(const uint16_t *a, const float *b, int64_t n) {
+    float32x4_t s0 = vdupq_n_f32(0.0f), s1 = s0;
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        float16x8_t h = vreinterpretq_f16_u16(vld1q_u16(a + i));
+        s0 = vfmaq_f32(s0, vcvt_f32_f16(vget_low_f16(h)), vld1q_f32(b + i));
+        s1 = vfmaq_f32(s1, vcvt_high_f32_f16(h), vld1q_f32(b + i + 4));
+    }
+    float s = vaddvq_f32(vaddq_f32(s0, s1));
+    for (; i < n; i++) s += dl_f16_to_f32(a[i]) * b[i];
+    return s;
+}
+
+static void axpy_neon(float *y, const float *x, float a, int64_t n) {
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) vst1q_f32(y + i, vfmaq_n_f32(vld1q_f32(y + i), vld1q_f32(x + i), a));
+    for (; i < n; i++) y[i] += a * x[i];
+}
+
+#endif /* DL_ARM */
+
+/* ======================================================================== 6. dispatch */
+
+void dl_quantize_q80(uint8_t *out, const float *x, int64_t nb) {
+#if DL_X86
+    if (g_path == DL_PATH_AVX2) { quantize_q80_avx2(out, x, nb); return; }
+#endif
+#if DL_ARM
+    if (g_path == DL_PATH_NEON || g_path == DL_PATH_NEON_DOTPROD) { quantize_q80_neon(out, x, nb); return; }
+#endif
+    quantize_q80_scalar(out, x, nb);
+}
+
+void dl_matmul_q40(float *out, const uint8_t *w, const uint8_t *xq, const float *dx, const int32_t *sx,
+                   int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r1) {
+#if DL_X86
+    if (g_path == DL_PATH_AVX2) { matmul_q40_avx2(out, w, xq, dx, sx, B, d, nb, r0, r1); return; }
+#endif
+#if DL_ARM
+    if (g_path == DL_PATH_NEON_DOTPROD) { matmul_q_neon(dot_q40_sdot, DL_Q40_BYTES, out, w, xq, dx, B, d, nb, r0, r1); return; }
+    if (g_path == DL_PATH_NEON) { matmul_q_neon(dot_q40_neon, DL_Q40_BYTES, out, w, xq, dx, B, d, nb, r0, r1); return; }
+#endif
+    (void)sx;
+    matmul_q40_scalar(out, w, xq, dx, B, d, nb, r0, r1);
+}
+
+void dl_matmul_q80(float *out, const uint8_t *w, const uint8_t *xq, const float *dx,
+                   int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r1) {
+#if DL_X86
+    if (g_path == DL_PATH_AVX2) { matmul_q80_avx2(out, w, xq, dx, B, d, nb, r0, r1); return; }
+#endif
+#if DL_ARM
+    if (g_path == DL_PATH_NEON_DOTPROD) { matmul_q_neon(dot_q80_sdot, DL_Q80_BYTES, out, w, xq, dx, B, d, nb, r0, r1); return; }
+    if (g_path == DL_PATH_NEON) { matmul_q_neon(dot_q80_neon, DL_Q80_BYTES, out, w, xq, dx, B, d, nb, r0, r1); return; }
+#endif
+    matmul_q80_scalar(out, w, xq, dx, B, d, nb, r0, r1);
+}
+
+void dl_matmul_f32(float *out, const float *w, const float *x,
+                   int64_t B, int64_t d, int64_t n, int64_t r0, int64_t r1) {
+#if DL_X86
+    if (g_path == DL_PATH_AVX2) { matmul_f32_avx2(out, w, x, B, d, n, r0, r1); return; }
+#endif
+#if DL_ARM
+    if (g_path == DL_PATH_NEON || g_path == DL_PATH_NEON_DOTPROD) {
+        for (int64_t r = r0; r < r1; r++)
+            for (int64_t t = 0; t < B; t++) out[t * d + r] = dot_f32_neon(w + r * n, x + t * n, n);
+        return;
+    }
+#endif
+    matmul_f32_scalar(out, w, x, B, d, n, r0, r1);
+}
+
+void dl_matmul_f16(float *out, const uint16_t *w, const float *x,
+                   int64_t B, int64_t d, int64_t n, int64_t r0, int64_t r1) {
+#if DL_X86
+    if (g_path == DL_PATH_AVX2) { matmul_f16_avx2(out, w, x, B, d, n, r0, r1); return; }
+#endif
+#if DL_ARM
+    if (g_path == DL_PATH_NEON || g_path == DL_PATH_NEON_DOTPROD) {
+        for (int64_t r = r0; r < r1; r++)
+            for (int64_t t = 0; t < B; t++) out[t * d + r] = dot_f16_neon(w + r * n, x + t * n, n);
+        return;
+    }
+#endif
+    matmul_f16_scalar(out, w, x, B, d, n, r0, r1);
+}
+
+float dl_dot_f32(const float *a, const float *b, int64_t n) {
+#if DL_X86
+    if (g_path == DL_PATH_AVX2) return dot_f32_avx2(a, b, n);
+#endif
+#if DL_ARM
+    if (g_path == DL_PATH_NEON || g_path == DL_PATH_NEON_DOTPROD) return dot_f32_neon(a, b, n);
+#endif
+    return dot_f32_scalar(a, b, n);
+}
+
+void dl_axpy_f32(float *y, const float *x, float a, int64_t n) {
+#if DL_X86
+    if (g_path == DL_PATH_AVX2) { axpy_avx2(y, x, a, n); return; }
+#endif
+#if DL_ARM
+    if (g_path == DL_PATH_NEON || g_path == DL_PATH_NEON_DOTPROD) { axpy_neon(y, x, a, n); return; }
+#endif
+    axpy_scalar(y, x, a, n);
+}
+
+double dl_sum_f64(const double *x, int64_t n) {
+#if DL_X86
+    if (g_supported[DL_PATH_AVX2]) return sum_f64_avx2(x, n);
+#endif
+    return sum_f64_scalar(x, n);
+}

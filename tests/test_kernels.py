@@ -1,0 +1,480 @@
+"""dairllm._ops against float64 NumPy references written here (oracle: the math in the spec, not the
+kernels' code). Every compiled SIMD path the CPU supports is compared with the scalar path.
+
+Tolerances: quantized matmuls are compared with the float64 product of the *dequantized* blocks (the
+kernels' integer block sums are exact, only the f32 scaling and accumulation round), relative to
+sum |w| |x| of the row; Q80 quantization is bit-exact.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from dairllm import _ops
+
+PATHS = _ops.build_info()["simd_supported"]
+SIMD_PATHS = [p for p in PATHS if p != "scalar"]
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
+
+
+@pytest.fixture(params=PATHS)
+def path(request):
+    before = _ops.get_simd_path()
+    _ops.set_simd_path(request.param)
+    yield request.param
+    _ops.set_simd_path(before)
+
+
+def on_path(name, fn, *args, **kw):
+    before = _ops.get_simd_path()
+    _ops.set_simd_path(name)
+    try:
+        return fn(*args, **kw)
+    finally:
+        _ops.set_simd_path(before)
+
+
+# ---------------------------------------------------------------- NumPy references (float64 where it matters)
+
+def ref_quantize_q80(x: np.ndarray) -> np.ndarray:
+    """Runtime rule: d = amax/127 in f32, id = 1/d (f32), q = round-half-even(x*id) in f32, f16(d) RNE."""
+    B, n = x.shape
+    g = x.astype(np.float32).reshape(B, n // 32, 32)
+    d = (np.abs(g).max(axis=2) / np.float32(127)).astype(np.float32)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d != 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
+    q = np.rint((g * inv[..., None]).astype(np.float32)).astype(np.int8)
+    out = np.empty((B, n // 32, 34), np.uint8)
+    with np.errstate(over="ignore"):
+        out[..., :2] = d.astype(np.float16)[..., None].view(np.uint8)
+    out[..., 2:] = q.view(np.uint8)
+    return out.reshape(B, -1)
+
+
+def ref_dequantize_q80(xq: np.ndarray) -> np.ndarray:
+    b = xq.reshape(xq.shape[0], -1, 34)
+    d = b[..., :2].copy().view(np.float16)[..., 0].astype(np.float64)
+    return (b[..., 2:].view(np.int8).astype(np.float64) * d[..., None]).reshape(xq.shape[0], -1)
+
+
+def ref_dequantize_q40(w: np.ndarray) -> np.ndarray:
+    b = w.reshape(w.shape[0], -1, 18)
+    d = b[..., :2].copy().view(np.float16)[..., 0].astype(np.float64)
+    q = b[..., 2:]
+    vals = np.concatenate([(q & 15).astype(np.float64) - 8, (q >> 4).astype(np.float64) - 8], axis=2)
+    return (vals * d[..., None]).reshape(w.shape[0], -1)
+
+
+def random_q40(rng, d: int, n: int) -> np.ndarray:
+    """Random Q40 rows: random nibbles, random positive/negative f16 scales."""
+    w = rng.integers(0, 256, (d, n // 32, 18), dtype=np.uint8)
+    scales = (rng.uniform(0.001, 0.05, (d, n // 32)) * rng.choice([-1, 1], (d, n // 32))).astype(np.float16)
+    w[..., :2] = scales[..., None].view(np.uint8)
+    return w.reshape(d, -1)
+
+
+def random_q80(rng, d: int, n: int) -> np.ndarray:
+    x = rng.standard_normal((d, n)).astype(np.float32)
+    return ref_quantize_q80(x)
+
+
+def assert_matmul_close(out, wd, xd, rtol=3e-6):
+    """out[b, r] vs float64 sum_i wd[r, i] xd[b, i], error relative to sum |w||x| of that dot."""
+    ref = xd @ wd.T
+    scale = np.abs(xd) @ np.abs(wd).T + 1e-30
+    err = np.abs(out.astype(np.float64) - ref) / scale
+    assert err.max() <= rtol, f"max relative error {err.max():.3g} (rtol {rtol})"
+
+
+# ---------------------------------------------------------------- build info, threads
+
+def test_build_info():
+    info = _ops.build_info()
+    for key in ("arch", "openmp", "simd_compiled", "simd_supported", "simd_selected", "cpu_features",
+                "max_threads"):
+        assert key in info
+    assert "scalar" in info["simd_compiled"]
+    assert info["simd_selected"] in info["simd_supported"]
+    assert set(info["simd_supported"]) <= set(info["simd_compiled"])
+    if info["arch"] == "x86_64":
+        assert "avx2" in info["simd_compiled"]
+    if info["arch"] == "aarch64":
+        assert "neon" in info["simd_supported"]
+
+
+def test_set_simd_path_rejects_unknown():
+    with pytest.raises(ValueError):
+        _ops.set_simd_path("sse9")
+
+
+def test_num_threads_roundtrip():
+    before = _ops.get_num_threads()
+    try:
+        _ops.set_num_threads(1)
+        assert _ops.get_num_threads() == 1
+        with pytest.raises(ValueError):
+            _ops.set_num_threads(0)
+        with pytest.raises(TypeError):
+            _ops.set_num_threads("2")
+    finally:
+        _ops.set_num_threads(before)
+
+
+# ---------------------------------------------------------------- quantization
+
+@pytest.mark.parametrize("B,n", [(1, 32), (3, 96), (7, 2048), (2, 8192 + 32)])
+def test_quantize_q80_bit_exact(path, rng, B, n):
+    x = (rng.standard_normal((B, n)) * rng.uniform(0.01, 100, (B, 1))).astype(np.float32)
+    out = np.empty((B, n // 32 * 34), np.uint8)
+    _ops.quantize_q80(out, x)
+    np.testing.assert_array_equal(out, ref_quantize_q80(x))
+
+
+def test_quantize_q80_ties_and_edge_scales(path):
+    blocks = []
+    b = np.zeros(32, np.float32)
+    b[0] = 127.0                                            # d = 1, id = 1: x*id is exactly x
+    b[1:9] = [0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, -3.5]  # ties go to even
+    blocks.append(b)
+    blocks.append(np.zeros(32, np.float32))                  # d = 0
+    blocks.append(np.linspace(-1e-6, 1e-6, 32, dtype=np.float32))   # f16 subnormal d
+    blocks.append(np.linspace(-3e-8, 2e-8, 32, dtype=np.float32))   # d rounds to f16 zero
+    blocks.append(np.full(32, -5.0, np.float32))             # q = -127 everywhere
+    c = np.arange(32, dtype=np.float32) - 16.0
+    c[5] = 254.0                                             # d = 2: odd multiples of 1 are ties
+    blocks.append(c)
+    x = np.concatenate(blocks)[None, :]
+    out = np.empty((1, x.shape[1] // 32 * 34), np.uint8)
+    _ops.quantize_q80(out, x)
+    ref = ref_quantize_q80(x)
+    np.testing.assert_array_equal(out, ref)
+    q0 = out[0, 2:34].view(np.int8)
+    assert list(q0[1:9]) == [0, 2, 2, 0, -2, -2, 126, -4]
+
+
+def test_quantize_q80_same_on_every_path(rng):
+    x = (rng.standard_normal((5, 1024)) * 3).astype(np.float32)
+    x[0, :32] = np.round(x[0, :32] * 2) / 2                 # plenty of exact halves
+    outs = []
+    for p in PATHS:
+        o = np.empty((5, 32 * 34), np.uint8)
+        on_path(p, _ops.quantize_q80, o, x)
+        outs.append(o)
+    for o in outs[1:]:
+        np.testing.assert_array_equal(o, outs[0])
+
+
+def test_dequantize(path, rng):
+    xq = random_q80(rng, 3, 320)
+    out = np.empty((3, 320), np.float32)
+    _ops.dequantize_q80(out, xq)
+    np.testing.assert_array_equal(out, ref_dequantize_q80(xq).astype(np.float32))
+    w = random_q40(rng, 5, 256)
+    out = np.empty((5, 256), np.float32)
+    _ops.dequantize_q40(out, w)
+    np.testing.assert_array_equal(out, ref_dequantize_q40(w).astype(np.float32))
+
+
+# ---------------------------------------------------------------- quantized matmul
+
+QSHAPES = [(1, 32, 1), (1, 8192, 37), (7, 96, 33), (33, 2048, 65), (2, 2048 + 96, 17), (1, 2048, 8192)]
+
+
+@pytest.mark.parametrize("B,n,d", QSHAPES)
+def test_matmul_q40(path, rng, B, n, d):
+    w = random_q40(rng, d, n)
+    xq = random_q80(rng, B, n)
+    out = np.empty((B, d), np.float32)
+    _ops.matmul_q40(out, w, xq)
+    assert_matmul_close(out, ref_dequantize_q40(w), ref_dequantize_q80(xq))
+
+
+@pytest.mark.parametrize("B,n,d", [(1, 64, 3), (7, 320, 33), (33, 256, 19)])
+def test_matmul_q80(path, rng, B, n, d):
+    w = random_q80(rng, d, n)
+    xq = random_q80(rng, B, n)
+    out = np.empty((B, d), np.float32)
+    _ops.matmul_q80(out, w, xq)
+    assert_matmul_close(out, ref_dequantize_q80(w), ref_dequantize_q80(xq))
+
+
+@pytest.mark.parametrize("B,n,d", [(1, 1, 1), (1, 2053, 37), (7, 96, 33), (33, 517, 65), (4, 8, 3)])
+def test_matmul_f32(path, rng, B, n, d):
+    w = rng.standard_normal((d, n)).astype(np.float32)
+    x = rng.standard_normal((B, n)).astype(np.float32)
+    out = np.empty((B, d), np.float32)
+    _ops.matmul_f32(out, w, x)
+    assert_matmul_close(out, w.astype(np.float64), x.astype(np.float64), rtol=1e-6 * max(1, math.log2(n)))
+
+
+@pytest.mark.parametrize("B,n,d", [(1, 2053, 37), (7, 96, 33), (33, 517, 5)])
+def test_matmul_f16(path, rng, B, n, d):
+    w = rng.standard_normal((d, n)).astype(np.float16)
+    x = rng.standard_normal((B, n)).astype(np.float32)
+    out = np.empty((B, d), np.float32)
+    _ops.matmul_f16(out, w, x)                         # float16 dtype
+    assert_matmul_close(out, w.astype(np.float64), x.astype(np.float64), rtol=1e-6 * max(1, math.log2(n)))
+    out2 = np.empty_like(out)
+    _ops.matmul_f16(out2, w.view(np.uint16), x)        # raw bit patterns
+    np.testing.assert_array_equal(out, out2)
+
+
+@pytest.mark.parametrize("simd", SIMD_PATHS)
+def test_simd_matmuls_match_scalar(rng, simd):
+    B, n, d = 9, 1056, 45
+    w4, w8 = random_q40(rng, d, n), random_q80(rng, d, n)
+    wf = rng.standard_normal((d, n)).astype(np.float32)
+    x = rng.standard_normal((B, n)).astype(np.float32)
+    xq = ref_quantize_q80(x)
+    for fn, w, a in ((_ops.matmul_q40, w4, xq), (_ops.matmul_q80, w8, xq), (_ops.matmul_f32, wf, x),
+                     (_ops.matmul_f16, wf.astype(np.float16), x)):
+        o_s, o_v = np.empty((B, d), np.float32), np.empty((B, d), np.float32)
+        on_path("scalar", fn, o_s, w, a)
+        on_path(simd, fn, o_v, w, a)
+        np.testing.assert_allclose(o_v, o_s, rtol=1e-4, atol=1e-4 * np.abs(o_s).max())
+
+
+def test_batched_equals_single_rows(path, rng):
+    """B > 1 (tiled kernel) gives each row what B = 1 gives, up to f32 summation order."""
+    B, n, d = 11, 1024, 40
+    w = random_q40(rng, d, n)
+    xq = random_q80(rng, B, n)
+    out = np.empty((B, d), np.float32)
+    _ops.matmul_q40(out, w, xq)
+    for b in range(B):
+        one = np.empty((1, d), np.float32)
+        _ops.matmul_q40(one, w, xq[b:b + 1].copy())
+        np.testing.assert_allclose(out[b], one[0], rtol=1e-5, atol=1e-5 * np.abs(one).max())
+
+
+def test_threads_give_identical_results(rng):
+    B, n, d = 3, 2048, 300
+    w, xq = random_q40(rng, d, n), random_q80(rng, B, n)
+    wf = rng.standard_normal((d, n)).astype(np.float32)
+    x = rng.standard_normal((B, n)).astype(np.float32)
+    for fn, ww, a in ((_ops.matmul_q40, w, xq), (_ops.matmul_f32, wf, x)):
+        o1, o2 = np.empty((B, d), np.float32), np.empty((B, d), np.float32)
+        fn(o1, ww, a, n_threads=1)
+        fn(o2, ww, a, n_threads=2)
+        np.testing.assert_array_equal(o1, o2)
+    q1, q2 = np.empty((B, 64 * 34), np.uint8), np.empty((B, 64 * 34), np.uint8)
+    _ops.quantize_q80(q1, x, n_threads=1)
+    _ops.quantize_q80(q2, x, n_threads=2)
+    np.testing.assert_array_equal(q1, q2)
+
+
+def test_matmul_accepts_readonly_mmap_like_weights(rng):
+    w = random_q40(rng, 8, 64)
+    w.setflags(write=False)
+    xq = random_q80(rng, 1, 64)
+    out = np.empty((1, 8), np.float32)
+    _ops.matmul_q40(out, w, xq)
+    assert_matmul_close(out, ref_dequantize_q40(w), ref_dequantize_q80(xq))
+
+
+# ---------------------------------------------------------------- norms, rope, attention
+
+@pytest.mark.parametrize("R,n", [(1, 1), (7, 64), (33, 2048), (2, 8192)])
+def test_rmsnorm(rng, R, n):
+    x = (rng.standard_normal((R, n)) * 3).astype(np.float32)
+    w = rng.standard_normal(n).astype(np.float32)
+    out = np.empty_like(x)
+    _ops.rmsnorm(out, x, w, 1e-5)
+    x64 = x.astype(np.float64)
+    ref = x64 / np.sqrt((x64 ** 2).mean(axis=1, keepdims=True) + 1e-5) * w
+    np.testing.assert_allclose(out, ref, rtol=2e-6, atol=1e-6)
+    _ops.rmsnorm(x, x, w, 1e-5)                        # in place
+    np.testing.assert_array_equal(x, out)
+
+
+def rope_freqs(head_dim, theta):
+    return theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+
+
+@pytest.mark.parametrize("neox", [False, True])
+def test_rope(rng, neox):
+    B, H, hd, S = 7, 3, 64, 50
+    x = rng.standard_normal((B, H * hd)).astype(np.float32)
+    pos = rng.integers(0, S, B).astype(np.int32)
+    ang = np.arange(S)[:, None] * rope_freqs(hd, 10000.0)[None, :]
+    table = np.stack([np.cos(ang), np.sin(ang)], axis=-1).astype(np.float32)
+    c = table[pos, :, 0].astype(np.float64)[:, None, :]
+    s = table[pos, :, 1].astype(np.float64)[:, None, :]
+    h = x.astype(np.float64).reshape(B, H, hd)
+    if neox:
+        a, b = h[..., :hd // 2], h[..., hd // 2:]
+        ref = np.concatenate([a * c - b * s, a * s + b * c], axis=-1)
+    else:
+        a, b = h[..., 0::2], h[..., 1::2]
+        ref = np.stack([a * c - b * s, a * s + b * c], axis=-1).reshape(B, H, hd)
+    _ops.rope(x, pos, table, hd, neox)
+    np.testing.assert_allclose(x.reshape(B, H, hd), ref, rtol=1e-5, atol=1e-5)
+
+
+def ref_attention(q, k, v, pos, H, KVH, hd):
+    out = np.zeros(q.shape, np.float64)
+    mul = H // KVH
+    for b, p in enumerate(pos):
+        for h in range(H):
+            g = h // mul
+            qh = q[b, h * hd:(h + 1) * hd].astype(np.float64)
+            K = k[:p + 1, g * hd:(g + 1) * hd].astype(np.float64)
+            V = v[:p + 1, g * hd:(g + 1) * hd].astype(np.float64)
+            sc = K @ qh / math.sqrt(hd)
+            a = np.exp(sc - sc.max())
+            out[b, h * hd:(h + 1) * hd] = (a / a.sum()) @ V
+    return out
+
+
+@pytest.mark.parametrize("B,H,KVH,hd,S", [(1, 4, 4, 16, 1), (7, 8, 2, 64, 40), (33, 6, 3, 24, 70)])
+def test_attention(path, rng, B, H, KVH, hd, S):
+    q = rng.standard_normal((B, H * hd)).astype(np.float32)
+    k = rng.standard_normal((S, KVH * hd)).astype(np.float32)
+    v = rng.standard_normal((S, KVH * hd)).astype(np.float32)
+    pos = np.sort(rng.integers(0, S, B)).astype(np.int32)
+    pos[-1] = S - 1
+    out = np.empty_like(q)
+    _ops.attention(out, q, k, v, pos, H, KVH, hd)
+    np.testing.assert_allclose(out, ref_attention(q, k, v, pos, H, KVH, hd), rtol=1e-5, atol=2e-6)
+
+
+def test_attention_threads_identical(rng):
+    B, H, KVH, hd, S = 5, 8, 2, 64, 1000        # enough work for two threads
+    q = rng.standard_normal((B, H * hd)).astype(np.float32)
+    k = rng.standard_normal((S, KVH * hd)).astype(np.float32)
+    v = rng.standard_normal((S, KVH * hd)).astype(np.float32)
+    pos = np.arange(S - B, S, dtype=np.int32)
+    o1, o2 = np.empty_like(q), np.empty_like(q)
+    _ops.attention(o1, q, k, v, pos, H, KVH, hd, n_threads=1)
+    _ops.attention(o2, q, k, v, pos, H, KVH, hd, n_threads=2)
+    np.testing.assert_array_equal(o1, o2)
+
+
+# ---------------------------------------------------------------- elementwise, softmax, router
+
+@pytest.mark.parametrize("shape", [(1, 1), (7, 33), (3, 70000)])
+def test_activations(rng, shape):
+    x = (rng.standard_normal(shape) * 4).astype(np.float32)
+    y = rng.standard_normal(shape).astype(np.float32)
+    x64, y64 = x.astype(np.float64), y.astype(np.float64)
+    silu = x64 / (1 + np.exp(-x64))
+    gelu = 0.5 * x64 * (1 + np.tanh(0.7978845608 * x64 * (1 + 0.044715 * x64 * x64)))
+    cases = [
+        (lambda a: _ops.silu(a), silu),
+        (lambda a: _ops.gelu(a), gelu),
+        (lambda a: _ops.silu_mul(a, y), silu * y64),
+        (lambda a: _ops.mul(a, y), x64 * y64),
+        (lambda a: _ops.add(a, y), x64 + y64),
+        (lambda a: _ops.scale_add(a, y, 0.37), x64 + np.float32(0.37) * y64),
+    ]
+    for fn, ref in cases:
+        a = x.copy()
+        fn(a)
+        np.testing.assert_allclose(a, ref, rtol=2e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("R,n", [(1, 1), (7, 33), (2, 128256)])
+def test_softmax(rng, R, n):
+    x = (rng.standard_normal((R, n)) * 10).astype(np.float32)
+    ref = np.exp(x.astype(np.float64) - x.max(axis=1, keepdims=True))
+    ref /= ref.sum(axis=1, keepdims=True)
+    _ops.softmax(x)
+    np.testing.assert_allclose(x, ref, rtol=1e-5, atol=1e-12)
+
+
+@pytest.mark.parametrize("B,E,k", [(1, 8, 2), (7, 128, 8), (3, 4, 4)])
+def test_moe_route(rng, B, E, k):
+    g = rng.standard_normal((B, E)).astype(np.float32)
+    idx = np.empty((B, k), np.int32)
+    wts = np.empty((B, k), np.float32)
+    _ops.moe_route(idx, wts, g, k)
+    for b in range(B):
+        p = np.exp(g[b].astype(np.float64) - g[b].max())
+        p /= p.sum()
+        order = sorted(range(E), key=lambda e: (-g[b, e], e))[:k]
+        assert list(idx[b]) == order
+        np.testing.assert_allclose(wts[b], p[order] / p[order].sum(), rtol=1e-6)
+
+
+def test_moe_route_ties_lower_index_first():
+    g = np.array([[0.5, 2.0, 1.0, 2.0, 2.0, -1.0]], np.float32)
+    idx = np.empty((1, 3), np.int32)
+    wts = np.empty((1, 3), np.float32)
+    _ops.moe_route(idx, wts, g, 3)
+    assert list(idx[0]) == [1, 3, 4]
+    np.testing.assert_allclose(wts[0], [1 / 3] * 3, rtol=1e-6)
+
+
+# ---------------------------------------------------------------- bad input
+
+def test_bad_inputs_raise(rng):
+    w = random_q40(rng, 4, 64)
+    xq = random_q80(rng, 2, 64)
+    out = np.empty((2, 4), np.float32)
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    with pytest.raises(TypeError):
+        _ops.matmul_q40(out.astype(np.float64), w, xq)
+    with pytest.raises(TypeError):
+        _ops.matmul_q40(out, w.astype(np.int8), xq)
+    with pytest.raises(TypeError):
+        _ops.matmul_q40(out, w.tolist(), xq)
+    with pytest.raises(ValueError):
+        _ops.matmul_q40(out, np.asfortranarray(w), xq)
+    with pytest.raises(ValueError):
+        _ops.matmul_q40(out, w[:, :-18], xq)                          # block count mismatch
+    with pytest.raises(ValueError):
+        _ops.matmul_q40(out, w, xq[:, :-1].copy())                     # not whole Q80 blocks
+    with pytest.raises(ValueError):
+        _ops.matmul_q40(np.empty((2, 5), np.float32), w, xq)           # wrong out shape
+    with pytest.raises(ValueError):
+        _ops.matmul_q40(out, w, xq, n_threads=0)
+    ro = np.empty((2, 4), np.float32)
+    ro.setflags(write=False)
+    with pytest.raises(ValueError):
+        _ops.matmul_q40(ro, w, xq)
+    with pytest.raises(ValueError):
+        _ops.quantize_q80(np.empty((2, 68), np.uint8), x[:, :48].copy())   # n not a multiple of 32
+    with pytest.raises(ValueError):
+        _ops.quantize_q80(np.empty((2, 67), np.uint8), x)
+    with pytest.raises(TypeError):
+        _ops.quantize_q80(np.empty((2, 68), np.uint8), x.astype(np.float64))
+    with pytest.raises(ValueError):
+        _ops.quantize_q80(np.empty((2, 68), np.uint8), x[:, ::2])       # non-contiguous
+    with pytest.raises(ValueError):
+        _ops.matmul_f32(out, rng.standard_normal((4, 63)).astype(np.float32), x)
+    with pytest.raises(TypeError):
+        _ops.matmul_f16(out, rng.standard_normal((4, 64)).astype(np.float32), x)
+    with pytest.raises(ValueError):
+        _ops.rmsnorm(np.empty((2, 64), np.float32), x, np.ones(63, np.float32), 1e-5)
+    with pytest.raises(TypeError):
+        _ops.add(x, x.astype(np.float64))
+    with pytest.raises(ValueError):
+        _ops.mul(x, x[:1].copy())
+    with pytest.raises(ValueError):
+        _ops.moe_route(np.empty((2, 9), np.int32), np.empty((2, 9), np.float32), x[:, :8].copy(), 9)
+
+
+def test_bad_positions_raise(rng):
+    H, KVH, hd, S = 4, 2, 16, 10
+    q = rng.standard_normal((2, H * hd)).astype(np.float32)
+    k = np.zeros((S, KVH * hd), np.float32)
+    out = np.empty_like(q)
+    with pytest.raises(ValueError):
+        _ops.attention(out, q, k, k, np.array([3, S], np.int32), H, KVH, hd)
+    with pytest.raises(ValueError):
+        _ops.attention(out, q, k, k, np.array([3, -1], np.int32), H, KVH, hd)
+    with pytest.raises(TypeError):
+        _ops.attention(out, q, k, k, np.array([3, 4], np.int64), H, KVH, hd)
+    with pytest.raises(ValueError):
+        _ops.attention(out, q, k, k, np.array([3, 4], np.int32), H, 3, hd)
+    table = np.zeros((S, hd // 2, 2), np.float32)
+    with pytest.raises(ValueError):
+        _ops.rope(q, np.array([0, S], np.int32), table, hd, False)
+    with pytest.raises(ValueError):
+        _ops.rope(q, np.array([0, 1], np.int32), table, hd + 2, False)
