@@ -189,6 +189,10 @@ class PreadFiller:
 
     def init_slot(self, slot: Slot) -> None:
         m = mmap.mmap(-1, max(self.slot_bytes, PAGE))
+        try:                               # fewer TLB misses for the kernels reading it
+            m.madvise(mmap.MADV_HUGEPAGE)
+        except (AttributeError, OSError):
+            pass
         self._maps.append(m)
         slot.buf = np.frombuffer(m, dtype=np.uint8)
 
