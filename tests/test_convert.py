@@ -141,10 +141,18 @@ def test_q40_conversion_matches_transformers_on_dequantized_weights(case, tmp_pa
     with Model.open(tmp_path / "m.m") as m:
         assert m.header.weight_type is FloatType.Q40
         ours = m.forward(TOKENS, 0)
-    # Q80 activations: each quantized vector costs ~0.4%, several per layer.
+    # Q80 activations: each quantized vector costs ~0.4%, several per layer; in a MoE a near-tie
+    # between experts can flip the routing of a token (one row far off, in the Q80-emulating
+    # reference just as in ours).
     rel = row_errors(ours, want)
-    assert np.median(rel) < 3e-2 and rel.max() < 6e-2, rel
+    assert np.median(rel) < 3e-2 and np.mean(rel < 6e-2) >= 0.9, rel
     assert (ours.argmax(1) == want.argmax(1)).mean() >= 0.85
+    # What is left is the Q80 rounding itself: an independent float64 forward with the same Q80
+    # points agrees with us to float32 noise until the first int8 rounding flip (float32 vs
+    # float64 sums), after which rows drift by about one Q80 step (~1e-2).
+    q80 = Reference.load(tmp_path / "m.m").forward(TOKENS, 0)
+    rel = row_errors(ours, q80)
+    assert rel[0] < 1e-5 and rel.max() < 3e-2, rel
 
 
 def test_quantized_bytes_are_the_reference_quantizer_of_permuted_rows(tmp_path):
