@@ -1,0 +1,398 @@
+"""The cluster end to end on 127.0.0.1 with workers as local processes.
+
+Oracle: the single-node engine (`Model.open`) on the same golden model files and the same
+forward schedule (the golden runs' 64 tokens in 23 forwards). With F32 activations every split of
+the layers over 1-4 nodes must give bit-identical logits; with Q80 activations logits stay within
+Q80 error and the greedy tokens of the golden prompt are the same. Also: a worker killed or
+stalled mid-generation, hostile frames, a model mismatch, HMAC, a dying root, a worker restart.
+Every process is stopped at the end; every wait is bounded.
+"""
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dairllm import Model, _net
+from dairllm.cluster import protocol as P
+from dairllm.cluster.root import ClusterModel
+from dairllm.errors import ConfigError, DairError
+
+GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
+MODELS = {"LLAMA": "tiny_q40", "QWEN3": "qwen3tiny_q40", "QWEN3_MOE": "moetiny_q40"}
+SPLITS = {1: None, 2: "0-1,2-3", 3: "0-1,2,3", 4: "0,1,2,3"}
+START_TIMEOUT = 30.0
+
+
+def model_path(name: str) -> Path:
+    p = GOLDEN / "models" / f"{name}.m"
+    if not p.exists():
+        pytest.skip(f"golden model {p} not found")
+    return p
+
+
+def golden_run(name: str):
+    z = np.load(GOLDEN / "logits" / f"{name}_1node.npz")
+    return z
+
+
+class WorkerProc:
+    """`python -m dairllm.cluster.node` on 127.0.0.1, an ephemeral port unless given."""
+
+    def __init__(self, model: Path, *extra: str, port: int = 0, log_dir: "Path | None" = None):
+        self.log = open(log_dir / f"worker-{os.getpid()}-{time.monotonic_ns()}.log", "w+") \
+            if log_dir else subprocess.DEVNULL
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dairllm.cluster.node", "--model", str(model), "--host",
+             "127.0.0.1", "--port", str(port), "--nthreads", "1", "--speed", "1e9", *extra],
+            stdout=subprocess.PIPE, stderr=self.log, text=True)
+        self.addr = self._wait_listening()
+
+    def _wait_listening(self) -> str:
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([self.proc.stdout], [], [], 0.5)
+            if ready:
+                line = self.proc.stdout.readline()
+                if line.startswith("listening on "):
+                    return line.split()[-1]
+                if not line and self.proc.poll() is not None:
+                    break
+        self.stop()
+        raise RuntimeError("worker did not start")
+
+    @property
+    def port(self) -> int:
+        return int(self.addr.rsplit(":", 1)[1])
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.send_signal(signal.SIGCONT)
+            except OSError:
+                pass
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if self.proc.stdout:
+            self.proc.stdout.close()
+        if self.log is not subprocess.DEVNULL:
+            self.log.close()
+
+
+@pytest.fixture(scope="module")
+def pools(tmp_path_factory):
+    """Three workers per golden model, started on first use, stopped at the end of the module."""
+    started: dict = {}
+    logs = tmp_path_factory.mktemp("worker-logs")
+
+    def get(name: str) -> list:
+        if name not in started:
+            path = model_path(name)
+            started[name] = []
+            for _ in range(3):
+                started[name].append(WorkerProc(path, log_dir=logs))
+        return started[name]
+
+    yield get
+    for ws in started.values():
+        for w in ws:
+            w.stop()
+
+
+def run_schedule(model, z) -> np.ndarray:
+    rows = []
+    for size, start in zip(z["forward_batch_sizes"], z["forward_row_starts"]):
+        tokens = z["tokens"][start:start + size]
+        rows.append(np.array(model.forward(tokens, int(z["positions"][start]))))
+    return np.concatenate(rows)
+
+
+_REF: dict = {}
+
+
+def reference(name: str):
+    """Single-node logits over the golden schedule and greedy tokens of the golden prompt."""
+    if name not in _REF:
+        z = golden_run(name)
+        with Model.open(model_path(name), max_seq_len=96, max_batch=32) as m:
+            logits = run_schedule(m, z)
+            tokens = list(m.generate(list(z["prompt_tokens"]), 12))
+        _REF[name] = (logits, tokens)
+    return _REF[name]
+
+
+NEAR_TIE = 0.1
+
+
+def reference_margins(name: str) -> list:
+    """Top-2 logit margin of the single-node engine at each greedy step of the golden prompt."""
+    _, tokens = reference(name)
+    prompt = list(golden_run(name)["prompt_tokens"])
+    with Model.open(model_path(name), max_seq_len=96, max_batch=32) as m:
+        logits = m.forward(prompt + tokens[:-1], 0)[len(prompt) - 1:]
+    top2 = np.sort(logits, axis=1)[:, -2:]
+    return list(top2[:, 1] - top2[:, 0])
+
+
+def open_cluster(name, workers, act, layers, **kw) -> ClusterModel:
+    return ClusterModel.open(model_path(name), workers=[w.addr for w in workers], max_seq_len=96,
+                             max_batch=32, buffer_float_type=act, layers=layers, timeout=20, **kw)
+
+
+@pytest.mark.parametrize("nodes", [1, 2, 3, 4])
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_f32_activations_identical_to_single_node(pools, arch, nodes):
+    name = MODELS[arch]
+    ref_logits, ref_tokens = reference(name)
+    workers = pools(name)[:nodes - 1]
+    with open_cluster(name, workers, "f32", SPLITS[nodes]) as m:
+        assert [s.n_layers for s in m.assignment.stages] == \
+            ([4] if nodes == 1 else [len(r) for r in _ranges(SPLITS[nodes])])
+        logits = run_schedule(m, golden_run(name))
+        np.testing.assert_array_equal(logits, ref_logits)
+        assert list(m.generate(list(golden_run(name)["prompt_tokens"]), 12)) == ref_tokens
+        if nodes > 1:                     # one F32 record (dim values) per active worker link
+            per_record = 12 + 16 + 4 * m.header.dim
+            assert m.net_stats.decode_bytes[-1] == 2 * (nodes - 1) * per_record
+
+
+def _ranges(spec):
+    out = []
+    for item in spec.split(","):
+        a, _, b = item.partition("-")
+        out.append(range(int(a), int(b or a) + 1))
+    return out
+
+
+@pytest.mark.parametrize("nodes", [2, 4])
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_q80_activations_within_q80_error(pools, arch, nodes):
+    """Q80 on the wire rounds the residual stream at every stage boundary, an error of the size
+    of the model's own Q80 activations (every matmul input and block output is Q80 already).
+    Limits are those the golden test allows between dllama and us for the same kind of noise:
+    median row error 3 %, any row 20 % (MoE expert-gate near-ties); rows without a near-tie
+    keep their argmax.
+    These random models have near-ties (tiny_q40's 6th greedy token wins by 0.028 of ~20), so
+    the free-running greedy tokens are compared at 2 nodes (two roundings per token); at 4 nodes
+    (six) a near-tie may flip them, as it does in dllama's own 4-node golden run."""
+    name = MODELS[arch]
+    ref_logits, ref_tokens = reference(name)
+    with open_cluster(name, pools(name)[:nodes - 1], "q80", SPLITS[nodes]) as m:
+        logits = run_schedule(m, golden_run(name))
+        tokens = list(m.generate(list(golden_run(name)["prompt_tokens"]), 12))
+        per_record = 12 + 16 + m.header.dim // 32 * 34
+        assert m.net_stats.decode_bytes[-1] == 2 * (nodes - 1) * per_record
+    err = np.linalg.norm(logits - ref_logits, axis=1) / np.linalg.norm(ref_logits, axis=1)
+    assert np.median(err) < 0.03 and err.max() < 0.2, (np.median(err), err.max())
+    assert err.max() > 0                     # the wire really was Q80
+    # rows whose reference top-2 margin is clear of the Q80 noise keep their argmax
+    top2 = np.sort(ref_logits, axis=1)[:, -2:]
+    clear = (top2[:, 1] - top2[:, 0]) >= 2 * NEAR_TIE
+    assert clear.sum() >= 20
+    np.testing.assert_array_equal(logits.argmax(1)[clear], ref_logits.argmax(1)[clear])
+    # free-running greedy tokens: equal up to the first reference step whose top-2 margin is
+    # below NEAR_TIE (the Q80 logit deviation measured here is 0.05-0.09 on the dense models)
+    margins = reference_margins(name)
+    agree_until = next((i for i, mg in enumerate(margins) if mg < NEAR_TIE), len(margins))
+    assert tokens[:agree_until + 1] == ref_tokens[:agree_until + 1], (agree_until, margins)
+
+
+def test_worker_killed_mid_generation(tmp_path):
+    name = MODELS["LLAMA"]
+    path = model_path(name)
+    prompt = list(golden_run(name)["prompt_tokens"])
+    _, ref_tokens = reference(name)
+    workers = [WorkerProc(path, log_dir=tmp_path) for _ in range(3)]
+    try:
+        with open_cluster(name, workers, "f32", SPLITS[4]) as m:
+            got = []
+            for i, t in enumerate(m.generate(prompt, 12)):
+                got.append(t)
+                if i == 3:
+                    workers[1].kill()          # layer 2 and its KV cache are gone
+            assert got == ref_tokens
+            assert len(m.net_stats.faults) == 1
+            assert m.net_stats.faults[0][0] == workers[1].addr
+            assert all(s.name != workers[1].addr or s.n_layers == 0
+                       for s in m.assignment.stages)
+    finally:
+        for w in workers:
+            w.stop()
+
+
+def test_worker_stalled_is_noticed_within_timeout(tmp_path):
+    name = MODELS["QWEN3"]
+    path = model_path(name)
+    prompt = list(golden_run(name)["prompt_tokens"])
+    _, ref_tokens = reference(name)
+    workers = [WorkerProc(path, log_dir=tmp_path) for _ in range(2)]
+    try:
+        m = ClusterModel.open(path, workers=[w.addr for w in workers], max_seq_len=96,
+                              max_batch=32, buffer_float_type="f32", layers="0-1,2,3", timeout=2.0)
+        with m:
+            got = []
+            t_stall = None
+            for i, t in enumerate(m.generate(prompt, 12)):
+                got.append(t)
+                if i == 2:
+                    workers[0].proc.send_signal(signal.SIGSTOP)
+                    t_stall = time.monotonic()
+            assert got == ref_tokens
+            assert len(m.net_stats.faults) == 1
+            assert m.net_stats.faults[0][0] == workers[0].addr
+    finally:
+        for w in workers:
+            w.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile peers, mismatches, authentication, restarts
+
+def raw_connect(addr: str) -> socket.socket:
+    host, port = addr.rsplit(":", 1)
+    s = socket.create_connection((host, int(port)), timeout=10)
+    return s
+
+
+def closed_by_peer(s: socket.socket) -> bool:
+    """Read until EOF (an ERROR frame may come first); True if the worker closed within 10 s."""
+    s.settimeout(10)
+    try:
+        while s.recv(4096):
+            pass
+        return True
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except socket.timeout:
+        return False
+    finally:
+        s.close()
+
+
+HOSTILE = {
+    "bad magic": b"GET / HTTP/1.1\r\n\r\n",
+    "huge length": b"DAIR" + bytes([1, P.HELLO, 0, 0]) + (0xFFFFFFF0).to_bytes(4, "little"),
+    "unknown type": b"DAIR" + bytes([1, 250, 0, 0, 0, 0, 0, 0]),
+    "truncated": _net.frame_header(P.HELLO, 100) + b'{"version":',
+    "not json": _net.frame_header(P.HELLO, 3) + b"\xff\xfe\x00",
+    "forward before hello": _net.frame_header(P.FORWARD, 4) + b"abcd",
+}
+
+
+def test_hostile_frames_close_only_that_connection(pools):
+    name = MODELS["LLAMA"]
+    w = pools(name)[0]
+    ref_logits, _ = reference(name)
+    with open_cluster(name, [w], "f32", "0-1,2-3") as healthy:   # a root already connected
+        for label, data in HOSTILE.items():
+            s = raw_connect(w.addr)
+            s.sendall(data)
+            if label == "truncated":
+                s.shutdown(socket.SHUT_WR)
+            assert closed_by_peer(s), label
+        assert w.proc.poll() is None
+        logits = run_schedule(healthy, golden_run(name))          # the earlier root still served
+    np.testing.assert_array_equal(logits, ref_logits)
+    with open_cluster(name, [w], "f32", "0-1,2-3") as again:       # and a new one too
+        np.testing.assert_array_equal(run_schedule(again, golden_run(name)), ref_logits)
+
+
+def test_hostile_activation_after_assign(pools):
+    """A root that sends a FORWARD record with a wrong dim is dropped; the worker keeps serving."""
+    name = MODELS["LLAMA"]
+    w = pools(name)[1]
+    with open_cluster(name, [w], "f32", "0-1,2-3") as m:
+        conn = m.links[0].conn
+        conn.send(P.FORWARD, _net.act_header(0, 1, 128, 0), bytes(512))
+        with pytest.raises(P.RemoteError, match="dim 128"):
+            conn.expect(P.RESULT)
+    with open_cluster(name, [w], "f32", "0-1,2-3") as m:
+        assert m.forward([1, 2, 3], 0).shape == (3, m.vocab_size)
+
+
+def test_model_mismatch_names_both_fingerprints(pools):
+    w = pools(MODELS["QWEN3"])[0]
+    with pytest.raises(ConfigError) as e:
+        open_cluster(MODELS["LLAMA"], [w], "f32", None)
+    msg = str(e.value)
+    assert "qwen3tiny_q40.m" in msg and "tiny_q40.m" in msg
+    assert msg.count("sampled:") == 2
+
+
+def test_shared_secret(tmp_path, monkeypatch):
+    name = MODELS["LLAMA"]
+    path = model_path(name)
+    monkeypatch.delenv(P.SECRET_ENV, raising=False)
+    w = WorkerProc(path, "--secret", "s3cret", log_dir=tmp_path)
+    try:
+        with pytest.raises(ConfigError, match="requires a shared secret"):
+            open_cluster(name, [w], "f32", None)
+        with pytest.raises(DairError, match="authentication failed"):
+            open_cluster(name, [w], "f32", None, secret="wrong")
+        # a root that ignores the challenge and sends no mac is refused by the worker itself
+        conn = P.Connection(raw_connect(w.addr), "raw", 10)
+        conn.send_json(P.HELLO, {"version": P.PROTOCOL_VERSION, "nonce": P.new_nonce()})
+        assert conn.expect_json(P.CHALLENGE)["auth"] is True
+        conn.send_json(P.AUTH, {"mac": ""})
+        with pytest.raises(P.RemoteError, match="authentication failed"):
+            conn.recv()
+        conn.close()
+        monkeypatch.setenv(P.SECRET_ENV, "s3cret")
+        with open_cluster(name, [w], "f32", "0-1,2-3") as m:
+            np.testing.assert_array_equal(run_schedule(m, golden_run(name)), reference(name)[0])
+    finally:
+        w.stop()
+
+
+def test_root_death_and_worker_restart(tmp_path):
+    name = MODELS["LLAMA"]
+    path = model_path(name)
+    ref_logits, _ = reference(name)
+    w = WorkerProc(path, log_dir=tmp_path)
+    try:
+        m = open_cluster(name, [w], "f32", "0-1,2-3")
+        m.forward([1, 2, 3], 0)
+        m.links[0].conn.sock.close()                  # the root vanishes without a BYE
+        m.links[0].conn = None
+        m.file.close()
+        with open_cluster(name, [w], "f32", "0-1,2-3") as m2:     # the worker serves the next root
+            np.testing.assert_array_equal(run_schedule(m2, golden_run(name)), ref_logits)
+        port = w.port
+        w.kill()
+        w2 = _restart(path, port, tmp_path)                      # same address, new process
+        try:
+            with open_cluster(name, [w2], "f32", "0-1,2-3") as m3:
+                np.testing.assert_array_equal(run_schedule(m3, golden_run(name)), ref_logits)
+        finally:
+            w2.stop()
+    finally:
+        w.stop()
+
+
+def _restart(path, port, log_dir) -> WorkerProc:
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            return WorkerProc(path, port=port, log_dir=log_dir)
+        except RuntimeError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
