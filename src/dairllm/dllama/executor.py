@@ -54,8 +54,13 @@ class View:
     y: int
     x: int
 
+    def __post_init__(self) -> None:
+        # typed views of every plane, made once (ops slice rows [:b] per call)
+        self._f32 = [self.data[z].view(np.float32) for z in range(self.data.shape[0])] \
+            if self.ft == FT.F32 else None
+
     def f32(self, z: int, b: int) -> np.ndarray:
-        return self.data[z, :b].view(np.float32)
+        return self._f32[z][:b]
 
     def raw(self, z: int, b: int) -> np.ndarray:
         return self.data[z, :b]
@@ -350,6 +355,10 @@ def _matmul(ex, op, vi, vo, w):
         ix = idx_buf[:b * n_act].astype(np.int64).reshape(b, n_act)
         if ix.min() < 0 or ix.max() >= E:
             raise ProtocolError(f"{op.label}: expert index {int(ix.max())} outside [0, {E})")
+        if b == 1 and vo.contiguous:      # decode: one matvec per active expert
+            for s in range(n_act):
+                kernel(vo.f32(s, 1), mats[ix[0, s]], rows_in(s, 1))
+            return
         for ex_id in np.unique(ix):
             ys, slots = np.nonzero(ix == ex_id)
             xin = np.ascontiguousarray(np.stack([vi.f32(s, b)[y] if vi.ft == FT.F32 else vi.raw(s, b)[y]
