@@ -262,6 +262,37 @@ def serve(worker: NativeWorker, listener: socket.socket,
                          daemon=True, name=f"session {addr[0]}:{addr[1]}").start()
 
 
+def add_native_arguments(p: argparse.ArgumentParser) -> None:
+    """The `worker` command's options for dairllm roots (the native protocol)."""
+    p.add_argument("--ram-budget", default=None,
+                   help="RAM this worker may use for layers and KV caches, e.g. 4G "
+                        "(default: what the OS reports available)")
+    p.add_argument("--secret", default=None,
+                   help=f"shared secret roots must prove (HMAC); default ${P.SECRET_ENV}")
+    p.add_argument("--verify-model", action="store_true",
+                   help="fingerprint the model by hashing every byte (default: sampled blocks)")
+
+
+def native_worker_from_args(args) -> "NativeWorker | None":
+    """The NativeWorker of a `worker` command (made once); None when it has no --model."""
+    w = getattr(args, "_native_worker", None)
+    if w is None and getattr(args, "model", None):
+        from .assign import parse_size
+
+        w = args._native_worker = NativeWorker(NodeOptions(
+            args.model, parse_size(args.ram_budget) if args.ram_budget else None,
+            args.nthreads, P.resolve_secret(args.secret), args.verify_model))
+    if w is None:
+        log.error("a dairllm root connected but this worker was started without --model")
+    return w
+
+
+def start_native(args) -> None:
+    if getattr(args, "model", None):
+        native_worker_from_args(args)
+    warn_if_open(args.host, P.resolve_secret(getattr(args, "secret", None)))
+
+
 def main(argv: "list[str] | None" = None) -> int:
     """`python -m dairllm.cluster.node`: a native-only worker (tests, demo). The `worker`
     command serves both this protocol and dllama's on one port."""

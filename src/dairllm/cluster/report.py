@@ -32,7 +32,8 @@ def network_summary(stats, generated: int) -> str:
     if stats.decode_bytes:
         n = len(stats.decode_bytes)
         lines.append(f"network: {sum(stats.decode_bytes) / n:,.0f} bytes per decoded token "
-                     f"({n} tokens), {sum(stats.decode_seconds) / n * 1e3:.2f} ms per token")
+                     f"({n} tokens); {sum(stats.decode_seconds) / n * 1e3:.2f} ms per decoded token "
+                     f"through all stages")
     lines.append(f"network total: {stats.bytes_sent:,} bytes sent, {stats.bytes_received:,} "
                  f"received over {stats.forwards} forwards ({stats.tokens} rows)")
     if stats.stage_seconds:

@@ -31,6 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "fit are streamed from disk (see inspect --ram-budget)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object {prompt_tokens, generated_tokens, text, timings}")
+    from ..cluster.cli import add_cluster_arguments
+    add_cluster_arguments(p)
 
 
 def open_kwargs(args: argparse.Namespace) -> dict:
@@ -49,7 +51,14 @@ def run(args: argparse.Namespace) -> int:
     if args.steps <= 0:
         raise ConfigError(f"--steps must be positive, got {args.steps}")
     tok = Tokenizer.open(args.tokenizer)
-    with Model.open(args.model, **open_kwargs(args)) as model:
+    if args.workers:
+        from ..cluster.cli import cluster_kwargs, print_assignment
+        from ..cluster.root import ClusterModel
+        model = ClusterModel.open(args.model, **cluster_kwargs(args))
+        print_assignment(model, sys.stderr if args.json else sys.stdout)
+    else:
+        model = Model.open(args.model, **open_kwargs(args))
+    with model:
         if tok.vocab_size > model.vocab_size:
             raise ConfigError(f"the tokenizer has {tok.vocab_size} tokens but the model only "
                               f"{model.vocab_size}: {args.tokenizer} does not belong to {args.model}")
@@ -81,6 +90,9 @@ def run(args: argparse.Namespace) -> int:
                    "text": "".join(pieces), "timings": st.as_dict()}
             if store is not None:
                 out["streaming"] = store.stats.as_dict()
+            if args.workers:
+                out["network"] = model.net_stats.as_dict()
+                out["assignment"] = model.assignment.ranges()
             print(json.dumps(out))
         else:
             sys.stdout.write(tail + "\n")
@@ -90,4 +102,7 @@ def run(args: argparse.Namespace) -> int:
                   f"(stopped: {st.stop_reason})")
             if store is not None:
                 print(store.report())
+            if args.workers:
+                from ..cluster.cli import print_network
+                print_network(model)
     return 0

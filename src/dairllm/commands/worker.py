@@ -34,7 +34,25 @@ def _dllama_detect(first: bytes) -> bool:
     return looks_like_dllama(first)
 
 
+def _native_detect(first: bytes) -> bool:
+    return first[:4] == b"DAIR"
+
+
+def _native_serve(conn: socket.socket, listener: socket.socket, args: argparse.Namespace) -> bool:
+    """dairllm's own cluster protocol (cluster/node.py); each root in its own thread."""
+    import threading
+
+    from ..cluster.node import native_worker_from_args
+    worker = native_worker_from_args(args)
+    if worker is None:
+        conn.close()
+        return False
+    threading.Thread(target=worker.handle, args=(conn,), daemon=True).start()
+    return True
+
+
 PROTOCOLS: list[tuple[str, Callable[[bytes], bool], Callable]] = [
+    ("dairllm", _native_detect, _native_serve),
     ("dllama", _dllama_detect, _dllama_serve),
 ]
 
@@ -46,6 +64,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="local copy of the .m model: lets a dairllm root use --local-weights")
     p.add_argument("--max-sessions", type=int, default=None, help=argparse.SUPPRESS)
+    from ..cluster.node import add_native_arguments
+    add_native_arguments(p)
 
 
 def _peek(conn: socket.socket, n: int, timeout: float) -> bytes:
@@ -88,6 +108,8 @@ def run(args: argparse.Namespace) -> int:
     args._model_file = ModelFile(args.model) if args.model else None
     listener = open_listener(args.host, args.port)
     print(f"dairllm worker listening on {args.host}:{args.port}", flush=True)
+    from ..cluster.node import start_native
+    start_native(args)          # measure this node's profile now; warn on an open address
     served = 0
     try:
         while args.max_sessions is None or served < args.max_sessions:

@@ -96,7 +96,8 @@ class Model:
     @classmethod
     def open(cls, path, max_seq_len: "int | None" = None, nthreads: "int | None" = None,
              max_batch: int = DEFAULT_MAX_BATCH, ram_budget: "str | int | None" = None,
-             stream_options: "dict | None" = None) -> "Model":
+             stream_options: "dict | None" = None, workers: "list[str] | None" = None,
+             **cluster_options) -> "Model":
         """Map `path` (weights stay in the page cache, never copied) and allocate the run state.
 
         max_seq_len caps the context (and the KV cache) below the file's seq_len; nthreads sets
@@ -105,6 +106,12 @@ class Model:
         caps resident weights + run state: layers that do not fit are streamed from disk by a
         dairllm.store.LayerStore (stream_options: its mode / drop_cache / prefetch).
         """
+        if workers:                           # a cluster: dairllm.cluster.root.ClusterModel
+            from ..cluster import open_cluster
+            return open_cluster(path, workers, max_seq_len=max_seq_len, nthreads=nthreads,
+                                max_batch=max_batch, ram_budget=ram_budget, **cluster_options)
+        if cluster_options:
+            raise ConfigError(f"{', '.join(sorted(cluster_options))} need workers=[...]")
         if max_seq_len is not None and max_seq_len <= 0:
             raise ConfigError(f"max_seq_len must be positive, got {max_seq_len}")
         if nthreads is not None:
