@@ -92,3 +92,13 @@ def build_chat_pair(folder, seq_len: int = 512, weights: str = "f32"):
                  "--quiet"]) == 0
     assert main(["convert-tokenizer", str(hf_dir), "-o", str(folder / "t.t")]) == 0
     return folder / "m.m", folder / "t.t", hf
+
+
+_SHARED: dict = {}
+
+
+def shared_chat_pair(tmp_path_factory):
+    """build_chat_pair once per test session (the chat and server tests share it)."""
+    if "pair" not in _SHARED:
+        _SHARED["pair"] = build_chat_pair(tmp_path_factory.mktemp("chatpair"))
+    return _SHARED["pair"]

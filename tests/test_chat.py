@@ -17,7 +17,7 @@ from dairllm import Model  # noqa: E402
 from dairllm.chat import Chat, GenerationConfig, Result, Session  # noqa: E402
 from dairllm.convert.chat_template import CHATML, LLAMA3, ChatTemplate, TemplateError  # noqa: E402
 from dairllm.formats.tokenizer import Tokenizer  # noqa: E402
-from hf_helpers import SPECIALS, TEMPLATE, build_chat_pair, build_tokenizer  # noqa: E402
+from hf_helpers import SPECIALS, TEMPLATE, build_tokenizer, shared_chat_pair  # noqa: E402
 
 MESSAGES = [{"role": "system", "content": "Be brief."},
             {"role": "user", "content": "  Hello there!  "},
@@ -28,7 +28,7 @@ GREEDY = GenerationConfig(max_tokens=10, temperature=0.0)
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    return build_chat_pair(tmp_path_factory.mktemp("chat"))
+    return shared_chat_pair(tmp_path_factory)
 
 
 def open_session(pair) -> Session:

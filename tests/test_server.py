@@ -22,7 +22,7 @@ from dairllm.chat import GenerationConfig, Result, Session  # noqa: E402
 from dairllm.convert.chat_template import ChatTemplate  # noqa: E402
 from dairllm.formats.tokenizer import Tokenizer  # noqa: E402
 from dairllm.server import create_app  # noqa: E402
-from hf_helpers import SPECIALS, build_chat_pair  # noqa: E402
+from hf_helpers import SPECIALS, shared_chat_pair  # noqa: E402
 
 PROMPTS = ["Hello world!", "naïve café 東京 😀", "The quick brown fox", "def f(x):"]
 
@@ -50,7 +50,7 @@ class Slow:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    model_path, tok_path, _ = build_chat_pair(tmp_path_factory.mktemp("srv"))
+    model_path, tok_path, _ = shared_chat_pair(tmp_path_factory)
     session = make_session(model_path, tok_path)
     slow = Slow(session.model)
     app = create_app(session, "tiny", default_max_tokens=12)
@@ -67,7 +67,8 @@ def server(tmp_path_factory):
         time.sleep(0.02)
     ref = make_session(model_path, tok_path)       # a second model: the expected answers
     try:
-        yield dict(url=f"http://127.0.0.1:{port}", app=app, ref=ref, slow=slow)
+        yield dict(url=f"http://127.0.0.1:{port}", app=app, ref=ref, slow=slow,
+                   paths=(model_path, tok_path))
     finally:
         srv.should_exit = True
         thread.join(timeout=10)
@@ -226,3 +227,42 @@ def test_disconnecting_client_stops_its_generation(server, client):
     # the next request runs normally
     r = client.completions.create(model="tiny", prompt="Hi", max_tokens=3, temperature=0)
     assert r.usage.completion_tokens == 3
+
+
+def test_serve_command_subprocess(server):
+    import signal
+    import subprocess
+    import sys
+    model_path, tok_path = server["paths"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "dairllm", "serve", "--model", str(model_path),
+                             "--tokenizer", str(tok_path), "--port", str(port), "--name", "t"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        raw = Raw(f"http://127.0.0.1:{port}")
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if raw.request("GET", "/health")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "serve did not come up"
+            time.sleep(0.1)
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=30,
+                          max_retries=0)
+        r = c.chat.completions.create(model="t", messages=[{"role": "user", "content": "Hi"}],
+                                      max_tokens=4, temperature=0)
+        assert r.usage.completion_tokens == 4 and r.model == "t"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+    assert proc.returncode in (0, -signal.SIGINT, 130)

@@ -22,6 +22,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nthreads", type=int, default=None, help="kernel threads (default: all cores)")
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="cap the context (and KV cache) below the model's sequence length")
+    p.add_argument("--ram-budget", default=None,
+                   help="cap resident weights + run state (4G, 512M, 50%%): layers that do not "
+                        "fit are streamed from disk")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0: greedy)")
     p.add_argument("--topp", type=float, default=0.9, help="top-p (nucleus) sampling")
     p.add_argument("--seed", type=int, default=None, help="sampler seed (default: the clock)")
@@ -41,10 +44,14 @@ def open_session(args: argparse.Namespace):
     from ..formats.tokenizer import Tokenizer
 
     kw = dict(max_seq_len=args.max_seq_len, nthreads=args.nthreads)
-    if args.workers:
-        if "workers" not in inspect.signature(Model.open).parameters:
-            raise ConfigError("--workers: this engine build has no cluster support yet")
-        kw["workers"] = args.workers
+    accepted = inspect.signature(Model.open).parameters
+    for name in ("ram_budget", "workers"):
+        value = getattr(args, name, None)
+        if value:
+            if name not in accepted:
+                raise ConfigError(f"--{name.replace('_', '-')}: this engine build does not "
+                                  "support it yet")
+            kw[name] = value
     tok = Tokenizer.open(args.tokenizer)
     template = ChatTemplate.choose(getattr(tok, "chat_template", None), args.chat_template,
                                    bos_token=_piece(tok, getattr(tok, "bos_id", -1)),
