@@ -232,12 +232,14 @@ def weight_bytes_per_token(model: Path) -> int:
 
 
 def kernel_section(args) -> "dict | None":
+    """Q40xQ80 matvec/batched GB/s and the read bandwidth, from dairllm.bench_kernels."""
     try:
-        from .. import bench_kernels
+        from .. import _ops, bench_kernels
     except ImportError as e:
         log.warning("kernel benchmarks unavailable: %s", e)
         return None
-    return bench_kernels.run(nthreads=args.nthreads)
+    n = args.nthreads or _ops.get_num_threads()
+    return bench_kernels.bench_kernels(threads=[1, n])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -272,16 +274,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _bandwidth(kernels) -> "float | None":
-    """The multi-threaded memory read bandwidth measured by the kernel benchmarks, if any."""
-    if not isinstance(kernels, dict):
+    """Read bandwidth (bytes/s) at the most threads the kernel benchmark measured."""
+    if not isinstance(kernels, dict) or not kernels.get("bandwidth_gbs"):
         return None
-    for key in ("bandwidth_bytes_per_s", "read_bandwidth_bytes_per_s", "bandwidth"):
-        value = kernels.get(key)
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, dict) and value:
-            return float(max(v for v in value.values() if isinstance(v, (int, float))))
-    return None
+    bw = kernels["bandwidth_gbs"]
+    return float(bw[max(bw)]) * 1e9
 
 
 def print_report(r: dict) -> None:
@@ -291,8 +288,9 @@ def print_report(r: dict) -> None:
     print(f"load average {r['load_average_before']:.2f} before, {r['load_average_after']:.2f} "
           f"after, on {r['cpu_count']} CPUs (other work on the machine skews every figure)")
     if r.get("kernels"):
-        print("kernels:")
-        print(json.dumps(r["kernels"], indent=2, default=str))
+        from ..bench_kernels import format_report
+
+        print(format_report(r["kernels"]))
     ours, theirs = r["dairllm"], r.get("llama.cpp") or {}
     floor = r.get("decode_floor_tps")
     print(f"{'engine':10s} {'prompt tok/s':>13s} {'decode tok/s':>13s} {'peak RSS':>10s} "
