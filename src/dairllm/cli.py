@@ -14,7 +14,7 @@ from .errors import DairError
 
 # Order shown in --help. Each name is a module in dairllm.commands.
 COMMANDS = ["inspect", "make_model", "generate", "bench", "convert", "convert_tokenizer", "worker",
-            "chat", "serve"]
+            "chat", "serve", "plan", "demo"]
 
 
 def _command_name(module: str) -> str:

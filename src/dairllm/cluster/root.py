@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -102,11 +103,12 @@ def connect_worker(address: str, fingerprint: str, secret: "bytes | None",
             name = P.get_str(info, "model_name", conn.peer, 1000)
             raise ConfigError(f"worker {address} has a different model: its {name} has "
                               f"fingerprint {wfp}, the root's {path} has {fingerprint}")
-        t0 = time.perf_counter()
-        for _ in range(3):
+        rtt = math.inf
+        for _ in range(5):                     # the fastest of a few: the first ones warm up
+            t0 = time.perf_counter()
             conn.send_json(P.PING, {})
             conn.expect(P.PONG)
-        rtt = (time.perf_counter() - t0) / 3
+            rtt = min(rtt, time.perf_counter() - t0)
         prof = NodeProfile(address, P.get_int(info, "ram_budget", 1, 1 << 60, conn.peer),
                            P.get_num(info, "speed", 1.0, 1e15, conn.peer),
                            P.get_int(info, "threads", 1, 1 << 16, conn.peer), rtt=rtt)
@@ -114,6 +116,35 @@ def connect_worker(address: str, fingerprint: str, secret: "bytes | None",
     except BaseException:
         conn.close()
         raise
+
+
+def probe(path, workers: Sequence[str], ram_budget: "int | str | None" = None,
+          buffer_float_type: str = "q80", layers: "str | None" = None,
+          max_seq_len: "int | None" = None, max_batch: int = DEFAULT_MAX_BATCH,
+          secret: "str | None" = None, timeout: float = 30.0, verify_model: bool = False,
+          link_bandwidth: float = 125e6) -> Assignment:
+    """The assignment a ClusterModel would make, from the workers' handshakes alone: no weights
+    are loaded anywhere (`dairllm plan`)."""
+    from ..formats.modelfile import read_header
+
+    h = read_header(path, max_seq_len=max_seq_len)
+    act = P.act_type(buffer_float_type)
+    key = P.resolve_secret(secret)
+    fp = model_fingerprint(path, full=verify_model)
+    links: list = []
+    try:
+        for addr in workers:
+            links.append(connect_worker(addr, fp, key, timeout, path))
+        budget = parse_size(ram_budget) if ram_budget is not None else available_ram()
+        root = NodeProfile("root", budget, measure_speed(0.1), get_threads())
+        profiles = [root] + [l.profile for l in links]
+        costs = ModelCosts.of(h, _net.act_row_bytes(h.dim, act), max_batch)
+        if layers:
+            return manual(profiles, costs, layers, link_bandwidth)
+        return assign(profiles, costs, link_bandwidth)
+    finally:
+        for link in links:
+            link.close()
 
 
 def _same_model(a: str, b: str) -> bool:

@@ -1,0 +1,39 @@
+"""`dairllm plan`: ask the workers for their profiles and print the layer assignment a cluster run
+would use (each node's layers and memory, predicted time per token, bytes per link, the slowest
+stage) without loading any weights."""
+from __future__ import annotations
+
+import argparse
+
+HELP = "print the layer assignment for a cluster of workers, without loading weights"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..cluster.cli import add_cluster_arguments
+
+    p.add_argument("--model", required=True, help="the .m model file (the workers have a copy)")
+    p.add_argument("--ram-budget", default=None,
+                   help="RAM the root may use for its layers, e.g. 4G (default: available RAM)")
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="cap the context (KV caches are sized for it)")
+    p.add_argument("--link-bandwidth", type=float, default=1000.0,
+                   help="network bandwidth in Mbit/s for the prediction (default 1000)")
+    add_cluster_arguments(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..cluster.root import probe
+    from ..errors import ConfigError
+
+    if args.link_bandwidth <= 0:
+        raise ConfigError(f"--link-bandwidth must be positive, got {args.link_bandwidth}")
+    a = probe(args.model, args.workers or [], ram_budget=args.ram_budget,
+              buffer_float_type=args.buffer_float_type, layers=args.layers,
+              max_seq_len=args.max_seq_len, secret=args.secret, timeout=args.worker_timeout,
+              verify_model=args.verify_model, link_bandwidth=args.link_bandwidth * 1e6 / 8)
+    print(a.table())
+    active = [s for s in a.stages[1:] if s.n_layers]
+    for s in active:
+        print(f"link root <-> {s.name}: {a.costs.record_bytes:,} bytes each way per token "
+              f"({args.buffer_float_type} activations, dim {a.costs.dim})")
+    return 0
