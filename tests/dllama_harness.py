@@ -42,6 +42,11 @@ def kernels_for(name: str):
     return k
 
 
+def preferred_kernels():
+    """The compiled kernels when complete, else the NumPy oracle (for tests about the protocol)."""
+    return ops_kernels() or dllama_ref
+
+
 class ThreadWorker:
     """`dairllm worker` in a thread on 127.0.0.1 (ephemeral port); serves sessions until stopped."""
 

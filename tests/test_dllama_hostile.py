@@ -15,7 +15,7 @@ from dairllm.dllama import graph
 from dairllm.dllama.configs import Op, Size3D
 from dairllm.formats.modelfile import ModelFile
 from dairllm.formats.quant import FloatType
-from dllama_harness import ThreadWorker, golden_dir, kernels_for
+from dllama_harness import ThreadWorker, golden_dir, preferred_kernels
 
 ACK = _net.dllama_pack_u32(_net.DLLAMA_ACK)
 
@@ -28,7 +28,7 @@ def model():
 
 @pytest.fixture
 def worker():
-    w = ThreadWorker(kernels_for("numpy"), setup_timeout=5)
+    w = ThreadWorker(preferred_kernels(), setup_timeout=5)
     yield w
     w.stop()
 
@@ -67,7 +67,7 @@ def handshake() -> bytes:
 
 def good_root_works(w: ThreadWorker) -> None:
     from dairllm.dllama.root import DllamaRoot
-    with DllamaRoot.open(golden_dir() / "models" / "tiny_q40.m", [w.address], kernels=kernels_for("numpy"),
+    with DllamaRoot.open(golden_dir() / "models" / "tiny_q40.m", [w.address], kernels=preferred_kernels(),
                          timeout=10) as root:
         logits = root.forward([510, 104], 0)
     assert logits.shape == (2, 512) and np.isfinite(logits).all()
