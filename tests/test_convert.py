@@ -155,6 +155,25 @@ def test_q40_conversion_matches_transformers_on_dequantized_weights(case, tmp_pa
     assert rel[0] < 1e-5 and rel.max() < 3e-2, rel
 
 
+@pytest.mark.parametrize("case, wtype", [("qwen3", FloatType.F16), ("mistral", FloatType.F16),
+                                         ("llama31", FloatType.Q80)])
+def test_f16_and_q80_weights(case, wtype, tmp_path):
+    build(case, tmp_path / "hf")
+    convert_checkpoint(tmp_path / "hf", tmp_path / "m.m", wtype.name.lower(), progress=False)
+    dequantized_copy(tmp_path / "hf", tmp_path / "deq", wtype)
+    want = hf_logits(tmp_path / "deq", case)
+    exact = Reference.load(tmp_path / "m.m", q80_activations=False).forward(TOKENS, 0)
+    assert row_errors(exact, want).max() < 2e-6
+    with Model.open(tmp_path / "m.m") as m:
+        assert m.header.weight_type is wtype
+        ours = m.forward(TOKENS, 0)
+    rel = row_errors(ours, want)
+    if wtype is FloatType.F16:                  # float32 activations: float32 rounding only
+        assert rel.max() < 1e-5, rel
+    else:                                       # Q80 activations, as with Q40 weights
+        assert np.median(rel) < 3e-2 and np.mean(rel < 6e-2) >= 0.9, rel
+
+
 def test_quantized_bytes_are_the_reference_quantizer_of_permuted_rows(tmp_path):
     """Q80 file bytes == quant.encode of the checkpoint rows, LLAMA q/k rows interleaved per head
     (rows 2j, 2j+1 of a head are HF rows j and j + head_dim/2)."""
