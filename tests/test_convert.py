@@ -337,10 +337,11 @@ def test_tokenizer_vocab_bytes_ids_and_template(tmp_path):
         assert b"".join(t.tokens[i] for i in ids) == text.encode("utf-8")
 
 
-def test_dllama_encoding_against_hf(tmp_path):
+@pytest.mark.parametrize("style", ["gpt2", "llama3"])
+def test_dllama_encoding_against_hf(style, tmp_path):
     """Where dllama's algorithm (no pre-tokenizer, score-driven merges) meets HF's BPE."""
     from dairllm.convert.hf_tokenizer import read_hf_tokenizer
-    hf = build_tokenizer(tmp_path)
+    hf = build_tokenizer(tmp_path, style)
     t = read_hf_tokenizer(tmp_path)
     enc = lambda s: dllama_encode(s, t.tokens, t.scores, t.bos_id)  # noqa: E731
     for text in PLAIN:                      # no whitespace runs: identical ids
