@@ -70,3 +70,24 @@ def test_worker_process_serves_dllama_root_with_local_weights(worker_proc):
         logits = root.forward(gold["tokens"][:32], 0)
     assert np.abs(logits - gold["logits"][:32]).max() < 0.15
     assert proc.poll() is None
+
+
+def test_generate_protocol_dllama_cli(worker_proc):
+    """`dairllm generate --protocol dllama --local-weights` against the worker process: the golden
+    tiny_q40 2-node run's greedy tokens (the C++ root + C++ worker)."""
+    proc, port = worker_proc
+    if ops_kernels() is None:
+        pytest.skip("dairllm._ops does not provide every kernel the dllama executor needs yet")
+    import json
+    g = golden_dir()
+    gold = np.load(g / "logits" / "tiny_q40_2nodes.npz")
+    out = subprocess.run([sys.executable, "-m", "dairllm", "generate", "--protocol", "dllama", "--local-weights",
+                          "--workers", f"127.0.0.1:{port}", "--model", str(g / "models" / "tiny_q40.m"),
+                          "--tokenizer", str(g / "models" / "tiny_q40.t"),
+                          "--prompt", "hello world the of and to in a is hello world", "--steps", "8",
+                          "--temperature", "0", "--json"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["prompt_tokens"] == gold["prompt_tokens"].tolist()
+    assert result["generated_tokens"] == gold["generated"][:8].tolist()
+    assert proc.poll() is None

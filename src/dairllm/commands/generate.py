@@ -33,6 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="print one JSON object {prompt_tokens, generated_tokens, text, timings}")
     from ..cluster.cli import add_cluster_arguments
     add_cluster_arguments(p)
+    from ..dllama.root import add_arguments as add_dllama_arguments
+    add_dllama_arguments(p)
 
 
 def open_kwargs(args: argparse.Namespace) -> dict:
@@ -51,7 +53,11 @@ def run(args: argparse.Namespace) -> int:
     if args.steps <= 0:
         raise ConfigError(f"--steps must be positive, got {args.steps}")
     tok = Tokenizer.open(args.tokenizer)
-    if args.workers:
+    dllama = getattr(args, "protocol", "native") == "dllama"
+    if dllama:
+        from ..dllama.root import open_model as open_dllama_root
+        model = open_dllama_root(args)
+    elif args.workers:
         from ..cluster.cli import cluster_kwargs, print_assignment
         from ..cluster.root import ClusterModel
         model = ClusterModel.open(args.model, **cluster_kwargs(args))
@@ -84,13 +90,14 @@ def run(args: argparse.Namespace) -> int:
         tail = decoder.flush()
         pieces.append(tail)
         st = model.stats
-        store = model.net.weights if hasattr(model.net.weights, "report") else None
+        store = getattr(getattr(model, "net", None), "weights", None)
+        store = store if hasattr(store, "report") else None
         if args.json:
             out = {"prompt_tokens": [int(t) for t in prompt], "generated_tokens": generated,
                    "text": "".join(pieces), "timings": st.as_dict()}
             if store is not None:
                 out["streaming"] = store.stats.as_dict()
-            if args.workers:
+            if args.workers and not dllama:
                 out["network"] = model.net_stats.as_dict()
                 out["assignment"] = model.assignment.ranges()
             print(json.dumps(out))
@@ -102,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
                   f"(stopped: {st.stop_reason})")
             if store is not None:
                 print(store.report())
-            if args.workers:
+            if args.workers and not dllama:
                 from ..cluster.cli import print_network
                 print_network(model)
     return 0

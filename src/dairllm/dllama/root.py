@@ -238,25 +238,35 @@ def _handshake(i: int, addrs: list[tuple[str, int]], timeout: float) -> socket.s
 # `dairllm generate --protocol dllama` hooks
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Options of the dllama root mode (added to `dairllm generate`)."""
+    """Options of the dllama root mode, added to `dairllm generate` next to the cluster options
+    (--workers HOST:PORT ... and --buffer-float-type come from dairllm.cluster.cli)."""
     p.add_argument("--protocol", choices=["native", "dllama"], default="native",
-                   help="cluster protocol: dllama = drive distributed-llama (C++ or dairllm) workers")
-    p.add_argument("--workers", nargs="+", default=[], metavar="HOST:PORT",
-                   help="worker addresses, in node order (node 1, 2, ...)")
-    p.add_argument("--buffer-float-type", default=None, choices=["f32", "q80"],
-                   help="dllama sync type (default: q80 for Q40 weights, f32 for F32 weights)")
+                   help="cluster protocol for --workers: native (dairllm) or dllama "
+                        "(distributed-llama workers, C++ or `dairllm worker`)")
     p.add_argument("--local-weights", action="store_true",
                    help="dllama: workers (dairllm, started with --model) read their slices from their "
                         "own copy of the model instead of receiving them")
 
 
 def open_model(args: argparse.Namespace) -> DllamaRoot:
-    """A DllamaRoot from generate's arguments (use in place of Model.open when --protocol dllama)."""
-    if not args.workers:
+    """A DllamaRoot from generate's arguments (used in place of Model.open with --protocol dllama).
+
+    The dllama graph needs Q80 sync for Q40 weights and F32 sync for F32 weights; the sync type
+    follows the weights unless --buffer-float-type names another valid choice."""
+    if not getattr(args, "workers", None):
         raise ConfigError("--protocol dllama needs --workers HOST:PORT ...")
-    return DllamaRoot.open(args.model, args.workers, sync_type=args.buffer_float_type,
+    with ModelFile(args.model) as mf:
+        wtype = mf.header.weight_type
+    sync = {FloatType.Q40: "q80", FloatType.F32: "f32"}.get(wtype)
+    if sync is None:
+        raise ConfigError(f"the dllama protocol has no {wtype.name} weights (use Q40 or F32 models)")
+    asked = getattr(args, "buffer_float_type", None)
+    if asked and asked != sync:
+        log.info("--buffer-float-type %s ignored: dllama needs %s sync for %s weights", asked, sync, wtype.name)
+    return DllamaRoot.open(args.model, args.workers, sync_type=sync,
                            max_seq_len=getattr(args, "max_seq_len", None),
-                           nthreads=getattr(args, "nthreads", None), local_weights=args.local_weights)
+                           nthreads=getattr(args, "nthreads", None),
+                           local_weights=getattr(args, "local_weights", False))
 
 
 __all__ = ["DllamaRoot", "add_arguments", "open_model", "parse_worker"]
