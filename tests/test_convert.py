@@ -391,3 +391,29 @@ def test_convert_tokenizer_refuses_non_byte_level(tmp_path):
     from dairllm.convert.hf_tokenizer import read_hf_tokenizer
     with pytest.raises(ConfigError, match="byte-level BPE"):
         read_hf_tokenizer(tmp_path)
+
+
+def test_sharded_checkpoint_with_index_and_stray_file(tmp_path):
+    """A sharded checkpoint (index + shards) converts to the same bytes as the single file; a
+    stray safetensors file not in the index is ignored; a bad output folder is a clear error."""
+    from safetensors.torch import load_file, save_file
+    build("qwen3", tmp_path / "one")
+    convert_checkpoint(tmp_path / "one", tmp_path / "one.m", "q40", progress=False)
+    ts = load_file(str(tmp_path / "one" / "model.safetensors"))
+    shard = tmp_path / "sharded"
+    shard.mkdir()
+    (shard / "config.json").write_text((tmp_path / "one" / "config.json").read_text())
+    names = sorted(ts)
+    parts = [names[::2], names[1::2]]
+    weight_map = {}
+    for i, part in enumerate(parts):
+        fname = f"model-{i + 1:05d}-of-00002.safetensors"
+        save_file({n: ts[n] for n in part}, str(shard / fname), metadata={"format": "pt"})
+        weight_map.update({n: fname for n in part})
+    (shard / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    save_file({"layers.0.attention.wq.weight": torch.zeros(2, 2)},
+              str(shard / "consolidated.safetensors"))
+    convert_checkpoint(shard, tmp_path / "sharded.m", "q40", progress=False)
+    assert (tmp_path / "one.m").read_bytes() == (tmp_path / "sharded.m").read_bytes()
+    with pytest.raises(ConfigError, match="cannot write"):
+        convert_checkpoint(shard, tmp_path / "no" / "such" / "x.m", "q40", progress=False)

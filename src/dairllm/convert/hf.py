@@ -275,7 +275,11 @@ def convert_checkpoint(folder: str | os.PathLike, out_path: str | os.PathLike,
     with Checkpoint(folder) as ckpt:
         plan = None
         try:
-            with ModelWriter(tmp, header) as w:
+            try:
+                writer = ModelWriter(tmp, header)
+            except OSError as e:
+                raise ConfigError(f"cannot write {tmp}: {e.strerror}") from None
+            with writer as w:
                 plan = [(t, _check_source(ckpt, t)) for t in w.expected()]
                 bar = Progress(len(plan), enabled=progress)
                 written = len(header.to_bytes())

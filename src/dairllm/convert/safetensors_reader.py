@@ -92,7 +92,7 @@ class Checkpoint:
 
     def __init__(self, folder: str | os.PathLike) -> None:
         self.folder = Path(folder)
-        files = sorted(p for p in self.folder.glob("*.safetensors") if not p.name.startswith("."))
+        files = self._listed_files()
         if not files:
             raise ConfigError(f"{self.folder}: no *.safetensors files (PyTorch .bin checkpoints "
                               "are not supported; re-save the model with safetensors)")
@@ -100,7 +100,27 @@ class Checkpoint:
         self.entries: dict[str, tuple[SafetensorsFile, TensorEntry]] = {}
         for sf in self.files:
             for name, e in sf.entries.items():
+                if name in self.entries:
+                    raise ConfigError(f"{self.folder}: tensor {name} is in both "
+                                      f"{self.entries[name][0].path.name} and {sf.path.name}")
                 self.entries[name] = (sf, e)
+
+    def _listed_files(self) -> list[Path]:
+        """The shards model.safetensors.index.json lists; without an index every *.safetensors
+        (repositories may also carry e.g. a consolidated.safetensors in another naming)."""
+        index = self.folder / "model.safetensors.index.json"
+        if index.exists():
+            try:
+                names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+            except (KeyError, TypeError, AttributeError, ValueError) as e:
+                raise ConfigError(f"{index}: unreadable shard index: {e}") from None
+            missing = [n for n in names if not (self.folder / n).is_file()]
+            if missing:
+                raise ConfigError(f"{self.folder}: shard {missing[0]} listed in {index.name} is missing")
+            return [self.folder / n for n in names]
+        if not self.folder.is_dir():
+            raise ConfigError(f"{self.folder}: not a folder")
+        return sorted(p for p in self.folder.glob("*.safetensors") if not p.name.startswith("."))
 
     def close(self) -> None:
         for sf in self.files:
