@@ -228,3 +228,21 @@ def test_generate_command_refuses_a_tokenizer_of_another_model(models, capsys):
     rc = main(["generate", "--model", str(models[Arch.LLAMA, FloatType.Q40]), "--tokenizer",
                str(tok), "--prompt", "hi", "--steps", "2"])
     assert rc == 1 and "does not belong" in capsys.readouterr().err
+
+
+def test_decode_loop_allocates_nothing_big(tmp_path):
+    """Per decoded token: no logits-sized (or any activation-sized) allocation."""
+    import tracemalloc
+
+    path = tmp_path / "wide.m"
+    write_random_model(path, Arch.LLAMA, FloatType.Q40, vocab=8192, seq_len=64)
+    with Model.open(path) as m:
+        it = m.generate([1, 2, 3, 4], steps=12)
+        next(it), next(it)                              # prompt pass and one decode step done
+        tracemalloc.start()
+        for _ in it:
+            pass
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    assert m.stats.generated_tokens == 12
+    assert peak < 8192 * 4 // 2, peak                  # well under one row of logits
