@@ -1,0 +1,161 @@
+"""The cluster from the command line: `demo` (the README's main command), `plan`, `generate
+--workers`, and `worker` serving a native root. Oracle for generate: the same command without
+--workers (single node) prints the same greedy text."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import select
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
+TIMEOUT = 120
+
+
+def dairllm(*args: str, env: "dict | None" = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dairllm", *args], capture_output=True, text=True,
+                          timeout=TIMEOUT, env=env)
+
+
+def golden_model(name: str = "tiny_q40") -> tuple:
+    m, t = GOLDEN / "models" / f"{name}.m", GOLDEN / "models" / f"{name}.t"
+    if not m.exists():
+        pytest.skip("golden models not found")
+    return m, t
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class WorkerCommand:
+    """`python -m dairllm worker --model M` (both protocols on one port)."""
+
+    def __init__(self, model: Path, *extra: str) -> None:
+        self.port = free_port()
+        self.addr = f"127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dairllm", "worker", "--model", str(model), "--host",
+             "127.0.0.1", "--port", str(self.port), "--nthreads", "1", *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            r, _, _ = select.select([self.proc.stdout], [], [], 0.5)
+            if r and "listening" in self.proc.stdout.readline():
+                return
+            if self.proc.poll() is not None:
+                break
+        self.stop()
+        raise RuntimeError("worker did not start")
+
+    def stop(self) -> str:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        err = self.proc.stderr.read()
+        self.proc.stdout.close()
+        self.proc.stderr.close()
+        return err
+
+
+@pytest.fixture
+def worker():
+    w = WorkerCommand(golden_model()[0])
+    yield w
+    w.stop()
+
+
+def test_demo_runs_and_stops_its_workers(tmp_path):
+    env = dict(os.environ, DAIRLLM_CACHE=str(tmp_path))
+    t0 = time.monotonic()
+    r = dairllm("demo", "--steps", "12", env=env)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert time.monotonic() - t0 < 60
+    workers = re.findall(r"127\.0\.0\.1:(\d+)", out.split("layer assignment")[0])
+    assert len(workers) == 2
+    table = out.split("layer assignment:")[1].split("predicted")[0]
+    rows = [l for l in table.splitlines()[2:] if l.strip()]
+    assert len(rows) == 3 and all("spare" not in l and "(head)" not in l for l in rows)
+    assert re.search(r"decode: 12 tokens, [\d.]+ tokens/s", out)
+    m = re.search(r"network: ([\d,]+) bytes per decoded token", out)
+    # tiny preset: dim 256 -> Q80 record 12 + 16 + 272 bytes, each way, two workers
+    assert m and int(m.group(1).replace(",", "")) == 2 * 2 * (12 + 16 + 256 // 32 * 34)
+    assert "workers stopped" in out
+    for port in workers:                       # nothing listens there any more
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", int(port))) != 0
+
+
+def test_generate_with_workers_matches_single_node(worker):
+    model, tok = golden_model()
+    common = ["generate", "--model", str(model), "--tokenizer", str(tok), "--prompt",
+              "hello world", "--steps", "12", "--temperature", "0", "--nthreads", "1"]
+    single = dairllm(*common, "--json")
+    assert single.returncode == 0, single.stderr
+    clus = dairllm(*common, "--json", "--workers", worker.addr, "--layers", "0-1,2-3",
+                   "--buffer-float-type", "f32")
+    assert clus.returncode == 0, clus.stderr
+    a, b = json.loads(single.stdout), json.loads(clus.stdout)
+    assert a["generated_tokens"] == b["generated_tokens"]
+    assert b["assignment"] == [[0, 2], [2, 4]]
+    assert b["network"]["bytes_per_decoded_token"] == 2 * (12 + 16 + 4 * 256)
+    assert "layer assignment" in clus.stderr            # the table goes to stderr with --json
+    text = dairllm(*common, "--workers", worker.addr, "--layers", "0-1,2-3")
+    assert text.returncode == 0, text.stderr
+    head, _, tail = text.stdout.partition("predicted")
+    assert "layer assignment" in head and worker.addr in head
+    assert re.search(r"network: [\d,]+ bytes per decoded token", tail)
+
+
+def test_plan_prints_assignment_without_loading(worker):
+    model, _ = golden_model()
+    r = dairllm("plan", "--model", str(model), "--workers", worker.addr, "--ram-budget", "1M")
+    assert r.returncode == 0, r.stderr
+    assert worker.addr in r.stdout and "ms/token" in r.stdout and "slowest stage" in r.stdout
+    assert f"link root <-> {worker.addr}" in r.stdout
+    r = dairllm("plan", "--model", str(model), "--workers", worker.addr, "--layers", "0-1,2")
+    assert r.returncode == 1 and "covers layers 0..2" in r.stderr
+
+
+def test_plan_refuses_other_model(worker):
+    other, _ = golden_model("qwen3tiny_q40")
+    r = dairllm("plan", "--model", str(other), "--workers", worker.addr)
+    assert r.returncode == 1
+    assert "different model" in r.stderr and r.stderr.count("sampled:") == 2
+
+
+def test_worker_warns_on_open_address_without_secret(tmp_path):
+    model, _ = golden_model()
+    port = free_port()
+    p = subprocess.Popen([sys.executable, "-m", "dairllm", "worker", "--model", str(model),
+                          "--host", "0.0.0.0", "--port", str(port), "--nthreads", "1"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        err = ""
+        while time.monotonic() < deadline and "without a secret" not in err:
+            r, _, _ = select.select([p.stderr], [], [], 0.5)
+            if r:
+                err += p.stderr.readline()
+            if p.poll() is not None:
+                break
+        assert "without a secret" in err
+    finally:
+        p.terminate()
+        p.wait(10)
+        p.stdout.close()
+        p.stderr.close()
