@@ -153,3 +153,18 @@ def test_session_refuses_overlong_prompt(pair):
     with pytest.raises(ValueError, match="context"):
         list(s.generate([s.tok.bos_id] * s.model.seq_len, GREEDY))
     s.model.close()
+
+
+def test_generation_fills_the_context_exactly(pair):
+    """With max_tokens beyond the context, generation ends at the last position ("length"):
+    every position 0..seq_len-1 is used and the model is never asked past it."""
+    s = open_session(pair)
+    prompt = s.encode("Hello world!")
+    n = s.model.seq_len - len(prompt)
+    r = Result()
+    "".join(s.generate(prompt, GenerationConfig(max_tokens=10_000, temperature=0.0), result=r))
+    s.model.close()
+    if r.stopped_by == "eos":
+        pytest.skip("the random model chose EOS before the end of the context")
+    assert r.finish_reason == "length" and r.completion_tokens == n + 1
+    assert len(s.tokens) == s.model.seq_len

@@ -167,7 +167,7 @@ class Session:
                 res.text = text[:safe]
                 yield text[sent:safe]
                 sent = safe
-            if res.completion_tokens >= cfg.max_tokens or len(self.tokens) + 1 >= seq_len:
+            if res.completion_tokens >= cfg.max_tokens or len(self.tokens) >= seq_len:
                 res.finish_reason = "length"
                 break
             t1 = time.perf_counter()
