@@ -478,3 +478,71 @@ def test_bad_positions_raise(rng):
         _ops.rope(q, np.array([0, S], np.int32), table, hd, False)
     with pytest.raises(ValueError):
         _ops.rope(q, np.array([0, 1], np.int32), table, hd + 2, False)
+
+
+# ---------------------------------------------------------------- rope tables (Llama-3.1 scaling)
+
+def llama3_reference(head_dim, theta, factor, low, high, orig):
+    """Llama-3.1 frequencies in float64, written from Meta's reference (apply_scaling)."""
+    out = []
+    for i in range(0, head_dim, 2):
+        f = 1.0 / theta ** (i / head_dim)
+        wavelen = 2 * math.pi / f
+        if wavelen < orig / high:
+            out.append(f)
+        elif wavelen > orig / low:
+            out.append(f / factor)
+        else:
+            s = (orig / wavelen - low) / (high - low)
+            out.append((1 - s) * f / factor + s * f)
+    return np.array(out)
+
+
+def test_rope_table_llama31_scaling():
+    from dairllm.rope import rope_frequencies
+    hd, theta, S = 64, 500000.0, 40
+    ref = llama3_reference(hd, theta, 32.0, 1.0, 4.0, 8192)
+    assert (ref != theta ** (-np.arange(0, hd, 2) / hd)).any()          # scaling changes something
+    f64 = rope_frequencies(hd, theta, "llama3_1", 32.0, 1.0, 4.0, 8192, precision="float64")
+    np.testing.assert_allclose(f64, ref, rtol=1e-12)
+    scaling = {"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+    t_dict = _ops.rope_table(S, hd, theta, scaling, precision="float64")
+    t_args = _ops.rope_table(S, hd, theta, 2, 32.0, 1.0, 4.0, 8192, precision="float64")
+    np.testing.assert_array_equal(t_dict, t_args)
+    ang = np.arange(S)[:, None] * ref[None, :]
+    np.testing.assert_allclose(t_dict[..., 0], np.cos(ang), atol=1e-7)
+    np.testing.assert_allclose(t_dict[..., 1], np.sin(ang), atol=1e-7)
+    t32 = _ops.rope_table(S, hd, theta, scaling)                           # float32 angles
+    np.testing.assert_allclose(t32, t_dict, atol=S * 1e-6)
+    # FALCON (NeoX) rope is never scaled, as in dllama
+    t_falcon = _ops.rope_table(S, hd, theta, "falcon", 32.0, 1.0, 4.0, 8192, precision="float64")
+    plain = np.arange(S)[:, None] * theta ** (-np.arange(0, hd, 2) / hd)[None, :]
+    np.testing.assert_allclose(t_falcon[..., 0], np.cos(plain), atol=1e-7)
+
+
+def test_rope_table_matches_transformers():
+    pytest.importorskip("torch")
+    rope_utils = pytest.importorskip("transformers.modeling_rope_utils")
+    from transformers import LlamaConfig
+
+    from dairllm.rope import rope_frequencies
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+    cfg = LlamaConfig(hidden_size=512, num_attention_heads=8, rope_theta=500000.0,
+                      max_position_embeddings=131072, rope_scaling=scaling)
+    try:
+        inv_freq, _ = rope_utils.ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
+    except (KeyError, TypeError) as e:
+        pytest.skip(f"transformers rope API differs: {e}")
+    ours = rope_frequencies(64, 500000.0, "llama3_1", 8.0, 1.0, 4.0, 8192)
+    np.testing.assert_allclose(ours, inv_freq.numpy().astype(np.float64), rtol=2e-7)
+
+
+def test_rope_table_bad_args():
+    with pytest.raises(ValueError):
+        _ops.rope_table(0, 64, 10000.0)
+    with pytest.raises(ValueError):
+        _ops.rope_table(8, 63, 10000.0)
+    with pytest.raises(ValueError):
+        _ops.rope_table(8, 64, 10000.0, "llama3_1", 8.0, 4.0, 1.0, 8192)    # low > high

@@ -461,10 +461,10 @@ def rope(x, positions, table, int head_dim, bint neox):
                         xv[b, o + 2 * i + 1] = a0 * s + a1 * c
 
 
-def rope_table(seq_len, head_dim, theta, scaling=None):
-    """cos/sin table f32[seq_len, head_dim/2, 2]; see dairllm.rope.rope_table."""
+def rope_table(seq_len, head_dim, theta, *args, **kwargs):
+    """cos/sin table f32[seq_len, head_dim/2, 2]; see dairllm.rope.rope_table (same arguments)."""
     from .rope import rope_table as _rope_table
-    return _rope_table(seq_len, head_dim, theta, scaling)
+    return _rope_table(seq_len, head_dim, theta, *args, **kwargs)
 
 # ============================================================================ attention
 
