@@ -396,3 +396,18 @@ def _restart(path, port, log_dir) -> WorkerProc:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
+
+
+def test_model_open_with_workers_is_a_cluster(pools):
+    name = MODELS["LLAMA"]
+    w = pools(name)[2]
+    ref_logits, _ = reference(name)
+    with Model.open(model_path(name), max_seq_len=96, max_batch=32, workers=[w.addr],
+                    layers="0-2,3", buffer_float_type="f32") as m:
+        assert isinstance(m, ClusterModel)
+        assert m.assignment.ranges() == [(0, 3), (3, 4)]
+        np.testing.assert_array_equal(run_schedule(m, golden_run(name)), ref_logits)
+    with pytest.raises(ConfigError, match="need workers"):
+        Model.open(model_path(name), layers="0-3")
+    with pytest.raises(ConfigError, match="2 ranges for 1 nodes"):
+        ClusterModel.open(model_path(name), workers=[], layers="0-1,2-3")
