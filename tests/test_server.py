@@ -266,3 +266,22 @@ def test_serve_command_subprocess(server):
             proc.kill()
             proc.wait(timeout=5)
     assert proc.returncode in (0, -signal.SIGINT, 130)
+
+
+def test_multi_turn_api_conversation_reuses_the_cache(server, client):
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROMPTS[3]}]
+    r1 = client.chat.completions.create(model="tiny", messages=msgs, temperature=0, max_tokens=7)
+    msgs += [{"role": "assistant", "content": r1.choices[0].message.content},
+             {"role": "user", "content": "and then?"}]
+    r2 = client.chat.completions.create(model="tiny", messages=msgs, temperature=0, max_tokens=7)
+    # Everything up to turn 1's last generated token (never fed: generation stopped on length)
+    assert r1.choices[0].finish_reason == "length"
+    cached = r2.usage.prompt_tokens_details.cached_tokens
+    assert cached == r1.usage.prompt_tokens + r1.usage.completion_tokens - 1
+    # ...and the answer is what a fresh model says: the reused cache changes nothing.
+    ref: Session = server["ref"]
+    ref.tokens.clear()
+    ids = server["app"].state.engine.session.tokens[:r2.usage.prompt_tokens]
+    want = Result()
+    "".join(ref.generate(ids, GenerationConfig(max_tokens=7, temperature=0.0), result=want))
+    assert want.text == r2.choices[0].message.content and want.cached_tokens == 0

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .chat import GenerationConfig, Result, Session
+from .chat import ChatHistory, GenerationConfig, Result, Session
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +146,7 @@ class Job:
     cfg: GenerationConfig
     cancel: threading.Event
     emit: Callable[[str, Any], None]            # ("prompt", n) ("text", s) ("done", Result) ("error", exc)
+    chat_text: str | None = None                # the rendered chat prompt (chat requests)
 
 
 class Engine:
@@ -155,6 +156,10 @@ class Engine:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dairllm-gen")
         self.queued = 0
         self.finished: deque = deque(maxlen=64)      # recent Results (for /health and tests)
+        # The last chat turn (prompt and reply as text and ids): a client that sends the
+        # conversation back with one more message reuses the cache through the reply, even
+        # where re-encoding the reply's text would give other ids.
+        self.history = ChatHistory()
 
     def submit(self, job: Job):
         self.queued += 1
@@ -167,7 +172,11 @@ class Engine:
             return
         res = Result()
         try:
-            prompt = job.build_prompt(self.session)
+            if job.chat_text is not None:
+                prompt = self.session._extend(job.chat_text, self.history)
+                self.history = ChatHistory()
+            else:
+                prompt = job.build_prompt(self.session)
             if len(prompt) >= self.session.model.seq_len:
                 raise APIError(400, f"the prompt has {len(prompt)} tokens; this model's context "
                                f"holds {self.session.model.seq_len}", "messages",
@@ -176,6 +185,9 @@ class Engine:
             for piece in self.session.generate(prompt, job.cfg, cancel=job.cancel, result=res):
                 job.emit("text", piece)
             self.finished.append(res)
+            if job.chat_text is not None and (res.stopped_by == "eos" or res.finish_reason == "length"):
+                self.history = ChatHistory(job.chat_text, tuple(prompt), job.chat_text + res.text,
+                                           tuple(prompt) + tuple(res.token_ids))
             log.info("request done: %d prompt tokens (%d cached), %d generated, %s",
                      res.prompt_tokens, res.cached_tokens, res.completion_tokens, res.finish_reason)
             job.emit("done", res)
@@ -217,7 +229,7 @@ def create_app(session: Session, model_name: str = "dairllm", default_max_tokens
             {"id": model_name, "object": "model", "created": 0, "owned_by": "dairllm"}]})
 
     async def run(request: Request, build_prompt, cfg: GenerationConfig, stream: bool,
-                  shape: "Shape"):
+                  shape: "Shape", chat_text: str | None = None):
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         cancel = threading.Event()
@@ -225,7 +237,7 @@ def create_app(session: Session, model_name: str = "dairllm", default_max_tokens
         def emit(kind: str, value) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
 
-        engine.submit(Job(build_prompt, cfg, cancel, emit))
+        engine.submit(Job(build_prompt, cfg, cancel, emit, chat_text))
         # Wait for the prompt to be accepted (or refused) before answering, so a bad prompt
         # still gets a plain 4xx even when streaming; watch for the client leaving meanwhile.
         first = await _next_or_disconnect(queue, request, cancel)
@@ -260,14 +272,14 @@ def create_app(session: Session, model_name: str = "dairllm", default_max_tokens
             stream = _check_stream(body)
             if session.template is None:
                 raise APIError(400, "this server has no chat template; use /v1/completions")
-            session.template.render(msgs)            # template errors -> 400 before queueing
+            text = session.template.render(msgs)     # template errors -> 400 before queueing
         except APIError as e:
             return e.response()
         except ValueError as e:
             return error_response(400, str(e), "messages")
         shape = Shape("chat.completion", body.get("model") or model_name,
                       include_usage=bool((body.get("stream_options") or {}).get("include_usage")))
-        return await run(request, lambda s: s.chat_prompt(msgs), cfg, stream, shape)
+        return await run(request, None, cfg, stream, shape, chat_text=text)
 
     async def completions(request: Request):
         try:
