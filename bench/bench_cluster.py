@@ -175,8 +175,21 @@ class NetNS:
             self._sh(f"ip netns exec {ns} ip addr add 10.77.{i}.2/24 dev {b}")
             self._sh(f"ip netns exec {ns} ip link set {b} up")
             self._sh(f"ip netns exec {ns} ip link set lo up")
-            self._sh(f"tc qdisc add dev {a} root netem delay {delay} rate {rate}")
-            self._sh(f"ip netns exec {ns} tc qdisc add dev {b} root netem delay {delay} rate {rate}")
+            self._shape(f"dev {a}", [], rate, delay)
+            self._shape(f"dev {b}", ["ip", "netns", "exec", ns], rate, delay)
+
+    delay_applied = True
+
+    def _shape(self, dev: str, prefix: list, rate: str, delay: str) -> None:
+        """netem (delay + rate) where the kernel has it, else tbf (rate only)."""
+        netem = prefix + ["tc", "qdisc", "add", *dev.split(), "root", "netem", "delay", delay,
+                          "rate", rate]
+        if subprocess.run(netem, capture_output=True).returncode == 0:
+            return
+        NetNS.delay_applied = False
+        subprocess.run(prefix + ["tc", "qdisc", "add", *dev.split(), "root", "tbf", "rate", rate,
+                                 "burst", "256kb", "latency", "50ms"], check=True,
+                       capture_output=True)
 
     @staticmethod
     def _sh(cmd: str) -> None:
@@ -223,6 +236,10 @@ def main() -> int:
     print(f"\nmodel: {path.name} (dim {h.dim}, {h.n_layers} layers, vocab {h.vocab_size}); "
           f"activations {args.act}; {args.threads} threads per node; "
           f"{'netns ' + args.rate + ' ' + args.delay if args.netns else 'loopback'}")
+    if args.netns and not NetNS.delay_applied:
+        print(f"note: this kernel has no netem qdisc: links were shaped to {args.rate} with tbf, "
+              f"the {args.delay} one-way delay was NOT applied; it would add 2 x {args.delay} per "
+              f"active worker per token (star), i.e. 2(N-1) one-way delays")
     print(f"{'nodes':>5} {'decode tok/s':>12} {'vs 1 node':>9} {'bytes/token':>12} "
           f"{'dllama bytes/token (computed)':>30} {'ratio':>7} {'rtt ms':>7}")
     for r in rows:
