@@ -53,7 +53,7 @@ def server(tmp_path_factory):
     model_path, tok_path, _ = shared_chat_pair(tmp_path_factory)
     session = make_session(model_path, tok_path)
     slow = Slow(session.model)
-    app = create_app(session, "tiny", default_max_tokens=12)
+    app = create_app(session, "tiny", default_max_tokens=12, max_body=256 << 10)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -191,6 +191,10 @@ def test_bad_requests_get_openai_errors(server, client):
     assert status == 404 and "error" in r
     status, r = raw.request("GET", "/v1/chat/completions")
     assert status == 405 and "error" in r
+    status, r = raw.request("POST", "/v1/completions", raw=b" " * (512 << 10))
+    assert status == 413 and "error" in r
+    status, r = raw.request("POST", "/v1/completions", {"prompt": "a\x00b", "max_tokens": 2})
+    assert status == 400 and "NUL" in r["error"]["message"]
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
                                        top_p=3)

@@ -36,6 +36,9 @@ except ImportError as e:                         # pragma: no cover - depends on
     raise ImportError("the API server needs the api extra: pip install 'dairllm[api]'") from e
 
 
+MAX_BODY = 16 << 20           # bytes of JSON one request may send
+
+
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None,
                  code: str | None = None, type_: str = "invalid_request_error") -> None:
@@ -206,12 +209,22 @@ class Engine:
 # ---------------------------------------------------------------------------------------------
 # The app
 
-def create_app(session: Session, model_name: str = "dairllm", default_max_tokens: int = 256):
+def create_app(session: Session, model_name: str = "dairllm", default_max_tokens: int = 256,
+               max_body: int = MAX_BODY):
     engine = Engine(session, model_name)
 
     async def read_json(request: Request) -> dict:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > max_body:
+            raise APIError(413, f"the request body exceeds {max_body} bytes")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_body:
+                raise APIError(413, f"the request body exceeds {max_body} bytes")
+            chunks.append(chunk)
         try:
-            body = json.loads(await request.body())
+            body = json.loads(b"".join(chunks))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise APIError(400, f"the request body is not valid JSON: {e}") from None
         if not isinstance(body, dict):
