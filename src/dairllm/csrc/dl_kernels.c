@@ -410,49 +410,99 @@ DL_AVX2 static float dot_q40_avx2(const uint8_t *w, const uint8_t *x, const floa
     return hsum_ps(acc) + dot_q40_scalar(w, x, dx, b, nb);
 }
 
-#define TOK_TILE 8
-#define ROW_TILE 16
+/* Batched Q40 (B > 1), 8 rows at a time. A group of 8 rows is repacked per chunk of blocks into
+ * "interleaved" form: for block b and 4-element chunk c, one vector holds the 4 unsigned weights of
+ * chunk c of all 8 rows (lane r = row r). Then for every token, per block: 8 maddubs of those
+ * vectors against chunk c of the activation broadcast to all lanes, summed in int16 (|sum| <= 8 *
+ * 2 * 15 * 127 = 30480 fits), one madd to int32 gives the 8 rows' block dots side by side: no
+ * horizontal sums, and the unpacking is paid once per row group and token tile. */
+#define Q40_TOK_TILE 32
+#define Q40_BLK_CHUNK 64
 
-/* Batched Q40: for a tile of rows and a tile of tokens, each group of 8 weight blocks is
- * unpacked once and multiplied against every token of the tile. */
+typedef struct {
+    __m256i w[Q40_BLK_CHUNK][8];     /* [block][chunk c]: lane r = weights 4c..4c+3 of row r */
+    __m256 dw[Q40_BLK_CHUNK];        /* lane r = f32 scale of row r */
+} q40_group;
+
+DL_AVX2 static void repack8_q40(q40_group *g, const uint8_t *w0, int64_t wrow, int64_t b0, int64_t cb) {
+    for (int64_t b = 0; b < cb; b++) {
+        const uint8_t *p = w0 + (b0 + b) * DL_Q40_BYTES;
+        __m256i q0 = unpack_q40(p), q1 = unpack_q40(p + wrow), q2 = unpack_q40(p + 2 * wrow),
+                q3 = unpack_q40(p + 3 * wrow), q4 = unpack_q40(p + 4 * wrow), q5 = unpack_q40(p + 5 * wrow),
+                q6 = unpack_q40(p + 6 * wrow), q7 = unpack_q40(p + 7 * wrow);
+        __m256i t0 = _mm256_unpacklo_epi32(q0, q1), t1 = _mm256_unpackhi_epi32(q0, q1);
+        __m256i t2 = _mm256_unpacklo_epi32(q2, q3), t3 = _mm256_unpackhi_epi32(q2, q3);
+        __m256i t4 = _mm256_unpacklo_epi32(q4, q5), t5 = _mm256_unpackhi_epi32(q4, q5);
+        __m256i t6 = _mm256_unpacklo_epi32(q6, q7), t7 = _mm256_unpackhi_epi32(q6, q7);
+        __m256i u0 = _mm256_unpacklo_epi64(t0, t2), u1 = _mm256_unpackhi_epi64(t0, t2);
+        __m256i u2 = _mm256_unpacklo_epi64(t1, t3), u3 = _mm256_unpackhi_epi64(t1, t3);
+        __m256i u4 = _mm256_unpacklo_epi64(t4, t6), u5 = _mm256_unpackhi_epi64(t4, t6);
+        __m256i u6 = _mm256_unpacklo_epi64(t5, t7), u7 = _mm256_unpackhi_epi64(t5, t7);
+        __m256i *o = g->w[b];
+        o[0] = _mm256_permute2x128_si256(u0, u4, 0x20);
+        o[1] = _mm256_permute2x128_si256(u1, u5, 0x20);
+        o[2] = _mm256_permute2x128_si256(u2, u6, 0x20);
+        o[3] = _mm256_permute2x128_si256(u3, u7, 0x20);
+        o[4] = _mm256_permute2x128_si256(u0, u4, 0x31);
+        o[5] = _mm256_permute2x128_si256(u1, u5, 0x31);
+        o[6] = _mm256_permute2x128_si256(u2, u6, 0x31);
+        o[7] = _mm256_permute2x128_si256(u3, u7, 0x31);
+        g->dw[b] = scales8(p, wrow);
+    }
+}
+
+DL_AVX2 static inline __m256i bcast32(const uint8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm256_set1_epi32(v);
+}
+
+/* acc (8 rows) += blocks [b0, b0 + cb) of the group against one token's Q80 row. */
+DL_AVX2 static __m256 group8_q40(const q40_group *g, __m256 acc, const uint8_t *x, const float *dx,
+                                 const int32_t *sx, int64_t b0, int64_t cb) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int64_t b = 0; b < cb; b++) {
+        const uint8_t *xb = x + (b0 + b) * DL_Q80_BYTES + 2;
+        const __m256i *w = g->w[b];
+        __m256i s = _mm256_maddubs_epi16(w[0], bcast32(xb));
+        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(w[1], bcast32(xb + 4)));
+        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(w[2], bcast32(xb + 8)));
+        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(w[3], bcast32(xb + 12)));
+        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(w[4], bcast32(xb + 16)));
+        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(w[5], bcast32(xb + 20)));
+        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(w[6], bcast32(xb + 24)));
+        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(w[7], bcast32(xb + 28)));
+        __m256i p = _mm256_sub_epi32(_mm256_madd_epi16(s, ones), _mm256_set1_epi32(8 * sx[b0 + b]));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(g->dw[b], _mm256_set1_ps(dx[b0 + b])), acc);
+    }
+    return acc;
+}
+
 DL_AVX2 static void matmul_q40_avx2(float *out, const uint8_t *w, const uint8_t *xq, const float *dx,
                                     const int32_t *sx, int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r1) {
-    const int64_t wrow = nb * DL_Q40_BYTES, xrow = nb * DL_Q80_BYTES, nb8 = nb & ~(int64_t)7;
+    const int64_t wrow = nb * DL_Q40_BYTES, xrow = nb * DL_Q80_BYTES;
     if (B == 1) {
         for (int64_t r = r0; r < r1; r++) out[r] = dot_q40_avx2(w + r * wrow, xq, dx, sx, nb);
         return;
     }
-    __m256i q[8];
-    __m256 acc[TOK_TILE];
-    for (int64_t rb = r0; rb < r1; rb += ROW_TILE) {
-        int64_t re = min64(rb + ROW_TILE, r1);
-        for (int64_t t0 = 0; t0 < B; t0 += TOK_TILE) {
-            int64_t tn = min64(TOK_TILE, B - t0);
-            for (int64_t r = rb; r < re; r++) {
-                const uint8_t *wr = w + r * wrow;
-                for (int64_t t = 0; t < tn; t++) acc[t] = _mm256_setzero_ps();
-                for (int64_t b = 0; b < nb8; b += 8) {
-                    const uint8_t *wb = wr + b * DL_Q40_BYTES;
-                    for (int k = 0; k < 8; k++) q[k] = unpack_q40(wb + k * DL_Q40_BYTES);
-                    __m256 dw = scales8(wb, DL_Q40_BYTES);
-                    for (int64_t t = 0; t < tn; t++) {
-                        const int64_t tb = (t0 + t) * nb + b;
-                        const uint8_t *xb = xq + (t0 + t) * xrow + b * DL_Q80_BYTES;
-                        __m256i s = sum8_epi32(dot_u4_i8(q[0], xb), dot_u4_i8(q[1], xb + 34),
-                                               dot_u4_i8(q[2], xb + 68), dot_u4_i8(q[3], xb + 102),
-                                               dot_u4_i8(q[4], xb + 136), dot_u4_i8(q[5], xb + 170),
-                                               dot_u4_i8(q[6], xb + 204), dot_u4_i8(q[7], xb + 238));
-                        s = _mm256_sub_epi32(s, _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)(sx + tb)), 3));
-                        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(dw, _mm256_loadu_ps(dx + tb)),
-                                                 acc[t]);
-                    }
-                }
-                for (int64_t t = 0; t < tn; t++) {
-                    const int64_t ti = t0 + t;
-                    out[ti * d + r] = hsum_ps(acc[t]) + dot_q40_scalar(wr, xq + ti * xrow, dx + ti * nb, nb8, nb);
-                }
+    q40_group g;
+    __m256 acc[Q40_TOK_TILE];
+    const int64_t r8 = r0 + ((r1 - r0) & ~(int64_t)7);
+    for (int64_t t0 = 0; t0 < B; t0 += Q40_TOK_TILE) {
+        const int64_t tn = min64(Q40_TOK_TILE, B - t0);
+        for (int64_t r = r0; r < r8; r += 8) {
+            for (int64_t t = 0; t < tn; t++) acc[t] = _mm256_setzero_ps();
+            for (int64_t b0 = 0; b0 < nb; b0 += Q40_BLK_CHUNK) {
+                const int64_t cb = min64(Q40_BLK_CHUNK, nb - b0);
+                repack8_q40(&g, w + r * wrow, wrow, b0, cb);
+                for (int64_t t = 0; t < tn; t++)
+                    acc[t] = group8_q40(&g, acc[t], xq + (t0 + t) * xrow, dx + (t0 + t) * nb, sx + (t0 + t) * nb, b0, cb);
             }
+            for (int64_t t = 0; t < tn; t++) _mm256_storeu_ps(out + (t0 + t) * d + r, acc[t]);
         }
+        for (int64_t r = r8; r < r1; r++)
+            for (int64_t t = t0; t < t0 + tn; t++)
+                out[t * d + r] = dot_q40_avx2(w + r * wrow, xq + t * xrow, dx + t * nb, sx + t * nb, nb);
     }
 }
 
