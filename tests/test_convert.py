@@ -417,3 +417,21 @@ def test_sharded_checkpoint_with_index_and_stray_file(tmp_path):
     assert (tmp_path / "one.m").read_bytes() == (tmp_path / "sharded.m").read_bytes()
     with pytest.raises(ConfigError, match="cannot write"):
         convert_checkpoint(shard, tmp_path / "no" / "such" / "x.m", "q40", progress=False)
+
+
+def test_convert_tokenizer_refuses_specials_before_the_vocabulary(tmp_path):
+    """SmolLM/Mistral-style vocabularies put specials at ids 0..k: dllama's rule "id >= BOS is
+    special" would make every token special, so the converter refuses."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from dairllm.convert.hf_tokenizer import read_hf_tokenizer
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["hello world"] * 5, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>", "<s>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "<|endoftext|>"}))
+    with pytest.raises(ConfigError, match="cannot be represented"):
+        read_hf_tokenizer(tmp_path)

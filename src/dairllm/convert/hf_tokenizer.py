@@ -157,7 +157,9 @@ def read_hf_tokenizer(folder: str | os.PathLike) -> HFTokenizer:
     model = tj.get("model") or {}
     if model.get("type") != "BPE" or not _is_byte_level(tj):
         raise ConfigError(f"{folder}: only byte-level BPE tokenizers are supported (GPT-2, "
-                          f"Llama 3, Qwen); this one is {model.get('type')!r} without ByteLevel")
+                          f"Llama 3, Qwen); this one is {model.get('type')!r} without ByteLevel "
+                          "(SentencePiece-style vocabularies such as Llama 2's or Mistral's "
+                          "are not)")
     vocab: dict[str, int] = dict(model.get("vocab") or {})
     added = {int(t["id"]): t for t in tj.get("added_tokens") or []}
     all_ids = {**{i: s for s, i in vocab.items()}, **{i: t["content"] for i, t in added.items()}}
@@ -216,6 +218,12 @@ def read_hf_tokenizer(folder: str | os.PathLike) -> HFTokenizer:
                           "generation_config.json or config.json")
     if not 0 <= bos < n:
         raise ConfigError(f"{folder}: bos id {bos} is outside the vocabulary 0..{n - 1}")
+    regular_after_bos = [i for i in range(bos, n) if i not in added]
+    if regular_after_bos:
+        raise ConfigError(
+            f"{folder}: BOS has id {bos} but {len(regular_after_bos)} ordinary tokens come after "
+            f"it (first: id {regular_after_bos[0]}); a .t file treats every id from BOS on as a "
+            "special token, so this vocabulary (special tokens first) cannot be represented")
     regular_added = [i for i in added if i < bos]
     if regular_added:
         log.warning("%d added tokens have ids below BOS %d; distributed-llama treats them as "
