@@ -9,7 +9,6 @@ Every process is stopped at the end; every wait is bounded.
 """
 from __future__ import annotations
 
-import json
 import os
 import select
 import signal
@@ -248,19 +247,34 @@ def test_worker_stalled_is_noticed_within_timeout(tmp_path):
         m = ClusterModel.open(path, workers=[w.addr for w in workers], max_seq_len=96,
                               max_batch=32, buffer_float_type="f32", layers="0-1,2,3", timeout=2.0)
         with m:
-            got = []
+            got, waited = [], None
             t_stall = None
             for i, t in enumerate(m.generate(prompt, 12)):
                 got.append(t)
+                if t_stall is not None and waited is None:
+                    waited = time.monotonic() - t_stall
                 if i == 2:
-                    workers[0].proc.send_signal(signal.SIGSTOP)
+                    stop_process(workers[0].proc)
                     t_stall = time.monotonic()
             assert got == ref_tokens
+            assert 2.0 <= waited < 2.0 + 30       # the 2 s timeout, then a bounded recovery
             assert len(m.net_stats.faults) == 1
             assert m.net_stats.faults[0][0] == workers[0].addr
     finally:
         for w in workers:
             w.stop()
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """SIGSTOP, then wait until the kernel reports the process stopped (delivery is async)."""
+    proc.send_signal(signal.SIGSTOP)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with open(f"/proc/{proc.pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "T":
+                return
+        time.sleep(0.01)
+    raise RuntimeError("worker did not stop")
 
 
 # ---------------------------------------------------------------------------------------------

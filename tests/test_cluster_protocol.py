@@ -4,7 +4,6 @@ records round-trip (F32 exactly, F16 as NumPy's cast, Q80 as the converter-exact
 in formats.quant); fingerprints notice changed bytes; HMAC helpers."""
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest

@@ -38,7 +38,7 @@ from ..engine.weights import ResidentWeights
 from ..errors import ConfigError, DairError, ProtocolError
 from ..formats.modelfile import ModelFile
 from . import protocol as P
-from .assign import (Assignment, ModelCosts, NodeProfile, assign, available_ram, build, manual,
+from .assign import (Assignment, ModelCosts, NodeProfile, assign, available_ram, manual,
                      parse_size)
 from .fingerprint import get_threads, measure_speed, model_fingerprint, set_threads
 
