@@ -99,9 +99,11 @@ class Session:
         tokenize the model's reply differently and lose the cache from there."""
         if self.template is None:
             raise ConfigError("no chat template (the tokenizer has none; choose a built-in)")
-        return self._extend(self.template.render(messages, add_generation_prompt=True), history)
+        return self.extend_prompt(self.template.render(messages, add_generation_prompt=True), history)
 
-    def _extend(self, text: str, history: "ChatHistory | None") -> list[int]:
+    def extend_prompt(self, text: str, history: "ChatHistory | None") -> list[int]:
+        """Ids of a rendered chat prompt, built on the previous turn's ids where `text` extends
+        that turn's text (see chat_prompt)."""
         if history is not None:
             for old_text, old_ids in ((history.text, history.ids),
                                       (history.prompt_text, history.prompt_ids)):
@@ -224,7 +226,7 @@ class Chat:
         if self.session.template is None:
             raise ConfigError("no chat template (the tokenizer has none; choose a built-in)")
         prompt_text = self.session.template.render(messages, add_generation_prompt=True)
-        prompt = self.session._extend(prompt_text, self.history)
+        prompt = self.session.extend_prompt(prompt_text, self.history)
         self.messages = messages
         try:
             yield from self.session.generate(prompt, cfg, cancel=cancel, result=res)

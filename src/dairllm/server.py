@@ -176,7 +176,7 @@ class Engine:
         res = Result()
         try:
             if job.chat_text is not None:
-                prompt = self.session._extend(job.chat_text, self.history)
+                prompt = self.session.extend_prompt(job.chat_text, self.history)
                 self.history = ChatHistory()
             else:
                 prompt = job.build_prompt(self.session)
