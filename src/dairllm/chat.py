@@ -89,7 +89,8 @@ class Session:
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         return [int(t) for t in self.tok.encode(text, add_bos=add_bos)]
 
-    def chat_prompt(self, messages: Sequence[dict], history: "ChatHistory | None" = None) -> list[int]:
+    def chat_prompt(self, messages: Sequence[dict],
+                    history: "ChatHistory | None" = None) -> list[int]:
         """Token ids of the rendered conversation (ending with the assistant prompt).
 
         With the previous turn's ChatHistory the ids extend what the cache holds: the whole
@@ -99,7 +100,8 @@ class Session:
         tokenize the model's reply differently and lose the cache from there."""
         if self.template is None:
             raise ConfigError("no chat template (the tokenizer has none; choose a built-in)")
-        return self.extend_prompt(self.template.render(messages, add_generation_prompt=True), history)
+        text = self.template.render(messages, add_generation_prompt=True)
+        return self.extend_prompt(text, history)
 
     def extend_prompt(self, text: str, history: "ChatHistory | None") -> list[int]:
         """Ids of a rendered chat prompt, built on the previous turn's ids where `text` extends

@@ -43,7 +43,8 @@ class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None,
                  code: str | None = None, type_: str = "invalid_request_error") -> None:
         super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
+        self.status, self.message, self.param = status, message, param
+        self.code, self.type = code, type_
 
     def response(self) -> JSONResponse:
         return error_response(self.status, self.message, self.param, self.code, self.type)
@@ -62,7 +63,8 @@ def _number(body: dict, name: str, default, lo: float, hi: float, kind=float):
     v = body.get(name, default)
     if v is None:
         return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not float(v).is_integer()):
+    bad_int = kind is int and isinstance(v, float) and not v.is_integer()
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or bad_int:
         raise APIError(400, f"'{name}' must be {'an integer' if kind is int else 'a number'}", name)
     if not lo <= v <= hi:
         raise APIError(400, f"'{name}' must be between {lo} and {hi}", name)
@@ -81,7 +83,8 @@ def generation_config(body: dict, default_max_tokens: int, context: int) -> Gene
         stop = []
     elif isinstance(stop, str):
         stop = [stop]
-    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+    if (not isinstance(stop, list) or len(stop) > 4
+            or not all(isinstance(s, str) and s for s in stop)):
         raise APIError(400, "'stop' must be a non-empty string or a list of up to 4", "stop")
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
@@ -104,14 +107,16 @@ def chat_messages(body: dict) -> list[dict]:
         if role == "developer":
             role = "system"
         if role not in ("system", "user", "assistant", "tool"):
-            raise APIError(400, f"messages[{i}].role {role!r} is not supported", f"messages[{i}].role")
+            raise APIError(400, f"messages[{i}].role {role!r} is not supported",
+                           f"messages[{i}].role")
         content = m.get("content")
         if content is None:
             content = ""
         if isinstance(content, list):          # [{"type": "text", "text": ...}, ...]
             parts = []
             for p in content:
-                if not isinstance(p, dict) or p.get("type") != "text" or not isinstance(p.get("text"), str):
+                text_part = isinstance(p, dict) and p.get("type") == "text"
+                if not text_part or not isinstance(p.get("text"), str):
                     raise APIError(400, f"messages[{i}].content: only text parts are supported",
                                    f"messages[{i}].content")
                 parts.append(p["text"])
@@ -127,7 +132,8 @@ def completion_prompt(body: dict) -> str:
     if isinstance(p, list) and len(p) == 1 and isinstance(p[0], str):
         p = p[0]
     if not isinstance(p, str) or not p:
-        raise APIError(400, "'prompt' must be a non-empty string (one prompt per request)", "prompt")
+        raise APIError(400, "'prompt' must be a non-empty string (one prompt per request)",
+                       "prompt")
     if body.get("echo"):
         raise APIError(400, "'echo' is not supported", "echo")
     return p
@@ -148,7 +154,8 @@ class Job:
     build_prompt: Callable[[Session], list]     # runs in the worker (tokenizing can be slow)
     cfg: GenerationConfig
     cancel: threading.Event
-    emit: Callable[[str, Any], None]            # ("prompt", n) ("text", s) ("done", Result) ("error", exc)
+    # emit(kind, value): ("prompt", n) ("text", s) ("done", Result) ("error", APIError)
+    emit: Callable[[str, Any], None]
     chat_text: str | None = None                # the rendered chat prompt (chat requests)
 
 
@@ -188,7 +195,8 @@ class Engine:
             for piece in self.session.generate(prompt, job.cfg, cancel=job.cancel, result=res):
                 job.emit("text", piece)
             self.finished.append(res)
-            if job.chat_text is not None and (res.stopped_by == "eos" or res.finish_reason == "length"):
+            complete = res.stopped_by == "eos" or res.finish_reason == "length"
+            if job.chat_text is not None and complete:
                 self.history = ChatHistory(job.chat_text, tuple(prompt), job.chat_text + res.text,
                                            tuple(prompt) + tuple(res.token_ids))
             log.info("request done: %d prompt tokens (%d cached), %d generated, %s",
@@ -355,7 +363,8 @@ class Shape:
                 "total_tokens": res.prompt_tokens + res.completion_tokens,
                 "prompt_tokens_details": {"cached_tokens": res.cached_tokens}}
 
-    def _choice(self, text: str | None, finish: str | None, delta: bool, first: bool = False) -> dict:
+    def _choice(self, text: str | None, finish: str | None, delta: bool,
+                first: bool = False) -> dict:
         if self.object == "chat.completion":
             if delta:
                 d = {"role": "assistant", "content": text or ""} if first else (

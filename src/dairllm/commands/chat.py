@@ -25,7 +25,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ram-budget", default=None,
                    help="cap resident weights + run state (4G, 512M, 50%%): layers that do not "
                         "fit are streamed from disk")
-    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0: greedy)")
+    p.add_argument("--temperature", type=float, default=0.7,
+                   help="sampling temperature (0: greedy)")
     p.add_argument("--topp", type=float, default=0.9, help="top-p (nucleus) sampling")
     p.add_argument("--seed", type=int, default=None, help="sampler seed (default: the clock)")
 

@@ -16,9 +16,11 @@ from ..errors import ConfigError
 LLAMA3 = (
     "{{ bos_token }}"
     "{% for message in messages %}"
-    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    " + message['content'] | trim + '<|eot_id|>' }}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+    "{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
 
 CHATML = (
@@ -69,7 +71,7 @@ class ChatTemplate:
             import jinja2
             from jinja2.sandbox import ImmutableSandboxedEnvironment
         except ImportError:
-            raise ConfigError("chat templates need jinja2: pip install 'dairllm[convert]'") from None
+            raise ConfigError("chat templates need jinja2: pip install 'dairllm[chat]'") from None
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                             extensions=["jinja2.ext.loopcontrols"])
         env.globals.update(raise_exception=_raise, strftime_now=_strftime_now)

@@ -45,7 +45,8 @@ def read_config(folder: str | os.PathLike) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigError(f"{folder}: no config.json (expected a Hugging Face model folder)") from None
+        raise ConfigError(f"{folder}: no config.json (expected a Hugging Face model "
+                          "folder)") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ConfigError(f"{path}: not valid JSON: {e}") from None
 
@@ -149,7 +150,8 @@ def _moe_settings(cfg: dict) -> dict:
     if not cfg.get("norm_topk_prob", True):
         raise ConfigError("norm_topk_prob is false; distributed-llama always renormalizes the "
                           "top-k expert weights")
-    return dict(n_experts=int(n_experts), n_active_experts=int(_require(cfg, "num_experts_per_tok")),
+    return dict(n_experts=int(n_experts),
+                n_active_experts=int(_require(cfg, "num_experts_per_tok")),
                 moe_hidden_dim=int(_require(cfg, "moe_intermediate_size")))
 
 

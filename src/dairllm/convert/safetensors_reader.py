@@ -71,14 +71,16 @@ class SafetensorsFile:
                 raise ConfigError(f"{self.path}: malformed header entry for {name}") from None
             if not 0 <= start <= end or base + end > size:
                 raise ConfigError(f"{self.path}: {name} lies outside the file")
-            self.entries[name] = TensorEntry(name, dtype, shape, self.path, base + start, base + end)
+            self.entries[name] = TensorEntry(name, dtype, shape, self.path, base + start,
+                                             base + end)
 
         self._fd = os.open(self.path, os.O_RDONLY)
 
     def pread(self, nbytes: int, offset: int) -> bytes:
         data = os.pread(self._fd, nbytes, offset)
         if len(data) != nbytes:
-            raise ConfigError(f"{self.path}: short read ({len(data)} of {nbytes} bytes at {offset})")
+            raise ConfigError(f"{self.path}: short read ({len(data)} of {nbytes} bytes "
+                              f"at {offset})")
         return data
 
     def close(self) -> None:
@@ -111,12 +113,14 @@ class Checkpoint:
         index = self.folder / "model.safetensors.index.json"
         if index.exists():
             try:
-                names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                names = sorted(set(weight_map.values()))
             except (KeyError, TypeError, AttributeError, ValueError) as e:
                 raise ConfigError(f"{index}: unreadable shard index: {e}") from None
             missing = [n for n in names if not (self.folder / n).is_file()]
             if missing:
-                raise ConfigError(f"{self.folder}: shard {missing[0]} listed in {index.name} is missing")
+                raise ConfigError(f"{self.folder}: shard {missing[0]} listed in {index.name} "
+                                  "is missing")
             return [self.folder / n for n in names]
         if not self.folder.is_dir():
             raise ConfigError(f"{self.folder}: not a folder")
@@ -152,7 +156,8 @@ class Checkpoint:
         cols = int(np.prod(e.shape[1:])) if len(e.shape) > 1 else (e.shape[0] if e.shape else 1)
         n_rows = e.shape[0] if len(e.shape) > 1 else 1
         if (e.end - e.start) != n_rows * cols * dt.itemsize:
-            raise ConfigError(f"{name}: {e.end - e.start} bytes do not hold shape {e.shape} {e.dtype}")
+            raise ConfigError(f"{name}: {e.end - e.start} bytes do not hold shape {e.shape} "
+                              f"{e.dtype}")
         if not 0 <= r0 <= r1 <= n_rows:
             raise ValueError(f"{name}: rows {r0}..{r1} outside 0..{n_rows}")
         row_bytes = cols * dt.itemsize
