@@ -170,6 +170,7 @@ class Engine:
         # conversation back with one more message reuses the cache through the reply, even
         # where re-encoding the reply's text would give other ids.
         self.history = ChatHistory()
+        self.current: Job | None = None
 
     def submit(self, job: Job):
         self.queued += 1
@@ -181,6 +182,7 @@ class Engine:
             job.emit("error", APIError(499, "client went away", code="cancelled"))
             return
         res = Result()
+        self.current = job
         try:
             if job.chat_text is not None:
                 prompt = self.session.extend_prompt(job.chat_text, self.history)
@@ -209,8 +211,14 @@ class Engine:
         except Exception as e:                   # keep the server alive; report a 500
             log.exception("generation failed")
             job.emit("error", APIError(500, f"{type(e).__name__}: {e}", type_="server_error"))
+        finally:
+            self.current = None
 
     def close(self) -> None:
+        """Drop queued requests and stop the running one at its next token."""
+        job = self.current
+        if job is not None:
+            job.cancel.set()
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
