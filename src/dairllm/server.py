@@ -264,7 +264,10 @@ def create_app(session: Session, model_name: str = "dairllm", default_max_tokens
         cancel = threading.Event()
 
         def emit(kind: str, value) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
+            except RuntimeError:                 # the event loop is gone (shutting down)
+                cancel.set()
 
         engine.submit(Job(build_prompt, cfg, cancel, emit, chat_text))
         # Wait for the prompt to be accepted (or refused) before answering, so a bad prompt
