@@ -30,13 +30,14 @@ def brute_time(profiles, counts, c=COSTS):
                 t += p.rtt + 2 * c.record_bytes / BW
             need = fixed + k * (c.layer_bytes + c.kv_layer_bytes)
             if need > p.ram_budget:
-                room = p.ram_budget - fixed - k * c.kv_layer_bytes - 2 * c.layer_bytes
+                room = p.ram_budget - fixed - k * c.kv_layer_bytes - c.layer_bytes
                 if room < 0:
                     return None
-                streamed = k - min(k, room // c.layer_bytes)
+                second_slot = c.layer_bytes if room >= c.layer_bytes else 0
+                streamed = k - min(k - 1, (room - second_slot) // c.layer_bytes)
                 t += streamed * c.layer_bytes / p.disk_speed
-        elif fixed > p.ram_budget:
-            pass
+        if fixed > p.ram_budget and (i == 0 or k):
+            return None
         total += t
     return total
 

@@ -425,3 +425,23 @@ def test_model_open_with_workers_is_a_cluster(pools):
         Model.open(model_path(name), layers="0-3")
     with pytest.raises(ConfigError, match="2 ranges for 1 nodes"):
         ClusterModel.open(model_path(name), workers=[], layers="0-1,2-3")
+
+
+@pytest.mark.parametrize("arch", ["LLAMA", "QWEN3_MOE"])
+def test_nodes_stream_layers_beyond_their_budget(tmp_path, arch):
+    """A worker (and the root) whose range does not fit its RAM budget streams part of it through
+    the layer store; the logits stay bit-identical (F32 activations)."""
+    name = MODELS[arch]
+    ref_logits, _ = reference(name)
+    from dairllm.formats.modelfile import ModelFile
+    with ModelFile(model_path(name)) as mf:
+        layer = sum(t.nbytes for t in mf.layout.layer_tensors(0))
+    budget = str(800_000 + int(1.6 * layer))   # buffers + KV + one streamed layer, not two
+    w = WorkerProc(model_path(name), "--ram-budget", budget, log_dir=tmp_path)
+    try:
+        with open_cluster(name, [w], "f32", "0-1,2-3", ram_budget=budget) as m:
+            assert m.worker_streamed[w.addr] > 0
+            assert len(m.net.weights.plan.streamed) > 0          # the root streams too
+            np.testing.assert_array_equal(run_schedule(m, golden_run(name)), ref_logits)
+    finally:
+        w.stop()

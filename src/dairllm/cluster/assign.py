@@ -16,7 +16,7 @@ Costs (per decoded token):
     a worker with layers adds one round trip (node.rtt) + 2 records / link_bandwidth
 Memory of a node: its resident layers, the KV cache of all its layers (seq_len positions),
 activation buffers, and on the root the classifier and final norm; a streaming node also needs
-two layer-sized slots (the layer store's minimum for overlapped reads).
+a layer-sized slot to read into, two when they fit (reads then overlap compute).
 """
 from __future__ import annotations
 
@@ -148,6 +148,8 @@ def _stage_cost(c: ModelCosts, p: NodeProfile, k: int, is_root: bool, bw: float)
     """(resident, streamed, memory, compute_s, network_s) for k layers on node p; None if even
     streaming cannot fit its budget."""
     fixed = c.act_bytes + (c.head_bytes if is_root else 0)
+    if fixed > p.ram_budget and (is_root or k > 0):
+        return None                    # the root's classifier is always resident
     if k == 0:
         return 0, 0, fixed, (c.head_bytes / p.speed if is_root else 0.0), 0.0
     need = fixed + k * (c.layer_bytes + c.kv_layer_bytes)
@@ -155,12 +157,13 @@ def _stage_cost(c: ModelCosts, p: NodeProfile, k: int, is_root: bool, bw: float)
     head = c.head_bytes / p.speed if is_root else 0.0
     if need <= p.ram_budget:
         return k, 0, need, head + k * c.layer_bytes / p.speed, net
-    room = p.ram_budget - fixed - k * c.kv_layer_bytes - 2 * c.layer_bytes
+    room = p.ram_budget - fixed - k * c.kv_layer_bytes - c.layer_bytes     # one slot at least
     if room < 0:
         return None
-    resident = min(k, room // c.layer_bytes)
+    slots = 2 if room >= c.layer_bytes else 1          # a second slot lets reads overlap compute
+    resident = min(k - 1, (room - (slots - 1) * c.layer_bytes) // c.layer_bytes)
     streamed = k - resident
-    mem = fixed + k * c.kv_layer_bytes + resident * c.layer_bytes + 2 * c.layer_bytes
+    mem = fixed + k * c.kv_layer_bytes + (resident + slots) * c.layer_bytes
     t = head + k * c.layer_bytes / p.speed + streamed * c.layer_bytes / p.disk_speed
     return resident, streamed, mem, t, net
 
@@ -264,6 +267,6 @@ def _fmt(n: float) -> str:
 def _infeasible(profiles: list, c: ModelCosts) -> str:
     parts = ", ".join(f"{p.name} {_fmt(p.ram_budget)}" for p in profiles)
     return (f"no assignment fits the RAM budgets ({parts}): even streaming, a node needs room "
-            f"for two layers ({_fmt(2 * c.layer_bytes)}) plus its KV cache and buffers "
+            f"for one layer ({_fmt(c.layer_bytes)}) plus its KV cache and buffers "
             f"(the root also the classifier, {_fmt(c.head_bytes)}); raise a budget or lower "
             f"--max-seq-len")

@@ -27,6 +27,7 @@ from ..errors import ConfigError, DairError, ProtocolError
 from ..formats.modelfile import ModelFile, read_header
 from . import protocol as P
 from .assign import available_ram
+from .streaming import close_weights, streamed_layers, weights_for_range
 from .fingerprint import get_threads, measure_speed, model_fingerprint, set_threads
 
 log = logging.getLogger("dairllm.cluster.node")
@@ -95,8 +96,9 @@ class NativeWorker:
             conn.send_error(f"worker busy ({MAX_SESSIONS} sessions)")
             conn.close()
             return
+        session = Session(self, conn)
         try:
-            Session(self, conn).run()
+            session.run()
         except (P.PeerLost, P.RemoteError) as e:
             log.info("%s: session ended: %s", conn.peer, e)
         except DairError as e:                         # ProtocolError, ConfigError...
@@ -106,6 +108,7 @@ class NativeWorker:
             log.exception("%s: unexpected error", conn.peer)
             conn.send_error(f"worker error: {type(e).__name__}: {e}")
         finally:
+            session.close()
             self._sessions.release()
             conn.close()
 
@@ -157,12 +160,18 @@ class Session:
         c.send_json(P.INFO, info)
 
     def assign(self, a: dict) -> None:
-        self.stage = None                              # drop the previous range (and its KV)
+        self.close()                                   # drop the previous range (and its KV)
         self.stage = Stage.open(self.w, a, self.conn.peer)
         cap = P.record_bytes(self.stage.max_batch, self.stage.dim, _net.ACT_F32)
         self.conn.decoder.set_cap(P.FORWARD, cap)
         self.conn.send_json(P.READY, {"load_seconds": self.stage.load_seconds,
-                                      "resident_bytes": self.stage.resident_bytes})
+                                      "layer_bytes": self.stage.layer_bytes,
+                                      "streamed_layers": self.stage.streamed})
+
+    def close(self) -> None:
+        if self.stage is not None:
+            self.stage.close()
+            self.stage = None
 
     def forward(self, payload: bytes) -> None:
         st = self.stage
@@ -187,7 +196,6 @@ class Stage:
     def open(cls, worker: NativeWorker, a: dict, peer: str) -> "Stage":
         from ..engine.model import Net
         from ..engine.state import RunState
-        from ..engine.weights import ResidentWeights
 
         prof = worker.profile
         fp = P.get_str(a, "fingerprint", peer, 200)
@@ -206,14 +214,26 @@ class Stage:
         h = s.file.header
         s.start, s.end, s.max_batch = start, end, max_batch
         s.dim, s.seq_len = h.dim, h.seq_len
-        s.net = Net(h, ResidentWeights(s.file, layers=range(start, end)))
-        s.state = RunState(h, max_batch, s.net.quantized, layers=range(start, end))
+        layers = range(start, end)
+        s.state = RunState(h, max_batch, h.weight_type.is_block, layers=layers)
+        try:
+            weights = weights_for_range(s.file, layers, worker.opts.ram_budget, s.state.nbytes,
+                                        head=False)
+        except BaseException:
+            s.file.close()
+            raise
+        s.net = Net(h, weights)
+        s.streamed = streamed_layers(weights)
         lay = s.file.layout
-        s.resident_bytes = sum(t.nbytes for l in range(start, end) for t in lay.layer_tensors(l))
+        s.layer_bytes = sum(t.nbytes for l in layers for t in lay.layer_tensors(l))
         s.load_seconds = time.perf_counter() - t0
-        log.info("%s: layers %d..%d (%.1f MiB), max_seq_len %d, max_batch %d", peer, start,
-                 end - 1, s.resident_bytes / 2**20, seq, max_batch)
+        log.info("%s: layers %d..%d (%.1f MiB, %d streamed), max_seq_len %d, max_batch %d", peer,
+                 start, end - 1, s.layer_bytes / 2**20, s.streamed, seq, max_batch)
         return s
+
+    def close(self) -> None:
+        close_weights(self.net.weights)
+        self.file.close()
 
     def run(self, data: memoryview, pos0: int, n: int, ftype: int):
         from ..engine import forward as fw

@@ -40,6 +40,7 @@ from ..formats.modelfile import ModelFile
 from . import protocol as P
 from .assign import (Assignment, ModelCosts, NodeProfile, assign, available_ram, manual,
                      parse_size)
+from .streaming import close_weights, weights_for_range
 from .fingerprint import get_threads, measure_speed, model_fingerprint, set_threads
 
 log = logging.getLogger("dairllm.cluster.root")
@@ -201,6 +202,7 @@ class ClusterModel(Model):
             budget = parse_size(ram_budget) if ram_budget is not None else available_ram()
             root = NodeProfile("root", budget, measure_speed(0.1), get_threads())
             model = cls(mf, ResidentWeights(mf, layers=range(0)), max_batch)
+            model.root_budget = parse_size(ram_budget) if ram_budget is not None else None
             model._setup(path, fp, links, root, act, layers, timeout, link_bandwidth)
             return model
         except BaseException:
@@ -218,6 +220,7 @@ class ClusterModel(Model):
         self.manual_layers = layers
         self.costs = ModelCosts.of(h, _net.act_row_bytes(h.dim, act), self.state.max_batch)
         self.history: list = []                # (p0, tokens) chunks run so far, in order
+        self.worker_streamed: dict = {}        # address -> layers that worker streams
         self.net_stats = NetStats()
         self._plan(layers)
 
@@ -247,14 +250,17 @@ class ClusterModel(Model):
             if st.n_layers:
                 with _blame(link):
                     ready = link.conn.expect_json(P.READY)
+                self.worker_streamed[link.address] = ready.get("streamed_layers", 0)
                 link.conn.decoder.set_cap(P.RESULT, P.record_bytes(
                     self.state.max_batch, self.header.dim, _net.ACT_F32))
                 log.info("%s: layers %d..%d ready (%.2f s)", link.address, st.start, st.end - 1,
                          ready.get("load_seconds", 0.0))
         r0 = a.stages[0]
         h = self.header
-        self.net.weights = ResidentWeights(self.file, layers=r0.layers)
+        close_weights(self.net.weights)
         self.state = RunState(h, self.state.max_batch, self.net.quantized, layers=r0.layers)
+        self.net.weights = weights_for_range(self.file, r0.layers, self.root_budget,
+                                             self.state.nbytes, head=True)
         self._rows_x = None
 
     # -- forward --------------------------------------------------------------------------------
