@@ -323,8 +323,15 @@ DL_AVX2 static inline int32_t hsum_epi32(__m256i v) {
 /* 8 vectors of 8 int32 -> one vector whose lane k is the sum of v[k]. */
 DL_AVX2 static inline __m256i sum8_epi32(__m256i v0, __m256i v1, __m256i v2, __m256i v3,
                                          __m256i v4, __m256i v5, __m256i v6, __m256i v7) {
-    __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(v0, v1), _mm256_hadd_epi32(v2, v3));
-    __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(v4, v5), _mm256_hadd_epi32(v6, v7));
+    /* transpose-and-add: unpacks are single cheap shuffles, unlike phaddd */
+    __m256i t0 = _mm256_add_epi32(_mm256_unpacklo_epi32(v0, v1), _mm256_unpackhi_epi32(v0, v1));
+    __m256i t1 = _mm256_add_epi32(_mm256_unpacklo_epi32(v2, v3), _mm256_unpackhi_epi32(v2, v3));
+    __m256i t2 = _mm256_add_epi32(_mm256_unpacklo_epi32(v4, v5), _mm256_unpackhi_epi32(v4, v5));
+    __m256i t3 = _mm256_add_epi32(_mm256_unpacklo_epi32(v6, v7), _mm256_unpackhi_epi32(v6, v7));
+    /* t0 lanes: [v0 v1 v0 v1 | v0 v1 v0 v1] partial sums */
+    __m256i a = _mm256_add_epi32(_mm256_unpacklo_epi64(t0, t1), _mm256_unpackhi_epi64(t0, t1));
+    __m256i b = _mm256_add_epi32(_mm256_unpacklo_epi64(t2, t3), _mm256_unpackhi_epi64(t2, t3));
+    /* a lanes: [v0 v1 v2 v3 | v0 v1 v2 v3] */
     return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
 }
 
@@ -349,12 +356,22 @@ DL_AVX2 static inline __m256i dot_i8_i8(const uint8_t *wblk, const uint8_t *xblk
     return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
 }
 
-/* f32 of the f16 scales of 8 consecutive blocks of one row (stride bytes apart). */
+/* f32 of 8 f16 scales `stride` bytes apart (stride >= 18: blocks of a row, or rows of a matrix):
+ * the 16 bytes at p + k * (stride - 2) hold scale k at bytes 2k, 2k+1, exactly where it belongs in
+ * the result, so one load and 7 word blends (with memory operands) gather all 8. Every load stays
+ * inside [p, scale 7 + 2): no byte outside the weights is read. */
 DL_AVX2 static inline __m256 scales8(const uint8_t *p, int64_t stride) {
-    __m128i h = _mm_setr_epi16((short)ld_u16(p), (short)ld_u16(p + stride), (short)ld_u16(p + 2 * stride),
-                               (short)ld_u16(p + 3 * stride), (short)ld_u16(p + 4 * stride),
-                               (short)ld_u16(p + 5 * stride), (short)ld_u16(p + 6 * stride),
-                               (short)ld_u16(p + 7 * stride));
+    const int64_t s = stride - 2;
+#define LD(k) _mm_loadu_si128((const __m128i *)(p + (k) * s))
+    __m128i h = LD(0);
+    h = _mm_blend_epi16(h, LD(1), 0x02);
+    h = _mm_blend_epi16(h, LD(2), 0x04);
+    h = _mm_blend_epi16(h, LD(3), 0x08);
+    h = _mm_blend_epi16(h, LD(4), 0x10);
+    h = _mm_blend_epi16(h, LD(5), 0x20);
+    h = _mm_blend_epi16(h, LD(6), 0x40);
+    h = _mm_blend_epi16(h, LD(7), 0x80);
+#undef LD
     return _mm256_cvtph_ps(h);
 }
 
