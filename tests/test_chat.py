@@ -16,6 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from dairllm import Model  # noqa: E402
 from dairllm.chat import Chat, GenerationConfig, Result, Session  # noqa: E402
 from dairllm.convert.chat_template import CHATML, LLAMA3, ChatTemplate, TemplateError  # noqa: E402
+from dairllm.errors import ConfigError  # noqa: E402
 from dairllm.formats.tokenizer import Tokenizer  # noqa: E402
 from hf_helpers import SPECIALS, TEMPLATE, build_tokenizer, shared_chat_pair  # noqa: E402
 
@@ -51,6 +52,15 @@ def test_templates_render_as_transformers(source, gen_prompt, tmp_path):
     ours = ChatTemplate(text, source, SPECIALS[0], SPECIALS[1]).render(
         MESSAGES, add_generation_prompt=gen_prompt)
     assert ours == want
+
+
+def test_builtin_template_chosen_from_special_tokens():
+    assert ChatTemplate.choose(None, special_tokens=SPECIALS).name == "llama3"
+    assert ChatTemplate.choose(None, special_tokens=["<|im_start|>", "<|im_end|>"]).name == "chatml"
+    assert ChatTemplate.choose("{{ 1 }}", special_tokens=SPECIALS).name == "tokenizer"
+    assert ChatTemplate.choose("{{ 1 }}", "chatml").name == "chatml"
+    with pytest.raises(ConfigError, match="--chat-template"):
+        ChatTemplate.choose(None, special_tokens=["<s>"])
 
 
 def test_template_errors_are_clear():

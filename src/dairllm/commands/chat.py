@@ -54,9 +54,11 @@ def open_session(args: argparse.Namespace):
                                   "support it yet")
             kw[name] = value
     tok = Tokenizer.open(args.tokenizer)
-    template = ChatTemplate.choose(getattr(tok, "chat_template", None), args.chat_template,
-                                   bos_token=_piece(tok, getattr(tok, "bos_id", -1)),
-                                   eos_token=_piece(tok, (list(tok.eos_ids) or [-1])[0]))
+    specials = [_piece(tok, i) for i in tok.special_ids]
+    template = ChatTemplate.choose(tok.chat_template, args.chat_template,
+                                   bos_token=_piece(tok, tok.bos_id),
+                                   eos_token=_piece(tok, (list(tok.eos_ids) or [-1])[0]),
+                                   special_tokens=specials)
     model = Model.open(args.model, **kw)
     try:
         return Session(model, tok, template)

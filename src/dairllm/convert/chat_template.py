@@ -89,13 +89,20 @@ class ChatTemplate:
 
     @classmethod
     def choose(cls, tokenizer_template: str | None, override: str | None = None,
-               bos_token: str = "", eos_token: str = "") -> "ChatTemplate":
+               bos_token: str = "", eos_token: str = "",
+               special_tokens: Sequence[str] = ()) -> "ChatTemplate":
         """The tokenizer's own template unless `override` names a built-in ("auto" or None
-        keeps the tokenizer's); without any template, fail clearly."""
+        keeps the tokenizer's). Without one, a built-in whose markers are among the
+        tokenizer's special tokens; else fail clearly."""
         if override and override != "auto":
             return cls.named(override, bos_token, eos_token)
         if tokenizer_template:
             return cls(tokenizer_template, "tokenizer", bos_token, eos_token)
+        specials = set(special_tokens)
+        for name, markers in (("llama3", ("<|start_header_id|>", "<|eot_id|>")),
+                              ("chatml", ("<|im_start|>", "<|im_end|>"))):
+            if specials.issuperset(markers):
+                return cls.named(name, bos_token, eos_token)
         raise ConfigError("the tokenizer carries no chat template; pick one with "
                           f"--chat-template ({', '.join(BUILTIN)})")
 
