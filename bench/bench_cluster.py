@@ -64,6 +64,41 @@ def dllama_bytes_per_token(h, nodes: int) -> int:
     return layers + start + logits
 
 
+def run_dllama(binary: str, model: Path, nodes: int, threads: int, steps: int,
+               seq_len: int) -> dict:
+    """Measure a distributed-llama build (outside this repo) on loopback: its root prints the
+    bytes it sent and received per token (its own links only; worker<->worker traffic is not in
+    it) and the prediction tokens/s."""
+    import re
+
+    from dairllm.synth import write_synth_tokenizer
+
+    tok = model.with_suffix(".t")
+    if not tok.exists():
+        write_synth_tokenizer(tok, "llama3", read_header(model).vocab_size)
+    ports = [free_port() for _ in range(nodes - 1)]
+    workers = [subprocess.Popen([binary, "worker", "--port", str(p), "--nthreads", str(threads)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+               for p in ports]
+    try:
+        time.sleep(0.5)
+        cmd = [binary, "inference", "--model", str(model), "--tokenizer", str(tok), "--prompt",
+               "hello world the of and", "--steps", str(steps), "--nthreads", str(threads),
+               "--buffer-float-type", "q80", "--max-seq-len", str(seq_len)]
+        if ports:
+            cmd += ["--workers", *[f"127.0.0.1:{p}" for p in ports]]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=1200).stdout
+    finally:
+        for w in workers:
+            w.terminate()
+            w.wait(10)
+    sent = re.findall(r"Sent\s+(\d+) kB Recv\s+(\d+) kB", out)
+    tps = re.findall(r"Prediction.*?tokens/s: ([\d.]+)", out, re.S)
+    s, r = (int(sent[-1][0]), int(sent[-1][1])) if sent else (0, 0)
+    return dict(nodes=nodes, dllama_root_kb_per_token=s + r, dllama_decode_tps=float(tps[-1])
+                if tps else None)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -218,6 +253,9 @@ def main() -> int:
     ap.add_argument("--rate", default="1gbit")
     ap.add_argument("--delay", default="0.5ms")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
+    ap.add_argument("--dllama", default=None,
+                    help="path of a distributed-llama binary (built outside this repo) to measure "
+                         "on the same model, node counts 1, 2, 4")
     args = ap.parse_args()
     path = bench_model(args.seq_len)
     h = read_header(path, max_seq_len=args.seq_len)
@@ -249,6 +287,16 @@ def main() -> int:
         same = "" if not base or r["tokens"] == base["tokens"] else "  (tokens differ from 1 node)"
         print(f"{r['nodes']:>5} {r['decode_tps']:>12.2f} {rel:>9} {r['bytes_per_token']:>12,} "
               f"{d:>30,} {ratio:>7} {r.get('ping_rtt_ms', 0):>7.3f}{same}")
+    if args.dllama:
+        print(f"\ndistributed-llama ({args.dllama}), {args.threads} threads per node, loopback:")
+        for n in [n for n in args.nodes if n in (1, 2, 4)]:
+            d = run_dllama(args.dllama, path, n, args.threads, args.steps, args.seq_len)
+            ours = next(r for r in rows if r["nodes"] == n)
+            ratio = (f"{d['dllama_root_kb_per_token'] * 1024 / ours['bytes_per_token']:.0f}x"
+                     if ours["bytes_per_token"] else "-")
+            print(f"{n:>5} nodes: {d['dllama_decode_tps']} tok/s, root sent+received "
+                  f"{d['dllama_root_kb_per_token']} kB/token (measured; {ratio} ours)", flush=True)
+            rows.append(d)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0
