@@ -55,7 +55,7 @@ def _rope_settings(cfg: dict) -> tuple[float, dict | None]:
     """(rope_theta, scaling dict or None) from either config style: transformers < 5 writes
     `rope_theta` + `rope_scaling`, transformers 5 writes `rope_parameters` holding both."""
     params = cfg.get("rope_parameters") or {}
-    theta = cfg.get("rope_theta", params.get("rope_theta", 10000.0))
+    theta = cfg.get("rope_theta") or params.get("rope_theta") or 10000.0
     scaling = cfg.get("rope_scaling") or None
     if scaling is None and params.get("rope_type", "default") != "default":
         scaling = params
