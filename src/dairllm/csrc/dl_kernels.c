@@ -728,6 +728,50 @@ DL_DOTPROD static inline int32x4_t sdot_block_q80(const uint8_t *w, const uint8_
 DEFINE_DOT_NEON(dot_q40_sdot, DL_DOTPROD, sdot_block_q40, DL_Q40_BYTES)
 DEFINE_DOT_NEON(dot_q80_sdot, DL_DOTPROD, sdot_block_q80, DL_Q80_BYTES)
 
+/* Batched Q40 on NEON: each weight block is unpacked once (nibbles -> int8 minus 8) and multiplied
+ * against a tile of up to 4 tokens; DOT2(lo, hi, x) is the int32x4 partial dot with one Q80 block. */
+static inline int32x4_t neon_dot2(int8x16_t lo, int8x16_t hi, const uint8_t *x) {
+    int8x16_t x0 = vld1q_s8((const int8_t *)(x + 2)), x1 = vld1q_s8((const int8_t *)(x + 18));
+    int16x8_t p = vmull_s8(vget_low_s8(lo), vget_low_s8(x0));
+    p = vmlal_s8(p, vget_high_s8(lo), vget_high_s8(x0));
+    p = vmlal_s8(p, vget_low_s8(hi), vget_low_s8(x1));
+    p = vmlal_s8(p, vget_high_s8(hi), vget_high_s8(x1));
+    return vpaddlq_s16(p);
+}
+
+DL_DOTPROD static inline int32x4_t sdot_dot2(int8x16_t lo, int8x16_t hi, const uint8_t *x) {
+    int32x4_t acc = vdotq_s32(vdupq_n_s32(0), lo, vld1q_s8((const int8_t *)(x + 2)));
+    return vdotq_s32(acc, hi, vld1q_s8((const int8_t *)(x + 18)));
+}
+
+#define DEFINE_MATMUL_Q40_NEON(NAME, ATTR, DOT2, DOT1)                                                  \
+    ATTR static void NAME(float *out, const uint8_t *w, const uint8_t *xq, const float *dx, int64_t B,   \
+                          int64_t d, int64_t nb, int64_t r0, int64_t r1) {                              \
+        const int64_t wrow = nb * DL_Q40_BYTES, xrow = nb * DL_Q80_BYTES;                               \
+        for (int64_t r = r0; r < r1; r++) {                                                             \
+            const uint8_t *wr = w + r * wrow;                                                           \
+            if (B == 1) { out[r] = DOT1(wr, xq, dx, nb); continue; }                                     \
+            for (int64_t t0 = 0; t0 < B; t0 += 4) {                                                     \
+                const int64_t tn = min64(4, B - t0);                                                    \
+                float32x4_t acc[4] = {vdupq_n_f32(0.0f), vdupq_n_f32(0.0f), vdupq_n_f32(0.0f),          \
+                                      vdupq_n_f32(0.0f)};                                               \
+                for (int64_t b = 0; b < nb; b++) {                                                      \
+                    const uint8_t *wb = wr + b * DL_Q40_BYTES;                                          \
+                    uint8x16_t q = vld1q_u8(wb + 2);                                                    \
+                    int8x16_t lo = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(q, vdupq_n_u8(15))), vdupq_n_s8(8)); \
+                    int8x16_t hi = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(q, 4)), vdupq_n_s8(8));      \
+                    const float dw = neon_f16(wb);                                                      \
+                    for (int64_t t = 0; t < tn; t++) {                                                  \
+                        const int64_t ti = t0 + t;                                                      \
+                        int32x4_t i = DOT2(lo, hi, xq + ti * xrow + b * DL_Q80_BYTES);                  \
+                        acc[t] = vmlaq_n_f32(acc[t], vcvtq_f32_s32(i), dw * dx[ti * nb + b]);           \
+                    }                                                                                   \
+                }                                                                                       \
+                for (int64_t t = 0; t < tn; t++) out[(t0 + t) * d + r] = vaddvq_f32(acc[t]);            \
+            }                                                                                           \
+        }                                                                                               \
+    }
+
 typedef float (*dot_q_fn)(const uint8_t *, const uint8_t *, const float *, int64_t);
 
 static void matmul_q_neon(dot_q_fn dot, int64_t wbytes, float *out, const uint8_t *w, const uint8_t *xq,
@@ -737,6 +781,9 @@ static void matmul_q_neon(dot_q_fn dot, int64_t wbytes, float *out, const uint8_
         for (int64_t t = 0; t < B; t++) out[t * d + r] = dot(wr, xq + t * nb * DL_Q80_BYTES, dx + t * nb, nb);
     }
 }
+
+DEFINE_MATMUL_Q40_NEON(matmul_q40_neon, , neon_dot2, dot_q40_neon)
+DEFINE_MATMUL_Q40_NEON(matmul_q40_sdot, DL_DOTPROD, sdot_dot2, dot_q40_sdot)
 
 static float dot_f32_neon(const float *a, const float *b, int64_t n) {
     float32x4_t s0 = vdupq_n_f32(0.0f), s1 = s0;
@@ -789,8 +836,8 @@ void dl_matmul_q40(float *out, const uint8_t *w, const uint8_t *xq, const float 
     if (g_path == DL_PATH_AVX2) { matmul_q40_avx2(out, w, xq, dx, sx, B, d, nb, r0, r1); return; }
 #endif
 #if DL_ARM
-    if (g_path == DL_PATH_NEON_DOTPROD) { matmul_q_neon(dot_q40_sdot, DL_Q40_BYTES, out, w, xq, dx, B, d, nb, r0, r1); return; }
-    if (g_path == DL_PATH_NEON) { matmul_q_neon(dot_q40_neon, DL_Q40_BYTES, out, w, xq, dx, B, d, nb, r0, r1); return; }
+    if (g_path == DL_PATH_NEON_DOTPROD) { matmul_q40_sdot(out, w, xq, dx, B, d, nb, r0, r1); return; }
+    if (g_path == DL_PATH_NEON) { matmul_q40_neon(out, w, xq, dx, B, d, nb, r0, r1); return; }
 #endif
     (void)sx;
     matmul_q40_scalar(out, w, xq, dx, B, d, nb, r0, r1);
