@@ -12,7 +12,7 @@ import pytest
 
 from dairllm import _net
 from dairllm.dllama import graph
-from dairllm.dllama.configs import Op, Size3D
+from dairllm.dllama.configs import Size3D
 from dairllm.formats.modelfile import ModelFile
 from dairllm.formats.quant import FloatType
 from dllama_harness import ThreadWorker, golden_dir, preferred_kernels

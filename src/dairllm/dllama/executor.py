@@ -233,6 +233,7 @@ def _positions(ex: Executor, pipe: int, what: str, limit: int) -> Callable[[int]
 def _merge_add(ex, op, vi, vo, w):
     _need(vo.ft == FT.F32 and vi.ft in (FT.F32, FT.Q80), str(_unsupported(op, vi, vo)))
     _need(vi.z == 1 and vo.z == 1 and vi.x % vo.x == 0, f"cannot merge {vi.x} columns into {vo.x}")
+    _need(vi.ft == FT.F32 or vo.x % 32 == 0, f"Q80 slices of {vo.x} values are not whole blocks")
     parts, xo, K = vi.x // vo.x, vo.x, ex.K
     tmp = np.empty((ex.nb, vi.x), np.float32) if vi.ft == FT.Q80 else None
 

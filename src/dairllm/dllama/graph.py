@@ -14,7 +14,7 @@ import numpy as np
 from ..errors import ConfigError
 from ..formats.modelfile import Arch, Header, ModelFile, RopeType
 from ..formats.quant import FloatType
-from .configs import (FT, NetConfig, NodeConfig, Op, OpConfig, Pointer, Ptr, Rope, Segment, Size3D,
+from .configs import (FT, NetConfig, NodeConfig, Op, OpConfig, Pointer, Ptr, Segment, Size3D,
                       Src, Sync)
 
 N_BATCHES = 32   # the reference's fixed batch size (rows of every pipe and buffer)

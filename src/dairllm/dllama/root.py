@@ -27,7 +27,7 @@ from ..formats.modelfile import ModelFile
 from ..formats.quant import FloatType
 from . import localweights
 from .executor import Executor, Links, default_kernels
-from .graph import N_BATCHES, build_net_config, build_node_config, check_cluster, slice_weight, weight_plan
+from .graph import build_net_config, build_node_config, check_cluster, slice_weight, weight_plan
 from .worker import read_weights_into, tune_socket
 
 log = logging.getLogger(__name__)
