@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -178,3 +179,49 @@ def test_generation_fills_the_context_exactly(pair):
         pytest.skip("the random model chose EOS before the end of the context")
     assert r.finish_reason == "length" and r.completion_tokens == n + 1
     assert len(s.tokens) == s.model.seq_len
+
+
+def test_chat_command_on_a_cluster(pair):
+    """--workers: the same conversation on root + one local worker (f32 activations on the
+    wire) gives the single node's greedy replies."""
+    import socket
+    model_path, tok_path, _ = pair
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    worker = subprocess.Popen([sys.executable, "-m", "dairllm", "worker", "--model",
+                               str(model_path), "--host", "127.0.0.1", "--port", str(port)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    try:
+        chat = [sys.executable, "-m", "dairllm", "chat", "--model", str(model_path),
+                "--tokenizer", str(tok_path), "--temperature", "0", "--max-tokens", "6"]
+        text = "Hello world!\nagain please\n"
+        single = subprocess.run(chat, input=text, capture_output=True, text=True, timeout=120,
+                                env=env)
+        _wait_for_line(worker, b"listening", timeout=60)
+        cluster = subprocess.run(chat + ["--workers", f"127.0.0.1:{port}",
+                                         "--buffer-float-type", "f32"],
+                                 input=text, capture_output=True, text=True, timeout=120, env=env)
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait(timeout=5)
+    assert single.returncode == 0 and cluster.returncode == 0, cluster.stderr
+    assert cluster.stdout == single.stdout
+    assert "(0 cached)" not in cluster.stderr.splitlines()[-1]
+
+
+def _wait_for_line(proc, marker: bytes, timeout: float) -> None:
+    import select
+    deadline = time.monotonic() + timeout
+    seen = b""
+    while marker not in seen:
+        left = deadline - time.monotonic()
+        assert left > 0 and proc.poll() is None, f"no {marker!r} from the worker: {seen!r}"
+        ready, _, _ = select.select([proc.stdout], [], [], left)
+        if ready:
+            seen += os.read(proc.stdout.fileno(), 4096)

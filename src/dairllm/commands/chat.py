@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 import sys
 import threading
 
@@ -15,8 +14,6 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """Options shared by chat and serve."""
     p.add_argument("--model", required=True, help="the .m model file")
     p.add_argument("--tokenizer", required=True, help="the .t tokenizer file")
-    p.add_argument("--workers", nargs="+", default=None, metavar="HOST:PORT",
-                   help="worker nodes of a cluster (needs an engine with cluster support)")
     p.add_argument("--chat-template", default="auto", choices=["auto", "llama3", "chatml"],
                    help="auto (default): the tokenizer's own template; or a built-in one")
     p.add_argument("--nthreads", type=int, default=None, help="kernel threads (default: all cores)")
@@ -29,6 +26,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="sampling temperature (0: greedy)")
     p.add_argument("--topp", type=float, default=0.9, help="top-p (nucleus) sampling")
     p.add_argument("--seed", type=int, default=None, help="sampler seed (default: the clock)")
+    from ..cluster.cli import add_cluster_arguments
+    add_cluster_arguments(p)            # --workers and friends: a cluster runs the model
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -44,15 +43,13 @@ def open_session(args: argparse.Namespace):
     from ..engine import Model
     from ..formats.tokenizer import Tokenizer
 
-    kw = dict(max_seq_len=args.max_seq_len, nthreads=args.nthreads)
-    accepted = inspect.signature(Model.open).parameters
-    for name in ("ram_budget", "workers"):
-        value = getattr(args, name, None)
-        if value:
-            if name not in accepted:
-                raise ConfigError(f"--{name.replace('_', '-')}: this engine build does not "
-                                  "support it yet")
-            kw[name] = value
+    if args.workers:
+        from ..cluster.cli import cluster_kwargs
+        kw = cluster_kwargs(args)               # Model.open(workers=...) -> a ClusterModel
+    else:
+        kw = dict(max_seq_len=args.max_seq_len, nthreads=args.nthreads)
+        if args.ram_budget is not None:
+            kw["ram_budget"] = args.ram_budget
     tok = Tokenizer.open(args.tokenizer)
     specials = [_piece(tok, i) for i in tok.special_ids]
     template = ChatTemplate.choose(tok.chat_template, args.chat_template,
