@@ -5,7 +5,6 @@ import argparse
 import sys
 import threading
 
-from ..errors import ConfigError
 
 HELP = "chat with a model in the terminal (the model's own chat template, streaming replies)"
 
