@@ -168,7 +168,7 @@ def report(results: list[dict], disk_bw: float) -> None:
     print(f"\ndisk read bandwidth (cold, same file, this run): {disk_bw / 1e9:.2f} GB/s")
     print(f"fully resident decode: {resident_tps:.2f} tokens/s\n")
     hdr = ("budget", "mode", "pinned/streamed", "budget GiB", "peak RSS GiB", "overhead GiB",
-           "RSS-ovh<=budget", "prompt tok/s", "prompt reads/streamed", "decode tok/s",
+           "RSS-ovh<=budget", "prompt tok/s", "prompt reads: streamed+ahead", "decode tok/s",
            "GB/token", "bound tok/s", "ratio", "hit rate", "io wait s")
     rows = []
     for r in results:
@@ -183,7 +183,8 @@ def report(results: list[dict], disk_bw: float) -> None:
             gib(p["budget_bytes"]), gib(r["peak_rss"]), gib(r["overhead_rss"]),
             "yes" if r["peak_rss"] - r["overhead_rss"] <= p["budget_bytes"] else "NO",
             f"{r['prompt_tokens'] / r['prompt_s']:.1f}",
-            f"{r['prompt_reads']}/{n_streamed}", f"{r['decode_tps']:.2f}", f"{bpt / 1e9:.2f}",
+            f"{min(r['prompt_reads'], n_streamed)}+{max(r['prompt_reads'] - n_streamed, 0)}"
+            f" of {n_streamed}", f"{r['decode_tps']:.2f}", f"{bpt / 1e9:.2f}",
             f"{bound:.2f}", f"{r['decode_tps'] / bound:.0%}" if bound else "-",
             f"{r['stats']['hit_rate']:.0%}", f"{r['decode_io_wait_s']:.1f}"))
     widths = [max(len(str(x)) for x in col) for col in zip(hdr, *rows)]

@@ -30,7 +30,7 @@ def generate_json(capsys, model, tok, *extra) -> dict:
 def test_generate_with_budget_matches_resident(capsys, name):
     model, tok = need(name)
     resident = generate_json(capsys, model, tok)
-    streamed = generate_json(capsys, model, tok, "--ram-budget", "2M")
+    streamed = generate_json(capsys, model, tok, "--ram-budget", "2.5M")
     assert streamed["generated_tokens"] == resident["generated_tokens"]
     assert "streaming" not in resident
     s = streamed["streaming"]
@@ -48,9 +48,9 @@ def test_generate_budget_too_small_is_one_clear_line(capsys):
 
 def test_inspect_shows_the_plan(capsys):
     model, _ = need("tiny_q40")
-    assert main(["inspect", str(model), "--max-seq-len", "64", "--ram-budget", "2M", "--json"]) == 0
+    assert main(["inspect", str(model), "--max-seq-len", "64", "--ram-budget", "2.5M", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)["plan"]
     assert plan["slots"] == 2 and plan["classifier"] in ("pinned", "streamed")
     assert "expected_bytes_read_per_token" in plan and "streamed_layers" in plan
-    assert main(["inspect", str(model), "--max-seq-len", "64", "--ram-budget", "2M"]) == 0
+    assert main(["inspect", str(model), "--max-seq-len", "64", "--ram-budget", "2.5M"]) == 0
     assert "plan:" in capsys.readouterr().out

@@ -12,10 +12,12 @@ from .store import MODES, LayerStore, StoreStats, memory_status, open_store
 
 
 def run_state_bytes(header, max_batch: int) -> int:
-    """Bytes of the engine's run state (activations, KV cache, rope table) for this header."""
+    """Bytes of the engine's run state (activations, KV cache, rope table) for this header,
+    plus the float32 logits Model.forward returns for a full batch of max_batch rows."""
     from ..engine.state import RunState
 
-    return RunState(header, max_batch, header.weight_type.is_block).nbytes
+    logits = max_batch * header.vocab_size * 4
+    return RunState(header, max_batch, header.weight_type.is_block).nbytes + logits
 
 
 def open_store_for(mf, ram_budget, max_batch: int, **options) -> LayerStore:

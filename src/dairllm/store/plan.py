@@ -5,8 +5,8 @@ exactly the unit needed next, so the plan pins a fixed set and streams the rest 
 small number of reusable slots (two: one computing, one being read ahead; one at the minimum
 budget, where reads cannot overlap compute).
 
-Accounting (what the budget covers): the run state (activations and the whole KV cache for
-`seq_len`), the final norm, every pinned unit, and `slots * slot_bytes` for streaming. The
+Accounting (what the budget covers): the run state (activations, the whole KV cache for
+`seq_len`, the logits of a full batch), the final norm, every pinned unit, and `slots * slot_bytes` for streaming. The
 embedding table is never resident: its rows are read one per token. Process overhead that does
 not depend on the model (the interpreter, NumPy, code) is outside the budget; the benchmark
 measures it.
@@ -160,7 +160,7 @@ def make_plan(layout: Layout, budget: "str | int | Budget", run_state_bytes: int
             f"RAM budget {format_bytes(budget_bytes)} is below the minimum of "
             f"{format_bytes(min_bytes)} ({min_bytes} bytes) for this model: one streamed unit "
             f"({format_bytes(_slot_bytes(units))}, the largest of a layer and the classifier) plus "
-            f"the run state ({format_bytes(run_state_bytes)}: activations and the KV cache; "
+            f"the run state ({format_bytes(run_state_bytes)}: activations, logits and the KV cache; "
             f"a smaller max_seq_len shrinks it)")
     best = None
     for head_pinned in (True, False):
