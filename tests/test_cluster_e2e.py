@@ -445,3 +445,44 @@ def test_nodes_stream_layers_beyond_their_budget(tmp_path, arch):
             np.testing.assert_array_equal(run_schedule(m, golden_run(name)), ref_logits)
     finally:
         w.stop()
+
+
+@pytest.mark.parametrize("new_owner", ["root", "worker"])
+def test_q80_fault_gives_fault_free_tokens(tmp_path, new_owner):
+    """With Q80 on the wire, a killed worker's stage keeps its boundaries (the root or another
+    worker takes it over, rounding at the same places), so the tokens and logits are those of the
+    fault-free run with the same assignment, bit for bit. The killed worker runs layer 1, right
+    after the root's layer 0: when the root takes it over, only the emulated wire rounding
+    between its two stages keeps the arithmetic unchanged."""
+    from dairllm.cluster.assign import ModelCosts
+    from dairllm.formats.modelfile import read_header
+
+    name = MODELS["QWEN3"]
+    path = model_path(name)
+    prompt = list(golden_run(name)["prompt_tokens"])
+    budget = None
+    if new_owner == "worker":                 # room for the root's own layer and nothing more
+        c = ModelCosts.of(read_header(path, max_seq_len=96), 256 // 32 * 34, 32)
+        budget = c.act_bytes + c.head_bytes + c.layer_bytes + c.kv_layer_bytes + 1000
+    workers = [WorkerProc(path, log_dir=tmp_path) for _ in range(3)]
+    try:
+        with open_cluster(name, workers, "q80", SPLITS[4], ram_budget=budget) as m:
+            clean = list(m.generate(prompt, 10))
+            clean_logits = m.forward(prompt[:20], 0)
+        with open_cluster(name, workers, "q80", SPLITS[4], ram_budget=budget) as m:
+            got = []
+            for i, t in enumerate(m.generate(prompt, 10)):
+                got.append(t)
+                if i == 3:
+                    workers[0].kill()
+            assert got == clean
+            np.testing.assert_array_equal(m.forward(prompt[:20], 0), clean_logits)
+            assert [f[0] for f in m.net_stats.faults] == [workers[0].addr]
+            owner = next(s.name for s in m.assignment.stages if s.start == 1)
+            if new_owner == "root":
+                assert owner == "root"
+            else:
+                assert owner in (workers[1].addr, workers[2].addr)
+    finally:
+        for w in workers:
+            w.stop()

@@ -12,11 +12,13 @@ every stage answer: a dead or stalled worker is noticed by the one socket the ro
 its own timeout, and recovery needs no worker-to-worker repair (bench/bench_cluster.py measures the
 per-hop cost).
 
-Faults: when a worker dies or does not answer within `timeout`, the root drops it, assigns the
-layers again over the remaining nodes, rebuilds every KV cache by replaying the token chunks of the
-sequence so far (same chunks, so the arithmetic is the same), and retries the interrupted chunk.
-With F32 activations the tokens are then bit-identical to a fault-free run; with Q80 the stage
-boundaries move, so logits differ within Q80 error.
+Faults: when a worker dies or does not answer within `timeout`, the root drops it and gives each
+of its stages, boundaries unchanged, to the root (if its RAM budget has room) or to the live
+worker with the most room (a second session on that worker's port). It then replays the token
+chunks of the sequence so far (same chunks, so the same arithmetic) to rebuild the lost KV caches,
+and retries the interrupted chunk. A stage the root takes over still rounds its activations to
+the wire type at both edges, so even with Q80 activations the tokens are bit-identical to a
+fault-free run of the same assignment.
 """
 from __future__ import annotations
 
@@ -155,6 +157,19 @@ def _same_model(a: str, b: str) -> bool:
 
 
 @dataclass
+class PipeStage:
+    """Layers [start, end) run by `link` (None: the root). `wire`: the original assignment sent
+    this stage over the network, so its activations are rounded to the wire type at both edges
+    even when the root runs it after a fault (the arithmetic then stays that of a fault-free run).
+    """
+    start: int
+    end: int
+    link: "WorkerLink | None"
+    wire: bool
+    name: str
+
+
+@dataclass
 class NetStats:
     """Wire traffic and waits of the forwards since the last reset."""
     bytes_sent: int = 0
@@ -203,6 +218,7 @@ class ClusterModel(Model):
             root = NodeProfile("root", budget, measure_speed(0.1), get_threads())
             model = cls(mf, ResidentWeights(mf, layers=range(0)), max_batch)
             model.root_budget = parse_size(ram_budget) if ram_budget is not None else None
+            model._secret = key
             model._setup(path, fp, links, root, act, layers, timeout, link_bandwidth)
             return model
         except BaseException:
@@ -217,7 +233,6 @@ class ClusterModel(Model):
         self.path, self.fingerprint, self.links = path, fp, links
         self.root_profile, self.act, self.timeout = root, act, timeout
         self.link_bandwidth = link_bandwidth
-        self.manual_layers = layers
         self.costs = ModelCosts.of(h, _net.act_row_bytes(h.dim, act), self.state.max_batch)
         self.history: list = []                # (p0, tokens) chunks run so far, in order
         self.worker_streamed: dict = {}        # address -> layers that worker streams
@@ -230,38 +245,43 @@ class ClusterModel(Model):
         return [l for l in self.links if l.alive]
 
     def _plan(self, layers: "str | None") -> None:
-        """Assign layers over the root and the live workers; send each worker its range."""
-        alive = self._alive()
-        profiles = [self.root_profile] + [l.profile for l in alive]
+        """Assign layers over the root and the workers; send each worker its range."""
+        profiles = [self.root_profile] + [l.profile for l in self.links]
         if layers:
             a = manual(profiles, self.costs, layers, self.link_bandwidth)
         else:
             a = assign(profiles, self.costs, self.link_bandwidth)
         self.assignment = a
-        self.stage_links = [None] + alive      # stage i -> WorkerLink (None: the root)
-        for st, link in zip(a.stages[1:], alive):
-            if st.n_layers:
-                with _blame(link):
-                    link.conn.send_json(P.ASSIGN, {
-                        "start": st.start, "end": st.end, "max_seq_len": self.header.seq_len,
-                        "max_batch": self.state.max_batch, "act_type": P.ACT_NAMES[self.act],
-                        "fingerprint": self.fingerprint})
-        for st, link in zip(a.stages[1:], alive):
-            if st.n_layers:
-                with _blame(link):
-                    ready = link.conn.expect_json(P.READY)
-                self.worker_streamed[link.address] = ready.get("streamed_layers", 0)
-                link.conn.decoder.set_cap(P.RESULT, P.record_bytes(
-                    self.state.max_batch, self.header.dim, _net.ACT_F32))
-                log.info("%s: layers %d..%d ready (%.2f s)", link.address, st.start, st.end - 1,
-                         ready.get("load_seconds", 0.0))
-        r0 = a.stages[0]
-        h = self.header
+        self.pipe = [PipeStage(st.start, st.end, link, link is not None, st.name)
+                     for st, link in zip(a.stages, [None] + self.links) if st.n_layers]
+        self._send_assignments([ps for ps in self.pipe if ps.link is not None])
+        self._local_state()
+
+    def _send_assignments(self, stages: list) -> None:
+        """ASSIGN to every stage's worker, then wait for every READY."""
+        for ps in stages:
+            with _blame(ps.link):
+                ps.link.conn.send_json(P.ASSIGN, {
+                    "start": ps.start, "end": ps.end, "max_seq_len": self.header.seq_len,
+                    "max_batch": self.state.max_batch, "act_type": P.ACT_NAMES[self.act],
+                    "fingerprint": self.fingerprint})
+        for ps in stages:
+            with _blame(ps.link):
+                ready = ps.link.conn.expect_json(P.READY)
+            self.worker_streamed[ps.link.address] = ready.get("streamed_layers", 0)
+            ps.link.conn.decoder.set_cap(P.RESULT, P.record_bytes(
+                self.state.max_batch, self.header.dim, _net.ACT_F32))
+            log.info("%s: layers %d..%d ready (%.2f s)", ps.link.address, ps.start, ps.end - 1,
+                     ready.get("load_seconds", 0.0))
+
+    def _local_state(self) -> None:
+        """Weights and KV caches of the layers the root runs (possibly several stages)."""
+        local = [l for ps in self.pipe if ps.link is None for l in range(ps.start, ps.end)]
         close_weights(self.net.weights)
-        self.state = RunState(h, self.state.max_batch, self.net.quantized, layers=r0.layers)
-        self.net.weights = weights_for_range(self.file, r0.layers, self.root_budget,
+        self.state = RunState(self.header, self.state.max_batch, self.net.quantized,
+                              layers=local)
+        self.net.weights = weights_for_range(self.file, local, self.root_budget,
                                              self.state.nbytes, head=True)
-        self._rows_x = None
 
     # -- forward --------------------------------------------------------------------------------
 
@@ -274,7 +294,7 @@ class ClusterModel(Model):
             p0 = position + c0
             sent0 = self._traffic()
             t0 = time.perf_counter()
-            r = self._forward_chunk(chunk, p0)
+            self._forward_chunk(chunk, p0)
             self.history.append((p0, chunk))
             self.n_past = p0 + chunk.size
             st = self.net_stats
@@ -286,7 +306,7 @@ class ClusterModel(Model):
             if chunk.size == 1:
                 st.decode_bytes.append(sum(sent1) - sum(sent0))
                 st.decode_seconds.append(time.perf_counter() - t0)
-            r = self.state.rows(chunk.size)
+            r = self.state.rows(chunk.size)      # the state may be new after a recovery
             if logits is None:
                 continue
             if last_only:
@@ -295,7 +315,7 @@ class ClusterModel(Model):
             else:
                 fw.head(self.net, r, logits[c0:c0 + chunk.size])
 
-    def _forward_chunk(self, chunk: np.ndarray, p0: int):
+    def _forward_chunk(self, chunk: np.ndarray, p0: int) -> None:
         """embed + every stage, recovering from worker faults until it goes through."""
         while True:
             try:
@@ -303,22 +323,31 @@ class ClusterModel(Model):
             except FAULTS as e:
                 self._recover(e)
 
-    def _pipeline(self, chunk: np.ndarray, p0: int):
+    def _pipeline(self, chunk: np.ndarray, p0: int) -> None:
         s, m = self.state, self.net
         r = s.rows(chunk.size)
         fw.set_positions(s, r, p0)
         fw.embed(m, r, chunk)
         times = self.net_stats.stage_seconds
-        for st, link in zip(self.assignment.stages, self.stage_links):
-            if st.n_layers == 0:
-                continue
+        for ps in self.pipe:
             t0 = time.perf_counter()
-            if link is None:
-                fw.run_layers(m, s, r, p0, st.start, st.end)
+            if ps.link is not None:
+                self._remote(ps.link, r.x, p0)
             else:
-                self._remote(link, r.x, p0)
-            times[st.name] = times.get(st.name, 0.0) + time.perf_counter() - t0
-        return r
+                if ps.wire:                   # a worker's stage taken over: same roundings
+                    self._round_trip(r.x)
+                fw.run_layers(m, s, r, p0, ps.start, ps.end)
+                if ps.wire:
+                    self._round_trip(r.x)
+            name = ps.link.address if ps.link is not None else "root"
+            times[name] = times.get(name, 0.0) + time.perf_counter() - t0
+
+    def _round_trip(self, x: np.ndarray) -> None:
+        """x through encode + decode, exactly as a hop on the wire would change it."""
+        if self.act != _net.ACT_F32:
+            n, dim = x.shape
+            data = np.ascontiguousarray(P.encode_rows(x, self.act)).reshape(-1)
+            P.decode_rows(memoryview(data), n, dim, self.act, x)
 
     def _remote(self, link: WorkerLink, x: np.ndarray, p0: int) -> None:
         """x -> the worker's layers -> x (in place)."""
@@ -332,32 +361,75 @@ class ClusterModel(Model):
                                     f"{p0}+{n} ({self.act})")
             P.decode_rows(memoryview(payload)[_net.ACT_HEADER_BYTES:], n, dim, ftype, x)
 
+    # -- faults ---------------------------------------------------------------------------------
+
     def _recover(self, err: Exception) -> None:
-        """Drop the failed worker, assign again over the rest, replay the sequence so far."""
-        link = getattr(err, "link", None)
-        if link is None:
-            raise err
+        """Give the failed worker's stages to the root or another worker (same stage boundaries,
+        so the same roundings), then replay the sequence so far to rebuild their KV caches."""
         t0 = time.perf_counter()
-        log.warning("worker %s failed (%s): reassigning its layers %s", link.address, err,
-                    "and replaying %d positions" % self.n_past if self.n_past else "")
-        link.alive = False
-        link.close(bye=False)
+        failed = []
         while True:
+            link = getattr(err, "link", None)
+            if link is None:
+                raise err
+            log.warning("worker %s failed (%s): reassigning its layers%s", link.address, err,
+                        f" and replaying {self.n_past} positions" if self.n_past else "")
+            failed.append((link.address, str(err)))
+            link.alive = False
+            link.close(bye=False)
             try:
-                self._plan(None)               # a manual --layers no longer fits: automatic
+                orphans = [ps for ps in self.pipe if ps.link is link]
+                for ps in orphans:
+                    ps.link = self._new_owner(ps)
+                    self._rename(ps)
+                self._send_assignments([ps for ps in orphans if ps.link is not None])
+                if any(ps.link is None for ps in orphans):
+                    self._local_state()
                 for p0, chunk in self.history:
                     self._pipeline(chunk, p0)
                 break
             except FAULTS as e:
-                bad = getattr(e, "link", None)
-                if bad is None:
-                    raise
-                log.warning("worker %s failed during recovery (%s)", bad.address, e)
-                bad.alive = False
-                bad.close(bye=False)
+                err = e
         dt = time.perf_counter() - t0
-        self.net_stats.faults.append((link.address, str(err), dt))
-        log.warning("recovered in %.2f s; layers now %s", dt, self.assignment.ranges())
+        for address, text in failed:
+            self.net_stats.faults.append((address, text, dt))
+        log.warning("recovered in %.2f s; stages now %s", dt,
+                    [(ps.start, ps.end, ps.link.address if ps.link else "root")
+                     for ps in self.pipe])
+
+    def _new_owner(self, ps: "PipeStage") -> "WorkerLink | None":
+        """The root if its budget has room for the stage, else the live worker with the most
+        room (a new session on its port), else whoever has the most room (it will stream)."""
+        c = self.costs
+        need = (ps.end - ps.start) * (c.layer_bytes + c.kv_layer_bytes)
+
+        def used(link) -> int:
+            return c.act_bytes + sum((q.end - q.start) * (c.layer_bytes + c.kv_layer_bytes)
+                                     for q in self.pipe if q.link is link)
+
+        root_room = self.root_profile.ram_budget - used(None) - c.head_bytes
+        workers = {}
+        for l in self._alive():
+            room = l.profile.ram_budget - used(l)
+            if l.address not in workers or room > workers[l.address][0]:
+                workers[l.address] = (room, l)
+        if root_room >= need or not workers:
+            return None
+        room, best = max(workers.values(), key=lambda t: t[0])
+        if room < need and root_room >= room:
+            return None
+        with _blame(best):
+            link = connect_worker(best.address, self.fingerprint, self._secret, self.timeout,
+                                  self.path)
+        self.links.append(link)
+        return link
+
+    def _rename(self, ps: "PipeStage") -> None:
+        owner = ps.link.address if ps.link is not None else "root"
+        for st in self.assignment.stages:
+            if st.start == ps.start and st.end == ps.end and st.n_layers:
+                st.name = owner
+        ps.name = owner
 
     def _truncate_history(self, position: int) -> None:
         """Forget chunks at or after `position` (a rewind recomputes from there)."""

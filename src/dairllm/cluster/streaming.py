@@ -15,7 +15,7 @@ from ..formats.modelfile import ModelFile
 log = logging.getLogger(__name__)
 
 
-def weights_for_range(mf: ModelFile, layers: range, budget: "int | None", run_state_bytes: int,
+def weights_for_range(mf: ModelFile, layers: "range | list", budget: "int | None", run_state_bytes: int,
                       head: bool):
     """ResidentWeights when the range fits `budget` (or no budget), else a LayerStore that pins
     what fits and streams the rest of the range (evenly spread, two slots when they fit)."""
@@ -40,7 +40,7 @@ def weights_for_range(mf: ModelFile, layers: range, budget: "int | None", run_st
             break
     else:
         raise ConfigError(f"RAM budget of {budget / 2**20:.1f} MiB cannot run layers "
-                          f"{layers.start}..{layers.stop - 1}: it needs at least "
+                          f"{layers[0]}..{layers[-1]}: it needs at least "
                           f"{(base + slot) / 2**20:.1f} MiB (one streamed layer, the KV cache "
                           f"and buffers{', the classifier' if head else ''})")
     n_pin = min(avail // layer_bytes, len(mine) - 1)
@@ -50,8 +50,8 @@ def weights_for_range(mf: ModelFile, layers: range, budget: "int | None", run_st
                 run_state_bytes=run_state_bytes, fixed_bytes=fixed, units=tuple(units),
                 pinned=pinned, streamed=streamed, slots=min(slots, len(streamed)),
                 slot_bytes=slot, k_active=mf.header.n_active_experts)
-    log.info("layers %d..%d: %d pinned, %d streamed under %.1f MiB", layers.start,
-             layers.stop - 1, len(mine) - len(streamed), len(streamed), budget / 2**20)
+    log.info("layers %d..%d: %d pinned, %d streamed under %.1f MiB", layers[0], layers[-1],
+             len(mine) - len(streamed), len(streamed), budget / 2**20)
     return LayerStore(mf, plan)
 
 
