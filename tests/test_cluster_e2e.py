@@ -486,3 +486,16 @@ def test_q80_fault_gives_fault_free_tokens(tmp_path, new_owner):
     finally:
         for w in workers:
             w.stop()
+
+
+def test_verify_model_full_hash(tmp_path):
+    name = MODELS["LLAMA"]
+    w = WorkerProc(model_path(name), "--verify-model", log_dir=tmp_path)
+    try:
+        with pytest.raises(ConfigError, match="--verify-model"):
+            open_cluster(name, [w], "f32", None)
+        with open_cluster(name, [w], "f32", "0-1,2-3", verify_model=True) as m:
+            assert m.fingerprint.startswith("full:")
+            np.testing.assert_array_equal(run_schedule(m, golden_run(name)), reference(name)[0])
+    finally:
+        w.stop()

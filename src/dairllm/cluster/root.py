@@ -102,6 +102,10 @@ def connect_worker(address: str, fingerprint: str, secret: "bytes | None",
                     got, P.mac(secret, b"worker", nonce)):
                 raise ProtocolError(f"worker {address} failed authentication (wrong secret)")
         wfp = P.get_str(info, "fingerprint", conn.peer, 200)
+        if wfp.split(":")[0] != fingerprint.split(":")[0]:
+            raise ConfigError(f"worker {address} fingerprints its model by {wfp.split(':')[0]} "
+                              f"blocks and the root by {fingerprint.split(':')[0]}: start both "
+                              f"with --verify-model, or neither")
         if not _same_model(wfp, fingerprint):
             name = P.get_str(info, "model_name", conn.peer, 1000)
             raise ConfigError(f"worker {address} has a different model: its {name} has "
