@@ -102,6 +102,8 @@ def child(args: argparse.Namespace) -> dict:
         "decode_bytes_per_token": decode_bytes / args.decode if args.decode else 0.0,
         "decode_io_wait_s": final["io_wait_seconds"] - after_prompt["io_wait_seconds"],
         "decode_read_s": final["read_seconds"] - after_prompt["read_seconds"],
+        "decode_disk_bytes_per_token": (final["process_disk_read_bytes"]
+                                        - after_prompt["process_disk_read_bytes"]) / args.decode,
         "stats": final, "peak_rss": final["vmhwm"],
     }
 
@@ -169,7 +171,7 @@ def report(results: list[dict], disk_bw: float) -> None:
     print(f"fully resident decode: {resident_tps:.2f} tokens/s\n")
     hdr = ("budget", "mode", "pinned/streamed", "budget GiB", "peak RSS GiB", "overhead GiB",
            "RSS-ovh<=budget", "prompt tok/s", "prompt reads: streamed+ahead", "decode tok/s",
-           "GB/token", "bound tok/s", "ratio", "hit rate", "io wait s")
+           "GB/token (from disk)", "bound tok/s", "ratio", "hit rate", "io wait s")
     rows = []
     for r in results:
         p = r["plan"]
@@ -184,7 +186,8 @@ def report(results: list[dict], disk_bw: float) -> None:
             "yes" if r["peak_rss"] - r["overhead_rss"] <= p["budget_bytes"] else "NO",
             f"{r['prompt_tokens'] / r['prompt_s']:.1f}",
             f"{min(r['prompt_reads'], n_streamed)}+{max(r['prompt_reads'] - n_streamed, 0)}"
-            f" of {n_streamed}", f"{r['decode_tps']:.2f}", f"{bpt / 1e9:.2f}",
+            f" of {n_streamed}", f"{r['decode_tps']:.2f}",
+            f"{bpt / 1e9:.2f} ({r['decode_disk_bytes_per_token'] / 1e9:.2f})",
             f"{bound:.2f}", f"{r['decode_tps'] / bound:.0%}" if bound else "-",
             f"{r['stats']['hit_rate']:.0%}", f"{r['decode_io_wait_s']:.1f}"))
     widths = [max(len(str(x)) for x in col) for col in zip(hdr, *rows)]

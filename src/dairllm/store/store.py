@@ -65,6 +65,19 @@ def memory_status() -> dict:
     return out
 
 
+def disk_read_bytes() -> int:
+    """Bytes this process made the kernel fetch from storage (page-cache hits excluded);
+    -1 where /proc/self/io is not available."""
+    try:
+        with open("/proc/self/io") as f:
+            for line in f:
+                if line.startswith("read_bytes:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return -1
+
+
 @dataclass
 class StoreStats:
     tokens: int = 0                   # embedding rows read (one per token through the network)
@@ -94,6 +107,7 @@ class StoreStats:
         d["bytes_read_per_pass"] = self.bytes_read / self.passes if self.passes else 0.0
         d["read_bandwidth"] = self.bytes_read / self.read_seconds if self.read_seconds else 0.0
         d.update({k.lower(): v for k, v in memory_status().items()})
+        d["process_disk_read_bytes"] = disk_read_bytes()
         return d
 
 
