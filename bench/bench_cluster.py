@@ -252,6 +252,8 @@ def main() -> int:
     ap.add_argument("--netns", action="store_true", help="workers behind netem links (root only)")
     ap.add_argument("--rate", default="1gbit")
     ap.add_argument("--delay", default="0.5ms")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="runs per node count, interleaved (1, 2, .., 1, 2, ..); the median is shown")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
     ap.add_argument("--dllama", default=None,
                     help="path of a distributed-llama binary (built outside this repo) to measure "
@@ -261,15 +263,21 @@ def main() -> int:
     h = read_header(path, max_seq_len=args.seq_len)
     prompt = [int(t) for t in np.random.default_rng(0).integers(0, 1000, 16)]
     netns = NetNS(max(args.nodes) - 1, args.rate, args.delay) if args.netns else None
-    rows = []
+    runs: dict = {n: [] for n in args.nodes}
     try:
-        for n in args.nodes:
-            row = run_one(path, n, args, prompt, netns)
-            rows.append(row)
-            print(json.dumps({k: v for k, v in row.items() if k != "tokens"}), flush=True)
+        for _ in range(args.repeat):
+            for n in args.nodes:
+                row = run_one(path, n, args, prompt, netns)
+                runs[n].append(row)
+                print(json.dumps({k: v for k, v in row.items() if k != "tokens"}), flush=True)
     finally:
         if netns:
             netns.close()
+    rows = []
+    for n, rs in runs.items():
+        tps = sorted(r["decode_tps"] for r in rs)
+        row = dict(rs[0], decode_tps=float(np.median(tps)), decode_tps_runs=tps)
+        rows.append(row)
     base = next((r for r in rows if r["nodes"] == 1), None)
     print(f"\nmodel: {path.name} (dim {h.dim}, {h.n_layers} layers, vocab {h.vocab_size}); "
           f"activations {args.act}; {args.threads} threads per node; "
@@ -285,8 +293,10 @@ def main() -> int:
         d = r["dllama_bytes_per_token_computed"]
         ratio = f"{d / r['bytes_per_token']:.0f}x" if r["bytes_per_token"] else "-"
         same = "" if not base or r["tokens"] == base["tokens"] else "  (tokens differ from 1 node)"
+        spread = (f"  runs {', '.join(f'{t:.2f}' for t in r['decode_tps_runs'])}"
+                  if len(r["decode_tps_runs"]) > 1 else "")
         print(f"{r['nodes']:>5} {r['decode_tps']:>12.2f} {rel:>9} {r['bytes_per_token']:>12,} "
-              f"{d:>30,} {ratio:>7} {r.get('ping_rtt_ms', 0):>7.3f}{same}")
+              f"{d:>30,} {ratio:>7} {r.get('ping_rtt_ms', 0):>7.3f}{same}{spread}")
     if args.dllama:
         print(f"\ndistributed-llama ({args.dllama}), {args.threads} threads per node, loopback:")
         for n in [n for n in args.nodes if n in (1, 2, 4)]:
