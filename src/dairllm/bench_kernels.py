@@ -52,14 +52,14 @@ def bench_kernels(threads: list[int] | None = None, batch: int = 32, sweep_bytes
 
     Returns {"build": build_info, "threads": [...], "bandwidth_gbs": {t: GB/s},
              "matvec": [{"shape", "d", "n", "threads", "gbs", "ratio"}...],
-             "batched": [{"shape", "d", "n", "batch", "threads", "gbs", "tokens_per_s"}...]}
+             "batched": [{"shape", "d", "n", "batch", "threads", "gbs", "ns_per_block_token"}...]}
     where ratio = matvec GB/s / read bandwidth at the same thread count.
     """
     all_threads = _ops.get_num_threads()
     threads = sorted(set(threads or [1, all_threads]))
     shapes = shapes or LLAMA_1B_SHAPES
     rng = np.random.default_rng(seed)
-    result = {"build": _ops.build_info(), "threads": threads, "batch": batch,
+    result = {"build": _ops.build_info(), "threads": threads, "batch": batch, "loadavg_before": _loadavg(),
               "bandwidth_gbs": {}, "matvec": [], "batched": []}
     for t in threads:
         result["bandwidth_gbs"][t] = _ops.memory_read_bandwidth(bandwidth_bytes, t, repeats)
@@ -80,21 +80,32 @@ def bench_kernels(threads: list[int] | None = None, batch: int = 32, sweep_bytes
             dt = _time_sweep(few, xq, np.empty((batch, d), np.float32), t, 1)
             nbytes = sum(m.nbytes for m in few)
             result["batched"].append({"shape": name, "d": d, "n": n, "batch": batch, "threads": t,
-                                      "gbs": nbytes / dt / 1e9, "tokens_per_s": batch * len(few) / dt})
+                                      "gbs": nbytes / dt / 1e9,
+                                      "ns_per_block_token": dt / (nbytes / 18 * batch) * 1e9})
         del mats
+    result["loadavg_after"] = _loadavg()
     return result
+
+
+def _loadavg() -> list[float] | None:
+    """1/5/15-minute load averages: a busy machine makes every number here lower."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def format_report(r: dict) -> str:
     """The bench result as a small text table."""
     lines = [f"kernels: {r['build']['simd_selected']} ({r['build']['arch']}, "
-             f"openmp={r['build']['openmp']}), batch {r['batch']}"]
+             f"openmp={r['build']['openmp']}), batch {r['batch']}, load average before/after "
+             f"{r.get('loadavg_before')} / {r.get('loadavg_after')}"]
     for t, bw in r["bandwidth_gbs"].items():
         lines.append(f"  memory read bandwidth, {t} thread(s): {bw:6.1f} GB/s")
-    lines.append(f"  {'Q40xQ80 shape':<20} {'thr':>3} {'matvec GB/s':>11} {'of bw':>6} {'batched GB/s':>12}")
+    lines.append(f"  {'Q40xQ80 shape':<20} {'thr':>3} {'matvec GB/s':>11} {'of bw':>6} {'batched GB/s':>12} {'ns/blk/tok':>10}")
     for mv, bt in zip(r["matvec"], r["batched"]):
         lines.append(f"  {mv['shape']:<20} {mv['threads']:>3} {mv['gbs']:11.1f} {mv['ratio']:6.0%} "
-                     f"{bt['gbs']:12.1f}")
+                     f"{bt['gbs']:12.1f} {bt['ns_per_block_token']:10.2f}")
     return "\n".join(lines)
 
 
