@@ -499,3 +499,25 @@ def test_verify_model_full_hash(tmp_path):
             np.testing.assert_array_equal(run_schedule(m, golden_run(name)), reference(name)[0])
     finally:
         w.stop()
+
+
+def test_worker_refuses_oversized_assignment(tmp_path):
+    """A root asking for buffers beyond the worker's RAM budget is refused before they are used;
+    the same worker then serves a sensible assignment."""
+    name = MODELS["LLAMA"]
+    w = WorkerProc(model_path(name), "--ram-budget", "8M", log_dir=tmp_path)
+    try:
+        conn = P.Connection(raw_connect(w.addr), "raw", 10)
+        conn.send_json(P.HELLO, {"version": P.PROTOCOL_VERSION, "nonce": P.new_nonce()})
+        conn.expect_json(P.CHALLENGE)
+        conn.send_json(P.AUTH, {"mac": ""})
+        info = conn.expect_json(P.INFO)
+        conn.send_json(P.ASSIGN, {"start": 0, "end": 4, "max_seq_len": 512, "max_batch": 4096,
+                                  "act_type": "f32", "fingerprint": info["fingerprint"]})
+        with pytest.raises(P.RemoteError, match="more than this worker's 8 MiB"):
+            conn.recv()
+        conn.close()
+        with open_cluster(name, [w], "f32", "0-1,2-3") as m:
+            np.testing.assert_array_equal(run_schedule(m, golden_run(name)), reference(name)[0])
+    finally:
+        w.stop()

@@ -215,7 +215,13 @@ class Stage:
         s.start, s.end, s.max_batch = start, end, max_batch
         s.dim, s.seq_len = h.dim, h.seq_len
         layers = range(start, end)
-        s.state = RunState(h, max_batch, h.weight_type.is_block, layers=layers)
+        s.state = RunState(h, max_batch, h.weight_type.is_block, layers=layers)   # lazy zeros
+        cap = worker.opts.ram_budget or available_ram()
+        if s.state.nbytes > cap:
+            s.file.close()
+            raise ConfigError(f"layers {start}..{end - 1} with max_batch {max_batch} and "
+                              f"max_seq_len {seq} need {s.state.nbytes / 2**20:.0f} MiB of KV cache "
+                              f"and buffers, more than this worker's {cap / 2**20:.0f} MiB")
         try:
             weights = weights_for_range(s.file, layers, worker.opts.ram_budget, s.state.nbytes,
                                         head=False)
