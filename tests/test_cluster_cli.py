@@ -159,3 +159,29 @@ def test_worker_warns_on_open_address_without_secret(tmp_path):
         p.wait(10)
         p.stdout.close()
         p.stderr.close()
+
+
+def test_demo_ctrl_c_stops_workers(tmp_path):
+    """Ctrl-C in the middle of generating: exit code 130 and no worker process left."""
+    import signal
+
+    env = dict(os.environ, DAIRLLM_CACHE=str(tmp_path))
+    p = subprocess.Popen([sys.executable, "-m", "dairllm", "demo", "--steps", "230"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    ports = []
+    try:
+        for line in p.stdout:
+            ports += re.findall(r"127\.0\.0\.1:(\d+)", line) if line.startswith("started") else []
+            if "--- generated ---" in line:
+                p.send_signal(signal.SIGINT)
+                break
+        out, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 130 and "interrupted" in err
+    assert len(ports) == 2
+    for port in ports:
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", int(port))) != 0
