@@ -50,6 +50,8 @@ cdef extern from "dl_kernels.h" nogil:
                        int64_t B, int64_t d, int64_t n, int64_t r0, int64_t r1)
     float dl_dot_f32(const float *a, const float *b, int64_t n)
     void dl_axpy_f32(float *y, const float *x, float a, int64_t n)
+    void dl_attention_head(float *out, const float *q, const float *k, const float *v, int64_t stride,
+                           int64_t T, int64_t hd, float *att)
     double dl_sum_f64(const double *x, int64_t n)
 
 cdef extern from "dl_omp.h" nogil:
@@ -513,30 +515,10 @@ cdef void _attention(float[:, ::1] out, const float[:, ::1] q, const float[:, ::
                      float *scratch, Py_ssize_t S, int nt) noexcept nogil:
     cdef Py_ssize_t task
     for task in prange(q.shape[0] * H, schedule="static", num_threads=nt):
-        _attend_head(&out[task // H, (task % H) * hd], &q[task // H, (task % H) * hd],
+        dl_attention_head(&out[task // H, (task % H) * hd], &q[task // H, (task % H) * hd],
                      &k[0, ((task % H) // kv_mul) * hd], &v[0, ((task % H) // kv_mul) * hd],
                      k.shape[1], pos[task // H] + 1, hd, scratch + dl_omp_thread_num() * S)
 
-
-cdef void _attend_head(float *out, const float *q, const float *k, const float *v, Py_ssize_t stride,
-                       Py_ssize_t T, int hd, float *att) noexcept nogil:
-    """out = softmax(q . k[t] / sqrt(hd), t < T) @ v[t]; k, v rows `stride` floats apart."""
-    cdef Py_ssize_t t
-    cdef int i
-    cdef float scale = <float>(1.0 / sqrt(hd)), m = -3.4e38, s = 0.0
-    for t in range(T):
-        att[t] = dl_dot_f32(q, k + t * stride, hd) * scale
-        if att[t] > m:
-            m = att[t]
-    for t in range(T):
-        att[t] = expf(att[t] - m)
-        s += att[t]
-    memset(out, 0, hd * sizeof(float))
-    for t in range(T):
-        dl_axpy_f32(out, v + t * stride, att[t], hd)
-    s = 1.0 / s
-    for i in range(hd):
-        out[i] *= s
 
 # ============================================================================ elementwise
 

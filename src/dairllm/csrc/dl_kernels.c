@@ -818,6 +818,51 @@ static void axpy_neon(float *y, const float *x, float a, int64_t n) {
 
 #endif /* DL_ARM */
 
+#if DL_X86
+/* One attention head, hd % 8 == 0: scores 4 positions per pass, then out = sum_t a_t v_t with four
+ * independent accumulators per 8-float column strip. */
+DL_AVX2 static void attention_head_avx2(float *out, const float *q, const float *k, const float *v,
+                                        int64_t stride, int64_t T, int64_t hd, float *att) {
+    const float scale = 1.0f / sqrtf((float)hd);
+    float m = -INFINITY;
+    int64_t t = 0;
+    for (; t + 4 <= T; t += 4) {
+        const float *k0 = k + t * stride, *k1 = k0 + stride, *k2 = k1 + stride, *k3 = k2 + stride;
+        __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+        for (int64_t c = 0; c < hd; c += 8) {
+            __m256 qc = _mm256_loadu_ps(q + c);
+            s0 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(k0 + c), s0);
+            s1 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(k1 + c), s1);
+            s2 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(k2 + c), s2);
+            s3 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(k3 + c), s3);
+        }
+        __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(s0, s1), _mm256_hadd_ps(s2, s3));
+        __m128 r = _mm_mul_ps(_mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)), _mm_set1_ps(scale));
+        _mm_storeu_ps(att + t, r);
+    }
+    for (; t < T; t++) att[t] = dot_f32_avx2(q, k + t * stride, hd) * scale;
+    for (t = 0; t < T; t++) m = att[t] > m ? att[t] : m;
+    float sum = 0.0f;
+    for (t = 0; t < T; t++) {
+        att[t] = expf(att[t] - m);
+        sum += att[t];
+    }
+    const __m256 inv = _mm256_set1_ps(1.0f / sum);
+    for (int64_t c = 0; c < hd; c += 8) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        const float *vc = v + c;
+        for (t = 0; t + 4 <= T; t += 4) {
+            a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(att + t), _mm256_loadu_ps(vc + t * stride), a0);
+            a1 = _mm256_fmadd_ps(_mm256_broadcast_ss(att + t + 1), _mm256_loadu_ps(vc + (t + 1) * stride), a1);
+            a2 = _mm256_fmadd_ps(_mm256_broadcast_ss(att + t + 2), _mm256_loadu_ps(vc + (t + 2) * stride), a2);
+            a3 = _mm256_fmadd_ps(_mm256_broadcast_ss(att + t + 3), _mm256_loadu_ps(vc + (t + 3) * stride), a3);
+        }
+        for (; t < T; t++) a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(att + t), _mm256_loadu_ps(vc + t * stride), a0);
+        _mm256_storeu_ps(out + c, _mm256_mul_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)), inv));
+    }
+}
+#endif
+
 /* ======================================================================== 6. dispatch */
 
 void dl_quantize_q80(uint8_t *out, const float *x, int64_t nb) {
@@ -910,4 +955,26 @@ double dl_sum_f64(const double *x, int64_t n) {
     if (g_supported[DL_PATH_AVX2]) return sum_f64_avx2(x, n);
 #endif
     return sum_f64_scalar(x, n);
+}
+
+/* out = softmax(q . k[t] / sqrt(hd), t < T) @ v[t]; k, v rows `stride` floats apart; att: T floats. */
+void dl_attention_head(float *out, const float *q, const float *k, const float *v, int64_t stride,
+                       int64_t T, int64_t hd, float *att) {
+#if DL_X86
+    if (g_path == DL_PATH_AVX2 && hd % 8 == 0) { attention_head_avx2(out, q, k, v, stride, T, hd, att); return; }
+#endif
+    const float scale = 1.0f / sqrtf((float)hd);
+    float m = -INFINITY, sum = 0.0f;
+    for (int64_t t = 0; t < T; t++) {
+        att[t] = dl_dot_f32(q, k + t * stride, hd) * scale;
+        m = att[t] > m ? att[t] : m;
+    }
+    for (int64_t t = 0; t < T; t++) {
+        att[t] = expf(att[t] - m);
+        sum += att[t];
+    }
+    memset(out, 0, (size_t)hd * sizeof(float));
+    for (int64_t t = 0; t < T; t++) dl_axpy_f32(out, v + t * stride, att[t], hd);
+    const float inv = 1.0f / sum;
+    for (int64_t i = 0; i < hd; i++) out[i] *= inv;
 }

@@ -65,6 +65,9 @@ void dl_matmul_f16(float *out, const uint16_t *w, const float *x,
 /* -- small helpers used by attention -- */
 float dl_dot_f32(const float *a, const float *b, int64_t n);
 void dl_axpy_f32(float *y, const float *x, float a, int64_t n);   /* y += a * x */
+/* out = softmax(q . k[t] / sqrt(hd), t < T) @ v[t]; k, v rows `stride` floats apart; att: T floats */
+void dl_attention_head(float *out, const float *q, const float *k, const float *v, int64_t stride,
+                       int64_t T, int64_t hd, float *att);
 
 /* -- memory bandwidth probe: sum of n doubles (read-only stream) -- */
 double dl_sum_f64(const double *x, int64_t n);
