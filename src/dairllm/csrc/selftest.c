@@ -57,6 +57,11 @@ int main(void) {
     dl_quantize_q80(xq_ref, x, B * NB);
     dl_q80_prep(dx, sx, xq_ref, B * NB);
     float ref4[B * D], ref8[B * D], reff[B * D], refh[B * D];
+    enum { T = 37, HD = 72, STRIDE = 3 * HD };
+    static float kc[T * STRIDE], vc[T * STRIDE], qa[HD], atto[HD], atto_ref[HD], att[T];
+    for (int i = 0; i < T * STRIDE; i++) { kc[i] = frand(); vc[i] = frand(); }
+    for (int i = 0; i < HD; i++) qa[i] = 2.0f * frand();
+    dl_attention_head(atto_ref, qa, kc + HD, vc + HD, STRIDE, T, HD, att);
     dl_matmul_q40(ref4, w4, xq_ref, dx, sx, B, D, NB, 0, D);
     dl_matmul_q80(ref8, w8, xq_ref, dx, B, D, NB, 0, D);
     dl_matmul_f32(reff, wf, x, B, D, N, 0, D);
@@ -79,6 +84,8 @@ int main(void) {
         check_close("matmul_f32", name, out, reff, B * D);
         dl_matmul_f16(out, wh, x, B, D, N, 0, D);
         check_close("matmul_f16", name, out, refh, B * D);
+        dl_attention_head(atto, qa, kc + HD, vc + HD, STRIDE, T, HD, att);
+        check_close("attention", name, atto, atto_ref, HD);
         (void)ref;
     }
     dl_set_path(orig);
