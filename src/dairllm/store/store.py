@@ -6,11 +6,17 @@ resident engine uses them. Streamed units (layers, possibly the classifier) go t
 *slots*; a background reader thread fills the next slots in cycle order while the current unit
 computes, so decoding overlaps disk reads with compute. Two ways to fill a slot:
 
-- "pread" (default): `os.preadv` into a reusable page-aligned anonymous buffer per slot. The
-  bytes land where the kernels read them, the buffer is reused for every unit, RSS is flat.
-- "mmap": the views stay in the file mapping; the reader maps the unit's pages in ahead of
-  time with madvise(MADV_POPULATE_READ) and a slot's pages are dropped with madvise(DONTNEED)
-  when the slot is reused. bench/bench_store.py compares the two.
+- "mmap" (default): the views stay in the file mapping, as for pinned layers; the reader maps
+  a unit's pages in ahead of time with madvise(MADV_POPULATE_READ) (ctypes, so the GIL is
+  released) and a slot's pages are dropped with madvise(DONTNEED) when the slot is reused.
+- "pread": `os.preadv` into a reusable page-aligned anonymous buffer per slot (huge pages).
+  The same bytes, plus one copy out of the page cache that costs CPU on a machine whose cores
+  are all busy with the matmuls.
+Measured with bench/bench_store.py on the Llama-3.1-8B-shaped Q40 model, streamed bytes
+evicted from the page cache after use, 2 shared cores: about the same streaming throughput
+(--io-compare at 25%: 1.12-1.19 GB/s mmap, 1.13-1.18 pread), but less time waiting on I/O
+with mmap (4.5 s vs 5.8-6.5 s over 3 passes) and faster decoding at 50% (0.20 vs 0.16
+tokens/s); both give bit-identical logits.
 
 MoE layers read only what routing needs: the slot gets attention, router and norms ahead of
 time, and an expert's three matrices are read when the forward pass first indexes
@@ -41,7 +47,7 @@ from .plan import PAGE, Plan, Unit
 
 log = logging.getLogger(__name__)
 
-MODES = ("pread", "mmap")
+MODES = ("mmap", "pread")
 MADV_POPULATE_READ = 22          # Linux >= 5.14
 
 EMPTY, LOADING, READY, IN_USE = "empty", "loading", "ready", "in use"
@@ -312,7 +318,7 @@ class LazyExperts(Sequence):
 class LayerStore:
     """Weight provider that keeps `plan.pinned` resident and streams `plan.streamed`."""
 
-    def __init__(self, mf: ModelFile, plan: Plan, mode: str = "pread", drop_cache: bool = False,
+    def __init__(self, mf: ModelFile, plan: Plan, mode: str = "mmap", drop_cache: bool = False,
                  prefetch: bool = True) -> None:
         if mode not in MODES:
             raise ConfigError(f"unknown streaming mode {mode!r}; choose from {', '.join(MODES)}")
@@ -579,7 +585,7 @@ class LayerStore:
         return None
 
 
-def open_store(mf: ModelFile, ram_budget, run_state_bytes: int, mode: str = "pread",
+def open_store(mf: ModelFile, ram_budget, run_state_bytes: int, mode: str = "mmap",
                drop_cache: bool = False, prefetch: bool = True) -> LayerStore:
     """Plan the budget for `mf` and open a LayerStore (ConfigError if it is too small)."""
     from .plan import make_plan
