@@ -10,7 +10,7 @@
 # never touches a socket, so blocking sockets and the tests (whole, byte by byte, with trailing
 # bytes, hostile) share it. After a protocol error the decoder refuses further use.
 #
-# An activation record (payload of FORWARD / RESULT / REPLAY):
+# An activation record (payload of FORWARD and RESULT):
 #     pos0 u32, n_rows u32, dim u32, ftype u8 (0 F32, 1 F16, 3 Q80), 3 zero bytes,
 #     then n_rows * row_bytes(dim, ftype) bytes of values.
 #
