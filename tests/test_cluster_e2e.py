@@ -521,3 +521,30 @@ def test_worker_refuses_oversized_assignment(tmp_path):
             np.testing.assert_array_equal(run_schedule(m, golden_run(name)), reference(name)[0])
     finally:
         w.stop()
+
+
+def test_two_faults_in_one_generation(tmp_path):
+    """Two workers die at different times; the root takes over both stages (the second fault
+    rebuilds the root's KV caches too, from the recorded stage inputs). Q80, exact tokens."""
+    name = MODELS["LLAMA"]
+    path = model_path(name)
+    prompt = list(golden_run(name)["prompt_tokens"])
+    workers = [WorkerProc(path, log_dir=tmp_path) for _ in range(3)]
+    try:
+        with open_cluster(name, workers, "q80", SPLITS[4]) as m:
+            clean = list(m.generate(prompt, 14))
+        with open_cluster(name, workers, "q80", SPLITS[4]) as m:
+            got = []
+            for i, t in enumerate(m.generate(prompt, 14)):
+                got.append(t)
+                if i == 2:
+                    workers[0].kill()
+                if i == 7:
+                    workers[2].kill()
+            assert got == clean
+            assert [f[0] for f in m.net_stats.faults] == [workers[0].addr, workers[2].addr]
+            assert [s.name for s in m.assignment.stages] == ["root", "root", workers[1].addr,
+                                                             "root"]
+    finally:
+        for w in workers:
+            w.stop()

@@ -14,11 +14,12 @@ per-hop cost).
 
 Faults: when a worker dies or does not answer within `timeout`, the root drops it and gives each
 of its stages, boundaries unchanged, to the root (if its RAM budget has room) or to the live
-worker with the most room (a second session on that worker's port). It then replays the token
-chunks of the sequence so far (same chunks, so the same arithmetic) to rebuild the lost KV caches,
-and retries the interrupted chunk. A stage the root takes over still rounds its activations to
-the wire type at both edges, so even with Q80 activations the tokens are bit-identical to a
-fault-free run of the same assignment.
+worker with the most room (a second session on that worker's port). The root records the wire
+bytes every remote stage received for each chunk of the sequence (dim values per token and
+stage, in the wire type); the new owner rebuilds the lost KV caches by running exactly those
+inputs again, in the original chunks, while the other workers keep theirs. Then the interrupted
+chunk is retried. A stage the root takes over still rounds its activations to the wire type at
+both edges, so even with Q80 activations the tokens are bit-identical to a fault-free run.
 """
 from __future__ import annotations
 
@@ -238,7 +239,9 @@ class ClusterModel(Model):
         self.root_profile, self.act, self.timeout = root, act, timeout
         self.link_bandwidth = link_bandwidth
         self.costs = ModelCosts.of(h, _net.act_row_bytes(h.dim, act), self.state.max_batch)
-        self.history: list = []                # (p0, tokens) chunks run so far, in order
+        # Chunks run so far, in order: (p0, tokens, {stage index: the wire bytes that stage
+        # received}); a stage that moves after a fault replays exactly those inputs.
+        self.history: list = []
         self.worker_streamed: dict = {}        # address -> layers that worker streams
         self.net_stats = NetStats()
         self._plan(layers)
@@ -298,8 +301,8 @@ class ClusterModel(Model):
             p0 = position + c0
             sent0 = self._traffic()
             t0 = time.perf_counter()
-            self._forward_chunk(chunk, p0)
-            self.history.append((p0, chunk))
+            inputs = self._forward_chunk(chunk, p0)
+            self.history.append((p0, chunk, inputs))
             self.n_past = p0 + chunk.size
             st = self.net_stats
             sent1 = self._traffic()
@@ -319,51 +322,64 @@ class ClusterModel(Model):
             else:
                 fw.head(self.net, r, logits[c0:c0 + chunk.size])
 
-    def _forward_chunk(self, chunk: np.ndarray, p0: int) -> None:
-        """embed + every stage, recovering from worker faults until it goes through."""
+    def _forward_chunk(self, chunk: np.ndarray, p0: int) -> dict:
+        """embed + every stage, recovering from worker faults until it goes through; returns
+        the wire bytes each remote stage received."""
         while True:
             try:
                 return self._pipeline(chunk, p0)
             except FAULTS as e:
                 self._recover(e)
 
-    def _pipeline(self, chunk: np.ndarray, p0: int) -> None:
+    def _pipeline(self, chunk: np.ndarray, p0: int) -> dict:
         s, m = self.state, self.net
         r = s.rows(chunk.size)
         fw.set_positions(s, r, p0)
         fw.embed(m, r, chunk)
         times = self.net_stats.stage_seconds
-        for ps in self.pipe:
+        inputs = {}
+        for i, ps in enumerate(self.pipe):
             t0 = time.perf_counter()
             if ps.link is not None:
-                self._remote(ps.link, r.x, p0)
+                inputs[i] = self._remote(ps.link, r.x, p0)
             else:
                 if ps.wire:                   # a worker's stage taken over: same roundings
-                    self._round_trip(r.x)
+                    inputs[i] = self._round_trip(r.x)
                 fw.run_layers(m, s, r, p0, ps.start, ps.end)
                 if ps.wire:
                     self._round_trip(r.x)
             name = ps.link.address if ps.link is not None else "root"
             times[name] = times.get(name, 0.0) + time.perf_counter() - t0
+        return inputs
 
-    def _round_trip(self, x: np.ndarray) -> None:
-        """x through encode + decode, exactly as a hop on the wire would change it."""
+    def _round_trip(self, x: np.ndarray) -> np.ndarray:
+        """x through encode + decode, exactly as a hop on the wire would change it; returns the
+        wire rows (a copy)."""
+        data = np.array(P.encode_rows(x, self.act), copy=True)
         if self.act != _net.ACT_F32:
             n, dim = x.shape
-            data = np.ascontiguousarray(P.encode_rows(x, self.act)).reshape(-1)
-            P.decode_rows(memoryview(data), n, dim, self.act, x)
+            P.decode_rows(memoryview(data.reshape(-1)), n, dim, self.act, x)
+        return data
 
-    def _remote(self, link: WorkerLink, x: np.ndarray, p0: int) -> None:
-        """x -> the worker's layers -> x (in place)."""
-        n, dim = x.shape
+    def _remote(self, link: WorkerLink, x: "np.ndarray | None", p0: int,
+                sent: "np.ndarray | None" = None) -> np.ndarray:
+        """x -> the worker's layers -> x (in place); returns the wire rows sent (a copy).
+        With `sent` (a replay), those rows go out and the answer is checked, then dropped."""
+        if sent is None:
+            n, dim = x.shape
+            sent = np.array(P.encode_rows(x, self.act), copy=True)
+        else:
+            n, dim = sent.shape[0], self.header.dim
         with _blame(link):
-            link.conn.send(P.FORWARD, *P.act_record(p0, x, self.act))
+            link.conn.send(P.FORWARD, _net.act_header(p0, n, dim, self.act), sent)
             payload = link.conn.expect(P.RESULT)
             q0, qn, ftype = _net.parse_act_header(payload, len(payload), dim, n, self.seq_len)
             if q0 != p0 or qn != n or ftype != self.act:
                 raise ProtocolError(f"{link.address}: answered rows {q0}+{qn} ({ftype}) for "
                                     f"{p0}+{n} ({self.act})")
-            P.decode_rows(memoryview(payload)[_net.ACT_HEADER_BYTES:], n, dim, ftype, x)
+            if x is not None:
+                P.decode_rows(memoryview(payload)[_net.ACT_HEADER_BYTES:], n, dim, ftype, x)
+        return sent
 
     # -- faults ---------------------------------------------------------------------------------
 
@@ -388,9 +404,10 @@ class ClusterModel(Model):
                     self._rename(ps)
                 self._send_assignments([ps for ps in orphans if ps.link is not None])
                 if any(ps.link is None for ps in orphans):
-                    self._local_state()
-                for p0, chunk in self.history:
-                    self._pipeline(chunk, p0)
+                    self._local_state()         # new root state: replay the root's stages too
+                    self._replay([i for i, ps in enumerate(self.pipe) if ps.link is None])
+                self._replay([i for i, ps in enumerate(self.pipe) if ps in orphans
+                              and ps.link is not None])
                 break
             except FAULTS as e:
                 err = e
@@ -400,6 +417,28 @@ class ClusterModel(Model):
         log.warning("recovered in %.2f s; stages now %s", dt,
                     [(ps.start, ps.end, ps.link.address if ps.link else "root")
                      for ps in self.pipe])
+
+    def _replay(self, stages: list) -> None:
+        """Rebuild the KV caches of `stages` (pipe indices): each past chunk's recorded input to
+        a stage goes through it again, in the original chunks, so the arithmetic is the same.
+        The root's own first stage starts from the embedding."""
+        s, m = self.state, self.net
+        for p0, chunk, inputs in self.history:
+            r = s.rows(chunk.size)
+            fw.set_positions(s, r, p0)
+            for i in stages:
+                ps = self.pipe[i]
+                if i in inputs:                       # it was remote: its exact wire input
+                    if ps.link is not None:
+                        self._remote(ps.link, None, p0, sent=inputs[i])
+                        continue
+                    P.decode_rows(memoryview(np.ascontiguousarray(inputs[i]).reshape(-1)),
+                                  chunk.size, self.header.dim, self.act, r.x)
+                elif ps.start == 0:                   # the root's own first stage
+                    fw.embed(m, r, chunk)
+                else:
+                    raise AssertionError(f"no recorded input for stage {i}")
+                fw.run_layers(m, s, r, p0, ps.start, ps.end)
 
     def _new_owner(self, ps: "PipeStage") -> "WorkerLink | None":
         """The root if its budget has room for the stage, else the live worker with the most
@@ -438,10 +477,11 @@ class ClusterModel(Model):
     def _truncate_history(self, position: int) -> None:
         """Forget chunks at or after `position` (a rewind recomputes from there)."""
         kept = []
-        for p0, chunk in self.history:
+        for p0, chunk, inputs in self.history:
             if p0 >= position:
                 break
-            kept.append((p0, chunk[:position - p0]))
+            n = position - p0
+            kept.append((p0, chunk[:n], {i: rows[:n] for i, rows in inputs.items()}))
         self.history = kept
 
     def _traffic(self) -> tuple:
