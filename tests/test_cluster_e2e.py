@@ -548,3 +548,14 @@ def test_two_faults_in_one_generation(tmp_path):
     finally:
         for w in workers:
             w.stop()
+
+
+def test_f16_activations(pools):
+    """F16 on the wire: 2 bytes per value, logits much closer than Q80 (11-bit mantissa)."""
+    name = MODELS["QWEN3"]
+    ref_logits, _ = reference(name)
+    with open_cluster(name, pools(name), "f16", SPLITS[4]) as m:
+        logits = run_schedule(m, golden_run(name))
+        assert m.net_stats.decode_bytes[-1] == 2 * 3 * (12 + 16 + 2 * m.header.dim)
+    err = np.linalg.norm(logits - ref_logits, axis=1) / np.linalg.norm(ref_logits, axis=1)
+    assert 0 < err.max() < 0.02, err.max()
