@@ -67,6 +67,12 @@ DEF MIN_WORK = 32768        # below this many block (or 32-float) products, run 
 
 dl_init()
 
+_F32 = np.dtype(np.float32)
+_U8 = np.dtype(np.uint8)
+_I32 = np.dtype(np.int32)
+_U16 = np.dtype(np.uint16)
+_F16 = np.dtype(np.float16)
+
 # ============================================================================ threads and config
 
 def _default_threads() -> int:
@@ -149,7 +155,7 @@ cdef object _arr(object a, str name, object dtype, int ndim):
     if not isinstance(a, np.ndarray):
         raise TypeError(f"{name}: expected a numpy array, got {type(a).__name__}")
     if a.dtype != dtype:
-        raise TypeError(f"{name}: dtype {a.dtype}, expected {np.dtype(dtype)}")
+        raise TypeError(f"{name}: dtype {a.dtype}, expected {dtype}")
     if ndim > 0 and a.ndim != ndim:
         raise ValueError(f"{name}: {a.ndim}-d array of shape {a.shape}, expected {ndim}-d")
     if not a.flags.c_contiguous:
@@ -190,8 +196,8 @@ cdef int64_t _blocks(int64_t n, str name) except -1:
 
 def quantize_q80(out, x, n_threads=None):
     """out[b] = Q80 blocks of x[b]: d = amax/127 (f32), q = round-half-even(x * (1/d)), f16(d) stored."""
-    _out(out, "out", np.uint8, 2)
-    _arr(x, "x", np.float32, 2)
+    _out(out, "out", _U8, 2)
+    _arr(x, "x", _F32, 2)
     cdef int64_t B = x.shape[0], nb = _blocks(x.shape[1], "x")
     if out.shape[0] != B or out.shape[1] != nb * Q80_BYTES:
         raise ValueError(f"out: shape {out.shape}, expected ({B}, {nb * Q80_BYTES}) for x {x.shape}")
@@ -206,8 +212,8 @@ def quantize_q80(out, x, n_threads=None):
 
 def dequantize_q80(out, xq):
     """out[b] = f32 values of the Q80 row xq[b]."""
-    _out(out, "out", np.float32, 2)
-    _arr(xq, "xq", np.uint8, 2)
+    _out(out, "out", _F32, 2)
+    _arr(xq, "xq", _U8, 2)
     cdef int64_t B = out.shape[0], nb = _blocks(out.shape[1], "out")
     if xq.shape[0] != B or xq.shape[1] != nb * Q80_BYTES:
         raise ValueError(f"xq: shape {xq.shape}, expected ({B}, {nb * Q80_BYTES}) for out {out.shape}")
@@ -221,8 +227,8 @@ def dequantize_q80(out, xq):
 
 def dequantize_q40(out, w):
     """out[r] = f32 values of the Q40 row w[r]."""
-    _out(out, "out", np.float32, 2)
-    _arr(w, "w", np.uint8, 2)
+    _out(out, "out", _F32, 2)
+    _arr(w, "w", _U8, 2)
     cdef int64_t B = out.shape[0], nb = _blocks(out.shape[1], "out")
     if w.shape[0] != B or w.shape[1] != nb * Q40_BYTES:
         raise ValueError(f"w: shape {w.shape}, expected ({B}, {nb * Q40_BYTES}) for out {out.shape}")
@@ -236,6 +242,9 @@ def dequantize_q40(out, w):
 
 cdef void _by_blocks(uint8_t *out, const float *x, int64_t n_blocks, int nt) noexcept nogil:
     """Quantize n_blocks consecutive blocks, split in contiguous chunks across threads."""
+    if nt == 1:
+        dl_quantize_q80(out, x, n_blocks)
+        return
     cdef Py_ssize_t i
     cdef int64_t c = (n_blocks + nt - 1) // nt
     for i in prange(nt, schedule="static", num_threads=nt):
@@ -246,9 +255,9 @@ cdef void _by_blocks(uint8_t *out, const float *x, int64_t n_blocks, int nt) noe
 
 cdef object _check_matmul(object out, object w, object x, int64_t row_bytes_per_block, str wfmt):
     """Shapes for out[B, d] = x[B, n] @ W[d, n]^T with quantized W rows; returns (B, d, nb)."""
-    _out(out, "out", np.float32, 2)
-    _arr(w, "w", np.uint8, 2)
-    _arr(x, "xq", np.uint8, 2)
+    _out(out, "out", _F32, 2)
+    _arr(w, "w", _U8, 2)
+    _arr(x, "xq", _U8, 2)
     cdef int64_t B = x.shape[0], d = w.shape[0]
     if x.shape[1] == 0 or x.shape[1] % Q80_BYTES:
         raise ValueError(f"xq: rows of {x.shape[1]} bytes are not whole Q80 blocks ({Q80_BYTES} bytes)")
@@ -286,6 +295,9 @@ def matmul_q40(out, w, xq, n_threads=None):
 
 cdef void _mm_q40(float *out, const uint8_t *w, const uint8_t *xq, const float *dx, const int32_t *sx,
                   int64_t B, int64_t d, int64_t nb, int nt) noexcept nogil:
+    if nt == 1:                      # no parallel region for small work
+        dl_matmul_q40(out, w, xq, dx, sx, B, d, nb, 0, d)
+        return
     cdef Py_ssize_t i
     cdef int64_t c = _chunk(d, nt)
     for i in prange(nt, schedule="static", num_threads=nt):
@@ -318,6 +330,9 @@ def matmul_q80(out, w, xq, n_threads=None):
 
 cdef void _mm_q80(float *out, const uint8_t *w, const uint8_t *xq, const float *dx,
                   int64_t B, int64_t d, int64_t nb, int nt) noexcept nogil:
+    if nt == 1:                      # no parallel region for small work
+        dl_matmul_q80(out, w, xq, dx, B, d, nb, 0, d)
+        return
     cdef Py_ssize_t i
     cdef int64_t c = _chunk(d, nt)
     for i in prange(nt, schedule="static", num_threads=nt):
@@ -326,8 +341,8 @@ cdef void _mm_q80(float *out, const uint8_t *w, const uint8_t *xq, const float *
 
 
 cdef object _check_float_matmul(object out, object w, object x):
-    _out(out, "out", np.float32, 2)
-    _arr(x, "x", np.float32, 2)
+    _out(out, "out", _F32, 2)
+    _arr(x, "x", _F32, 2)
     cdef int64_t B = x.shape[0], n = x.shape[1], d = w.shape[0]
     if w.shape[1] != n:
         raise ValueError(f"w: shape {w.shape}, expected (d, {n}) to match x {x.shape}")
@@ -338,7 +353,7 @@ cdef object _check_float_matmul(object out, object w, object x):
 
 def matmul_f32(out, w, x, n_threads=None):
     """out[b, r] = sum_i W[r, i] x[b, i] with f32 weights W[d, n]."""
-    _arr(w, "w", np.float32, 2)
+    _arr(w, "w", _F32, 2)
     cdef int64_t B, d, n
     B, d, n = _check_float_matmul(out, w, x)
     if B == 0 or d == 0 or n == 0:
@@ -355,6 +370,9 @@ def matmul_f32(out, w, x, n_threads=None):
 
 cdef void _mm_f32(float *out, const float *w, const float *x, int64_t B, int64_t d, int64_t n,
                   int nt) noexcept nogil:
+    if nt == 1:                      # no parallel region for small work
+        dl_matmul_f32(out, w, x, B, d, n, 0, d)
+        return
     cdef Py_ssize_t i
     cdef int64_t c = _chunk(d, nt)
     for i in prange(nt, schedule="static", num_threads=nt):
@@ -364,9 +382,9 @@ cdef void _mm_f32(float *out, const float *w, const float *x, int64_t B, int64_t
 
 def matmul_f16(out, w, x, n_threads=None):
     """out[b, r] = sum_i W[r, i] x[b, i] with f16 weights W[d, n] (uint16 bit patterns or float16)."""
-    if isinstance(w, np.ndarray) and w.dtype == np.float16:
+    if isinstance(w, np.ndarray) and w.dtype == _F16:
         w = w.view(np.uint16)
-    _arr(w, "w", np.uint16, 2)
+    _arr(w, "w", _U16, 2)
     cdef int64_t B, d, n
     B, d, n = _check_float_matmul(out, w, x)
     if B == 0 or d == 0 or n == 0:
@@ -383,6 +401,9 @@ def matmul_f16(out, w, x, n_threads=None):
 
 cdef void _mm_f16(float *out, const uint16_t *w, const float *x, int64_t B, int64_t d, int64_t n,
                   int nt) noexcept nogil:
+    if nt == 1:                      # no parallel region for small work
+        dl_matmul_f16(out, w, x, B, d, n, 0, d)
+        return
     cdef Py_ssize_t i
     cdef int64_t c = _chunk(d, nt)
     for i in prange(nt, schedule="static", num_threads=nt):
@@ -393,9 +414,9 @@ cdef void _mm_f16(float *out, const uint16_t *w, const float *x, int64_t B, int6
 
 def rmsnorm(out, x, w, float eps):
     """out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w  (sum of squares in f64). out may be x."""
-    _out(out, "out", np.float32, 2)
-    _arr(x, "x", np.float32, 2)
-    _arr(w, "w", np.float32, 1)
+    _out(out, "out", _F32, 2)
+    _arr(x, "x", _F32, 2)
+    _arr(w, "w", _F32, 1)
     if x.shape != out.shape:
         raise ValueError(f"out: shape {out.shape} differs from x {x.shape}")
     if w.shape[0] != x.shape[1] or x.shape[1] == 0:
@@ -424,9 +445,9 @@ def rope(x, positions, table, int head_dim, bint neox):
     table[p, i] = (cos, sin) of p * freq_i, i < head_dim/2. neox=False (LLAMA): pairs
     (x[2i], x[2i+1]); neox=True (FALCON/NeoX, Qwen3): pairs (x[i], x[i + head_dim/2]).
     """
-    _out(x, "x", np.float32, 2)
-    _arr(positions, "positions", np.int32, 1)
-    _arr(table, "table", np.float32, 3)
+    _out(x, "x", _F32, 2)
+    _arr(positions, "positions", _I32, 1)
+    _arr(table, "table", _F32, 3)
     if head_dim <= 0 or head_dim % 2:
         raise ValueError(f"head_dim must be even and positive, got {head_dim}")
     if x.shape[1] % head_dim:
@@ -473,11 +494,11 @@ def rope_table(seq_len, head_dim, theta, *args, **kwargs):
 def attention(out, q, k_cache, v_cache, positions, int n_heads, int n_kv_heads, int head_dim, n_threads=None):
     """Causal GQA attention: row b, head h attends to cache rows 0..positions[b] of kv head
     h // (n_heads // n_kv_heads), scores scaled by 1/sqrt(head_dim)."""
-    _out(out, "out", np.float32, 2)
-    _arr(q, "q", np.float32, 2)
-    _arr(k_cache, "k_cache", np.float32, 2)
-    _arr(v_cache, "v_cache", np.float32, 2)
-    _arr(positions, "positions", np.int32, 1)
+    _out(out, "out", _F32, 2)
+    _arr(q, "q", _F32, 2)
+    _arr(k_cache, "k_cache", _F32, 2)
+    _arr(v_cache, "v_cache", _F32, 2)
+    _arr(positions, "positions", _I32, 1)
     if n_heads <= 0 or n_kv_heads <= 0 or head_dim <= 0 or n_heads % n_kv_heads:
         raise ValueError(f"n_heads {n_heads} must be a positive multiple of n_kv_heads {n_kv_heads}; "
                          f"head_dim {head_dim} > 0")
@@ -524,9 +545,9 @@ cdef void _attention(float[:, ::1] out, const float[:, ::1] q, const float[:, ::
 
 cdef object _flat(object a, str name, bint out):
     if out:
-        _out(a, name, np.float32, 0)
+        _out(a, name, _F32, 0)
     else:
-        _arr(a, name, np.float32, 0)
+        _arr(a, name, _F32, 0)
     return a.reshape(-1)
 
 
@@ -607,7 +628,7 @@ def scale_add(x, y, float s):
 
 def softmax(x):
     """Row-wise softmax in place over the last axis (max-subtracted, f64 sum)."""
-    xr = _rows(x, "x", np.float32, True)
+    xr = _rows(x, "x", _F32, True)
     cdef float[:, ::1] v = xr
     cdef Py_ssize_t R = v.shape[0], n = v.shape[1], r, j
     cdef float m
@@ -630,9 +651,9 @@ def softmax(x):
 
 def moe_route(out_idx, out_w, gate_logits, int k):
     """Top-k experts of softmax(gate_logits[b]) (ties: lower index first), weights renormalised to 1."""
-    _out(out_idx, "out_idx", np.int32, 2)
-    _out(out_w, "out_w", np.float32, 2)
-    _arr(gate_logits, "gate_logits", np.float32, 2)
+    _out(out_idx, "out_idx", _I32, 2)
+    _out(out_w, "out_w", _F32, 2)
+    _arr(gate_logits, "gate_logits", _F32, 2)
     cdef Py_ssize_t B = gate_logits.shape[0], E = gate_logits.shape[1]
     if k < 1 or k > E:
         raise ValueError(f"k must be in 1..{E} (number of experts), got {k}")
