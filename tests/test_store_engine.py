@@ -110,11 +110,12 @@ def test_logits_identical_to_resident(models, case):
 @pytest.mark.parametrize("case", [(Arch.LLAMA, FloatType.Q40), (Arch.QWEN3_MOE, FloatType.Q40)],
                          ids=ids)
 @pytest.mark.parametrize("budget", ["50%", "min"])
-def test_pread_mode_and_no_prefetch_identical(models, case, budget):
+def test_other_modes_and_no_prefetch_identical(models, case, budget):
     path = models[case]
     want = resident_logits(path)
     b = minimum(path) if budget == "min" else budget
     for options in (dict(mode="pread"), dict(mode="pread", drop_cache=True),
+                    dict(mode="direct"), dict(mode="direct", prefetch=False),
                     dict(prefetch=False), dict(drop_cache=True)):
         with open_budgeted(path, b, **options) as m:
             assert np.array_equal(run(m), want), options
@@ -244,7 +245,12 @@ def test_pinned_layers_are_views_of_the_mapping_and_streamed_are_not(models):
         l = store.plan.streamed[0]
         assert np.shares_memory(store.layer(l).w1, m.file.buffer)
         store.release(l)
-    with open_budgeted(path, "50%", mode="pread") as m:
+    for mode in ("pread", "direct"):
+        check_slot_views(path, mode)
+
+
+def check_slot_views(path, mode):
+    with open_budgeted(path, "50%", mode=mode) as m:
         store = m.net.weights
         mapped = m.file.buffer
         pinned = [i for i in store.plan.pinned if i < m.header.n_layers]
