@@ -547,3 +547,12 @@ def test_rope_table_bad_args():
         _ops.rope_table(8, 63, 10000.0)
     with pytest.raises(ValueError):
         _ops.rope_table(8, 64, 10000.0, "llama3_1", 8.0, 4.0, 1.0, 8192)    # low > high
+
+
+def test_memory_read_bandwidth_probe():
+    gbs = _ops.memory_read_bandwidth(1 << 20, 1, 1)     # 1 MiB: a cache number, only checks it runs
+    assert gbs > 0
+    with pytest.raises(ValueError):
+        _ops.memory_read_bandwidth(100, 1)
+    with pytest.raises(ValueError):
+        _ops.memory_read_bandwidth(1 << 20, 0)
