@@ -223,7 +223,7 @@ def main() -> int:
     ap.add_argument("--preset", default="llama-3.1-8b")
     ap.add_argument("--cache-dir", default=os.environ.get("DAIRLLM_CACHE", "~/.cache/dairllm"))
     ap.add_argument("--budgets", default="25%,50%,100%")
-    ap.add_argument("--modes", default="mmap,pread", help="comma list of mmap, pread")
+    ap.add_argument("--modes", default="mmap,pread", help="comma list of mmap, pread, direct")
     ap.add_argument("--mode-compare-budget", default="50%",
                     help="budget at which every mode in --modes runs (others: the first mode)")
     ap.add_argument("--prompt", type=int, default=128)

@@ -4,7 +4,7 @@ The forward pass asks `store.layer(l)` for a layer's weights and calls `store.re
 it (engine/weights.py). Pinned layers are zero-copy views into the model's mmap, exactly as the
 resident engine uses them. Streamed units (layers, possibly the classifier) go through a few
 *slots*; a background reader thread fills the next slots in cycle order while the current unit
-computes, so decoding overlaps disk reads with compute. Two ways to fill a slot:
+computes, so decoding overlaps disk reads with compute. Three ways to fill a slot:
 
 - "mmap" (default): the views stay in the file mapping, as for pinned layers; the reader maps
   a unit's pages in ahead of time with madvise(MADV_POPULATE_READ) (ctypes, so the GIL is
@@ -12,11 +12,14 @@ computes, so decoding overlaps disk reads with compute. Two ways to fill a slot:
 - "pread": `os.preadv` into a reusable page-aligned anonymous buffer per slot (huge pages).
   The same bytes, plus one copy out of the page cache that costs CPU on a machine whose cores
   are all busy with the matmuls.
-Measured with bench/bench_store.py on the Llama-3.1-8B-shaped Q40 model, streamed bytes
-evicted from the page cache after use, 2 shared cores: about the same streaming throughput
-(--io-compare at 25%: 1.12-1.19 GB/s mmap, 1.13-1.18 pread), but less time waiting on I/O
-with mmap (4.5 s vs 5.8-6.5 s over 3 passes) and faster decoding at 50% (0.20 vs 0.16
-tokens/s); both give bit-identical logits.
+- "direct": like pread with O_DIRECT (DMA into the buffer, no page cache, no copy).
+Measured with bench/bench_store.py on the Llama-3.1-8B-shaped Q40 model (2 shared cores,
+streamed bytes evicted from the page cache after use): mmap and pread are equal within the
+noise of this machine (decode at 25%: 0.27-0.30 vs 0.28 tokens/s; at 50%: 0.32-0.36 vs
+0.32-0.35; --io-compare at 25%: 1.1-1.4 GB/s both); direct is slower here (0.21 tokens/s at
+25%, 0.7-1.0 GB/s: the virtual disk gains from the kernel's buffered readahead). mmap is the
+default because it needs no copy and no buffer besides the mapping. All three give
+bit-identical logits.
 
 MoE layers read only what routing needs: the slot gets attention, router and norms ahead of
 time, and an expert's three matrices are read when the forward pass first indexes
