@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import ConfigError
-from ..formats.modelfile import Kind, Layout
+from ..formats.modelfile import Layout
 from .budget import Budget, format_bytes, parse_budget
 
 PAGE = 4096
