@@ -158,6 +158,23 @@ def test_quantize_q80_ties_and_edge_scales(path):
     assert list(q0[1:9]) == [0, 2, 2, 0, -2, -2, 126, -4]
 
 
+def test_quantize_q80_tiny_blocks_saturate_consistently():
+    """amax below ~4e-37 makes 1/d overflow to inf: every path gives +-127 (0 for zeros), never garbage."""
+    x = np.zeros((1, 64), np.float32)
+    x[0, :32] = np.linspace(-1e-38, 1e-38, 32, dtype=np.float32)
+    x[0, 32:] = np.float32(1e-39) * np.sign(np.arange(32) - 15.5).astype(np.float32)
+    x[0, 40] = 0.0
+    outs = []
+    for p in PATHS:
+        o = np.empty((1, 68), np.uint8)
+        on_path(p, _ops.quantize_q80, o, x)
+        outs.append(o)
+    for o in outs[1:]:
+        np.testing.assert_array_equal(o, outs[0])
+    q = outs[0].reshape(2, 34)[:, 2:].view(np.int8)
+    assert set(np.abs(q[1]).tolist()) <= {0, 127} and q[1, 8] == 0 and q[1, 0] == -127
+
+
 def test_quantize_q80_same_on_every_path(rng):
     x = (rng.standard_normal((5, 1024)) * 3).astype(np.float32)
     x[0, :32] = np.round(x[0, :32] * 2) / 2                 # plenty of exact halves

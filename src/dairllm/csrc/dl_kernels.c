@@ -179,6 +179,9 @@ static void quantize_q80_scalar(uint8_t *out, const float *x, int64_t nb) {
         int8_t *q = (int8_t *)(out + 2);
         for (int j = 0; j < DL_QK; j++) {
             float v = x[j] * id;
+            /* |v| <= 127 for finite input; the clamp only matters when 1/d overflowed (amax below
+             * ~4e-37) or the input is not finite: every path maps NaN to 0 and saturates at 127 */
+            v = v != v ? 0.0f : v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v;
             q[j] = (int8_t)(int)rintf(v);   /* default rounding mode: ties to even */
         }
     }
@@ -375,6 +378,12 @@ DL_AVX2 static inline __m256 scales8(const uint8_t *p, int64_t stride) {
     return _mm256_cvtph_ps(h);
 }
 
+/* NaN -> 0, then clamp to [-127, 127] (as the scalar path) */
+DL_AVX2 static inline __m256 clamp127(__m256 v) {
+    v = _mm256_and_ps(v, _mm256_cmp_ps(v, v, _CMP_ORD_Q));
+    return _mm256_min_ps(_mm256_max_ps(v, _mm256_set1_ps(-127.0f)), _mm256_set1_ps(127.0f));
+}
+
 DL_AVX2 static void quantize_q80_avx2(uint8_t *out, const float *x, int64_t nb) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
     for (int64_t b = 0; b < nb; b++, x += DL_QK, out += DL_Q80_BYTES) {
@@ -392,10 +401,10 @@ DL_AVX2 static void quantize_q80_avx2(uint8_t *out, const float *x, int64_t nb) 
         memcpy(out, &dh, 2);
         const __m256 vid = _mm256_set1_ps(id);
         const int r = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-        __m256i i0 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v0, vid), r));
-        __m256i i1 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v1, vid), r));
-        __m256i i2 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v2, vid), r));
-        __m256i i3 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v3, vid), r));
+        __m256i i0 = _mm256_cvtps_epi32(_mm256_round_ps(clamp127(_mm256_mul_ps(v0, vid)), r));
+        __m256i i1 = _mm256_cvtps_epi32(_mm256_round_ps(clamp127(_mm256_mul_ps(v1, vid)), r));
+        __m256i i2 = _mm256_cvtps_epi32(_mm256_round_ps(clamp127(_mm256_mul_ps(v2, vid)), r));
+        __m256i i3 = _mm256_cvtps_epi32(_mm256_round_ps(clamp127(_mm256_mul_ps(v3, vid)), r));
         /* packs work within 128-bit lanes: fix the order with one dword permute */
         __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
         p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
@@ -671,8 +680,10 @@ static void quantize_q80_neon(uint8_t *out, const float *x, int64_t nb) {
         int8_t *q = (int8_t *)(out + 2);
         for (int k = 0; k < 8; k += 2) {
             /* vcvtnq: round to nearest, ties to even, like the scalar rintf and AVX2 round */
-            int32x4_t i0 = vcvtnq_s32_f32(vmulq_n_f32(v[k], id));
-            int32x4_t i1 = vcvtnq_s32_f32(vmulq_n_f32(v[k + 1], id));
+            /* clamp as the scalar path (FMAX/FMIN keep NaN, and vcvtnq maps NaN to 0) */
+            const float32x4_t lo = vdupq_n_f32(-127.0f), hi = vdupq_n_f32(127.0f);
+            int32x4_t i0 = vcvtnq_s32_f32(vminq_f32(vmaxq_f32(vmulq_n_f32(v[k], id), lo), hi));
+            int32x4_t i1 = vcvtnq_s32_f32(vminq_f32(vmaxq_f32(vmulq_n_f32(v[k + 1], id), lo), hi));
             int16x8_t h = vcombine_s16(vmovn_s32(i0), vmovn_s32(i1));
             vst1_s8(q + 4 * k, vmovn_s16(h));
         }

@@ -45,6 +45,7 @@ int main(void) {
     for (int64_t i = 0; i < B * N; i++) x[i] = frand() * 3.0f;
     for (int j = 0; j < 32; j++) x[j] = (float)(j - 16) + 0.5f;        /* ties in the first block */
     x[5] = 127.0f;
+    for (int j = 32; j < 64; j++) x[j] = (j % 3 == 0) ? 0.0f : (j % 2 ? 1e-39f : -1e-38f);   /* 1/d overflows */
     for (int64_t i = 0; i < D * N; i++) { wf[i] = frand(); wh[i] = dl_f32_to_f16(wf[i]); }
     for (int64_t i = 0; i < D * NB * DL_Q40_BYTES; i++) w4[i] = (uint8_t)(rng_state = rng_state * 1664525u + 1013904223u) >> 3;
     for (int64_t b = 0; b < D * NB; b++) {
