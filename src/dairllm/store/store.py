@@ -14,12 +14,11 @@ computes, so decoding overlaps disk reads with compute. Three ways to fill a slo
   are all busy with the matmuls.
 - "direct": like pread with O_DIRECT (DMA into the buffer, no page cache, no copy).
 Measured with bench/bench_store.py on the Llama-3.1-8B-shaped Q40 model (2 shared cores,
-streamed bytes evicted from the page cache after use): mmap and pread are equal within the
-noise of this machine (decode at 25%: 0.27-0.30 vs 0.28 tokens/s; at 50%: 0.32-0.36 vs
-0.32-0.35; --io-compare at 25%: 1.1-1.4 GB/s both); direct is slower here (0.21 tokens/s at
-25%, 0.7-1.0 GB/s: the virtual disk gains from the kernel's buffered readahead). mmap is the
-default because it needs no copy and no buffer besides the mapping. All three give
-bit-identical logits.
+OMP_WAIT_POLICY=PASSIVE, streamed bytes evicted from the page cache after use): decode at 50%
+0.67 tokens/s mmap vs 0.60 pread (disk bound 0.64); --io-compare at 25%: 1.1-1.4 GB/s both.
+direct is slower on this virtual disk (0.21 vs 0.27 tokens/s at 25% in a side-by-side run,
+0.7-1.0 GB/s: it loses the kernel's buffered readahead). mmap is the default: no copy and no
+buffer besides the mapping. All three give bit-identical logits.
 
 MoE layers read only what routing needs: the slot gets attention, router and norms ahead of
 time, and an expert's three matrices are read when the forward pass first indexes
