@@ -15,7 +15,8 @@ from typing import Callable
 
 from ..errors import ConfigError
 
-HELP = "serve a root (distributed-llama compatible) on this machine"
+HELP = ("serve this machine's layers to a dairllm root, or act as a drop-in distributed-llama "
+        "worker (detected from the root's first bytes)")
 
 log = logging.getLogger("dairllm.worker")
 
@@ -60,7 +61,8 @@ PROTOCOLS: list[tuple[str, Callable[[bytes], bool], Callable]] = [
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=9990, help="TCP port to listen on (default 9990)")
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
-    p.add_argument("--nthreads", type=int, default=1, help="kernel threads (default 1, like dllama)")
+    p.add_argument("--nthreads", type=int, default=None,
+                   help="kernel threads (default: every core this process may use)")
     p.add_argument("--model", default=None,
                    help="local copy of the .m model: lets a dairllm root use --local-weights")
     p.add_argument("--max-sessions", type=int, default=None, help=argparse.SUPPRESS)
@@ -103,6 +105,9 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port must be 1..65535, got {args.port}")
+    if args.nthreads is None:
+        from .. import _ops
+        args.nthreads = _ops.get_num_threads()
     if args.nthreads < 1:
         raise ConfigError(f"--nthreads must be positive, got {args.nthreads}")
     args._model_file = ModelFile(args.model) if args.model else None
