@@ -429,6 +429,187 @@ def test_moe_route_ties_lower_index_first():
     np.testing.assert_allclose(wts[0], [1 / 3] * 3, rtol=1e-6)
 
 
+# ---------------------------------------------------------------- exp mode "dllama"
+# Oracle: a NumPy float32 emulation of the reference's x86 AVX2 exp (spec §2.6: clamp to +-88,
+# n = rint(x log2e), f = x log2e - n, degree-4 polynomial by fused multiply-adds, 2^n from exponent
+# bits) and of its softmax (8 f32 lanes, AVX2 horizontal-sum order, libm expf for the remainder).
+# The fused multiply-add is emulated exactly: the product of two f32 is exact in f64, TwoSum gives
+# the exact sum, and only an f64 result lying exactly halfway between two f32 needs the error term.
+
+def _fma32(a, b, c):
+    prod = a.astype(np.float64) * b.astype(np.float64)
+    c64 = np.broadcast_to(np.asarray(c, np.float64), prod.shape)
+    s = prod + c64
+    bv = s - prod
+    err = (prod - (s - bv)) + (c64 - bv)
+    r = s.astype(np.float32)
+    other = np.where(r.astype(np.float64) > s, np.nextafter(r, np.float32(-np.inf)),
+                     np.nextafter(r, np.float32(np.inf)))
+    mid = (r.astype(np.float64) != s) & ((r.astype(np.float64) + other.astype(np.float64)) / 2 == s)
+    up, down = np.maximum(r, other), np.minimum(r, other)
+    return np.where(mid & (err > 0), up, np.where(mid & (err < 0), down, r)).astype(np.float32)
+
+
+def exp_dllama_ref(x):
+    x = np.asarray(x, np.float32)
+    x = np.where(x > np.float32(-88), x, np.float32(-88)).astype(np.float32)   # NaN -> -88 (max_ps)
+    x = np.where(x < np.float32(88), x, np.float32(88)).astype(np.float32)
+    y = (x * np.float32(1.4426950408889634)).astype(np.float32)
+    n = np.rint(y).astype(np.int32)
+    f = (y - n.astype(np.float32)).astype(np.float32)
+    p = np.full_like(f, np.float32(0.009618129107628477))
+    for c in (0.05550410866482158, 0.2402265069591007, 0.6931471805599453, 1.0):
+        p = _fma32(p, f, np.float32(c))
+    two_n = ((n + 127).astype(np.uint32) << np.uint32(23)).view(np.float32)
+    return (p * two_n).astype(np.float32)
+
+
+def _libm_expf():
+    import ctypes
+    import ctypes.util
+    lib = ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6")
+    lib.expf.restype, lib.expf.argtypes = ctypes.c_float, [ctypes.c_float]
+    return lambda v: np.array([lib.expf(float(t)) for t in np.asarray(v, np.float32)], np.float32)
+
+
+def softmax_dllama_ref(row, expf):
+    row = np.asarray(row, np.float32)
+    n = row.size
+    n8 = n - n % 8
+    m = row.max()
+    e = np.empty(n, np.float32)
+    e[:n8] = exp_dllama_ref((row[:n8] - m).astype(np.float32))
+    lane = np.zeros(8, np.float32)
+    for i in range(0, n8, 8):
+        lane = (lane + e[i:i + 8]).astype(np.float32)
+    h = (lane[4:] + lane[:4]).astype(np.float32)
+    s = np.float32(np.float32(h[0] + h[2]) + np.float32(h[1] + h[3]))
+    e[n8:] = expf((row[n8:] - m).astype(np.float32))
+    for v in e[n8:]:
+        s = np.float32(s + v)
+    if s == 0:
+        s = np.float32(1e-6)
+    return (e * (np.float32(1) / s)).astype(np.float32)
+
+
+@pytest.fixture
+def dllama_exp():
+    before = _ops.get_exp_mode()
+    _ops.set_exp_mode("dllama")
+    yield
+    _ops.set_exp_mode(before)
+
+
+def test_exp_mode_switch():
+    assert _ops.get_exp_mode() == "exact"
+    with pytest.raises(ValueError):
+        _ops.set_exp_mode("fast")
+    _ops.set_exp_mode("dllama")
+    try:
+        assert _ops.get_exp_mode() == "dllama"
+    finally:
+        _ops.set_exp_mode("exact")
+    assert _ops.get_exp_mode() == "exact"
+
+
+def _silu_inputs(rng):
+    special = np.array([0, -0.0, 1e-30, -1e-30, 1e-8, 87.9, 88, 88.1, 120, -87.9, -88, -88.1, -120,
+                        np.float32(88 / 1.4426950408889634), 0.5, -0.5, 1, -1], np.float32)
+    ramp = np.linspace(-100, 100, 200_003, dtype=np.float32)
+    wide = (rng.standard_normal(100_000) * 8).astype(np.float32)
+    x = np.concatenate([special, ramp, wide])
+    return x[:x.size - x.size % 8].reshape(-1, 8)   # whole groups of 8: the polynomial everywhere
+
+
+def test_dllama_silu_bit_exact(dllama_exp, rng, path):
+    x = _silu_inputs(rng)
+    y = rng.standard_normal(x.shape).astype(np.float32)
+    e = exp_dllama_ref((np.float32(0) - x).astype(np.float32))
+    want = (x / (np.float32(1) + e)).astype(np.float32)
+    got = x.copy()
+    _ops.silu(got)
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+    got = x.copy()
+    _ops.silu_mul(got, y)
+    np.testing.assert_array_equal(got.view(np.uint32), (want * y).astype(np.float32).view(np.uint32))
+    # the mode matters: exact exp gives other bits somewhere, and "exact" is restored afterwards
+    _ops.set_exp_mode("exact")
+    exact = x.copy()
+    _ops.silu(exact)
+    assert (exact != want).any()
+
+
+def test_dllama_silu_row_remainder_uses_libm(dllama_exp, rng):
+    expf = _libm_expf()
+    x = (rng.standard_normal((5, 13)) * 6).astype(np.float32)   # 8 polynomial + 5 libm per row
+    got = x.copy()
+    _ops.silu(got)
+    e = np.concatenate([exp_dllama_ref(-x[:, :8]), expf(-x[:, 8:].ravel()).reshape(5, 5)], axis=1)
+    np.testing.assert_array_equal(got, (x / (np.float32(1) + e)).astype(np.float32))
+
+
+@pytest.mark.parametrize("n", [1, 3, 7, 8, 13, 64, 67, 1000])
+def test_dllama_softmax_bit_exact_with_remainder(dllama_exp, rng, n):
+    expf = _libm_expf()
+    x = (rng.standard_normal((6, n)) * 10).astype(np.float32)
+    got = x.copy()
+    _ops.softmax(got)
+    for r in range(x.shape[0]):
+        np.testing.assert_array_equal(got[r], softmax_dllama_ref(x[r], expf))
+
+
+def test_dllama_remainder_rule_is_observable(rng):
+    """The polynomial and libm expf differ on most inputs, so the bit-exact checks above do tell
+    which of the two each element used."""
+    t = -np.abs(rng.standard_normal(1000) * 10).astype(np.float32)
+    assert (exp_dllama_ref(t) != _libm_expf()(t)).mean() > 0.5
+
+
+def test_dllama_softmax_far_below_max_is_zero(dllama_exp):
+    x = np.array([[0, -200, -87.99, -100, 1, 2, 3, 4]], np.float32)   # -88 clamp; n = -127 -> 2^n = +0
+    got = x.copy()
+    _ops.softmax(got)
+    np.testing.assert_array_equal(got[0], softmax_dllama_ref(x[0], _libm_expf()))
+    assert got[0, 1] == 0 and got[0, 3] == 0
+
+
+@pytest.mark.parametrize("B,E,k", [(3, 8, 2), (5, 128, 8), (2, 13, 4)])
+def test_dllama_moe_route(dllama_exp, rng, B, E, k):
+    expf = _libm_expf()
+    g = rng.standard_normal((B, E)).astype(np.float32)
+    idx = np.empty((B, k), np.int32)
+    wts = np.empty((B, k), np.float32)
+    _ops.moe_route(idx, wts, g, k)
+    for b in range(B):
+        p = softmax_dllama_ref(g[b], expf)
+        order = sorted(range(E), key=lambda e: (-p[e], e))[:k]
+        assert list(idx[b]) == order
+        s = np.float32(0)
+        for e in order:
+            s = np.float32(s + p[e])
+        np.testing.assert_array_equal(wts[b], (p[order] / s).astype(np.float32))
+
+
+def test_dllama_attention(dllama_exp, path, rng):
+    B, H, KVH, hd, S = 3, 4, 2, 16, 21
+    q = rng.standard_normal((B, H * hd)).astype(np.float32)
+    k = rng.standard_normal((S, KVH * hd)).astype(np.float32)
+    v = rng.standard_normal((S, KVH * hd)).astype(np.float32)
+    pos = np.array([0, 9, 20], np.int32)
+    got = np.empty_like(q)
+    _ops.attention(got, q, k, v, pos, H, KVH, hd)
+    want = np.empty_like(q)   # dllama softmax of the f32 scores, then the V sum in f64
+    for b in range(B):
+        for h in range(H):
+            g = h // (H // KVH)
+            sc = (k[:pos[b] + 1, g * hd:(g + 1) * hd].astype(np.float64) @ q[b, h * hd:(h + 1) * hd]
+                  / np.sqrt(hd)).astype(np.float32)
+            att = softmax_dllama_ref(sc, _libm_expf())
+            want[b, h * hd:(h + 1) * hd] = att.astype(np.float64) @ v[:pos[b] + 1, g * hd:(g + 1) * hd]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got, ref_attention(q, k, v, pos, H, KVH, hd), rtol=3e-4, atol=3e-5)
+
+
 # ---------------------------------------------------------------- bad input
 
 def test_bad_inputs_raise(rng):

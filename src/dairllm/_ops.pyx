@@ -10,7 +10,8 @@ are picked at run time (scalar / avx2 / neon / neon-dotprod).
 
 Numerics: Q40 x Q80 and Q80 x Q80 dot products are exact integers per 32-block, scaled by
 f32(d_w) * f32(d_x) and summed in f32; quantize_q80 is bit-identical on every path; rmsnorm sums
-squares in f64; softmax, attention and moe_route use libm expf/exp.
+squares in f64; softmax, attention and moe_route use libm expf/exp, or with set_exp_mode("dllama") the
+reference x86 AVX2 exp and softmax bit for bit (csrc/dl_exp.h).
 """
 import os
 import time
@@ -53,6 +54,13 @@ cdef extern from "dl_kernels.h" nogil:
     void dl_attention_head(float *out, const float *q, const float *k, const float *v, int64_t stride,
                            int64_t T, int64_t hd, float *att)
     double dl_sum_f64(const double *x, int64_t n)
+
+cdef extern from "dl_exp.h" nogil:
+    int DL_EXP_EXACT
+    int DL_EXP_DLLAMA
+    int dl_exp_mode_g
+    void dl_silu_row_dllama(float *x, const float *y, int64_t n)
+    void dl_softmax_row_dllama(float *x, int64_t n)
 
 cdef extern from "dl_omp.h" nogil:
     int dl_omp_enabled()
@@ -128,6 +136,23 @@ def set_simd_path(name: str) -> None:
 
 def get_simd_path() -> str:
     return dl_path_name(dl_path()).decode()
+
+
+_EXP_MODES = {"exact": DL_EXP_EXACT, "dllama": DL_EXP_DLLAMA}
+
+
+def set_exp_mode(mode: str) -> None:
+    """Process-global exp of silu, silu_mul, softmax, attention and moe_route: "exact" (libm, the
+    default) or "dllama" (bit-exact emulation of distributed-llama's x86 AVX2 exp and softmax, see
+    csrc/dl_exp.h; the dllama-compatible worker switches it on)."""
+    global dl_exp_mode_g
+    if mode not in _EXP_MODES:
+        raise ValueError(f"unknown exp mode {mode!r} (known: {', '.join(_EXP_MODES)})")
+    dl_exp_mode_g = _EXP_MODES[mode]
+
+
+def get_exp_mode() -> str:
+    return "dllama" if dl_exp_mode_g == DL_EXP_DLLAMA else "exact"
 
 
 def _paths(compiled: bool) -> list:
@@ -563,10 +588,13 @@ DEF PAR_MIN = 65536   # elementwise kernels go parallel above this many values
 
 
 def silu(x, n_threads=None):
-    """x = x / (1 + exp(-x)) in place."""
+    """x = x / (1 + exp(-x)) in place (exp mode "dllama": per row of the last axis)."""
     cdef float[::1] v = _flat(x, "x", True)
     cdef Py_ssize_t i, n = v.shape[0]
     cdef int nt = _n_threads if n >= PAR_MIN else 1
+    if dl_exp_mode_g == DL_EXP_DLLAMA:
+        _silu_dllama(v, None, x.shape[x.ndim - 1] if x.ndim else n, nt)
+        return
     for i in prange(n, nogil=True, schedule="static", num_threads=nt):
         v[i] = v[i] / (1.0 + expf(-v[i]))
 
@@ -583,14 +611,29 @@ def gelu(x, n_threads=None):
 
 
 def silu_mul(x, y, n_threads=None):
-    """x = silu(x) * y in place."""
+    """x = silu(x) * y in place (exp mode "dllama": per row of the last axis)."""
     xf, yf = _pair(x, y)
     cdef float[::1] a = xf
     cdef const float[::1] b = yf
     cdef Py_ssize_t i, n = a.shape[0]
     cdef int nt = _n_threads if n >= PAR_MIN else 1
+    if dl_exp_mode_g == DL_EXP_DLLAMA:
+        _silu_dllama(a, b, x.shape[x.ndim - 1] if x.ndim else n, nt)
+        return
     for i in prange(n, nogil=True, schedule="static", num_threads=nt):
         a[i] = a[i] / (1.0 + expf(-a[i])) * b[i]
+
+
+cdef void _silu_dllama(float[::1] a, const float[::1] b, Py_ssize_t row, int nt) except *:
+    """silu (times b when given) with the dllama exp, row by row (rows of `row` values)."""
+    cdef Py_ssize_t r, n = a.shape[0]
+    cdef const float *pb = NULL
+    if row <= 0 or n == 0:
+        return
+    if b is not None:
+        pb = &b[0]
+    for r in prange(n // row, nogil=True, schedule="static", num_threads=nt):
+        dl_silu_row_dllama(&a[r * row], (pb + r * row) if pb != NULL else NULL, row)
 
 
 def mul(x, y):
@@ -627,13 +670,19 @@ def scale_add(x, y, float s):
 
 
 def softmax(x):
-    """Row-wise softmax in place over the last axis (max-subtracted, f64 sum)."""
+    """Row-wise softmax in place over the last axis (max-subtracted, f64 sum; exp mode "dllama":
+    the reference's AVX2 softmax, see csrc/dl_exp.h)."""
     xr = _rows(x, "x", _F32, True)
     cdef float[:, ::1] v = xr
     cdef Py_ssize_t R = v.shape[0], n = v.shape[1], r, j
     cdef float m
     cdef double s
     if n == 0:
+        return
+    if dl_exp_mode_g == DL_EXP_DLLAMA:
+        with nogil:
+            for r in range(R):
+                dl_softmax_row_dllama(&v[r, 0], n)
         return
     with nogil:
         for r in range(R):
@@ -664,6 +713,9 @@ def moe_route(out_idx, out_w, gate_logits, int k):
     cdef const float[:, ::1] g = gate_logits
     cdef Py_ssize_t b, e, j, best
     cdef double m, s, sel
+    if dl_exp_mode_g == DL_EXP_DLLAMA:
+        _moe_route_dllama(oi, ow, g, k)
+        return
     cdef unsigned char *taken = <unsigned char *>malloc(E)
     if taken == NULL:
         raise MemoryError("moe_route scratch")
@@ -690,6 +742,37 @@ def moe_route(out_idx, out_w, gate_logits, int k):
                     ow[b, j] = <float>(exp(<double>g[b, oi[b, j]] - m) / sel)
     finally:
         free(taken)
+
+cdef void _moe_route_dllama(int32_t[:, ::1] oi, float[:, ::1] ow, const float[:, ::1] g, int k) except *:
+    """The reference's MoE gate: dllama softmax over E (f32), top k of the probabilities (ties: lower
+    index first), each divided by their f32 sum taken in selection order."""
+    cdef Py_ssize_t B = g.shape[0], E = g.shape[1], b, e, j, best
+    cdef float sel
+    cdef float *p = <float *>malloc(E * sizeof(float))
+    cdef unsigned char *taken = <unsigned char *>malloc(E)
+    if p == NULL or taken == NULL:
+        free(p)
+        free(taken)
+        raise MemoryError("moe_route scratch")
+    with nogil:
+        for b in range(B):
+            for e in range(E):
+                p[e] = g[b, e]
+            dl_softmax_row_dllama(p, E)
+            memset(taken, 0, E)
+            sel = 0.0
+            for j in range(k):
+                best = -1
+                for e in range(E):
+                    if not taken[e] and (best < 0 or p[e] > p[best]):
+                        best = e
+                taken[best] = 1
+                oi[b, j] = <int32_t>best
+                sel = sel + p[best]
+            for j in range(k):
+                ow[b, j] = p[oi[b, j]] / sel
+    free(p)
+    free(taken)
 
 # ============================================================================ memory bandwidth
 

@@ -7,6 +7,7 @@
  * differs only in the order of float additions (quantize_q80 is bit-identical on every path).
  */
 #include "dl_kernels.h"
+#include "dl_exp.h"
 
 #include <math.h>
 #include <stddef.h>
@@ -885,6 +886,8 @@ DL_AVX2 static void attention_head_avx2(float *out, const float *q, const float 
 
 /* ======================================================================== 6. dispatch */
 
+int dl_exp_mode_g = DL_EXP_EXACT;   /* dl_exp.h */
+
 void dl_quantize_q80(uint8_t *out, const float *x, int64_t nb) {
 #if DL_X86
     if (g_path == DL_PATH_AVX2) { quantize_q80_avx2(out, x, nb); return; }
@@ -980,6 +983,7 @@ double dl_sum_f64(const double *x, int64_t n) {
 /* out = softmax(q . k[t] / sqrt(hd), t < T) @ v[t]; k, v rows `stride` floats apart; att: T floats. */
 void dl_attention_head(float *out, const float *q, const float *k, const float *v, int64_t stride,
                        int64_t T, int64_t hd, float *att) {
+    if (dl_exp_mode_g == DL_EXP_DLLAMA) { dl_attention_head_dllama(out, q, k, v, stride, T, hd, att); return; }
 #if DL_X86
     if (g_path == DL_PATH_AVX2 && hd % 8 == 0) { attention_head_avx2(out, q, k, v, stride, T, hd, att); return; }
 #endif
