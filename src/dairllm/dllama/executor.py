@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -34,6 +36,35 @@ def default_kernels():
         raise ProtocolError(f"the kernel library dairllm._ops lacks {', '.join(missing)}; "
                             "cannot run a dllama graph")
     return _ops
+
+
+_exp_lock = threading.Lock()
+_exp_users = 0
+_exp_before: str | None = None
+
+
+@contextmanager
+def dllama_exp(kernels):
+    """Run kernels with the reference's x86 AVX2 exp (`set_exp_mode("dllama")`, process-global)
+    while any dllama forward is running, then restore the previous mode. The C++ cluster's
+    tokens on Q40 models depend on it (golden README quirk d). Kernel modules without an exp
+    mode (the NumPy reference already uses the AVX2 exp) are left alone."""
+    global _exp_users, _exp_before
+    if not hasattr(kernels, "set_exp_mode"):
+        yield
+        return
+    with _exp_lock:
+        if _exp_users == 0:
+            _exp_before = kernels.get_exp_mode()
+            kernels.set_exp_mode("dllama")
+        _exp_users += 1
+    try:
+        yield
+    finally:
+        with _exp_lock:
+            _exp_users -= 1
+            if _exp_users == 0:
+                kernels.set_exp_mode(_exp_before)
 
 
 def memory_cap() -> int:
@@ -198,8 +229,9 @@ class Executor:
         self.links = links
         pos = self.pipes[0].view(np.float32)
         pos[:batch] = np.arange(position, position + batch, dtype=np.float64).astype(np.float32)
-        for step in self.steps:
-            step(batch)
+        with dllama_exp(self.K):
+            for step in self.steps:
+                step(batch)
 
 
 # ---------------------------------------------------------------------------------------------
