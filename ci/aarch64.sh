@@ -177,7 +177,9 @@ build() {   # a wheel, as pip would build it on a Pi; installed into the chroot'
             && "$PYTHON" setup.py --name >/dev/null 2>&1); then
         log "Cython ran on the host: $(cd "$ROOTFS/work/main" && ls src/dairllm/_*.c | tr '\n' ' ')"
     fi
-    inroot "cd /work/main && rm -rf /work/dist build && export CC='ccache gcc' CCACHE_DIR=/var/cache/dairllm-ccache \
+    # (ccache through its masquerade directory: CC='ccache gcc' would make setup.py probe OpenMP
+    # with 'ccache -fopenmp' and silently build without it)
+    inroot "cd /work/main && rm -rf /work/dist build && export PATH=/usr/lib/ccache:\$PATH CCACHE_DIR=/var/cache/dairllm-ccache \
             && ccache -z >/dev/null && nice -n 15 pip wheel -q --no-build-isolation --no-deps -w /work/dist . \
             && pip install -q --no-deps --force-reinstall /work/dist/*.whl && ls -l /work/dist \
             && ccache -s | grep -iE 'hits|misses|cache size' | tr -s ' ' | paste -sd ';'"
