@@ -591,23 +591,29 @@ def test_dllama_moe_route(dllama_exp, rng, B, E, k):
 
 
 def test_dllama_attention(dllama_exp, path, rng):
+    """Attention's softmax uses the dllama softmax (the dot and the V sum are the library's own, so
+    the comparison is to float rounding, against the f64 V sum of the emulated softmax)."""
     B, H, KVH, hd, S = 3, 4, 2, 16, 21
     q = rng.standard_normal((B, H * hd)).astype(np.float32)
-    k = rng.standard_normal((S, KVH * hd)).astype(np.float32)
+    k = (rng.standard_normal((S, KVH * hd)) * 3).astype(np.float32)
     v = rng.standard_normal((S, KVH * hd)).astype(np.float32)
-    pos = np.array([0, 9, 20], np.int32)
+    pos = np.array([0, 9, 20], np.int32)   # 1, 10 and 21 scores: the softmax remainder rule applies
     got = np.empty_like(q)
     _ops.attention(got, q, k, v, pos, H, KVH, hd)
-    want = np.empty_like(q)   # dllama softmax of the f32 scores, then the V sum in f64
+    want = np.empty_like(q)
     for b in range(B):
         for h in range(H):
             g = h // (H // KVH)
-            sc = (k[:pos[b] + 1, g * hd:(g + 1) * hd].astype(np.float64) @ q[b, h * hd:(h + 1) * hd]
-                  / np.sqrt(hd)).astype(np.float32)
+            qh, ks, vs = q[b, h * hd:(h + 1) * hd], k[:, g * hd:(g + 1) * hd], v[:, g * hd:(g + 1) * hd]
+            sc = (ks[:pos[b] + 1].astype(np.float64) @ qh / np.sqrt(hd)).astype(np.float32)
             att = softmax_dllama_ref(sc, _libm_expf())
-            want[b, h * hd:(h + 1) * hd] = att.astype(np.float64) @ v[:pos[b] + 1, g * hd:(g + 1) * hd]
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(got, ref_attention(q, k, v, pos, H, KVH, hd), rtol=3e-4, atol=3e-5)
+            want[b, h * hd:(h + 1) * hd] = att.astype(np.float64) @ vs[:pos[b] + 1]
+    np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-6)
+    _ops.set_exp_mode("exact")   # the polynomial's ~4e-5 relative error shows against exact exp
+    exact = np.empty_like(q)
+    _ops.attention(exact, q, k, v, pos, H, KVH, hd)
+    assert np.abs(exact - got).max() > 2e-6
+    np.testing.assert_allclose(exact, ref_attention(q, k, v, pos, H, KVH, hd), rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------- bad input

@@ -12,7 +12,13 @@
  *   Softmax: max; the polynomial on the first n - n % 8 values summed in 8 f32 lanes, lanes reduced
  *   as the AVX2 horizontal sum does; libm expf for the rest added sequentially; sum 0 -> 1e-6;
  *   every value multiplied by the f32 reciprocal of the sum.
+ *   Attention (one head): scores = dot(q, k) / sqrtf(hd) with this library's dot, the softmax above,
+ *   out = sum_t att[t] * v[t] (axpy, t ascending). Only the softmax is emulated bit for bit: the
+ *   reference's dot is one 8-lane FMA accumulator, but emulating that too did not bring the C++
+ *   cluster's tokens closer (other ops' rounding, e.g. the Q40 matmul sums, still differs).
  * The mode is one process-global int, read once per kernel call (never in inner loops).
+ * Bit-exactness needs every a * b + c here to be fused only where written with fmaf: GCC contracts
+ * by default in GNU C mode on targets with FMA (aarch64), hence fp-contract=off on these functions.
  */
 #ifndef DL_EXP_H
 #define DL_EXP_H
@@ -26,10 +32,16 @@
 #define DL_EXP_EXACT 0
 #define DL_EXP_DLLAMA 1
 
+#if defined(__GNUC__) && !defined(__clang__)
+#define DL_EXP_FN static inline __attribute__((optimize("fp-contract=off")))
+#else
+#define DL_EXP_FN static inline   /* clang contracts only within one expression; none here */
+#endif
+
 extern int dl_exp_mode_g;   /* defined in dl_kernels.c; set by _ops.set_exp_mode */
 
 /* One lane of the reference's expf_avx2 (fmaf is correctly rounded, like vfmadd). */
-static inline float dl_exp_dllama(float x) {
+DL_EXP_FN float dl_exp_dllama(float x) {
     x = x > -88.0f ? x : -88.0f;
     x = x < 88.0f ? x : 88.0f;
     const float y = x * 1.4426950408889634f;
@@ -47,7 +59,7 @@ static inline float dl_exp_dllama(float x) {
 }
 
 /* x[i] = x[i] / (1 + exp(-x[i])) (then * y[i] when y is not NULL) on one row of n values. */
-static inline void dl_silu_row_dllama(float *x, const float *y, int64_t n) {
+DL_EXP_FN void dl_silu_row_dllama(float *x, const float *y, int64_t n) {
     const int64_t n8 = n - n % 8;
     int64_t i = 0;
     for (; i < n8; i++) x[i] = x[i] / (1.0f + dl_exp_dllama(0.0f - x[i]));
@@ -56,8 +68,14 @@ static inline void dl_silu_row_dllama(float *x, const float *y, int64_t n) {
         for (i = 0; i < n; i++) x[i] = x[i] * y[i];
 }
 
+/* The reference's _mm256 horizontal sum: high half + low half, then lanes (0,2) (1,3), then the two. */
+DL_EXP_FN float dl_hsum8_dllama(const float *lane) {
+    const float h0 = lane[4] + lane[0], h1 = lane[5] + lane[1], h2 = lane[6] + lane[2], h3 = lane[7] + lane[3];
+    return (h0 + h2) + (h1 + h3);
+}
+
 /* In-place softmax of one row, as the reference's AVX2 softmax_F32 computes it. */
-static inline void dl_softmax_row_dllama(float *x, int64_t n) {
+DL_EXP_FN void dl_softmax_row_dllama(float *x, int64_t n) {
     if (n <= 0) return;
     const int64_t n8 = n - n % 8;
     float m = x[0];
@@ -68,9 +86,7 @@ static inline void dl_softmax_row_dllama(float *x, int64_t n) {
         x[i] = dl_exp_dllama(x[i] - m);
         lane[i % 8] += x[i];
     }
-    /* _mm256 horizontal sum: high half + low half, then pairs (0,2) (1,3), then the two */
-    const float h0 = lane[4] + lane[0], h1 = lane[5] + lane[1], h2 = lane[6] + lane[2], h3 = lane[7] + lane[3];
-    float sum = (h0 + h2) + (h1 + h3);
+    float sum = dl_hsum8_dllama(lane);
     for (; i < n; i++) {
         x[i] = expf(x[i] - m);
         sum += x[i];
@@ -80,9 +96,9 @@ static inline void dl_softmax_row_dllama(float *x, int64_t n) {
     for (i = 0; i < n; i++) x[i] *= inv;
 }
 
-/* One attention head with the reference's scores (dot / sqrt(hd)) and dllama softmax; att: T floats. */
-static inline void dl_attention_head_dllama(float *out, const float *q, const float *k, const float *v,
-                                            int64_t stride, int64_t T, int64_t hd, float *att) {
+/* One attention head with the dllama softmax (see the top of this file); att: T floats. */
+DL_EXP_FN void dl_attention_head_dllama(float *out, const float *q, const float *k, const float *v,
+                                        int64_t stride, int64_t T, int64_t hd, float *att) {
     const float root = sqrtf((float)hd);
     for (int64_t t = 0; t < T; t++) att[t] = dl_dot_f32(q, k + t * stride, hd) / root;
     dl_softmax_row_dllama(att, T);
