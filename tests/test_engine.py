@@ -246,3 +246,26 @@ def test_decode_loop_allocates_nothing_big(tmp_path):
         tracemalloc.stop()
     assert m.stats.generated_tokens == 12
     assert peak < 8192 * 4 // 2, peak                  # well under one row of logits
+
+
+def test_bench_gguf_copy_runs_the_same_model_in_llama_cpp(tmp_path):
+    """The bench's GGUF re-wrap (Q40 blocks as Q4_0, interleaved q/k rows) is the same network:
+    llama.cpp's logits match the float64 reference up to its Q8_0 activations (about 2%; with
+    q/k rows in the wrong rotary order they are off by ~60%). Needs the `bench` extra."""
+    pytest.importorskip("gguf")
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from dairllm.commands.bench import write_gguf
+
+    src = GOLDEN / "models" / "tiny_q40.m"
+    if not src.exists():
+        pytest.skip("golden models not found")
+    out = write_gguf(src, tmp_path / "tiny.gguf")
+    tokens = [1, 104, 101, 108, 108, 111, 32, 119, 200, 300, 400, 17]
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=32, n_threads=1, logits_all=True,
+                          verbose=False)
+    llm.eval(tokens)
+    theirs = np.array(llm.scores[:len(tokens)])
+    ref = Reference.load(src, q80_activations=False).forward(tokens, 0)
+    rel = np.linalg.norm(theirs - ref, axis=1) / np.linalg.norm(ref, axis=1)
+    assert np.median(rel) < 5e-2, rel
+    assert (theirs.argmax(1) == ref.argmax(1)).mean() >= 0.8
