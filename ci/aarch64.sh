@@ -25,6 +25,7 @@
 #   QEMU_CPU=cortex-a72            CPU model for the main run (cortex-a76 = Pi 5, cortex-a53 = Pi 3)
 #   A64_SRC=head|worktree          build the committed HEAD (default) or the working tree
 #   A64_REBUILD=1                  rebuild the cached root filesystem
+#   A64_CACHED_ONLY=1              skip (exit 77) instead of building a missing root filesystem
 #   A64_PORT=29431                 first TCP port for the cross-architecture runs
 #   PYTHON=/work/venv/bin/python   host Python with dairllm built in place / installed (x86_64 side)
 set -uo pipefail
@@ -67,11 +68,18 @@ inroot() { local cpu=${CPU:-$QEMU_CPU}
         DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1 OMP_NUM_THREADS=2 \
         bash -eo pipefail -c "$1"; }
 
-WORKER_PIDS=()
-cleanup() {
+WORKER_PIDS=(); LOCKED=0
+cleanup() {   # only a run holding the lock touches the mounts (another run may be using them)
     local pid
     for pid in "${WORKER_PIDS[@]}"; do kill -- -"$pid" 2>/dev/null; done
-    unmount_all; return 0
+    [ "$LOCKED" = 1 ] && unmount_all
+    return 0
+}
+take_lock() {   # one run at a time per cache directory
+    mkdir -p "$A64_DIR" && exec 9>"$A64_DIR/lock" || skip "cannot write $A64_DIR"
+    flock -n 9 || { log "another ci/aarch64.sh holds $A64_DIR/lock; waiting"; flock -w 3600 9; } \
+        || skip "$A64_DIR is in use by another run"
+    LOCKED=1
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -111,6 +119,8 @@ preflight() {
     if [ "${A64_REBUILD:-0}" != 1 ] && [ "$(cat "$ROOTFS/.dairllm-a64-ready" 2>/dev/null)" = "$CACHE_KEY" ]; then
         return 0
     fi
+    [ "${A64_CACHED_ONLY:-0}" = 1 ] && skip "no cached root filesystem in $ROOTFS and A64_CACHED_ONLY=1" \
+        "(run ci/aarch64.sh once without it to make the cache: about 10-17 min)"
     local host=${MIRROR#*://}; host=${host%%/*}
     timeout 20 bash -c "exec 3<>/dev/tcp/$host/80" 2>/dev/null \
         || skip "no cached root filesystem and the mirror $host is unreachable"
@@ -266,6 +276,7 @@ auditwheel_host() {   # optional (A64_HOST_WHEEL=1): the x86_64 wheel built on t
 
 main() {
     preflight
+    take_lock
     must "root filesystem (cached after first run)" make_rootfs
     must "mount proc/dev/sys" mount_rootfs
     must "copy source + golden data" copy_source
