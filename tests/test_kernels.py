@@ -590,6 +590,26 @@ def test_dllama_moe_route(dllama_exp, rng, B, E, k):
         np.testing.assert_array_equal(wts[b], (p[order] / s).astype(np.float32))
 
 
+@pytest.mark.parametrize("B,n,d", [(1, 64, 5), (3, 256, 37)])
+def test_dllama_matmul_q40_bit_exact(dllama_exp, path, rng, B, n, d):
+    """The reference's AVX2 matvec: per output, exact integer block dots in block order, each
+    added by one fused multiply-add with f32(d_w) * f32(d_x)."""
+    w = random_q40(rng, d, n)
+    xq = ref_quantize_q80(rng.standard_normal((B, n)).astype(np.float32))
+    got = np.empty((B, d), np.float32)
+    _ops.matmul_q40(got, w, xq)
+    wb, xb = w.reshape(d, -1, 18), xq.reshape(B, -1, 34)
+    dw = wb[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
+    dx = xb[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
+    qw = np.concatenate([(wb[..., 2:] & 15).astype(np.int32) - 8, (wb[..., 2:] >> 4).astype(np.int32) - 8], axis=2)
+    qx = xb[..., 2:].view(np.int8).astype(np.int32)
+    want = np.zeros((B, d), np.float32)
+    for b in range(n // 32):
+        isum = (qx[:, None, b, :] * qw[None, :, b, :]).sum(axis=2).astype(np.float32)
+        want = _fma32(isum, (dx[:, None, b] * dw[None, :, b]).astype(np.float32), want)
+    np.testing.assert_array_equal(got, want)
+
+
 def test_dllama_attention(dllama_exp, path, rng):
     """Attention's softmax uses the dllama softmax (the dot and the V sum are the library's own, so
     the comparison is to float rounding, against the f64 V sum of the emulated softmax)."""

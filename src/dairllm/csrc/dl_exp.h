@@ -12,10 +12,14 @@
  *   Softmax: max; the polynomial on the first n - n % 8 values summed in 8 f32 lanes, lanes reduced
  *   as the AVX2 horizontal sum does; libm expf for the rest added sequentially; sum 0 -> 1e-6;
  *   every value multiplied by the f32 reciprocal of the sum.
+ *   Q40 x Q80 matmul: per output, blocks in order, sum = fma(exact int block dot, d_w * d_x, sum).
+ *   (For batches the reference uses llamafile's sgemm instead, not emulated: prefill logits differ
+ *   in the last bits.)
  *   Attention (one head): scores = dot(q, k) / sqrtf(hd) with this library's dot, the softmax above,
  *   out = sum_t att[t] * v[t] (axpy, t ascending). Only the softmax is emulated bit for bit: the
  *   reference's dot is one 8-lane FMA accumulator, but emulating that too did not bring the C++
- *   cluster's tokens closer (other ops' rounding, e.g. the Q40 matmul sums, still differs).
+ *   cluster's tokens closer (measured: it fixed tiny_q40 on 4 nodes and broke qwen3tiny_q40 on 4
+ *   nodes; other rounding, e.g. the sgemm prefill, still differs).
  * The mode is one process-global int, read once per kernel call (never in inner loops).
  * Bit-exactness needs every a * b + c here to be fused only where written with fmaf: GCC contracts
  * by default in GNU C mode on targets with FMA (aarch64), hence fp-contract=off on these functions.
@@ -94,6 +98,32 @@ DL_EXP_FN void dl_softmax_row_dllama(float *x, int64_t n) {
     if (sum == 0.0f) sum = 0.000001f;
     const float inv = 1.0f / sum;
     for (i = 0; i < n; i++) x[i] *= inv;
+}
+
+/* Q40 x Q80 rows r0..r1 as the reference's AVX2 matmul sums them: per output, blocks in order,
+ * sum = fma((float)exact_block_int_dot, f32(d_w) * f32(d_x), sum) (its `sum += block_sum * s`,
+ * contracted by GCC with -march=native). dx: f32 of the activation block scales, B x nb. */
+DL_EXP_FN void dl_matmul_q40_dllama(float *out, const uint8_t *w, const uint8_t *xq, const float *dx,
+                                    int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *wr = w + r * nb * DL_Q40_BYTES;
+        for (int64_t t = 0; t < B; t++) {
+            const uint8_t *xr = xq + t * nb * DL_Q80_BYTES;
+            float sum = 0.0f;
+            for (int64_t b = 0; b < nb; b++) {
+                const uint8_t *q = wr + b * DL_Q40_BYTES + 2;
+                const int8_t *xs = (const int8_t *)(xr + b * DL_Q80_BYTES + 2);
+                int32_t isum = 0;
+                for (int j = 0; j < 16; j++)
+                    isum += ((int)(q[j] & 15) - 8) * xs[j] + ((int)(q[j] >> 4) - 8) * xs[j + 16];
+                uint16_t h;
+                memcpy(&h, wr + b * DL_Q40_BYTES, 2);
+                const float s = dl_f16_to_f32(h) * dx[t * nb + b];
+                sum = fmaf((float)isum, s, sum);
+            }
+            out[t * d + r] = sum;
+        }
+    }
 }
 
 /* One attention head with the dllama softmax (see the top of this file); att: T floats. */

@@ -900,6 +900,7 @@ void dl_quantize_q80(uint8_t *out, const float *x, int64_t nb) {
 
 void dl_matmul_q40(float *out, const uint8_t *w, const uint8_t *xq, const float *dx, const int32_t *sx,
                    int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r1) {
+    if (dl_exp_mode_g == DL_EXP_DLLAMA) { dl_matmul_q40_dllama(out, w, xq, dx, B, d, nb, r0, r1); return; }
 #if DL_X86
     if (g_path == DL_PATH_AVX2) { matmul_q40_avx2(out, w, xq, dx, sx, B, d, nb, r0, r1); return; }
 #endif
