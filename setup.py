@@ -32,15 +32,26 @@ def _compiler_accepts(compiler: list[str], flags: list[str]) -> bool:
             return False
 
 
+def _compiler_command(compiler_so: list[str]) -> list[str]:
+    """The compiler itself, without its flags: ["ccache", "gcc"] stays whole."""
+    command = []
+    for part in compiler_so:
+        if part.startswith("-"):
+            break
+        command.append(part)
+    return command or ["cc"]
+
+
 class BuildExt(build_ext):
     def build_extensions(self) -> None:
-        compiler = self.compiler.compiler_so[:1] if hasattr(self.compiler, "compiler_so") else ["cc"]
+        compiler = _compiler_command(getattr(self.compiler, "compiler_so", None) or ["cc"])
         use_openmp = os.environ.get("DAIRLLM_NO_OPENMP") != "1" and sys.platform != "win32"
         openmp_flags = ["-fopenmp"] if use_openmp and _compiler_accepts(compiler, ["-fopenmp"]) else []
         if use_openmp and not openmp_flags:
             print("dairllm: compiler has no OpenMP; building single-threaded kernels")
         for ext in self.extensions:
-            ext.extra_compile_args += ["-O3", "-std=gnu11",
+            debug_info = ["-g"] if debug else ["-g0"]      # wheels for small boards stay small
+            ext.extra_compile_args += ["-O3", "-std=gnu11", *debug_info,
                                        "-fno-strict-aliasing", "-Wno-unused-function",
                                        "-Wno-unreachable-code", *openmp_flags]
             ext.extra_link_args += openmp_flags

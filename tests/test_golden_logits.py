@@ -141,6 +141,10 @@ def test_engine_with_dllama_exp_matches_golden_closely(name, dllama_exp):
     rel = row_errors(logits, z["logits"])
     agree = int((logits.argmax(axis=1) == z["logits"].argmax(axis=1)).sum())
     med, worst, min_agree, clean_rows = DLLAMA_EXP_LIMITS[name]
+    if dllama_exp.build_info()["simd_selected"] != "avx2":
+        # Other paths sum the matmuls in another float32 order, so the first Q80 flip comes
+        # earlier; they are held to the plain-exp limits (measured on NEON: moetiny 8.3e-3/0.068).
+        med, worst = LIMITS[name][:2]
     summary = dict(median=float(np.median(rel)), max=float(rel.max()), argmax=agree,
                    first_rows=rel[:clean_rows].max())
     print(name, summary)
