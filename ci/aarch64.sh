@@ -34,7 +34,12 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 A64_DIR=${A64_DIR:-/var/tmp/dairllm-a64}
 ROOTFS=$A64_DIR/rootfs
 SUITE=${SUITE:-bookworm}              # Raspberry Pi OS 12 base: glibc 2.36, Python 3.11
-MIRROR=${MIRROR:-http://deb.debian.org/debian}
+# The Debian mirror the host's own apt uses (override with MIRROR=...).
+host_mirror() {
+  awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/*.sources 2>/dev/null \
+    || awk '$1 == "deb" {print $2; exit}' /etc/apt/sources.list 2>/dev/null
+}
+MIRROR=${MIRROR:-$(host_mirror)}
 export QEMU_CPU=${QEMU_CPU:-cortex-a72}
 A64_SRC=${A64_SRC:-head}
 A64_PORT=${A64_PORT:-29431}
