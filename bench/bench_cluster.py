@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import select
-import socket
 import subprocess
 import sys
 import time
@@ -38,6 +36,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from dairllm import Model  # noqa: E402
 from dairllm.cluster import protocol as P  # noqa: E402
+from dairllm.cluster.local import LocalWorker, free_port  # noqa: E402
 from dairllm.cluster.root import ClusterModel  # noqa: E402
 from dairllm.formats.modelfile import read_header  # noqa: E402
 from dairllm.synth import make_model  # noqa: E402
@@ -99,42 +98,6 @@ def run_dllama(binary: str, model: Path, nodes: int, threads: int, steps: int,
                 if tps else None)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Worker:
-    def __init__(self, model: Path, threads: int, prefix: list, host: str) -> None:
-        self.port = free_port()
-        self.addr = f"{host}:{self.port}"
-        self.proc = subprocess.Popen(
-            prefix + [sys.executable, "-m", "dairllm", "worker", "--model", str(model), "--host",
-                      "0.0.0.0" if prefix else "127.0.0.1", "--port", str(self.port),
-                      "--nthreads", str(threads)],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-            env=dict(os.environ, PYTHONPATH=str(ROOT / "src")))
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            r, _, _ = select.select([self.proc.stdout], [], [], 0.5)
-            if r and "listening" in self.proc.stdout.readline():
-                return
-            if self.proc.poll() is not None:
-                break
-        self.stop()
-        raise RuntimeError("worker did not start")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
 def even_layers(n_layers: int, nodes: int) -> str:
     out, start = [], 0
     for i in range(nodes):
@@ -162,7 +125,10 @@ def run_one(path: Path, nodes: int, args, prompt: list, netns: "NetNS | None") -
     try:
         for i in range(nodes - 1):
             prefix, host = (netns.prefix(i), netns.addr(i)) if netns else ([], "127.0.0.1")
-            workers.append(Worker(path, args.threads, prefix, host))
+            workers.append(LocalWorker(path, host="0.0.0.0" if prefix else "127.0.0.1",
+                                       connect_host=host, threads=args.threads, prefix=prefix,
+                                       env=dict(os.environ, PYTHONPATH=str(ROOT / "src")))
+                           .wait_ready(60))
         t0 = time.perf_counter()
         if nodes == 1:
             model = Model.open(path, max_seq_len=args.seq_len, nthreads=args.threads)

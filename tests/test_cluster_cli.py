@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from dairllm.cluster.local import LocalWorker, free_port
+
 GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
 TIMEOUT = 120
 
@@ -31,49 +33,9 @@ def golden_model(name: str = "tiny_q40") -> tuple:
     return m, t
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class WorkerCommand:
-    """`python -m dairllm worker --model M` (both protocols on one port)."""
-
-    def __init__(self, model: Path, *extra: str) -> None:
-        self.port = free_port()
-        self.addr = f"127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dairllm", "worker", "--model", str(model), "--host",
-             "127.0.0.1", "--port", str(self.port), "--nthreads", "1", *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            r, _, _ = select.select([self.proc.stdout], [], [], 0.5)
-            if r and "listening" in self.proc.stdout.readline():
-                return
-            if self.proc.poll() is not None:
-                break
-        self.stop()
-        raise RuntimeError("worker did not start")
-
-    def stop(self) -> str:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        err = self.proc.stderr.read()
-        self.proc.stdout.close()
-        self.proc.stderr.close()
-        return err
-
-
 @pytest.fixture
 def worker():
-    w = WorkerCommand(golden_model()[0])
+    w = LocalWorker(golden_model()[0], capture_stderr=True).wait_ready(30)
     yield w
     w.stop()
 

@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import select
 import signal
-import socket
-import subprocess
 import sys
 import time
 
@@ -32,48 +29,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="activation type on the wire (default q80)")
     p.add_argument("--cache-dir", default=None,
                    help="where the synthetic model is kept (default $DAIRLLM_CACHE or ~/.cache/dairllm)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LocalWorker:
-    """`python -m dairllm worker` on 127.0.0.1 as a child process."""
-
-    def __init__(self, model, ram_budget: int) -> None:
-        self.port = free_port()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dairllm", "worker", "--model", str(model), "--host",
-             "127.0.0.1", "--port", str(self.port), "--nthreads", "1",
-             "--ram-budget", str(ram_budget)],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-            start_new_session=True)          # Ctrl-C reaches the demo only; it stops them
-        self.addr = f"127.0.0.1:{self.port}"
-
-    def wait_ready(self, deadline: float) -> None:
-        from ..errors import DairError
-
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise DairError(f"worker on port {self.port} exited ({self.proc.returncode})")
-            ready, _, _ = select.select([self.proc.stdout], [], [], 0.2)
-            if ready and "listening" in self.proc.stdout.readline():
-                return
-        raise DairError(f"worker on port {self.port} did not start in {START_TIMEOUT:.0f} s")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        if self.proc.stdout:
-            self.proc.stdout.close()
 
 
 MAX_SEQ_LEN = 256
@@ -97,6 +52,7 @@ def budgets(model_path, n_workers: int) -> list:
 
 def run(args: argparse.Namespace) -> int:
     from ..cluster.cli import print_assignment, print_network
+    from ..cluster.local import LocalWorker
     from ..cluster.root import ClusterModel
     from ..errors import ConfigError
     from ..formats.tokenizer import Tokenizer
@@ -111,10 +67,11 @@ def run(args: argparse.Namespace) -> int:
     workers: list = []
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        workers = [LocalWorker(model_path, b) for b in worker_budgets]
+        workers = [LocalWorker(model_path, args=["--ram-budget", str(b)], new_session=True)
+                   for b in worker_budgets]         # own session: Ctrl-C reaches the demo only
         deadline = time.monotonic() + START_TIMEOUT
         for w in workers:
-            w.wait_ready(deadline)
+            w.wait_ready(max(deadline - time.monotonic(), 0.1))
         print(f"started {len(workers)} workers: {', '.join(w.addr for w in workers)}")
         tok = Tokenizer.open(tok_path)
         with ClusterModel.open(model_path, workers=[w.addr for w in workers],
