@@ -262,19 +262,28 @@ def _positions(ex: Executor, pipe: int, what: str, limit: int) -> Callable[[int]
     return get
 
 
+def _f32_rows(ex, vi):
+    """A function b -> the first b rows of input view `vi` as F32 (Q80 rows dequantized into a
+    scratch buffer allocated once here)."""
+    if vi.ft != FT.Q80:
+        return lambda b: vi.f32(0, b)
+    tmp = np.empty((ex.nb, vi.x), np.float32)
+
+    def rows(b):
+        ex.K.dequantize_q80(tmp[:b], np.ascontiguousarray(vi.raw(0, b)))
+        return tmp[:b]
+    return rows
+
+
 def _merge_add(ex, op, vi, vo, w):
     _need(vo.ft == FT.F32 and vi.ft in (FT.F32, FT.Q80), str(_unsupported(op, vi, vo)))
     _need(vi.z == 1 and vo.z == 1 and vi.x % vo.x == 0, f"cannot merge {vi.x} columns into {vo.x}")
     _need(vi.ft == FT.F32 or vo.x % 32 == 0, f"Q80 slices of {vo.x} values are not whole blocks")
-    parts, xo, K = vi.x // vo.x, vo.x, ex.K
-    tmp = np.empty((ex.nb, vi.x), np.float32) if vi.ft == FT.Q80 else None
+    parts, xo = vi.x // vo.x, vo.x
+    rows_f32 = _f32_rows(ex, vi)
 
     def run(b):
-        if tmp is None:
-            x = vi.f32(0, b)
-        else:
-            x = tmp[:b]
-            K.dequantize_q80(x, np.ascontiguousarray(vi.raw(0, b)))
+        x = rows_f32(b)
         o = vo.f32(0, b)
         for s in range(parts):
             o += x[:, s * xo:(s + 1) * xo]
@@ -338,15 +347,11 @@ def _rms_norm(ex, op, vi, vo, w):
     inv_size = ex.node.buffers[rb][1]
     _need(inv_size.y == ex.nb and inv_size.x >= c, "RMS_NORM inv_rms buffer too small")
     inv = inv.reshape(inv_size.y, inv_size.x)
-    wv, cs, K = w.view(np.float32), vi.x // c, ex.K
-    tmp = np.empty((ex.nb, vi.x), np.float32) if vi.ft == FT.Q80 else None
+    wv, cs = w.view(np.float32), vi.x // c
+    rows_f32 = _f32_rows(ex, vi)
 
     def run(b):
-        if tmp is None:
-            x = vi.f32(0, b)
-        else:
-            x = tmp[:b]
-            K.dequantize_q80(x, np.ascontiguousarray(vi.raw(0, b)))
+        x = rows_f32(b)
         r = inv[:b, :c, None]
         vo.f32(0, b)[...] = (wv * (r * x.reshape(b, c, cs))).reshape(b, vi.x)
     return run
