@@ -55,7 +55,7 @@ def _weights_f64_t(w) -> np.ndarray:
     return hit
 
 
-def matmul_q40(out, w, xq, n_threads=None) -> None:
+def matmul_q40(out, w, xq, n_threads=None, batched=True) -> None:
     wt = _weights_f64_t(w)
     xf = np.empty((xq.shape[0], wt.shape[0]), np.float32)
     dequantize_q80(xf, xq)
@@ -64,6 +64,26 @@ def matmul_q40(out, w, xq, n_threads=None) -> None:
 
 def matmul_f32(out, w, x, n_threads=None) -> None:
     out[...] = (np.asarray(x, np.float64) @ np.asarray(w, np.float64).T).astype(np.float32)
+
+
+def inv_rms(out, x, eps) -> None:
+    x64 = np.asarray(x, np.float64)
+    out[:] = 1.0 / np.sqrt((x64 * x64).mean(axis=1) + eps)
+
+
+def rope_table_dllama(seq_len, head_dim, theta, falcon, factor=1.0, low_freq_factor=1.0,
+                      high_freq_factor=4.0, orig_max_seq_len=8192) -> np.ndarray:
+    """float32 frequencies and angles as the reference, cos/sin rounded from float64."""
+    j = np.arange(head_dim // 2, dtype=np.float32)
+    f = (np.float32(1) / np.power(np.float32(theta), np.float32(2) * j / np.float32(head_dim))).astype(np.float32)
+    if not falcon and factor != 1.0:
+        lam = 2 * np.pi / f.astype(np.float64)
+        s = (orig_max_seq_len / lam - low_freq_factor) / (high_freq_factor - low_freq_factor)
+        f = np.where(lam < orig_max_seq_len / high_freq_factor, f,
+                     np.where(lam > orig_max_seq_len / low_freq_factor, f / factor,
+                              (1 - s) * f / factor + s * f)).astype(np.float32)
+    a = (np.arange(seq_len, dtype=np.float32)[:, None] * f[None, :]).astype(np.float64)
+    return np.ascontiguousarray(np.stack([np.cos(a), np.sin(a)], axis=-1).astype(np.float32))
 
 
 def rope(x, positions, table, head_dim, neox) -> None:

@@ -18,7 +18,7 @@ import pytest
 
 from dairllm.formats.modelfile import ModelFile
 from dairllm.formats.quant import BLOCK_Q80, FloatType, dequantize_q80
-from dllama_harness import KERNEL_PARAMS, ThreadWorker, golden_dir, kernels_for
+from dllama_harness import KERNEL_PARAMS, ThreadWorker, golden_dir, kernels_for, reference_platform
 
 RUNS = [("tiny_q40_2nodes", 1), ("tiny_q40_4nodes", 1), ("tiny_q40_4nodes", 2), ("tiny_q40_4nodes", 3)]
 
@@ -180,6 +180,8 @@ def test_replay_golden_transcript(run, node, kernel_name):
             _compare_sync(got[off:off + 272], want[off:off + 272], "ZQ", stats, kernel_name)
     # measured (numpy, and ops in exp mode "dllama"): every ZQ slice bit-identical, logits to 1e-7
     assert stats.get("max_steps", 0.0) == 0.0, stats
+    if kernel_name == "ops" and reference_platform():
+        assert stats["close"] == 0, stats     # the compiled kernels: every byte, logits included
 
 
 @pytest.mark.parametrize("run,node", RUNS)

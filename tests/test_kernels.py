@@ -590,19 +590,39 @@ def test_dllama_moe_route(dllama_exp, rng, B, E, k):
         np.testing.assert_array_equal(wts[b], (p[order] / s).astype(np.float32))
 
 
-@pytest.mark.parametrize("B,n,d", [(1, 64, 5), (3, 256, 37)])
-def test_dllama_matmul_q40_bit_exact(dllama_exp, path, rng, B, n, d):
-    """The reference's AVX2 matvec: per output, exact integer block dots in block order, each
-    added by one fused multiply-add with f32(d_w) * f32(d_x)."""
-    w = random_q40(rng, d, n)
-    xq = ref_quantize_q80(rng.standard_normal((B, n)).astype(np.float32))
-    got = np.empty((B, d), np.float32)
-    _ops.matmul_q40(got, w, xq)
+def _hsum8(lanes):
+    """The reference's AVX2 horizontal sum of 8 f32 lanes (last axis): high + low half, then
+    lanes (0, 2) and (1, 3), then the two."""
+    h = (lanes[..., 4:] + lanes[..., :4]).astype(np.float32)
+    return ((h[..., 0] + h[..., 2]).astype(np.float32) + (h[..., 1] + h[..., 3]).astype(np.float32)).astype(np.float32)
+
+
+def _dot8(a, b):
+    """The reference's AVX2 f32 dot over the last axis: lane i % 8 += a[i] * b[i] fused, then _hsum8."""
+    lanes = np.zeros(np.broadcast_shapes(a.shape, b.shape)[:-1] + (8,), np.float32)
+    for i in range(0, a.shape[-1], 8):
+        lanes = _fma32(a[..., i:i + 8], b[..., i:i + 8], lanes)
+    return _hsum8(lanes)
+
+
+def _q40_q80_parts(w, xq, B, d, n):
     wb, xb = w.reshape(d, -1, 18), xq.reshape(B, -1, 34)
     dw = wb[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
     dx = xb[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
     qw = np.concatenate([(wb[..., 2:] & 15).astype(np.int32) - 8, (wb[..., 2:] >> 4).astype(np.int32) - 8], axis=2)
     qx = xb[..., 2:].view(np.int8).astype(np.int32)
+    return dw, dx, qw, qx
+
+
+@pytest.mark.parametrize("B,n,d,batched", [(1, 64, 5, True), (3, 256, 37, False), (4, 96, 9, False)])
+def test_dllama_matmul_q40_rowwise_bit_exact(dllama_exp, path, rng, B, n, d, batched):
+    """The reference's AVX2 matvec (one row, or rows it runs one by one): per output, exact integer
+    block dots in block order, each added by one fused multiply-add with f32(d_w) * f32(d_x)."""
+    w = random_q40(rng, d, n)
+    xq = ref_quantize_q80(rng.standard_normal((B, n)).astype(np.float32))
+    got = np.empty((B, d), np.float32)
+    _ops.matmul_q40(got, w, xq, batched=batched)
+    dw, dx, qw, qx = _q40_q80_parts(w, xq, B, d, n)
     want = np.zeros((B, d), np.float32)
     for b in range(n // 32):
         isum = (qx[:, None, b, :] * qw[None, :, b, :]).sum(axis=2).astype(np.float32)
@@ -610,9 +630,139 @@ def test_dllama_matmul_q40_bit_exact(dllama_exp, path, rng, B, n, d):
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("B,n,d", [(2, 64, 5), (3, 256, 37), (32, 96, 17)])
+def test_dllama_matmul_q40_batched_bit_exact(dllama_exp, path, rng, B, n, d):
+    """The reference's batched GEMM (llamafile sgemm, AVX2 Q0 kernel): per output 8 f32 lanes, lane l
+    fuses the exact integer dot of block elements 4l..4l+3 times f32(d_w) * f32(d_x), blocks in
+    order, then the AVX2 horizontal sum."""
+    w = random_q40(rng, d, n)
+    xq = ref_quantize_q80(rng.standard_normal((B, n)).astype(np.float32))
+    got = np.empty((B, d), np.float32)
+    _ops.matmul_q40(got, w, xq)
+    dw, dx, qw, qx = _q40_q80_parts(w, xq, B, d, n)
+    lanes = np.zeros((B, d, 8), np.float32)
+    for b in range(n // 32):
+        prod = qx[:, None, b, :] * qw[None, :, b, :]                       # (B, d, 32)
+        lane_int = prod.reshape(B, d, 8, 4).sum(axis=3).astype(np.float32)
+        scale = (dx[:, None, b] * dw[None, :, b]).astype(np.float32)[..., None]
+        lanes = _fma32(lane_int, scale, lanes)
+    np.testing.assert_array_equal(got, _hsum8(lanes))
+    rowwise = np.empty_like(got)
+    _ops.matmul_q40(rowwise, w, xq, batched=False)
+    assert not np.array_equal(rowwise, got)        # the two orders really differ somewhere
+    np.testing.assert_allclose(rowwise, got, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("B,n,d", [(1, 64, 7), (5, 256, 33), (2, 12, 3)])
+def test_dllama_matmul_f32_bit_exact(dllama_exp, path, rng, B, n, d):
+    """F32 matvec and batched GEMM sum alike in the reference: 8 fused lanes, AVX2 horizontal sum
+    (n % 8 != 0 never reaches its AVX2 build; it is summed in order, fused)."""
+    w = rng.standard_normal((d, n)).astype(np.float32)
+    x = rng.standard_normal((B, n)).astype(np.float32)
+    got = np.empty((B, d), np.float32)
+    _ops.matmul_f32(got, w, x)
+    if n % 8 == 0:
+        want = _dot8(x[:, None, :], w[None, :, :])
+    else:
+        want = np.zeros((B, d), np.float32)
+        for i in range(n):
+            want = _fma32(x[:, None, i], w[None, :, i], want)
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("n", [8, 256, 1024])
+def test_dllama_rmsnorm_bit_exact(dllama_exp, rng, n):
+    x = (rng.standard_normal((3, n)) * 4).astype(np.float32)
+    w = (1 + 0.1 * rng.standard_normal(n)).astype(np.float32)
+    eps = np.float32(1e-5)
+    got = np.empty_like(x)
+    _ops.rmsnorm(got, x, w, float(eps))
+    ss = _dot8(x, x)
+    inv = (np.float32(1) / np.sqrt(((ss / np.float32(n)).astype(np.float32) + eps).astype(np.float32))).astype(np.float32)
+    np.testing.assert_array_equal(got, ((x * inv[:, None]).astype(np.float32) * w).astype(np.float32))
+    _ops.rmsnorm(x, x, w, float(eps))                   # in place gives the same
+    np.testing.assert_array_equal(x, got)
+
+
+@pytest.mark.parametrize("neox", [False, True])
+def test_dllama_rope_bit_exact(dllama_exp, rng, neox):
+    """FALCON pairs: x0 = fma(a0, c, -(a1 s)), x1 = fma(a0, s, a1 c) (GCC's contraction in the
+    reference); LLAMA pairs: rounded products, rounded sum."""
+    hd, H, B = 16, 3, 4
+    table = _ops.rope_table_dllama(40, hd, 10000.0, neox)
+    x = rng.standard_normal((B, H * hd)).astype(np.float32)
+    pos = np.array([0, 5, 17, 39], np.int32)
+    got = x.copy()
+    _ops.rope(got, pos, table, hd, neox)
+    half = hd // 2
+    heads = x.reshape(B, H, hd)
+    if neox:
+        a0, a1 = heads[..., :half], heads[..., half:]
+    else:
+        a0, a1 = heads[..., 0::2], heads[..., 1::2]
+    c, s = table[pos][:, None, :, 0], table[pos][:, None, :, 1]
+    if neox:
+        y0 = _fma32(a0, c, -(a1 * s).astype(np.float32))
+        y1 = _fma32(a0, s, (a1 * c).astype(np.float32))
+    else:
+        y0 = ((a0 * c).astype(np.float32) - (a1 * s).astype(np.float32)).astype(np.float32)
+        y1 = ((a0 * s).astype(np.float32) + (a1 * c).astype(np.float32)).astype(np.float32)
+    want = np.empty_like(heads)
+    if neox:
+        want[..., :half], want[..., half:] = y0, y1
+    else:
+        want[..., 0::2], want[..., 1::2] = y0, y1
+    np.testing.assert_array_equal(got, want.reshape(B, H * hd))
+
+
+def _libm_f32(name):
+    import ctypes
+    import ctypes.util
+    lib = ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6")
+    fn = getattr(lib, name)
+    fn.restype = ctypes.c_float
+    return fn
+
+
+@pytest.mark.parametrize("falcon,hd,theta,scaling", [(False, 32, 10000.0, None), (True, 64, 1e6, None),
+                                                     (False, 64, 500000.0, (32.0, 1.0, 4.0, 8192))])
+def test_rope_table_dllama(falcon, hd, theta, scaling):
+    """Same float32 steps as the reference's rope cache, with this platform's libm powf/cosf/sinf;
+    and within an ulp of a float64 computation of the same float32 angles. (The Llama-3.1 blend's
+    final fused multiply-add is our reading of GCC's contraction; no golden model uses scaling.)"""
+    import ctypes
+    powf, cosf, sinf = _libm_f32("powf"), _libm_f32("cosf"), _libm_f32("sinf")
+    powf.argtypes = [ctypes.c_float, ctypes.c_float]
+    cosf.argtypes = sinf.argtypes = [ctypes.c_float]
+    seq = 50
+    args = scaling or ()
+    got = _ops.rope_table_dllama(seq, hd, theta, falcon, *args)
+    f32 = np.float32
+    freq = np.array([f32(1) / f32(powf(f32(theta), f32(2 * j) / f32(hd))) for j in range(hd // 2)], f32)
+    if scaling:
+        factor, low, high, orig = scaling
+        for j, f in enumerate(freq):
+            wl = f32(2 * np.pi / np.float64(f))
+            if wl >= f32(orig) / f32(high):
+                freq[j] = f / f32(factor) if wl > f32(orig) / f32(low) else freq[j]
+                if wl <= f32(orig) / f32(low):
+                    sm = f32(f32(f32(orig) / wl - f32(low)) / f32(f32(high) - f32(low)))
+                    freq[j] = _fma32(np.array([sm]), np.array([f]),
+                                     np.array([f32(f32((f32(1) - sm) * f) / f32(factor))]))[0]
+    angle = (np.arange(seq, dtype=f32)[:, None] * freq[None, :]).astype(f32)
+    want = np.empty((seq, hd // 2, 2), f32)
+    want[..., 0] = np.vectorize(lambda a: cosf(float(a)), otypes=[f32])(angle)
+    want[..., 1] = np.vectorize(lambda a: sinf(float(a)), otypes=[f32])(angle)
+    np.testing.assert_array_equal(got, want)
+    close = np.stack([np.cos(angle.astype(np.float64)), np.sin(angle.astype(np.float64))], -1)
+    np.testing.assert_allclose(got, close, rtol=0, atol=1.2e-7)
+    with pytest.raises(ValueError):
+        _ops.rope_table_dllama(seq, 7, theta, falcon)
+
+
 def test_dllama_attention(dllama_exp, path, rng):
-    """Attention's softmax uses the dllama softmax (the dot and the V sum are the library's own, so
-    the comparison is to float rounding, against the f64 V sum of the emulated softmax)."""
+    """One head as the reference: score = dot8(q, k) / sqrtf(hd), the dllama softmax, then
+    out[i] = fma(att[t], v[t][i], out[i]) for t ascending; bit for bit."""
     B, H, KVH, hd, S = 3, 4, 2, 16, 21
     q = rng.standard_normal((B, H * hd)).astype(np.float32)
     k = (rng.standard_normal((S, KVH * hd)) * 3).astype(np.float32)
@@ -621,14 +771,18 @@ def test_dllama_attention(dllama_exp, path, rng):
     got = np.empty_like(q)
     _ops.attention(got, q, k, v, pos, H, KVH, hd)
     want = np.empty_like(q)
+    root = np.sqrt(np.float32(hd)).astype(np.float32)
     for b in range(B):
         for h in range(H):
             g = h // (H // KVH)
             qh, ks, vs = q[b, h * hd:(h + 1) * hd], k[:, g * hd:(g + 1) * hd], v[:, g * hd:(g + 1) * hd]
-            sc = (ks[:pos[b] + 1].astype(np.float64) @ qh / np.sqrt(hd)).astype(np.float32)
+            sc = (_dot8(qh[None, :], ks[:pos[b] + 1]) / root).astype(np.float32)
             att = softmax_dllama_ref(sc, _libm_expf())
-            want[b, h * hd:(h + 1) * hd] = att.astype(np.float64) @ vs[:pos[b] + 1]
-    np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-6)
+            acc = np.zeros(hd, np.float32)
+            for t in range(pos[b] + 1):
+                acc = _fma32(np.full(hd, att[t], np.float32), vs[t], acc)
+            want[b, h * hd:(h + 1) * hd] = acc
+    np.testing.assert_array_equal(got, want)
     _ops.set_exp_mode("exact")   # the polynomial's ~4e-5 relative error shows against exact exp
     exact = np.empty_like(q)
     _ops.attention(exact, q, k, v, pos, H, KVH, hd)

@@ -1,8 +1,8 @@
 # cython: language_level=3
 """Compute kernels shared by every execution mode (single node, streaming, cluster, dllama worker).
 
-Contract: /work/kernel-api.md (every array C-contiguous, outputs caller-allocated, B = activation
-rows, n = input dim, d = output dim). Each `def` checks dtypes, shapes and contiguity and raises
+Contract: every array C-contiguous, outputs caller-allocated, B = activation rows, n = input dim,
+d = output dim. Each `def` checks dtypes, shapes and contiguity and raises
 TypeError (wrong type/dtype) or ValueError (shape, contiguity, range), then runs without the GIL.
 Matmuls split output rows across OpenMP threads in contiguous chunks of whole 16-row groups (64-byte
 output lines are never shared between threads); the SIMD inner loops live in csrc/dl_kernels.c and
@@ -10,8 +10,9 @@ are picked at run time (scalar / avx2 / neon / neon-dotprod).
 
 Numerics: Q40 x Q80 and Q80 x Q80 dot products are exact integers per 32-block, scaled by
 f32(d_w) * f32(d_x) and summed in f32; quantize_q80 is bit-identical on every path; rmsnorm sums
-squares in f64; softmax, attention and moe_route use libm expf/exp, or with set_exp_mode("dllama") the
-reference x86 AVX2 exp and softmax bit for bit (csrc/dl_exp.h).
+squares in f64; softmax, attention and moe_route use libm expf/exp. With set_exp_mode("dllama") the
+kernels reproduce distributed-llama's x86 AVX2 arithmetic bit for bit instead: its exp polynomial
+and its float32 summation orders (csrc/dl_dllama.h).
 """
 import os
 import time
@@ -21,7 +22,7 @@ import numpy as np
 cimport cython
 from cython.parallel cimport parallel, prange
 from libc.math cimport exp, expf, sqrt, tanhf
-from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memset
 
@@ -55,12 +56,21 @@ cdef extern from "dl_kernels.h" nogil:
                            int64_t T, int64_t hd, float *att)
     double dl_sum_f64(const double *x, int64_t n)
 
-cdef extern from "dl_exp.h" nogil:
+cdef extern from "dl_dllama.h" nogil:
     int DL_EXP_EXACT
     int DL_EXP_DLLAMA
     int dl_exp_mode_g
     void dl_silu_row_dllama(float *x, const float *y, int64_t n)
     void dl_softmax_row_dllama(float *x, int64_t n)
+    void dl_rope_table_dllama(float *table, int64_t seq_len, int64_t head_dim, float theta, int falcon,
+                              float factor, float low, float high, uint32_t orig)
+    void dl_rope_pair_dllama(float *x0, float *x1, float c, float s, int falcon)
+    float dl_inv_rms_dllama(const float *x, int64_t n, float eps)
+    void dl_rmsnorm_row_dllama(float *out, const float *x, const float *w, int64_t n, float eps)
+    void dl_matmul_f32_dllama(float *out, const float *w, const float *x,
+                              int64_t B, int64_t d, int64_t n, int64_t r0, int64_t r1)
+    void dl_matmul_q40_sgemm_dllama(float *out, const uint8_t *w, const uint8_t *xq, const float *dx,
+                                    int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r1)
 
 cdef extern from "dl_omp.h" nogil:
     int dl_omp_enabled()
@@ -142,9 +152,10 @@ _EXP_MODES = {"exact": DL_EXP_EXACT, "dllama": DL_EXP_DLLAMA}
 
 
 def set_exp_mode(mode: str) -> None:
-    """Process-global exp of silu, silu_mul, softmax, attention and moe_route: "exact" (libm, the
-    default) or "dllama" (bit-exact emulation of distributed-llama's x86 AVX2 exp and softmax, see
-    csrc/dl_exp.h; the dllama-compatible worker switches it on)."""
+    """Process-global arithmetic: "exact" (libm exp, this library's fast summation orders; the
+    default) or "dllama" (distributed-llama's x86 AVX2 exp and float32 summation orders bit for bit
+    in silu, softmax, attention, moe_route, rmsnorm, inv_rms, rope and the F32/Q40 matmuls, see
+    csrc/dl_dllama.h; the dllama-compatible worker switches it on)."""
     global dl_exp_mode_g
     if mode not in _EXP_MODES:
         raise ValueError(f"unknown exp mode {mode!r} (known: {', '.join(_EXP_MODES)})")
@@ -295,8 +306,11 @@ cdef object _check_matmul(object out, object w, object x, int64_t row_bytes_per_
     return B, d, nb
 
 
-def matmul_q40(out, w, xq, n_threads=None):
-    """out[b, r] = sum_i W[r, i] x[b, i]; W: d rows of Q40 blocks, x: B rows of Q80 blocks."""
+def matmul_q40(out, w, xq, n_threads=None, bint batched=True):
+    """out[b, r] = sum_i W[r, i] x[b, i]; W: d rows of Q40 blocks, x: B rows of Q80 blocks.
+
+    batched only matters in exp mode "dllama": the reference sums a multi-row matmul in its batched
+    GEMM's float order, except where it runs rows one by one (MoE experts: batched=False)."""
     cdef int64_t B, d, nb
     B, d, nb = _check_matmul(out, w, xq, Q40_BYTES, "Q40")
     if B == 0 or d == 0:
@@ -305,6 +319,7 @@ def matmul_q40(out, w, xq, n_threads=None):
     cdef const uint8_t[:, ::1] wv = w
     cdef const uint8_t[:, ::1] xv = xq
     cdef int nt = _threads(n_threads, <double>B * d * nb)
+    cdef bint sgemm = dl_exp_mode_g == DL_EXP_DLLAMA and batched and B > 1
     cdef float *dx = <float *>malloc(B * nb * sizeof(float))
     cdef int32_t *sx = <int32_t *>malloc(B * nb * sizeof(int32_t))
     try:
@@ -312,22 +327,30 @@ def matmul_q40(out, w, xq, n_threads=None):
             raise MemoryError("matmul_q40 scratch")
         with nogil:
             dl_q80_prep(dx, sx, &xv[0, 0], B * nb)
-            _mm_q40(&o[0, 0], &wv[0, 0], &xv[0, 0], dx, sx, B, d, nb, nt)
+            _mm_q40(&o[0, 0], &wv[0, 0], &xv[0, 0], dx, sx, B, d, nb, nt, sgemm)
     finally:
         free(dx)
         free(sx)
 
 
+cdef inline void _q40_rows(float *out, const uint8_t *w, const uint8_t *xq, const float *dx, const int32_t *sx,
+                           int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r1, bint sgemm) noexcept nogil:
+    if sgemm:
+        dl_matmul_q40_sgemm_dllama(out, w, xq, dx, B, d, nb, r0, r1)
+    else:
+        dl_matmul_q40(out, w, xq, dx, sx, B, d, nb, r0, r1)
+
+
 cdef void _mm_q40(float *out, const uint8_t *w, const uint8_t *xq, const float *dx, const int32_t *sx,
-                  int64_t B, int64_t d, int64_t nb, int nt) noexcept nogil:
+                  int64_t B, int64_t d, int64_t nb, int nt, bint sgemm) noexcept nogil:
     if nt == 1:                      # no parallel region for small work
-        dl_matmul_q40(out, w, xq, dx, sx, B, d, nb, 0, d)
+        _q40_rows(out, w, xq, dx, sx, B, d, nb, 0, d, sgemm)
         return
     cdef Py_ssize_t i
     cdef int64_t c = _chunk(d, nt)
     for i in prange(nt, schedule="static", num_threads=nt):
         if i * c < d:
-            dl_matmul_q40(out, w, xq, dx, sx, B, d, nb, i * c, min(d, (i + 1) * c))
+            _q40_rows(out, w, xq, dx, sx, B, d, nb, i * c, min(d, (i + 1) * c), sgemm)
 
 
 def matmul_q80(out, w, xq, n_threads=None):
@@ -393,16 +416,24 @@ def matmul_f32(out, w, x, n_threads=None):
         _mm_f32(&o[0, 0], &wv[0, 0], &xv[0, 0], B, d, n, nt)
 
 
+cdef inline void _f32_rows(float *out, const float *w, const float *x, int64_t B, int64_t d, int64_t n,
+                           int64_t r0, int64_t r1) noexcept nogil:
+    if dl_exp_mode_g == DL_EXP_DLLAMA:
+        dl_matmul_f32_dllama(out, w, x, B, d, n, r0, r1)
+    else:
+        dl_matmul_f32(out, w, x, B, d, n, r0, r1)
+
+
 cdef void _mm_f32(float *out, const float *w, const float *x, int64_t B, int64_t d, int64_t n,
                   int nt) noexcept nogil:
     if nt == 1:                      # no parallel region for small work
-        dl_matmul_f32(out, w, x, B, d, n, 0, d)
+        _f32_rows(out, w, x, B, d, n, 0, d)
         return
     cdef Py_ssize_t i
     cdef int64_t c = _chunk(d, nt)
     for i in prange(nt, schedule="static", num_threads=nt):
         if i * c < d:
-            dl_matmul_f32(out, w, x, B, d, n, i * c, min(d, (i + 1) * c))
+            _f32_rows(out, w, x, B, d, n, i * c, min(d, (i + 1) * c))
 
 
 def matmul_f16(out, w, x, n_threads=None):
@@ -438,7 +469,8 @@ cdef void _mm_f16(float *out, const uint16_t *w, const float *x, int64_t B, int6
 # ============================================================================ norms, rope
 
 def rmsnorm(out, x, w, float eps):
-    """out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w  (sum of squares in f64). out may be x."""
+    """out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w  (sum of squares in f64; exp mode "dllama": the
+    reference's float32 order). out may be x."""
     _out(out, "out", _F32, 2)
     _arr(x, "x", _F32, 2)
     _arr(w, "w", _F32, 1)
@@ -454,6 +486,11 @@ def rmsnorm(out, x, w, float eps):
     cdef Py_ssize_t R = x.shape[0], n = x.shape[1], r, j
     cdef double ss
     cdef float s
+    if dl_exp_mode_g == DL_EXP_DLLAMA:
+        with nogil:
+            for r in range(R):
+                dl_rmsnorm_row_dllama(&o[r, 0], &xv[r, 0], &wv[0], n, eps)
+        return
     with nogil:
         for r in range(R):
             ss = 0.0
@@ -462,6 +499,31 @@ def rmsnorm(out, x, w, float eps):
             s = <float>(1.0 / sqrt(ss / n + eps))
             for j in range(n):
                 o[r, j] = wv[j] * (s * xv[r, j])
+
+
+def inv_rms(out, x, float eps):
+    """out[r] = 1 / sqrt(mean(x[r]^2) + eps) (sum of squares in f64; exp mode "dllama": the
+    reference's float32 order)."""
+    _out(out, "out", _F32, 1)
+    _arr(x, "x", _F32, 2)
+    if out.shape[0] != x.shape[0] or x.shape[1] == 0:
+        raise ValueError(f"out: {out.shape[0]} values for {x.shape[0]} rows of {x.shape[1]}")
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    cdef float[::1] o = out
+    cdef const float[:, ::1] xv = x
+    cdef Py_ssize_t R = x.shape[0], n = x.shape[1], r, j
+    cdef double ss
+    cdef bint ref = dl_exp_mode_g == DL_EXP_DLLAMA
+    with nogil:
+        for r in range(R):
+            if ref:
+                o[r] = dl_inv_rms_dllama(&xv[r, 0], n, eps)
+                continue
+            ss = 0.0
+            for j in range(n):
+                ss += <double>xv[r, j] * xv[r, j]
+            o[r] = <float>(1.0 / sqrt(ss / n + eps))
 
 
 def rope(x, positions, table, int head_dim, bint neox):
@@ -489,6 +551,18 @@ def rope(x, positions, table, int head_dim, bint neox):
     cdef const float[:, :, ::1] tv = table
     cdef Py_ssize_t B = x.shape[0], H = x.shape[1] // head_dim, half = head_dim // 2, b, h, i, o, p
     cdef float c, s, a0, a1
+    if dl_exp_mode_g == DL_EXP_DLLAMA:
+        with nogil:
+            for b in range(B):
+                p = pv[b]
+                for h in range(H):
+                    o = h * head_dim
+                    for i in range(half):
+                        if neox:
+                            dl_rope_pair_dllama(&xv[b, o + i], &xv[b, o + i + half], tv[p, i, 0], tv[p, i, 1], 1)
+                        else:
+                            dl_rope_pair_dllama(&xv[b, o + 2 * i], &xv[b, o + 2 * i + 1], tv[p, i, 0], tv[p, i, 1], 0)
+        return
     with nogil:
         for b in range(B):
             p = pv[b]
@@ -513,6 +587,27 @@ def rope_table(seq_len, head_dim, theta, *args, **kwargs):
     """cos/sin table f32[seq_len, head_dim/2, 2]; see dairllm.rope.rope_table (same arguments)."""
     from .rope import rope_table as _rope_table
     return _rope_table(seq_len, head_dim, theta, *args, **kwargs)
+
+
+def rope_table_dllama(int seq_len, int head_dim, float theta, bint falcon, float factor=1.0,
+                      float low_freq_factor=1.0, float high_freq_factor=4.0, int orig_max_seq_len=8192):
+    """cos/sin table f32[seq_len, head_dim/2, 2] computed exactly as the reference fills its rope
+    cache (float32 powf/cosf/sinf of the C library; Llama-3.1 scaling unless falcon)."""
+    if seq_len <= 0 or head_dim <= 0 or head_dim % 2:
+        raise ValueError(f"seq_len {seq_len} must be > 0 and head_dim {head_dim} even and > 0")
+    if seq_len * head_dim > (1 << 34):
+        raise ValueError(f"rope table of {seq_len} x {head_dim} values is too large")
+    if not theta > 0:
+        raise ValueError(f"rope theta must be positive, got {theta}")
+    if not falcon and factor != 1.0 and not (0 < low_freq_factor < high_freq_factor and orig_max_seq_len > 0):
+        raise ValueError(f"rope scaling needs 0 < low ({low_freq_factor}) < high ({high_freq_factor}) "
+                         f"frequency factors and an original length ({orig_max_seq_len}) > 0")
+    table = np.empty((seq_len, head_dim // 2, 2), np.float32)
+    cdef float[:, :, ::1] t = table
+    with nogil:
+        dl_rope_table_dllama(&t[0, 0, 0], seq_len, head_dim, theta, falcon, factor, low_freq_factor,
+                             high_freq_factor, orig_max_seq_len)
+    return table
 
 # ============================================================================ attention
 
@@ -671,7 +766,7 @@ def scale_add(x, y, float s):
 
 def softmax(x):
     """Row-wise softmax in place over the last axis (max-subtracted, f64 sum; exp mode "dllama":
-    the reference's AVX2 softmax, see csrc/dl_exp.h)."""
+    the reference's AVX2 softmax, see csrc/dl_dllama.h)."""
     xr = _rows(x, "x", _F32, True)
     cdef float[:, ::1] v = xr
     cdef Py_ssize_t R = v.shape[0], n = v.shape[1], r, j

@@ -7,7 +7,7 @@
  * differs only in the order of float additions (quantize_q80 is bit-identical on every path).
  */
 #include "dl_kernels.h"
-#include "dl_exp.h"
+#include "dl_dllama.h"
 
 #include <math.h>
 #include <stddef.h>
@@ -886,7 +886,7 @@ DL_AVX2 static void attention_head_avx2(float *out, const float *q, const float 
 
 /* ======================================================================== 6. dispatch */
 
-int dl_exp_mode_g = DL_EXP_EXACT;   /* dl_exp.h */
+int dl_exp_mode_g = DL_EXP_EXACT;   /* dl_dllama.h */
 
 void dl_quantize_q80(uint8_t *out, const float *x, int64_t nb) {
 #if DL_X86

@@ -20,11 +20,13 @@ from typing import Callable
 import numpy as np
 
 from ..errors import ProtocolError
+from ..formats.quant import BLOCK_Q80
 from .configs import FT, NetConfig, NodeConfig, Op, OpConfig, Pointer, Ptr, Rope, Size3D, Src, Sync
 
 log = logging.getLogger(__name__)
 
-REQUIRED_KERNELS = ("quantize_q80", "dequantize_q80", "matmul_q40", "matmul_f32", "rope", "attention",
+REQUIRED_KERNELS = ("quantize_q80", "dequantize_q80", "matmul_q40", "matmul_f32", "inv_rms", "rope",
+                    "rope_table_dllama", "attention",
                     "silu", "gelu", "mul", "softmax")
 
 
@@ -327,11 +329,12 @@ def _inv_rms(ex, op, vi, vo, w):
     c, eps = op.config["nColumns"], op.config["epsilon"]
     _need(c >= 1 and vi.x % c == 0 and vo.x >= c and vi.z == 1, f"INV_RMS of {vi.x} values in {c} columns")
     _need(math.isfinite(eps) and eps >= 0, f"epsilon {eps}")
-    cs = vi.x // c
+    cs, K = vi.x // c, ex.K
+    out = np.empty(ex.nb * c, np.float32)
 
     def run(b):
-        x = vi.f32(0, b).reshape(b, c, cs).astype(np.float64)
-        vo.f32(0, b)[:, :c] = 1.0 / np.sqrt((x * x).sum(axis=2) / cs + eps)
+        K.inv_rms(out[:b * c], np.ascontiguousarray(vi.f32(0, b)).reshape(b * c, cs), eps)
+        vo.f32(0, b)[:, :c] = out[:b * c].reshape(b, c)
     return run
 
 
@@ -348,12 +351,19 @@ def _rms_norm(ex, op, vi, vo, w):
     _need(inv_size.y == ex.nb and inv_size.x >= c, "RMS_NORM inv_rms buffer too small")
     inv = inv.reshape(inv_size.y, inv_size.x)
     wv, cs = w.view(np.float32), vi.x // c
-    rows_f32 = _f32_rows(ex, vi)
+    if vi.ft == FT.Q80:
+        # The reference scales each block's int8 values by (inv_rms * d), then by the weight.
+        def run_q80(b):
+            blocks = np.ascontiguousarray(vi.raw(0, b)).view(BLOCK_Q80).reshape(b, -1)
+            scale = inv[:b, :1] * blocks["d"].astype(np.float32)           # (b, blocks) f32
+            x = scale[:, :, None] * blocks["qs"].astype(np.float32)         # (b, blocks, 32)
+            vo.f32(0, b)[...] = wv * x.reshape(b, vi.x)
+        return run_q80
 
     def run(b):
-        x = rows_f32(b)
+        x = vi.f32(0, b)
         r = inv[:b, :c, None]
-        vo.f32(0, b)[...] = (wv * (r * x.reshape(b, c, cs))).reshape(b, vi.x)
+        vo.f32(0, b)[...] = ((x.reshape(b, c, cs) * r) * wv).reshape(b, vi.x)
     return run
 
 
@@ -377,12 +387,17 @@ def _matmul(ex, op, vi, vo, w):
     def rows_in(z, b):
         return np.ascontiguousarray(vi.f32(z, b) if vi.ft == FT.F32 else vi.raw(z, b))
 
+    # The reference runs a one-expert matmul over contiguous rows as one batched GEMM and everything
+    # else row by row; the two sum in different float orders (only exp mode "dllama" tells them apart).
+    batched = {"batched": True} if ws.ft == FT.Q40 else {}
+    rowwise = {"batched": False} if ws.ft == FT.Q40 else {}
     if n_act == 0:
         contiguous = vo.contiguous
+        order = batched if contiguous and vi.contiguous else rowwise
 
         def run(b):
             out = vo.f32(0, b) if contiguous else np.empty((b, d), np.float32)
-            kernel(out, mats[0], rows_in(0, b))
+            kernel(out, mats[0], rows_in(0, b), **order)
             if not contiguous:
                 vo.f32(0, b)[...] = out
         return run
@@ -402,28 +417,17 @@ def _matmul(ex, op, vi, vo, w):
             xin = np.ascontiguousarray(np.stack([vi.f32(s, b)[y] if vi.ft == FT.F32 else vi.raw(s, b)[y]
                                                  for y, s in zip(ys, slots)]))
             out = np.empty((len(ys), d), np.float32)
-            kernel(out, mats[ex_id], xin)
+            kernel(out, mats[ex_id], xin, **rowwise)
             for r, (y, s) in enumerate(zip(ys, slots)):
                 vo.f32(s, b)[y] = out[r]
     return run_experts
 
 
-def rope_table(cfg: dict) -> np.ndarray:
+def rope_table(ex, cfg: dict) -> np.ndarray:
     """cos/sin table [seqLen, headDim/2, 2] as the reference's rope cache computes it (f32)."""
-    hd, seq, theta = cfg["headDim"], cfg["seqLen"], np.float32(cfg["ropeTheta"])
-    j = np.arange(hd // 2, dtype=np.float32)
-    f = (np.float32(1.0) / np.power(theta, (np.float32(2) * j) / np.float32(hd))).astype(np.float32)
-    factor = cfg["ropeScalingFactor"]
-    if cfg["type"] != Rope.FALCON and factor != 1.0:
-        low, high = cfg["ropeScalingLowFreqFactor"], cfg["ropeScalingHighFreqFactor"]
-        orig = cfg["ropeScalingOrigMaxSeqLen"]
-        lam = 2 * np.pi / f.astype(np.float64)
-        s = (orig / lam - low) / (high - low) if high != low else np.zeros_like(lam)
-        scaled = np.where(lam < orig / high, f, np.where(lam > orig / low, f / factor,
-                                                          (1 - s) * f / factor + s * f))
-        f = scaled.astype(np.float32)
-    a = np.arange(seq, dtype=np.float32)[:, None] * f[None, :]
-    return np.ascontiguousarray(np.stack([np.cos(a), np.sin(a)], axis=-1).astype(np.float32))
+    return ex.K.rope_table_dllama(cfg["seqLen"], cfg["headDim"], cfg["ropeTheta"], cfg["type"] == Rope.FALCON,
+                                  cfg["ropeScalingFactor"], cfg["ropeScalingLowFreqFactor"],
+                                  cfg["ropeScalingHighFreqFactor"], cfg["ropeScalingOrigMaxSeqLen"])
 
 
 def _rope(ex, op, vi, vo, w):
@@ -442,7 +446,7 @@ def _rope(ex, op, vi, vo, w):
            cfg["ropeScalingLowFreqFactor"], cfg["ropeScalingHighFreqFactor"], cfg["ropeScalingOrigMaxSeqLen"])
     tables = ex.__dict__.setdefault("_rope_tables", {})
     if key not in tables:
-        tables[key] = rope_table(cfg)
+        tables[key] = rope_table(ex, cfg)
     table, neox = tables[key], cfg["type"] == Rope.FALCON
     positions = _positions(ex, cfg["positionPipeIndex"], op.label, seq)
     K = ex.K
@@ -587,8 +591,11 @@ def _moe_gate(ex, op, vi, vo, w):
         g = vi.f32(0, b)
         top = np.argsort(-g, axis=1, kind="stable")[:, :k]
         val = np.take_along_axis(g, top, axis=1)
-        if norm:
-            val = val / val.sum(axis=1, keepdims=True, dtype=np.float32)
+        if norm:                                 # summed in top-k order, like the reference
+            total = val[:, 0].copy()
+            for j in range(1, k):
+                total += val[:, j]
+            val = val / total[:, None]
         idx[:b * k] = top.reshape(-1).astype(np.float32)
         for j in range(k):
             vo.f32(j, b)[:, 0] = val[:, j]

@@ -91,11 +91,11 @@ def moe_ffn(m: "Net", s: "RunState", r: "Rows", w: "LayerWeights") -> None:
         c = rows.size
         ein, h1, h2, hq, eout = s.ein[:c], s.hb[:c], s.hb2[:c], s.hbq, s.eout[:c]
         np.take(xin, rows, axis=0, out=ein)             # the rows routed to expert e
-        m.matmul(h1, ew.w1, ein)                        # (c, moe_hidden)
-        m.matmul(h2, ew.w3, ein)
+        m.expert_matmul(h1, ew.w1, ein)                 # (c, moe_hidden)
+        m.expert_matmul(h2, ew.w3, ein)
         ops.silu_mul(h1, h2)
         hin = q80(m, None if hq is None else hq[:c], h1)
-        m.matmul(eout, ew.w2, hin)                      # (c, dim)
+        m.expert_matmul(eout, ew.w2, hin)               # (c, dim)
         if c == 1:
             ops.scale_add(r.dx[rows[0]:rows[0] + 1], eout, float(wts[0]))
         else:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -53,6 +54,10 @@ class Net:
         self.k_active = h.n_active_experts
         self.quantized = h.weight_type.is_block          # Q40/Q80 weights take Q80 activations
         self.matmul: Callable = getattr(ops, _MATMUL_BY_TYPE[h.weight_type])
+        # Expert rows are independent matvecs in the reference (its batched GEMM never sees them);
+        # that changes the float summation order only in exp mode "dllama".
+        self.expert_matmul: Callable = (partial(self.matmul, batched=False)
+                                        if h.weight_type is FloatType.Q40 else self.matmul)
 
 
 @dataclass

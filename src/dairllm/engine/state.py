@@ -25,6 +25,7 @@ import math
 
 import numpy as np
 
+from .. import _ops as ops
 from ..formats.modelfile import Header, RopeType
 from ..formats.quant import Q80_BYTES
 
@@ -145,11 +146,10 @@ def _llama31_scaling(freq: np.ndarray, h: Header) -> np.ndarray:
 
 
 def rope_table(h: Header, seq_len: int) -> np.ndarray:
-    """f32 [seq_len, head_dim/2, 2]: (cos, sin) of angle pos * freq[i], the angle in float32."""
-    freq = rope_frequencies(h)
-    angle = np.arange(seq_len, dtype=np.float32)[:, None] * freq[None, :]     # f32 product
-    table = np.empty((seq_len, freq.size, 2), dtype=np.float32)
-    a64 = angle.astype(np.float64)
-    table[:, :, 0] = np.cos(a64)
-    table[:, :, 1] = np.sin(a64)
-    return table
+    """f32 [seq_len, head_dim/2, 2]: (cos, sin) of angle pos * freq[i], computed as the reference
+    fills its rope cache (float32 powf / cosf / sinf of the C library, angle in float32)."""
+    rope_frequencies(h)                                # validates the scaling settings
+    return ops.rope_table_dllama(seq_len, h.head_dim, h.rope_theta,
+                                 h.effective_rope_type is RopeType.FALCON, h.rope_scaling_factor,
+                                 h.rope_scaling_low_freq_factor, h.rope_scaling_high_freq_factor,
+                                 int(h.rope_scaling_orig_max_seq_len))
