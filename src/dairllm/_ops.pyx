@@ -51,6 +51,10 @@ cdef extern from "dl_kernels.h" nogil:
     void dl_matmul_f16(float *out, const uint16_t *w, const float *x,
                        int64_t B, int64_t d, int64_t n, int64_t r0, int64_t r1)
     float dl_dot_f32(const float *a, const float *b, int64_t n)
+    void dl_matmul_q40_ref(float *out, const uint8_t *w, const uint8_t *xq, const float *dx,
+                           int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r1, int sgemm)
+    void dl_matmul_f32_ref(float *out, const float *w, const float *x,
+                           int64_t B, int64_t d, int64_t n, int64_t r0, int64_t r1)
     void dl_axpy_f32(float *y, const float *x, float a, int64_t n)
     void dl_attention_head(float *out, const float *q, const float *k, const float *v, int64_t stride,
                            int64_t T, int64_t hd, float *att)
@@ -67,10 +71,6 @@ cdef extern from "dl_dllama.h" nogil:
     void dl_rope_pair_dllama(float *x0, float *x1, float c, float s, int falcon)
     float dl_inv_rms_dllama(const float *x, int64_t n, float eps)
     void dl_rmsnorm_row_dllama(float *out, const float *x, const float *w, int64_t n, float eps)
-    void dl_matmul_f32_dllama(float *out, const float *w, const float *x,
-                              int64_t B, int64_t d, int64_t n, int64_t r0, int64_t r1)
-    void dl_matmul_q40_sgemm_dllama(float *out, const uint8_t *w, const uint8_t *xq, const float *dx,
-                                    int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r1)
 
 cdef extern from "dl_omp.h" nogil:
     int dl_omp_enabled()
@@ -336,7 +336,7 @@ def matmul_q40(out, w, xq, n_threads=None, bint batched=True):
 cdef inline void _q40_rows(float *out, const uint8_t *w, const uint8_t *xq, const float *dx, const int32_t *sx,
                            int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r1, bint sgemm) noexcept nogil:
     if sgemm:
-        dl_matmul_q40_sgemm_dllama(out, w, xq, dx, B, d, nb, r0, r1)
+        dl_matmul_q40_ref(out, w, xq, dx, B, d, nb, r0, r1, 1)
     else:
         dl_matmul_q40(out, w, xq, dx, sx, B, d, nb, r0, r1)
 
@@ -419,7 +419,7 @@ def matmul_f32(out, w, x, n_threads=None):
 cdef inline void _f32_rows(float *out, const float *w, const float *x, int64_t B, int64_t d, int64_t n,
                            int64_t r0, int64_t r1) noexcept nogil:
     if dl_exp_mode_g == DL_EXP_DLLAMA:
-        dl_matmul_f32_dllama(out, w, x, B, d, n, r0, r1)
+        dl_matmul_f32_ref(out, w, x, B, d, n, r0, r1)
     else:
         dl_matmul_f32(out, w, x, B, d, n, r0, r1)
 

@@ -656,6 +656,90 @@ DL_AVX2 static double sum_f64_avx2(const double *x, int64_t n) {
     return r;
 }
 
+/* ---- exp mode "dllama": the reference's float orders, bit-identical to the scalar specs in
+ * dl_dllama.h (vfmadd is the correctly rounded fmaf; horizontal sums in the reference's order). */
+#define DL_AVX2_REF __attribute__((target("avx2,fma,f16c"), optimize("fp-contract=off")))
+
+DL_AVX2_REF static inline float hsum_ref_avx2(__m256 v) {
+    __m128 h = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    return _mm_cvtss_f32(h);
+}
+
+/* int32 lane l = exact dot of block elements 4l..4l+3 (signed nibbles times int8). */
+DL_AVX2_REF static inline __m256i q40_lanes_avx2(const uint8_t *wblk, const uint8_t *xblk) {
+    const __m256i shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
+    __m256i q = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(wblk + 2)));
+    __m256i w = _mm256_sub_epi8(_mm256_and_si256(_mm256_srlv_epi32(q, shift), _mm256_set1_epi8(0x0f)),
+                                _mm256_set1_epi8(8));
+    __m256i x = _mm256_loadu_si256((const __m256i *)(xblk + 2));
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)),
+                             _mm256_set1_epi16(1));
+}
+
+DL_AVX2_REF static inline int32_t isum_avx2(__m256i v) {
+    __m128i h = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4e));
+    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xb1));
+    return _mm_cvtsi128_si32(h);
+}
+
+DL_AVX2_REF static void matmul_q40_ref_avx2(float *out, const uint8_t *w, const uint8_t *xq, const float *dx,
+                                            int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r1, int sgemm) {
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *wr = w + r * nb * DL_Q40_BYTES;
+        for (int64_t t = 0; t < B; t++) {
+            const uint8_t *xr = xq + t * nb * DL_Q80_BYTES;
+            const float *dxt = dx + t * nb;
+            if (sgemm) {                     /* 8 lanes, one fused multiply-add per block */
+                __m256 acc = _mm256_setzero_ps();
+                for (int64_t b = 0; b < nb; b++) {
+                    const float s = _cvtsh_ss(ld_u16(wr + b * DL_Q40_BYTES)) * dxt[b];
+                    __m256 lanes = _mm256_cvtepi32_ps(q40_lanes_avx2(wr + b * DL_Q40_BYTES, xr + b * DL_Q80_BYTES));
+                    acc = _mm256_fmadd_ps(lanes, _mm256_set1_ps(s), acc);
+                }
+                out[t * d + r] = hsum_ref_avx2(acc);
+            } else {                         /* whole block dots, one sequential fused chain */
+                float sum = 0.0f;
+                for (int64_t b = 0; b < nb; b++) {
+                    const float s = _cvtsh_ss(ld_u16(wr + b * DL_Q40_BYTES)) * dxt[b];
+                    const int32_t isum = isum_avx2(q40_lanes_avx2(wr + b * DL_Q40_BYTES, xr + b * DL_Q80_BYTES));
+                    sum = _mm_cvtss_f32(_mm_fmadd_ss(_mm_set_ss((float)isum), _mm_set_ss(s), _mm_set_ss(sum)));
+                }
+                out[t * d + r] = sum;
+            }
+        }
+    }
+}
+
+DL_AVX2_REF static float dot8_ref_avx2(const float *a, const float *b, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n; i += 8)
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    return hsum_ref_avx2(acc);
+}
+
+DL_AVX2_REF static void matmul_f32_ref_avx2(float *out, const float *w, const float *x,
+                                            int64_t B, int64_t d, int64_t n, int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++)
+        for (int64_t t = 0; t < B; t++) out[t * d + r] = dot8_ref_avx2(w + r * n, x + t * n, n);
+}
+
+/* hd % 8 == 0 (else the scalar spec runs). */
+DL_AVX2_REF static void attention_head_ref_avx2(float *out, const float *q, const float *k, const float *v,
+                                                int64_t stride, int64_t T, int64_t hd, float *att) {
+    const float root = sqrtf((float)hd);
+    for (int64_t t = 0; t < T; t++) att[t] = dot8_ref_avx2(q, k + t * stride, hd) / root;
+    dl_softmax_row_dllama(att, T);
+    for (int64_t i = 0; i < hd; i += 8) {
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t t = 0; t < T; t++)
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(att[t]), _mm256_loadu_ps(v + t * stride + i), acc);
+        _mm256_storeu_ps(out + i, acc);
+    }
+}
+
 #endif /* DL_X86 */
 
 /* ======================================================================== 5. aarch64 NEON */
@@ -898,9 +982,26 @@ void dl_quantize_q80(uint8_t *out, const float *x, int64_t nb) {
     quantize_q80_scalar(out, x, nb);
 }
 
+void dl_matmul_q40_ref(float *out, const uint8_t *w, const uint8_t *xq, const float *dx,
+                       int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r1, int sgemm) {
+#if DL_X86
+    if (g_path == DL_PATH_AVX2) { matmul_q40_ref_avx2(out, w, xq, dx, B, d, nb, r0, r1, sgemm); return; }
+#endif
+    if (sgemm) dl_matmul_q40_sgemm_dllama(out, w, xq, dx, B, d, nb, r0, r1);
+    else dl_matmul_q40_dllama(out, w, xq, dx, B, d, nb, r0, r1);
+}
+
+void dl_matmul_f32_ref(float *out, const float *w, const float *x,
+                       int64_t B, int64_t d, int64_t n, int64_t r0, int64_t r1) {
+#if DL_X86
+    if (g_path == DL_PATH_AVX2 && n % 8 == 0) { matmul_f32_ref_avx2(out, w, x, B, d, n, r0, r1); return; }
+#endif
+    dl_matmul_f32_dllama(out, w, x, B, d, n, r0, r1);
+}
+
 void dl_matmul_q40(float *out, const uint8_t *w, const uint8_t *xq, const float *dx, const int32_t *sx,
                    int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r1) {
-    if (dl_exp_mode_g == DL_EXP_DLLAMA) { dl_matmul_q40_dllama(out, w, xq, dx, B, d, nb, r0, r1); return; }
+    if (dl_exp_mode_g == DL_EXP_DLLAMA) { dl_matmul_q40_ref(out, w, xq, dx, B, d, nb, r0, r1, 0); return; }
 #if DL_X86
     if (g_path == DL_PATH_AVX2) { matmul_q40_avx2(out, w, xq, dx, sx, B, d, nb, r0, r1); return; }
 #endif
@@ -984,7 +1085,13 @@ double dl_sum_f64(const double *x, int64_t n) {
 /* out = softmax(q . k[t] / sqrt(hd), t < T) @ v[t]; k, v rows `stride` floats apart; att: T floats. */
 void dl_attention_head(float *out, const float *q, const float *k, const float *v, int64_t stride,
                        int64_t T, int64_t hd, float *att) {
-    if (dl_exp_mode_g == DL_EXP_DLLAMA) { dl_attention_head_dllama(out, q, k, v, stride, T, hd, att); return; }
+    if (dl_exp_mode_g == DL_EXP_DLLAMA) {
+#if DL_X86
+        if (g_path == DL_PATH_AVX2 && hd % 8 == 0) { attention_head_ref_avx2(out, q, k, v, stride, T, hd, att); return; }
+#endif
+        dl_attention_head_dllama(out, q, k, v, stride, T, hd, att);
+        return;
+    }
 #if DL_X86
     if (g_path == DL_PATH_AVX2 && hd % 8 == 0) { attention_head_avx2(out, q, k, v, stride, T, hd, att); return; }
 #endif

@@ -62,6 +62,13 @@ void dl_matmul_f32(float *out, const float *w, const float *x,
 void dl_matmul_f16(float *out, const uint16_t *w, const float *x,
                    int64_t B, int64_t d, int64_t n, int64_t r0, int64_t r1);
 
+/* -- exp mode "dllama": the reference's summation orders (csrc/dl_dllama.h), SIMD where available --
+ * sgemm = 1: its batched GEMM order (8 lanes per output), 0: its matvec order (one fused chain). */
+void dl_matmul_q40_ref(float *out, const uint8_t *w, const uint8_t *xq, const float *dx,
+                       int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r1, int sgemm);
+void dl_matmul_f32_ref(float *out, const float *w, const float *x,
+                       int64_t B, int64_t d, int64_t n, int64_t r0, int64_t r1);
+
 /* -- small helpers used by attention -- */
 float dl_dot_f32(const float *a, const float *b, int64_t n);
 void dl_axpy_f32(float *y, const float *x, float a, int64_t n);   /* y += a * x */
