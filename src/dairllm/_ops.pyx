@@ -550,37 +550,26 @@ def rope(x, positions, table, int head_dim, bint neox):
     cdef const int32_t[::1] pv = positions
     cdef const float[:, :, ::1] tv = table
     cdef Py_ssize_t B = x.shape[0], H = x.shape[1] // head_dim, half = head_dim // 2, b, h, i, o, p
-    cdef float c, s, a0, a1
-    if dl_exp_mode_g == DL_EXP_DLLAMA:
-        with nogil:
-            for b in range(B):
-                p = pv[b]
-                for h in range(H):
-                    o = h * head_dim
-                    for i in range(half):
-                        if neox:
-                            dl_rope_pair_dllama(&xv[b, o + i], &xv[b, o + i + half], tv[p, i, 0], tv[p, i, 1], 1)
-                        else:
-                            dl_rope_pair_dllama(&xv[b, o + 2 * i], &xv[b, o + 2 * i + 1], tv[p, i, 0], tv[p, i, 1], 0)
-        return
+    cdef bint ref = dl_exp_mode_g == DL_EXP_DLLAMA
+    cdef Py_ssize_t step = 1 if neox else 2, other = half if neox else 1
     with nogil:
         for b in range(B):
             p = pv[b]
             for h in range(H):
                 o = h * head_dim
                 for i in range(half):
-                    c = tv[p, i, 0]
-                    s = tv[p, i, 1]
-                    if neox:
-                        a0 = xv[b, o + i]
-                        a1 = xv[b, o + i + half]
-                        xv[b, o + i] = a0 * c - a1 * s
-                        xv[b, o + i + half] = a0 * s + a1 * c
-                    else:
-                        a0 = xv[b, o + 2 * i]
-                        a1 = xv[b, o + 2 * i + 1]
-                        xv[b, o + 2 * i] = a0 * c - a1 * s
-                        xv[b, o + 2 * i + 1] = a0 * s + a1 * c
+                    _rotate(&xv[b, o + i * step], &xv[b, o + i * step + other], tv[p, i, 0], tv[p, i, 1],
+                            neox, ref)
+
+
+cdef inline void _rotate(float *x0, float *x1, float c, float s, bint neox, bint ref) noexcept nogil:
+    """(x0, x1) rotated by (c, s); exp mode "dllama" rounds like the reference (csrc/dl_dllama.h)."""
+    cdef float a0 = x0[0], a1 = x1[0]
+    if ref:
+        dl_rope_pair_dllama(x0, x1, c, s, neox)
+        return
+    x0[0] = a0 * c - a1 * s
+    x1[0] = a0 * s + a1 * c
 
 
 def rope_table(seq_len, head_dim, theta, *args, **kwargs):

@@ -99,32 +99,6 @@ DL_EXP_FN void dl_softmax_row_dllama(float *x, int64_t n) {
     for (i = 0; i < n; i++) x[i] *= inv;
 }
 
-/* Q40 x Q80 rows r0..r1 as the reference's AVX2 matmul sums them: per output, blocks in order,
- * sum = fma((float)exact_block_int_dot, f32(d_w) * f32(d_x), sum) (its `sum += block_sum * s`,
- * contracted by GCC with -march=native). dx: f32 of the activation block scales, B x nb. */
-DL_EXP_FN void dl_matmul_q40_dllama(float *out, const uint8_t *w, const uint8_t *xq, const float *dx,
-                                    int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; r++) {
-        const uint8_t *wr = w + r * nb * DL_Q40_BYTES;
-        for (int64_t t = 0; t < B; t++) {
-            const uint8_t *xr = xq + t * nb * DL_Q80_BYTES;
-            float sum = 0.0f;
-            for (int64_t b = 0; b < nb; b++) {
-                const uint8_t *q = wr + b * DL_Q40_BYTES + 2;
-                const int8_t *xs = (const int8_t *)(xr + b * DL_Q80_BYTES + 2);
-                int32_t isum = 0;
-                for (int j = 0; j < 16; j++)
-                    isum += ((int)(q[j] & 15) - 8) * xs[j] + ((int)(q[j] >> 4) - 8) * xs[j + 16];
-                uint16_t h;
-                memcpy(&h, wr + b * DL_Q40_BYTES, 2);
-                const float s = dl_f16_to_f32(h) * dx[t * nb + b];
-                sum = fmaf((float)isum, s, sum);
-            }
-            out[t * d + r] = sum;
-        }
-    }
-}
-
 /* The reference's AVX2 f32 dot product: lane i % 8 accumulates fmaf(a[i], b[i], lane), then the
  * horizontal sum above. Its AVX2 build requires n % 8 == 0; other n are summed in order. */
 DL_EXP_FN float dl_dot_f32_dllama(const float *a, const float *b, int64_t n) {
@@ -162,33 +136,36 @@ DL_EXP_FN void dl_matmul_f32_dllama(float *out, const float *w, const float *x,
         for (int64_t t = 0; t < B; t++) out[t * d + r] = dl_dot_f32_dllama(w + r * n, x + t * n, n);
 }
 
-/* Q40 x Q80 for a batch of rows as the reference's batched path (llamafile sgemm, AVX2 Q0 kernel)
- * sums it: per output 8 f32 lanes; lane l takes the exact integer dot of elements 4l..4l+3 of each
- * block, lane = fmaf((float)int, f32(d_w) * f32(d_x), lane), blocks in order; then the horizontal
- * sum above. The reference uses it when a matmul has more than one row and one expert slot. */
-DL_EXP_FN void dl_matmul_q40_sgemm_dllama(float *out, const uint8_t *w, const uint8_t *xq, const float *dx,
-                                          int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r1) {
+/* Q40 x Q80 rows r0..r1 as the reference sums them (dx: f32 of the activation block scales, B x nb;
+ * every product s = f32(d_w) * f32(d_x); int = the exact integer dot, of a block or a part of one):
+ * sgemm = 0, its AVX2 matvec: per output, blocks in order, sum = fmaf((float)block int, s, sum) (its
+ *   `sum += block_sum * s`, contracted by GCC with -march=native);
+ * sgemm = 1, its batched path (llamafile sgemm, AVX2 Q0 kernel), used when a matmul has more than
+ *   one row and one expert slot: 8 f32 lanes per output, lane l = fmaf((float)int of elements
+ *   4l..4l+3, s, lane), blocks in order, then the horizontal sum above. */
+DL_EXP_FN void dl_matmul_q40_dllama(float *out, const uint8_t *w, const uint8_t *xq, const float *dx,
+                                    int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r1, int sgemm) {
     for (int64_t r = r0; r < r1; r++) {
         const uint8_t *wr = w + r * nb * DL_Q40_BYTES;
         for (int64_t t = 0; t < B; t++) {
             const uint8_t *xr = xq + t * nb * DL_Q80_BYTES;
-            float lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+            float lane[8] = {0, 0, 0, 0, 0, 0, 0, 0}, sum = 0.0f;
             for (int64_t b = 0; b < nb; b++) {
                 const uint8_t *q = wr + b * DL_Q40_BYTES + 2;
                 const int8_t *xs = (const int8_t *)(xr + b * DL_Q80_BYTES + 2);
                 uint16_t h;
                 memcpy(&h, wr + b * DL_Q40_BYTES, 2);
                 const float s = dl_f16_to_f32(h) * dx[t * nb + b];
+                int32_t part[8] = {0, 0, 0, 0, 0, 0, 0, 0}, isum = 0;
+                for (int j = 0; j < 32; j++)
+                    part[j / 4] += (j < 16 ? (q[j] & 15) - 8 : (q[j - 16] >> 4) - 8) * xs[j];
                 for (int l = 0; l < 8; l++) {
-                    int32_t isum = 0;
-                    for (int j = 4 * l; j < 4 * l + 4; j++) {
-                        const int wv = j < 16 ? (q[j] & 15) - 8 : (q[j - 16] >> 4) - 8;
-                        isum += wv * xs[j];
-                    }
-                    lane[l] = fmaf((float)isum, s, lane[l]);
+                    isum += part[l];
+                    if (sgemm) lane[l] = fmaf((float)part[l], s, lane[l]);
                 }
+                if (!sgemm) sum = fmaf((float)isum, s, sum);
             }
-            out[t * d + r] = dl_hsum8_dllama(lane);
+            out[t * d + r] = sgemm ? dl_hsum8_dllama(lane) : sum;
         }
     }
 }

@@ -987,8 +987,7 @@ void dl_matmul_q40_ref(float *out, const uint8_t *w, const uint8_t *xq, const fl
 #if DL_X86
     if (g_path == DL_PATH_AVX2) { matmul_q40_ref_avx2(out, w, xq, dx, B, d, nb, r0, r1, sgemm); return; }
 #endif
-    if (sgemm) dl_matmul_q40_sgemm_dllama(out, w, xq, dx, B, d, nb, r0, r1);
-    else dl_matmul_q40_dllama(out, w, xq, dx, B, d, nb, r0, r1);
+    dl_matmul_q40_dllama(out, w, xq, dx, B, d, nb, r0, r1, sgemm);
 }
 
 void dl_matmul_f32_ref(float *out, const float *w, const float *x,
