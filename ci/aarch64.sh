@@ -43,7 +43,7 @@ MIRROR=${MIRROR:-$(host_mirror)}
 export QEMU_CPU=${QEMU_CPU:-cortex-a72}
 A64_SRC=${A64_SRC:-head}
 A64_PORT=${A64_PORT:-29431}
-PYTHON=${PYTHON:-python3}
+PYTHON=$(command -v "${PYTHON:-python3}" || echo "${PYTHON:-python3}")   # a path: qemu-user does not search PATH
 GOLDEN=${GOLDEN:-$(dirname "$REPO")/shared/golden}
 ROOT_PKGS="python3 python3-venv python3-dev gcc libc6-dev ca-certificates file binutils ccache"
 PIP_PKGS="numpy cython pytest hypothesis 'setuptools>=68' wheel auditwheel"
