@@ -614,7 +614,8 @@ def _q40_q80_parts(w, xq, B, d, n):
     return dw, dx, qw, qx
 
 
-@pytest.mark.parametrize("B,n,d,batched", [(1, 64, 5, True), (3, 256, 37, False), (4, 96, 9, False)])
+@pytest.mark.parametrize("B,n,d,batched", [(1, 64, 5, True), (3, 256, 37, False), (4, 96, 9, False),
+                                              (2, 352, 13, False), (1, 544, 8, True)])
 def test_dllama_matmul_q40_rowwise_bit_exact(dllama_exp, path, rng, B, n, d, batched):
     """The reference's AVX2 matvec (one row, or rows it runs one by one): per output, exact integer
     block dots in block order, each added by one fused multiply-add with f32(d_w) * f32(d_x)."""

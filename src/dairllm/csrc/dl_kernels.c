@@ -685,32 +685,74 @@ DL_AVX2_REF static inline int32_t isum_avx2(__m256i v) {
     return _mm_cvtsi128_si32(h);
 }
 
+/* The reference's matvec order for 4 rows at once. Integer dots per 8 blocks with unsigned nibbles
+ * (sum q*x - 8 * sum x; the correction is per block, shared by the rows), reduced in one transpose
+ * (lane j = block j); then each row's sequential fused chain over the blocks: four independent
+ * chains hide the fma latency that one chain per row is bound by. */
+DL_AVX2_REF static void matvec4_q40_ref_avx2(float *out, const uint8_t *w, const uint8_t *x, const float *dxt,
+                                             int64_t nb) {
+    const int64_t rb = nb * DL_Q40_BYTES;
+    const __m256i ones = _mm256_set1_epi16(1), eight = _mm256_set1_epi8(8);
+    float sum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    int64_t b = 0;
+    for (; b + 8 <= nb; b += 8) {
+        float f[4][8], sc[4][8];
+        __m256i corr[8];
+        const uint8_t *xb = x + b * DL_Q80_BYTES;
+        for (int j = 0; j < 8; j++)
+            corr[j] = _mm256_madd_epi16(_mm256_maddubs_epi16(eight, _mm256_loadu_si256((const __m256i *)(xb + j * DL_Q80_BYTES + 2))), ones);
+        const __m256 dx8 = _mm256_loadu_ps(dxt + b);
+        for (int k = 0; k < 4; k++) {
+            const uint8_t *wb = w + k * rb + b * DL_Q40_BYTES;
+#define L(j) _mm256_sub_epi32(dot_u4_i8(unpack_q40(wb + (j) * DL_Q40_BYTES), xb + (j) * DL_Q80_BYTES), corr[j])
+            __m256i dots = sum8_epi32(L(0), L(1), L(2), L(3), L(4), L(5), L(6), L(7));
+#undef L
+            _mm256_storeu_ps(f[k], _mm256_cvtepi32_ps(dots));
+            _mm256_storeu_ps(sc[k], _mm256_mul_ps(scales8(wb, DL_Q40_BYTES), dx8));
+        }
+        for (int j = 0; j < 8; j++)
+            for (int k = 0; k < 4; k++)
+                sum[k] = _mm_cvtss_f32(_mm_fmadd_ss(_mm_set_ss(f[k][j]), _mm_set_ss(sc[k][j]), _mm_set_ss(sum[k])));
+    }
+    for (; b < nb; b++)
+        for (int k = 0; k < 4; k++) {
+            const uint8_t *wb = w + k * rb + b * DL_Q40_BYTES;
+            const float s = _cvtsh_ss(ld_u16(wb)) * dxt[b];
+            const float isum = (float)isum_avx2(q40_lanes_avx2(wb, x + b * DL_Q80_BYTES));
+            sum[k] = _mm_cvtss_f32(_mm_fmadd_ss(_mm_set_ss(isum), _mm_set_ss(s), _mm_set_ss(sum[k])));
+        }
+    for (int k = 0; k < 4; k++) out[k] = sum[k];
+}
+
+/* One output in the reference's order: sgemm = 1 its batched GEMM (8 lanes, one fused multiply-add
+ * per block), 0 its matvec (whole block dots, one sequential fused chain). */
+DL_AVX2_REF static float dot_q40_ref_avx2(const uint8_t *wr, const uint8_t *xr, const float *dxt, int64_t nb,
+                                          int sgemm) {
+    __m256 acc = _mm256_setzero_ps();
+    float sum = 0.0f;
+    for (int64_t b = 0; b < nb; b++) {
+        const float s = _cvtsh_ss(ld_u16(wr + b * DL_Q40_BYTES)) * dxt[b];
+        const __m256i lanes = q40_lanes_avx2(wr + b * DL_Q40_BYTES, xr + b * DL_Q80_BYTES);
+        if (sgemm)
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lanes), _mm256_set1_ps(s), acc);
+        else
+            sum = _mm_cvtss_f32(_mm_fmadd_ss(_mm_set_ss((float)isum_avx2(lanes)), _mm_set_ss(s), _mm_set_ss(sum)));
+    }
+    return sgemm ? hsum_ref_avx2(acc) : sum;
+}
+
 DL_AVX2_REF static void matmul_q40_ref_avx2(float *out, const uint8_t *w, const uint8_t *xq, const float *dx,
                                             int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r1, int sgemm) {
-    for (int64_t r = r0; r < r1; r++) {
-        const uint8_t *wr = w + r * nb * DL_Q40_BYTES;
-        for (int64_t t = 0; t < B; t++) {
-            const uint8_t *xr = xq + t * nb * DL_Q80_BYTES;
-            const float *dxt = dx + t * nb;
-            if (sgemm) {                     /* 8 lanes, one fused multiply-add per block */
-                __m256 acc = _mm256_setzero_ps();
-                for (int64_t b = 0; b < nb; b++) {
-                    const float s = _cvtsh_ss(ld_u16(wr + b * DL_Q40_BYTES)) * dxt[b];
-                    __m256 lanes = _mm256_cvtepi32_ps(q40_lanes_avx2(wr + b * DL_Q40_BYTES, xr + b * DL_Q80_BYTES));
-                    acc = _mm256_fmadd_ps(lanes, _mm256_set1_ps(s), acc);
-                }
-                out[t * d + r] = hsum_ref_avx2(acc);
-            } else {                         /* whole block dots, one sequential fused chain */
-                float sum = 0.0f;
-                for (int64_t b = 0; b < nb; b++) {
-                    const float s = _cvtsh_ss(ld_u16(wr + b * DL_Q40_BYTES)) * dxt[b];
-                    const int32_t isum = isum_avx2(q40_lanes_avx2(wr + b * DL_Q40_BYTES, xr + b * DL_Q80_BYTES));
-                    sum = _mm_cvtss_f32(_mm_fmadd_ss(_mm_set_ss((float)isum), _mm_set_ss(s), _mm_set_ss(sum)));
-                }
-                out[t * d + r] = sum;
-            }
-        }
-    }
+    int64_t r = r0;
+    if (!sgemm)                              /* rows in fours, each against every activation row */
+        for (; r + 4 <= r1; r += 4)
+            for (int64_t t = 0; t < B; t++)
+                matvec4_q40_ref_avx2(out + t * d + r, w + r * nb * DL_Q40_BYTES, xq + t * nb * DL_Q80_BYTES,
+                                     dx + t * nb, nb);
+    for (; r < r1; r++)                      /* a row stays in cache across the activation rows */
+        for (int64_t t = 0; t < B; t++)
+            out[t * d + r] = dot_q40_ref_avx2(w + r * nb * DL_Q40_BYTES, xq + t * nb * DL_Q80_BYTES,
+                                              dx + t * nb, nb, sgemm);
 }
 
 DL_AVX2_REF static float dot8_ref_avx2(const float *a, const float *b, int64_t n) {
