@@ -882,3 +882,37 @@ def test_memory_read_bandwidth_probe():
         _ops.memory_read_bandwidth(100, 1)
     with pytest.raises(ValueError):
         _ops.memory_read_bandwidth(1 << 20, 0)
+
+
+@pytest.mark.parametrize("B,ds", [(1, (1040, 272, 16)), (3, (170, 400, 1)), (9, (100, 24))])
+def test_matmul_q40_multi_equals_separate_calls(path, rng, B, ds):
+    """One parallel region over several matrices: the same bits as one matmul_q40 per matrix, at
+    any thread count (each matrix is cut at the row groups a single call would use)."""
+    n = 41 * 32             # the 8-block SIMD loop and a remainder; enough work for threads
+    ws = [random_q40(rng, d, n) for d in ds]
+    xq = random_q80(rng, B, n)
+    for nt in (1, 2, 3):
+        outs = [np.empty((B, d), np.float32) for d in ds]
+        _ops.matmul_q40_multi(outs, ws, xq, n_threads=nt)
+        for out, w in zip(outs, ws):
+            one = np.empty_like(out)
+            _ops.matmul_q40(one, w, xq, n_threads=1)
+            np.testing.assert_array_equal(out, one)
+            assert_matmul_close(out, ref_dequantize_q40(w), ref_dequantize_q80(xq))
+
+
+def test_matmul_q40_multi_bad_input(rng):
+    w, xq = random_q40(rng, 8, 64), random_q80(rng, 1, 64)
+    out = np.empty((1, 8), np.float32)
+    with pytest.raises(ValueError):
+        _ops.matmul_q40_multi([out, out], [w], xq)                  # lengths differ
+    with pytest.raises(ValueError):
+        _ops.matmul_q40_multi([], [], xq)
+    with pytest.raises(ValueError):
+        _ops.matmul_q40_multi([out] * 9, [w] * 9, xq)               # more than 8
+    with pytest.raises(ValueError):
+        _ops.matmul_q40_multi([out, np.empty((1, 7), np.float32)], [w, w], xq)
+    with pytest.raises(ValueError):
+        _ops.matmul_q40_multi([out], [random_q40(rng, 8, 96)], xq)  # blocks differ from xq
+    with pytest.raises(TypeError):
+        _ops.matmul_q40_multi([out], [w.view(np.int8)], xq)

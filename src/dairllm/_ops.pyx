@@ -368,6 +368,80 @@ cdef void _mm_q40(float *out, const uint8_t *w, const uint8_t *xq, const float *
             dl_matmul_q40(out, w, xq, dx, sx, B, d, nb, i * c, min(d, (i + 1) * c))
 
 
+DEF MAX_MULTI = 8
+
+
+def matmul_q40_multi(outs, ws, xq, n_threads=None):
+    """outs[i] = xq @ ws[i]^T (as matmul_q40) for up to 8 Q40 matrices sharing one Q80 input, such
+    as the q/k/v or the gate/up projections: one parallel region splits their concatenated rows."""
+    cdef Py_ssize_t k = len(outs), i
+    if k != len(ws) or k == 0 or k > MAX_MULTI:
+        raise ValueError(f"outs and ws: 1..{MAX_MULTI} matrices each, got {len(outs)} and {len(ws)}")
+    cdef float *o[MAX_MULTI]
+    cdef const uint8_t *wp[MAX_MULTI]
+    cdef int64_t d[MAX_MULTI]
+    cdef int64_t B = 0, nb = 0, total = 0
+    for i in range(k):
+        B, d[i], nb = _check_matmul(outs[i], ws[i], xq, Q40_BYTES, "Q40")
+        o[i] = <float *>_data(outs[i])
+        wp[i] = <const uint8_t *>_data(ws[i])
+        total += d[i]
+    if B == 0 or total == 0:
+        return
+    cdef const uint8_t *xp = <const uint8_t *>_data(xq)
+    cdef int nt = _threads(n_threads, <double>B * total * nb)
+    cdef float *dx = <float *>malloc(B * nb * sizeof(float))
+    cdef int32_t *sx = <int32_t *>malloc(B * nb * sizeof(int32_t))
+    try:
+        if dx == NULL or sx == NULL:
+            raise MemoryError("matmul_q40_multi scratch")
+        with nogil:
+            dl_q80_prep(dx, sx, xp, B * nb)
+            _mm_q40_multi(o, wp, d, k, xp, dx, sx, B, nb, total, nt)
+    finally:
+        free(dx)
+        free(sx)
+
+
+cdef void _mm_q40_multi(float **o, const uint8_t **w, const int64_t *d, int k, const uint8_t *xq,
+                        const float *dx, const int32_t *sx, int64_t B, int64_t nb, int64_t total,
+                        int nt) noexcept nogil:
+    if nt == 1:
+        _mm_q40_rows(o, w, d, k, xq, dx, sx, B, nb, 0, total)
+        return
+    cdef Py_ssize_t t
+    cdef int64_t c = _chunk(total, nt)
+    for t in prange(nt, schedule="static", num_threads=nt):
+        _mm_q40_rows(o, w, d, k, xq, dx, sx, B, nb, _split(d, k, t * c), _split(d, k, (t + 1) * c))
+
+
+cdef inline int64_t _split(const int64_t *d, int k, int64_t p) noexcept nogil:
+    """Row p of the concatenation moved down to a ROW_GROUP boundary of its own matrix, so every
+    matrix is cut where a single matmul_q40 would cut it (same rows per kernel call: the same
+    results for any thread count)."""
+    cdef int64_t off = 0
+    cdef int i
+    for i in range(k):
+        if p < off + d[i]:
+            return off + (p - off) // ROW_GROUP * ROW_GROUP
+        off += d[i]
+    return off
+
+
+cdef void _mm_q40_rows(float **o, const uint8_t **w, const int64_t *d, int k, const uint8_t *xq,
+                       const float *dx, const int32_t *sx, int64_t B, int64_t nb, int64_t a,
+                       int64_t b) noexcept nogil:
+    """Rows [a, b) of the matrices' rows taken one after the other."""
+    cdef int64_t off = 0, lo, hi
+    cdef int i
+    for i in range(k):
+        lo = max(a, off)
+        hi = min(b, off + d[i])
+        if lo < hi:
+            dl_matmul_q40(o[i], w[i], xq, dx, sx, B, d[i], nb, lo - off, hi - off)
+        off += d[i]
+
+
 def matmul_q80(out, w, xq, n_threads=None):
     """out[b, r] = sum_i W[r, i] x[b, i]; W: d rows of Q80 blocks, x: B rows of Q80 blocks."""
     cdef int64_t B, d, nb

@@ -56,9 +56,7 @@ def attention_block(m: "Net", s: "RunState", r: "Rows", w: "LayerWeights", p0: i
     k = s.k_cache[l][p0:p0 + n]                         # (n, kv_dim): this batch's cache rows
     v = s.v_cache[l][p0:p0 + n]
     xin = normed_q80(m, r, w.attn_norm)                 # xb = rmsnorm(x) * attn_norm
-    m.matmul(r.q, w.q, xin)                             # q = Wq xb        (n, q_dim)
-    m.matmul(k, w.k, xin)                               # k = Wk xb, into the cache
-    m.matmul(v, w.v, xin)                               # v = Wv xb, into the cache
+    m.matmul_many((r.q, k, v), (w.q, w.k, w.v), xin)    # q = Wq xb (n, q_dim); k, v into the cache
     if m.qk_norm:                                       # Qwen3: rmsnorm of every head
         qh = r.q.reshape(n * m.n_heads, m.head_dim)
         kh = k.reshape(n * m.n_kv_heads, m.head_dim)
@@ -77,8 +75,7 @@ def ffn_block(m: "Net", s: "RunState", r: "Rows", w: "LayerWeights") -> None:
     if m.moe:
         moe_ffn(m, s, r, w, xin)
     else:
-        m.matmul(r.hb, w.w1, xin)                       # hb  = W1 xb      (n, hidden)
-        m.matmul(r.hb2, w.w3, xin)                      # hb2 = W3 xb
+        m.matmul_many((r.hb, r.hb2), (w.w1, w.w3), xin)     # hb = W1 xb, hb2 = W3 xb  (n, hidden)
         ops.silu_mul(r.hb, r.hb2)                       # hb  = silu(hb) * hb2
         hin = q80(m, r.hbq, r.hb)
         m.matmul(r.dx, w.w2, hin)                       # dx = W2 hb       (n, dim)
@@ -96,8 +93,7 @@ def moe_ffn(m: "Net", s: "RunState", r: "Rows", w: "LayerWeights", xin: np.ndarr
         c = rows.size
         ein, h1, h2, hq, eout = s.ein[:c], s.hb[:c], s.hb2[:c], s.hbq, s.eout[:c]
         np.take(xin, rows, axis=0, out=ein)             # the rows routed to expert e
-        m.matmul(h1, ew.w1, ein)                        # (c, moe_hidden)
-        m.matmul(h2, ew.w3, ein)
+        m.matmul_many((h1, h2), (ew.w1, ew.w3), ein)    # (c, moe_hidden) each
         ops.silu_mul(h1, h2)
         hin = q80(m, None if hq is None else hq[:c], h1)
         m.matmul(eout, ew.w2, hin)                      # (c, dim)

@@ -53,6 +53,13 @@ class Net:
         self.k_active = h.n_active_experts
         self.quantized = h.weight_type.is_block          # Q40/Q80 weights take Q80 activations
         self.matmul: Callable = getattr(ops, _MATMUL_BY_TYPE[h.weight_type])
+        # matmul_many(outs, ws, x): several matrices on one input (one parallel region for Q40)
+        self.matmul_many: Callable = (ops.matmul_q40_multi if h.weight_type is FloatType.Q40
+                                      else self._matmul_each)
+
+    def _matmul_each(self, outs, ws, x) -> None:
+        for out, w in zip(outs, ws):
+            self.matmul(out, w, x)
 
 
 @dataclass
