@@ -955,17 +955,27 @@ DL_AVX2 static void attention_head_avx2(float *out, const float *q, const float 
     for (t = 0; t < T; t++) m = att[t] > m ? att[t] : m;
     const float sum = exp_sum_avx2(att, T, m);
     const __m256 inv = _mm256_set1_ps(1.0f / sum);
-    for (int64_t c = 0; c < hd; c += 8) {
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        const float *vc = v + c;
-        for (t = 0; t + 4 <= T; t += 4) {
-            a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(att + t), _mm256_loadu_ps(vc + t * stride), a0);
-            a1 = _mm256_fmadd_ps(_mm256_broadcast_ss(att + t + 1), _mm256_loadu_ps(vc + (t + 1) * stride), a1);
-            a2 = _mm256_fmadd_ps(_mm256_broadcast_ss(att + t + 2), _mm256_loadu_ps(vc + (t + 2) * stride), a2);
-            a3 = _mm256_fmadd_ps(_mm256_broadcast_ss(att + t + 3), _mm256_loadu_ps(vc + (t + 3) * stride), a3);
+    /* out = sum_t att[t] v[t], t in order, 64 columns at a time in 8 accumulators: each V row is
+     * read once per strip as whole cache lines (a loop over 8-column strips outside the t loop
+     * read 32 bytes of each stride-apart row per pass and missed L1 on set conflicts) */
+    for (int64_t c0 = 0; c0 < hd; c0 += 64) {
+        const float *vc = v + c0;
+        __m256 a[8];
+        for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
+        if (hd - c0 >= 64) {
+            for (t = 0; t < T; t++) {
+                const __m256 at = _mm256_broadcast_ss(att + t);
+                for (int j = 0; j < 8; j++) a[j] = _mm256_fmadd_ps(at, _mm256_loadu_ps(vc + t * stride + 8 * j), a[j]);
+            }
+            for (int j = 0; j < 8; j++) _mm256_storeu_ps(out + c0 + 8 * j, _mm256_mul_ps(a[j], inv));
+        } else {
+            const int w = (int)((hd - c0) / 8);
+            for (t = 0; t < T; t++) {
+                const __m256 at = _mm256_broadcast_ss(att + t);
+                for (int j = 0; j < w; j++) a[j] = _mm256_fmadd_ps(at, _mm256_loadu_ps(vc + t * stride + 8 * j), a[j]);
+            }
+            for (int j = 0; j < w; j++) _mm256_storeu_ps(out + c0 + 8 * j, _mm256_mul_ps(a[j], inv));
         }
-        for (; t < T; t++) a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(att + t), _mm256_loadu_ps(vc + t * stride), a0);
-        _mm256_storeu_ps(out + c, _mm256_mul_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)), inv));
     }
 }
 #endif
