@@ -298,8 +298,8 @@ def test_matmul_accepts_readonly_mmap_like_weights(rng):
 
 # ---------------------------------------------------------------- norms, rope, attention
 
-@pytest.mark.parametrize("R,n", [(1, 1), (7, 64), (33, 2048), (2, 8192)])
-def test_rmsnorm(rng, R, n):
+@pytest.mark.parametrize("R,n", [(1, 1), (7, 64), (33, 2048), (2, 8192), (3, 2055)])
+def test_rmsnorm(path, rng, R, n):
     x = (rng.standard_normal((R, n)) * 3).astype(np.float32)
     w = rng.standard_normal(n).astype(np.float32)
     out = np.empty_like(x)
@@ -309,6 +309,69 @@ def test_rmsnorm(rng, R, n):
     np.testing.assert_allclose(out, ref, rtol=2e-6, atol=1e-6)
     _ops.rmsnorm(x, x, w, 1e-5)                        # in place
     np.testing.assert_array_equal(x, out)
+
+
+def ref_rmsnorm(x, w, eps):
+    x64 = x.astype(np.float64)
+    return x64 / np.sqrt((x64 ** 2).mean(axis=1, keepdims=True) + eps) * w
+
+
+@pytest.mark.parametrize("R,n", [(1, 32), (3, 96), (5, 2080)])
+def test_rmsnorm_q80(path, rng, R, n):
+    x = (rng.standard_normal((R, n)) * 3).astype(np.float32)
+    w = rng.standard_normal(n).astype(np.float32)
+    out, out_q = np.empty_like(x), np.empty((R, n // 32 * 34), np.uint8)
+    _ops.rmsnorm_q80(out_q, out, x, w, 1e-5)
+    np.testing.assert_allclose(out, ref_rmsnorm(x, w, 1e-5), rtol=2e-6, atol=1e-6)
+    np.testing.assert_array_equal(out_q, ref_quantize_q80(out))
+
+
+def test_rmsnorm_q80_bad_input():
+    x, w = np.ones((2, 64), np.float32), np.ones(64, np.float32)
+    out, q = np.empty_like(x), np.empty((2, 68), np.uint8)
+    with pytest.raises(ValueError):
+        _ops.rmsnorm_q80(q[:1], out, x, w, 1e-5)                    # rows
+    with pytest.raises(ValueError):
+        _ops.rmsnorm_q80(np.empty((2, 70), np.uint8), out, x, w, 1e-5)
+    with pytest.raises(TypeError):
+        _ops.rmsnorm_q80(q.view(np.int8), out, x, w, 1e-5)
+    with pytest.raises(ValueError):
+        _ops.rmsnorm_q80(np.empty((2, 34), np.uint8), np.empty((2, 33), np.float32),
+                         np.ones((2, 33), np.float32), np.ones(33, np.float32), 1e-5)   # not whole blocks
+    with pytest.raises(ValueError):
+        _ops.rmsnorm_q80(q, out, x, np.ones(32, np.float32), 1e-5)
+    with pytest.raises(ValueError):
+        _ops.rmsnorm_q80(q, out, x, w, -1.0)
+    q.setflags(write=False)
+    with pytest.raises(ValueError):
+        _ops.rmsnorm_q80(q, out, x, w, 1e-5)
+
+
+@pytest.mark.parametrize("B,n", [(1, 32), (3, 2080)])
+def test_residual_q80(path, rng, B, n):
+    x = rng.standard_normal((B, n)).astype(np.float32)
+    dx = (rng.standard_normal((B, n)) * 0.1).astype(np.float32)
+    x0, want_q = x.copy(), ref_quantize_q80(dx)
+    dxq = np.empty((B, n // 32 * 34), np.uint8)
+    _ops.residual_q80(x, dx, dxq)
+    np.testing.assert_array_equal(dxq, want_q)
+    rounded = ref_dequantize_q80(want_q).astype(np.float32)     # f16 d times int8: exact in f32
+    np.testing.assert_array_equal(dx, rounded)
+    np.testing.assert_array_equal(x, x0 + rounded)
+
+
+def test_residual_q80_bad_input():
+    x, dx, q = np.ones((2, 64), np.float32), np.ones((2, 64), np.float32), np.empty((2, 68), np.uint8)
+    with pytest.raises(ValueError):
+        _ops.residual_q80(x, dx[:1], q)
+    with pytest.raises(ValueError):
+        _ops.residual_q80(x, dx, q[:, :34])
+    with pytest.raises(TypeError):
+        _ops.residual_q80(x, dx.astype(np.float64), q)
+    with pytest.raises(ValueError):
+        _ops.residual_q80(x[:, :40], dx[:, :40], q)                 # not whole blocks
+    with pytest.raises(ValueError):
+        _ops.residual_q80(x, np.ones((64, 2), np.float32).T, q)          # not C-contiguous
 
 
 def rope_freqs(head_dim, theta):
@@ -333,6 +396,30 @@ def test_rope(rng, neox):
         ref = np.stack([a * c - b * s, a * s + b * c], axis=-1).reshape(B, H, hd)
     _ops.rope(x, pos, table, hd, neox)
     np.testing.assert_allclose(x.reshape(B, H, hd), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("neox", [False, True])
+def test_rope_with_keys_same_as_two_calls(rng, neox):
+    B, hd, S = 3, 64, 20
+    q = rng.standard_normal((B, 4 * hd)).astype(np.float32)
+    k = rng.standard_normal((B, 2 * hd)).astype(np.float32)
+    pos = np.array([0, 7, S - 1], np.int32)
+    ang = np.arange(S)[:, None] * rope_freqs(hd, 10000.0)[None, :]
+    table = np.stack([np.cos(ang), np.sin(ang)], axis=-1).astype(np.float32)
+    q1, k1 = q.copy(), k.copy()
+    _ops.rope(q1, pos, table, hd, neox)
+    _ops.rope(k1, pos, table, hd, neox)
+    _ops.rope(q, pos, table, hd, neox, k)
+    np.testing.assert_array_equal(q, q1)
+    np.testing.assert_array_equal(k, k1)
+    with pytest.raises(ValueError):
+        _ops.rope(q, pos, table, hd, neox, k[:2])                   # rows differ from positions
+    with pytest.raises(ValueError):
+        _ops.rope(q, pos, table, hd, neox, k[:, :hd + 2].copy())    # not whole heads
+    with pytest.raises(TypeError):
+        _ops.rope(q, pos, table, hd, neox, k.astype(np.float64))
+    with pytest.raises(ValueError):
+        _ops.rope(q, np.array([0, 7, S], np.int32), table, hd, neox, k)   # position past the table
 
 
 def ref_attention(q, k, v, pos, H, KVH, hd):
@@ -377,7 +464,7 @@ def test_attention_threads_identical(rng):
 # ---------------------------------------------------------------- elementwise, softmax, router
 
 @pytest.mark.parametrize("shape", [(1, 1), (7, 33), (3, 70000)])
-def test_activations(rng, shape):
+def test_activations(path, rng, shape):
     x = (rng.standard_normal(shape) * 4).astype(np.float32)
     y = rng.standard_normal(shape).astype(np.float32)
     x64, y64 = x.astype(np.float64), y.astype(np.float64)
@@ -395,6 +482,21 @@ def test_activations(rng, shape):
         a = x.copy()
         fn(a)
         np.testing.assert_allclose(a, ref, rtol=2e-6, atol=1e-6)
+
+
+def test_silu_over_the_whole_exp_range(path):
+    """Large |x| (exp over/underflow, denormal results), signed zeros, inf and NaN, in vector
+    groups and in the remainder."""
+    x = np.concatenate([np.linspace(-110, 95, 4001), [0.0, -0.0, -87.4, -88.5, 88.5, 88.8, 89.5,
+                                                        np.inf, -np.inf, np.nan]]).astype(np.float32)
+    y = np.linspace(-2, 2, x.size).astype(np.float32)
+    x64, y64 = x.astype(np.float64), y.astype(np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        silu = x64 / (1 + np.exp(-x64))
+    for fn, ref in ((lambda a: _ops.silu(a), silu), (lambda a: _ops.silu_mul(a, y), silu * y64)):
+        a = x.copy()
+        fn(a)
+        np.testing.assert_allclose(a, ref, rtol=2e-6, atol=1e-36)   # f32 exp(-x) overflows past 88.7
 
 
 @pytest.mark.parametrize("R,n", [(1, 1), (7, 33), (2, 128256)])
@@ -935,3 +1037,37 @@ def test_memory_read_bandwidth_probe():
         _ops.memory_read_bandwidth(100, 1)
     with pytest.raises(ValueError):
         _ops.memory_read_bandwidth(1 << 20, 0)
+
+
+@pytest.mark.parametrize("B,ds", [(1, (1040, 272, 16)), (3, (170, 400, 1)), (9, (100, 24))])
+def test_matmul_q40_multi_equals_separate_calls(path, rng, B, ds):
+    """One parallel region over several matrices: the same bits as one matmul_q40 per matrix, at
+    any thread count (each matrix is cut at the row groups a single call would use)."""
+    n = 41 * 32             # the 8-block SIMD loop and a remainder; enough work for threads
+    ws = [random_q40(rng, d, n) for d in ds]
+    xq = random_q80(rng, B, n)
+    for nt in (1, 2, 3):
+        outs = [np.empty((B, d), np.float32) for d in ds]
+        _ops.matmul_q40_multi(outs, ws, xq, n_threads=nt)
+        for out, w in zip(outs, ws):
+            one = np.empty_like(out)
+            _ops.matmul_q40(one, w, xq, n_threads=1)
+            np.testing.assert_array_equal(out, one)
+            assert_matmul_close(out, ref_dequantize_q40(w), ref_dequantize_q80(xq))
+
+
+def test_matmul_q40_multi_bad_input(rng):
+    w, xq = random_q40(rng, 8, 64), random_q80(rng, 1, 64)
+    out = np.empty((1, 8), np.float32)
+    with pytest.raises(ValueError):
+        _ops.matmul_q40_multi([out, out], [w], xq)                  # lengths differ
+    with pytest.raises(ValueError):
+        _ops.matmul_q40_multi([], [], xq)
+    with pytest.raises(ValueError):
+        _ops.matmul_q40_multi([out] * 9, [w] * 9, xq)               # more than 8
+    with pytest.raises(ValueError):
+        _ops.matmul_q40_multi([out, np.empty((1, 7), np.float32)], [w, w], xq)
+    with pytest.raises(ValueError):
+        _ops.matmul_q40_multi([out], [random_q40(rng, 8, 96)], xq)  # blocks differ from xq
+    with pytest.raises(TypeError):
+        _ops.matmul_q40_multi([out], [w.view(np.int8)], xq)

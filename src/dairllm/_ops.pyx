@@ -20,6 +20,7 @@ import time
 import numpy as np
 
 cimport cython
+cimport numpy as cnp
 from cython.parallel cimport parallel, prange
 from libc.math cimport exp, expf, sqrt, tanhf
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t
@@ -51,14 +52,17 @@ cdef extern from "dl_kernels.h" nogil:
     void dl_matmul_f16(float *out, const uint16_t *w, const float *x,
                        int64_t B, int64_t d, int64_t n, int64_t r0, int64_t r1)
     float dl_dot_f32(const float *a, const float *b, int64_t n)
-    void dl_matmul_q40_ref(float *out, const uint8_t *w, const uint8_t *xq, const float *dx,
-                           int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r1, int sgemm)
-    void dl_matmul_f32_ref(float *out, const float *w, const float *x,
-                           int64_t B, int64_t d, int64_t n, int64_t r0, int64_t r1)
     void dl_axpy_f32(float *y, const float *x, float a, int64_t n)
     void dl_attention_head(float *out, const float *q, const float *k, const float *v, int64_t stride,
                            int64_t T, int64_t hd, float *att)
     double dl_sum_f64(const double *x, int64_t n)
+    void dl_matmul_q40_ref(float *out, const uint8_t *w, const uint8_t *xq, const float *dx,
+                           int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r1, int sgemm)
+    void dl_matmul_f32_ref(float *out, const float *w, const float *x,
+                           int64_t B, int64_t d, int64_t n, int64_t r0, int64_t r1)
+    void dl_silu_mul(float *x, const float *y, int64_t n)
+    void dl_rmsnorm(float *out, const float *x, const float *w, int64_t n, float eps)
+    void dl_residual_q80(float *x, float *dx, uint8_t *dxq, int64_t nb)
 
 cdef extern from "dl_dllama.h" nogil:
     int DL_EXP_EXACT
@@ -70,7 +74,6 @@ cdef extern from "dl_dllama.h" nogil:
                               float factor, float low, float high, uint32_t orig)
     void dl_rope_pair_dllama(float *x0, float *x1, float c, float s, int falcon)
     float dl_inv_rms_dllama(const float *x, int64_t n, float eps)
-    void dl_rmsnorm_row_dllama(float *out, const float *x, const float *w, int64_t n, float eps)
 
 cdef extern from "dl_omp.h" nogil:
     int dl_omp_enabled()
@@ -82,8 +85,10 @@ DEF Q40_BYTES = 18
 DEF Q80_BYTES = 34
 DEF ROW_GROUP = 16          # rows per thread chunk are a multiple of this (64 bytes of f32 output)
 DEF MIN_WORK = 32768        # below this many block (or 32-float) products, run on one thread
+DEF ATT_MIN_WORK = 2048     # attention: exp and strided cache reads cost more per 32 floats
 
 dl_init()
+cnp.import_array()
 
 _F32 = np.dtype(np.float32)
 _U8 = np.dtype(np.uint8)
@@ -122,10 +127,10 @@ cdef int _check_threads(object n) except -1:
     return <int>n if dl_omp_enabled() else 1
 
 
-cdef int _threads(object n_threads, double work) except -1:
+cdef int _threads(object n_threads, double work, double min_work=MIN_WORK) except -1:
     """Threads for a call: the module default unless given; one thread for tiny work."""
     cdef int t = _n_threads if n_threads is None else _check_threads(n_threads)
-    if work < MIN_WORK:
+    if work < min_work:
         return 1
     return t
 
@@ -187,23 +192,55 @@ def build_info():
 # ============================================================================ argument checks
 
 cdef object _arr(object a, str name, object dtype, int ndim):
-    """a itself after checking type, dtype, C-contiguity and (ndim > 0) the number of dimensions."""
-    if not isinstance(a, np.ndarray):
+    """a itself after checking type, dtype, C-contiguity and (ndim > 0) the number of dimensions.
+    Through the NumPy C API: these checks run a few hundred times per decoded token."""
+    if not cnp.PyArray_Check(a):
         raise TypeError(f"{name}: expected a numpy array, got {type(a).__name__}")
-    if a.dtype != dtype:
+    cdef cnp.ndarray arr = <cnp.ndarray>a
+    if <object>cnp.PyArray_DESCR(arr) is not dtype and a.dtype != dtype:
         raise TypeError(f"{name}: dtype {a.dtype}, expected {dtype}")
-    if ndim > 0 and a.ndim != ndim:
+    if ndim > 0 and cnp.PyArray_NDIM(arr) != ndim:
         raise ValueError(f"{name}: {a.ndim}-d array of shape {a.shape}, expected {ndim}-d")
-    if not a.flags.c_contiguous:
+    if not cnp.PyArray_IS_C_CONTIGUOUS(arr):
         raise ValueError(f"{name}: array is not C-contiguous")
     return a
 
 
 cdef object _out(object a, str name, object dtype, int ndim):
     _arr(a, name, dtype, ndim)
-    if not a.flags.writeable:
+    if not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>a):
         raise ValueError(f"{name}: output array is read-only")
     return a
+
+
+cdef inline void *_data(object a) noexcept:
+    """Data pointer of an array that passed _arr / _out."""
+    return cnp.PyArray_DATA(<cnp.ndarray>a)
+
+
+cdef inline int64_t _dim(object a, int i) noexcept:
+    return cnp.PyArray_DIMS(<cnp.ndarray>a)[i]
+
+
+cdef int _check_positions(const int32_t *p, int64_t n, int64_t limit, str what) except -1:
+    """Every p[i] in 0..limit-1 (a C loop: no NumPy reductions on the hot path)."""
+    cdef int64_t i, lo, hi
+    if n == 0:
+        return 0
+    lo = hi = p[0]
+    for i in range(1, n):
+        lo = min(lo, <int64_t>p[i])
+        hi = max(hi, <int64_t>p[i])
+    if lo < 0 or hi >= limit:
+        raise ValueError(f"positions must be in 0..{limit - 1}{what}, got {lo}..{hi}")
+    return 0
+
+
+cdef int64_t _max_position(const int32_t *p, int64_t n) noexcept nogil:
+    cdef int64_t i, hi = p[0]
+    for i in range(1, n):
+        hi = max(hi, <int64_t>p[i])
+    return hi
 
 
 cdef object _rows(object a, str name, object dtype, bint out):
@@ -239,11 +276,11 @@ def quantize_q80(out, x, n_threads=None):
         raise ValueError(f"out: shape {out.shape}, expected ({B}, {nb * Q80_BYTES}) for x {x.shape}")
     if B == 0:
         return
-    cdef uint8_t[:, ::1] o = out
-    cdef const float[:, ::1] xv = x
+    cdef uint8_t *o = <uint8_t *>_data(out)
+    cdef const float *xp = <const float *>_data(x)
     cdef int nt = _threads(n_threads, B * nb * 4)
     with nogil:
-        _by_blocks(&o[0, 0], &xv[0, 0], B * nb, nt)
+        _by_blocks(o, xp, B * nb, nt)
 
 
 def dequantize_q80(out, xq):
@@ -294,14 +331,14 @@ cdef object _check_matmul(object out, object w, object x, int64_t row_bytes_per_
     _out(out, "out", _F32, 2)
     _arr(w, "w", _U8, 2)
     _arr(x, "xq", _U8, 2)
-    cdef int64_t B = x.shape[0], d = w.shape[0]
-    if x.shape[1] == 0 or x.shape[1] % Q80_BYTES:
-        raise ValueError(f"xq: rows of {x.shape[1]} bytes are not whole Q80 blocks ({Q80_BYTES} bytes)")
-    cdef int64_t nb = x.shape[1] // Q80_BYTES
-    if w.shape[1] != nb * row_bytes_per_block:
+    cdef int64_t B = _dim(x, 0), d = _dim(w, 0), xrow = _dim(x, 1)
+    if xrow == 0 or xrow % Q80_BYTES:
+        raise ValueError(f"xq: rows of {xrow} bytes are not whole Q80 blocks ({Q80_BYTES} bytes)")
+    cdef int64_t nb = xrow // Q80_BYTES
+    if _dim(w, 1) != nb * row_bytes_per_block:
         raise ValueError(f"w: rows of {w.shape[1]} bytes, expected {nb * row_bytes_per_block} "
                          f"({nb} {wfmt} blocks to match xq)")
-    if out.shape[0] != B or out.shape[1] != d:
+    if _dim(out, 0) != B or _dim(out, 1) != d:
         raise ValueError(f"out: shape {out.shape}, expected ({B}, {d})")
     return B, d, nb
 
@@ -315,9 +352,9 @@ def matmul_q40(out, w, xq, n_threads=None, bint batched=True):
     B, d, nb = _check_matmul(out, w, xq, Q40_BYTES, "Q40")
     if B == 0 or d == 0:
         return
-    cdef float[:, ::1] o = out
-    cdef const uint8_t[:, ::1] wv = w
-    cdef const uint8_t[:, ::1] xv = xq
+    cdef float *o = <float *>_data(out)
+    cdef const uint8_t *wp = <const uint8_t *>_data(w)
+    cdef const uint8_t *xp = <const uint8_t *>_data(xq)
     cdef int nt = _threads(n_threads, <double>B * d * nb)
     cdef bint sgemm = dl_exp_mode_g == DL_EXP_DLLAMA and batched and B > 1
     cdef float *dx = <float *>malloc(B * nb * sizeof(float))
@@ -326,8 +363,8 @@ def matmul_q40(out, w, xq, n_threads=None, bint batched=True):
         if dx == NULL or sx == NULL:
             raise MemoryError("matmul_q40 scratch")
         with nogil:
-            dl_q80_prep(dx, sx, &xv[0, 0], B * nb)
-            _mm_q40(&o[0, 0], &wv[0, 0], &xv[0, 0], dx, sx, B, d, nb, nt, sgemm)
+            dl_q80_prep(dx, sx, xp, B * nb)
+            _mm_q40(o, wp, xp, dx, sx, B, d, nb, nt, sgemm)
     finally:
         free(dx)
         free(sx)
@@ -353,15 +390,91 @@ cdef void _mm_q40(float *out, const uint8_t *w, const uint8_t *xq, const float *
             _q40_rows(out, w, xq, dx, sx, B, d, nb, i * c, min(d, (i + 1) * c), sgemm)
 
 
+DEF MAX_MULTI = 8
+
+
+def matmul_q40_multi(outs, ws, xq, n_threads=None, bint batched=True):
+    """outs[i] = xq @ ws[i]^T (as matmul_q40, `batched` too) for up to 8 Q40 matrices sharing one Q80
+    input, such as the q/k/v or the gate/up projections: one parallel region splits their
+    concatenated rows."""
+    cdef Py_ssize_t k = len(outs), i
+    if k != len(ws) or k == 0 or k > MAX_MULTI:
+        raise ValueError(f"outs and ws: 1..{MAX_MULTI} matrices each, got {len(outs)} and {len(ws)}")
+    cdef float *o[MAX_MULTI]
+    cdef const uint8_t *wp[MAX_MULTI]
+    cdef int64_t d[MAX_MULTI]
+    cdef int64_t B = 0, nb = 0, total = 0
+    for i in range(k):
+        B, d[i], nb = _check_matmul(outs[i], ws[i], xq, Q40_BYTES, "Q40")
+        o[i] = <float *>_data(outs[i])
+        wp[i] = <const uint8_t *>_data(ws[i])
+        total += d[i]
+    if B == 0 or total == 0:
+        return
+    cdef const uint8_t *xp = <const uint8_t *>_data(xq)
+    cdef int nt = _threads(n_threads, <double>B * total * nb)
+    cdef bint sgemm = dl_exp_mode_g == DL_EXP_DLLAMA and batched and B > 1
+    cdef float *dx = <float *>malloc(B * nb * sizeof(float))
+    cdef int32_t *sx = <int32_t *>malloc(B * nb * sizeof(int32_t))
+    try:
+        if dx == NULL or sx == NULL:
+            raise MemoryError("matmul_q40_multi scratch")
+        with nogil:
+            dl_q80_prep(dx, sx, xp, B * nb)
+            _mm_q40_multi(o, wp, d, k, xp, dx, sx, B, nb, total, nt, sgemm)
+    finally:
+        free(dx)
+        free(sx)
+
+
+cdef void _mm_q40_multi(float **o, const uint8_t **w, const int64_t *d, int k, const uint8_t *xq,
+                        const float *dx, const int32_t *sx, int64_t B, int64_t nb, int64_t total,
+                        int nt, bint sgemm) noexcept nogil:
+    if nt == 1:
+        _mm_q40_rows(o, w, d, k, xq, dx, sx, B, nb, 0, total, sgemm)
+        return
+    cdef Py_ssize_t t
+    cdef int64_t c = _chunk(total, nt)
+    for t in prange(nt, schedule="static", num_threads=nt):
+        _mm_q40_rows(o, w, d, k, xq, dx, sx, B, nb, _split(d, k, t * c), _split(d, k, (t + 1) * c), sgemm)
+
+
+cdef inline int64_t _split(const int64_t *d, int k, int64_t p) noexcept nogil:
+    """Row p of the concatenation moved down to a ROW_GROUP boundary of its own matrix, so every
+    matrix is cut where a single matmul_q40 would cut it (same rows per kernel call: the same
+    results for any thread count)."""
+    cdef int64_t off = 0
+    cdef int i
+    for i in range(k):
+        if p < off + d[i]:
+            return off + (p - off) // ROW_GROUP * ROW_GROUP
+        off += d[i]
+    return off
+
+
+cdef void _mm_q40_rows(float **o, const uint8_t **w, const int64_t *d, int k, const uint8_t *xq,
+                       const float *dx, const int32_t *sx, int64_t B, int64_t nb, int64_t a,
+                       int64_t b, bint sgemm) noexcept nogil:
+    """Rows [a, b) of the matrices' rows taken one after the other."""
+    cdef int64_t off = 0, lo, hi
+    cdef int i
+    for i in range(k):
+        lo = max(a, off)
+        hi = min(b, off + d[i])
+        if lo < hi:
+            _q40_rows(o[i], w[i], xq, dx, sx, B, d[i], nb, lo - off, hi - off, sgemm)
+        off += d[i]
+
+
 def matmul_q80(out, w, xq, n_threads=None):
     """out[b, r] = sum_i W[r, i] x[b, i]; W: d rows of Q80 blocks, x: B rows of Q80 blocks."""
     cdef int64_t B, d, nb
     B, d, nb = _check_matmul(out, w, xq, Q80_BYTES, "Q80")
     if B == 0 or d == 0:
         return
-    cdef float[:, ::1] o = out
-    cdef const uint8_t[:, ::1] wv = w
-    cdef const uint8_t[:, ::1] xv = xq
+    cdef float *o = <float *>_data(out)
+    cdef const uint8_t *wp = <const uint8_t *>_data(w)
+    cdef const uint8_t *xp = <const uint8_t *>_data(xq)
     cdef int nt = _threads(n_threads, <double>B * d * nb)
     cdef float *dx = <float *>malloc(B * nb * sizeof(float))
     cdef int32_t *sx = <int32_t *>malloc(B * nb * sizeof(int32_t))
@@ -369,8 +482,8 @@ def matmul_q80(out, w, xq, n_threads=None):
         if dx == NULL or sx == NULL:
             raise MemoryError("matmul_q80 scratch")
         with nogil:
-            dl_q80_prep(dx, sx, &xv[0, 0], B * nb)
-            _mm_q80(&o[0, 0], &wv[0, 0], &xv[0, 0], dx, B, d, nb, nt)
+            dl_q80_prep(dx, sx, xp, B * nb)
+            _mm_q80(o, wp, xp, dx, B, d, nb, nt)
     finally:
         free(dx)
         free(sx)
@@ -468,37 +581,70 @@ cdef void _mm_f16(float *out, const uint16_t *w, const float *x, int64_t B, int6
 
 # ============================================================================ norms, rope
 
-def rmsnorm(out, x, w, float eps):
-    """out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w  (sum of squares in f64; exp mode "dllama": the
-    reference's float32 order). out may be x."""
+cdef int _check_rmsnorm(object out, object x, object w, float eps) except -1:
     _out(out, "out", _F32, 2)
     _arr(x, "x", _F32, 2)
     _arr(w, "w", _F32, 1)
-    if x.shape != out.shape:
+    if _dim(x, 0) != _dim(out, 0) or _dim(x, 1) != _dim(out, 1):
         raise ValueError(f"out: shape {out.shape} differs from x {x.shape}")
-    if w.shape[0] != x.shape[1] or x.shape[1] == 0:
+    if _dim(w, 0) != _dim(x, 1) or _dim(x, 1) == 0:
         raise ValueError(f"w: {w.shape[0]} values for rows of {x.shape[1]}")
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
-    cdef float[:, ::1] o = out
-    cdef const float[:, ::1] xv = x
-    cdef const float[::1] wv = w
-    cdef Py_ssize_t R = x.shape[0], n = x.shape[1], r, j
-    cdef double ss
-    cdef float s
-    if dl_exp_mode_g == DL_EXP_DLLAMA:
-        with nogil:
-            for r in range(R):
-                dl_rmsnorm_row_dllama(&o[r, 0], &xv[r, 0], &wv[0], n, eps)
-        return
+    return 0
+
+
+cdef void _rmsnorm_rows(float *out, const float *x, const float *w, int64_t R, int64_t n,
+                        float eps) noexcept nogil:
+    cdef int64_t r
+    for r in range(R):
+        dl_rmsnorm(out + r * n, x + r * n, w, n, eps)
+
+
+def rmsnorm(out, x, w, float eps):
+    """out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w  (sum of squares in f64; exp mode "dllama": the
+    reference's float32 order). out may be x."""
+    _check_rmsnorm(out, x, w, eps)
+    cdef int64_t R = _dim(x, 0), n = _dim(x, 1)
+    cdef float *o = <float *>_data(out)
+    cdef const float *xp = <const float *>_data(x)
+    cdef const float *wp = <const float *>_data(w)
     with nogil:
-        for r in range(R):
-            ss = 0.0
-            for j in range(n):
-                ss += <double>xv[r, j] * xv[r, j]
-            s = <float>(1.0 / sqrt(ss / n + eps))
-            for j in range(n):
-                o[r, j] = wv[j] * (s * xv[r, j])
+        _rmsnorm_rows(o, xp, wp, R, n, eps)
+
+
+def rmsnorm_q80(out_q, out, x, w, float eps):
+    """rmsnorm(out, x, w, eps), then out_q = quantize_q80(out): a quantized matmul's input in one call."""
+    _check_rmsnorm(out, x, w, eps)
+    _out(out_q, "out_q", _U8, 2)
+    cdef int64_t R = _dim(x, 0), n = _dim(x, 1), nb = _blocks(n, "x")
+    if _dim(out_q, 0) != R or _dim(out_q, 1) != nb * Q80_BYTES:
+        raise ValueError(f"out_q: shape {out_q.shape}, expected ({R}, {nb * Q80_BYTES}) for x {x.shape}")
+    cdef float *o = <float *>_data(out)
+    cdef const float *xp = <const float *>_data(x)
+    cdef const float *wp = <const float *>_data(w)
+    cdef uint8_t *oq = <uint8_t *>_data(out_q)
+    with nogil:
+        _rmsnorm_rows(o, xp, wp, R, n, eps)
+        dl_quantize_q80(oq, o, R * nb)
+
+
+def residual_q80(x, dx, dxq):
+    """x += dx rounded through Q80 (as the reference adds a block's output): dxq = Q80 blocks of dx,
+    dx = their values, x += dx."""
+    _out(x, "x", _F32, 2)
+    _out(dx, "dx", _F32, 2)
+    _out(dxq, "dxq", _U8, 2)
+    cdef int64_t B = _dim(x, 0), nb = _blocks(_dim(x, 1), "x")
+    if _dim(dx, 0) != B or _dim(dx, 1) != _dim(x, 1):
+        raise ValueError(f"dx: shape {dx.shape} differs from x {x.shape}")
+    if _dim(dxq, 0) != B or _dim(dxq, 1) != nb * Q80_BYTES:
+        raise ValueError(f"dxq: shape {dxq.shape}, expected ({B}, {nb * Q80_BYTES}) for x {x.shape}")
+    cdef float *xp = <float *>_data(x)
+    cdef float *dxp = <float *>_data(dx)
+    cdef uint8_t *dxqp = <uint8_t *>_data(dxq)
+    with nogil:
+        dl_residual_q80(xp, dxp, dxqp, B * nb)
 
 
 def inv_rms(out, x, float eps):
@@ -526,56 +672,112 @@ def inv_rms(out, x, float eps):
             o[r] = <float>(1.0 / sqrt(ss / n + eps))
 
 
-def rope(x, positions, table, int head_dim, bint neox):
-    """Rotate x[b] (heads of head_dim) in place by angle table[positions[b]].
+def rope(x, positions, table, int head_dim, bint neox, k=None):
+    """Rotate x[b] (heads of head_dim) in place by angle table[positions[b]]; k, when given (rows
+    of its own number of heads, e.g. the keys next to the queries x), the same way in the same call.
 
     table[p, i] = (cos, sin) of p * freq_i, i < head_dim/2. neox=False (LLAMA): pairs
     (x[2i], x[2i+1]); neox=True (FALCON/NeoX, Qwen3): pairs (x[i], x[i + head_dim/2]).
     """
-    _out(x, "x", _F32, 2)
     _arr(positions, "positions", _I32, 1)
     _arr(table, "table", _F32, 3)
     if head_dim <= 0 or head_dim % 2:
         raise ValueError(f"head_dim must be even and positive, got {head_dim}")
-    if x.shape[1] % head_dim:
-        raise ValueError(f"x: rows of {x.shape[1]} are not whole heads of {head_dim}")
-    if table.shape[1] != head_dim // 2 or table.shape[2] != 2:
+    if _dim(table, 1) != head_dim // 2 or _dim(table, 2) != 2:
         raise ValueError(f"table: shape {table.shape}, expected (seq, {head_dim // 2}, 2)")
-    if positions.shape[0] != x.shape[0]:
-        raise ValueError(f"positions: {positions.shape[0]} entries for {x.shape[0]} rows")
-    if positions.shape[0] and (positions.min() < 0 or positions.max() >= table.shape[0]):
-        raise ValueError(f"positions must be in 0..{table.shape[0] - 1}, got "
-                         f"{positions.min()}..{positions.max()}")
-    cdef float[:, ::1] xv = x
-    cdef const int32_t[::1] pv = positions
-    cdef const float[:, :, ::1] tv = table
-    cdef Py_ssize_t B = x.shape[0], H = x.shape[1] // head_dim, half = head_dim // 2, b, h, i, o, p
+    _check_rope_rows(x, "x", positions, head_dim)
+    if k is not None:
+        _check_rope_rows(k, "k", positions, head_dim)
+    cdef int64_t B = _dim(positions, 0)
+    cdef const int32_t *pos = <const int32_t *>_data(positions)
+    _check_positions(pos, B, _dim(table, 0), "")
+    cdef const float *tab = <const float *>_data(table)
+    cdef float *kp = NULL if k is None else <float *>_data(k)
+    cdef int64_t xn = _dim(x, 1), kn = 0 if k is None else _dim(k, 1)
+    cdef float *xp = <float *>_data(x)
     cdef bint ref = dl_exp_mode_g == DL_EXP_DLLAMA
-    cdef Py_ssize_t step = 1 if neox else 2, other = half if neox else 1
     with nogil:
-        for b in range(B):
-            p = pv[b]
-            for h in range(H):
-                o = h * head_dim
-                for i in range(half):
-                    _rotate(&xv[b, o + i * step], &xv[b, o + i * step + other], tv[p, i, 0], tv[p, i, 1],
-                            neox, ref)
+        _rope_rows(xp, xn, pos, B, tab, head_dim, neox, ref)
+        if kp != NULL:
+            _rope_rows(kp, kn, pos, B, tab, head_dim, neox, ref)
 
 
-cdef inline void _rotate(float *x0, float *x1, float c, float s, bint neox, bint ref) noexcept nogil:
-    """(x0, x1) rotated by (c, s); exp mode "dllama" rounds like the reference (csrc/dl_dllama.h)."""
-    cdef float a0 = x0[0], a1 = x1[0]
-    if ref:
-        dl_rope_pair_dllama(x0, x1, c, s, neox)
-        return
-    x0[0] = a0 * c - a1 * s
-    x1[0] = a0 * s + a1 * c
+cdef int _check_rope_rows(object x, str name, object positions, int head_dim) except -1:
+    _out(x, name, _F32, 2)
+    if _dim(x, 1) % head_dim:
+        raise ValueError(f"{name}: rows of {x.shape[1]} are not whole heads of {head_dim}")
+    if _dim(positions, 0) != _dim(x, 0):
+        raise ValueError(f"positions: {positions.shape[0]} entries for {x.shape[0]} rows of {name}")
+    return 0
+
+
+cdef void _rope_rows(float *x, int64_t n, const int32_t *pos, int64_t B, const float *table,
+                     int64_t hd, bint neox, bint ref) noexcept nogil:
+    """Rows of n values (n / hd heads), row b rotated by table row pos[b] (ref: exp mode "dllama",
+    rounded like the reference, csrc/dl_dllama.h)."""
+    cdef int64_t half = hd // 2, b, h, o, i, i0, i1
+    cdef const float *t
+    cdef float c, s, a0, a1
+    for b in range(B):
+        t = table + <int64_t>pos[b] * hd          # hd / 2 (cos, sin) pairs
+        for h in range(n // hd):
+            o = h * hd
+            for i in range(half):
+                c = t[2 * i]
+                s = t[2 * i + 1]
+                i0 = o + (i if neox else 2 * i)
+                i1 = i0 + (half if neox else 1)
+                if ref:
+                    dl_rope_pair_dllama(&x[b * n + i0], &x[b * n + i1], c, s, neox)
+                    continue
+                a0 = x[b * n + i0]
+                a1 = x[b * n + i1]
+                x[b * n + i0] = a0 * c - a1 * s
+                x[b * n + i1] = a0 * s + a1 * c
 
 
 def rope_table(seq_len, head_dim, theta, *args, **kwargs):
     """cos/sin table f32[seq_len, head_dim/2, 2]; see dairllm.rope.rope_table (same arguments)."""
     from .rope import rope_table as _rope_table
     return _rope_table(seq_len, head_dim, theta, *args, **kwargs)
+
+# ============================================================================ attention
+
+def attention(out, q, k_cache, v_cache, positions, int n_heads, int n_kv_heads, int head_dim, n_threads=None):
+    """Causal GQA attention: row b, head h attends to cache rows 0..positions[b] of kv head
+    h // (n_heads // n_kv_heads), scores scaled by 1/sqrt(head_dim)."""
+    _out(out, "out", _F32, 2)
+    _arr(q, "q", _F32, 2)
+    _arr(k_cache, "k_cache", _F32, 2)
+    _arr(v_cache, "v_cache", _F32, 2)
+    _arr(positions, "positions", _I32, 1)
+    if n_heads <= 0 or n_kv_heads <= 0 or head_dim <= 0 or n_heads % n_kv_heads:
+        raise ValueError(f"n_heads {n_heads} must be a positive multiple of n_kv_heads {n_kv_heads}; "
+                         f"head_dim {head_dim} > 0")
+    cdef int64_t B = _dim(q, 0), S = _dim(k_cache, 0), kvd = _dim(k_cache, 1)
+    if _dim(q, 1) != n_heads * head_dim or _dim(out, 0) != B or _dim(out, 1) != n_heads * head_dim:
+        raise ValueError(f"q {q.shape} / out {out.shape}: expected ({B}, {n_heads * head_dim})")
+    if kvd != n_kv_heads * head_dim or _dim(v_cache, 0) != S or _dim(v_cache, 1) != kvd:
+        raise ValueError(f"k_cache {k_cache.shape} / v_cache {v_cache.shape}: "
+                         f"expected (S, {n_kv_heads * head_dim}) each")
+    if _dim(positions, 0) != B:
+        raise ValueError(f"positions: {positions.shape[0]} entries for {B} rows")
+    if B == 0:
+        return
+    cdef const int32_t *pos = <const int32_t *>_data(positions)
+    _check_positions(pos, B, S, f" (cache length {S})")
+    cdef int nt = _threads(n_threads, <double>B * n_heads * (_max_position(pos, B) + 1) * head_dim / QK,
+                           ATT_MIN_WORK)
+    cdef float *scratch = <float *>malloc(nt * S * sizeof(float))
+    if scratch == NULL:
+        raise MemoryError("attention scratch")
+    cdef float *o = <float *>_data(out)
+    cdef const float *qp = <const float *>_data(q)
+    cdef const float *kp = <const float *>_data(k_cache)
+    cdef const float *vp = <const float *>_data(v_cache)
+    with nogil:
+        _attention(o, qp, kp, vp, pos, B, n_heads, n_heads // n_kv_heads, head_dim, kvd, scratch, S, nt)
+    free(scratch)
 
 
 def rope_table_dllama(int seq_len, int head_dim, float theta, bint falcon, float factor=1.0,
@@ -598,56 +800,24 @@ def rope_table_dllama(int seq_len, int head_dim, float theta, bint falcon, float
                              high_freq_factor, orig_max_seq_len)
     return table
 
-# ============================================================================ attention
-
-def attention(out, q, k_cache, v_cache, positions, int n_heads, int n_kv_heads, int head_dim, n_threads=None):
-    """Causal GQA attention: row b, head h attends to cache rows 0..positions[b] of kv head
-    h // (n_heads // n_kv_heads), scores scaled by 1/sqrt(head_dim)."""
-    _out(out, "out", _F32, 2)
-    _arr(q, "q", _F32, 2)
-    _arr(k_cache, "k_cache", _F32, 2)
-    _arr(v_cache, "v_cache", _F32, 2)
-    _arr(positions, "positions", _I32, 1)
-    if n_heads <= 0 or n_kv_heads <= 0 or head_dim <= 0 or n_heads % n_kv_heads:
-        raise ValueError(f"n_heads {n_heads} must be a positive multiple of n_kv_heads {n_kv_heads}; "
-                         f"head_dim {head_dim} > 0")
-    cdef Py_ssize_t B = q.shape[0], S = k_cache.shape[0]
-    if q.shape[1] != n_heads * head_dim or out.shape[0] != B or out.shape[1] != n_heads * head_dim:
-        raise ValueError(f"q {q.shape} / out {out.shape}: expected ({B}, {n_heads * head_dim})")
-    if k_cache.shape[1] != n_kv_heads * head_dim or v_cache.shape[0] != S or v_cache.shape[1] != k_cache.shape[1]:
-        raise ValueError(f"k_cache {k_cache.shape} / v_cache {v_cache.shape}: "
-                         f"expected (S, {n_kv_heads * head_dim}) each")
-    if positions.shape[0] != B:
-        raise ValueError(f"positions: {positions.shape[0]} entries for {B} rows")
-    if B == 0:
-        return
-    if positions.min() < 0 or positions.max() >= S:
-        raise ValueError(f"positions must be in 0..{S - 1} (cache length {S}), got "
-                         f"{positions.min()}..{positions.max()}")
-    cdef float[:, ::1] o = out
-    cdef const float[:, ::1] qv = q
-    cdef const float[:, ::1] kv = k_cache
-    cdef const float[:, ::1] vv = v_cache
-    cdef const int32_t[::1] pv = positions
-    cdef int nt = _threads(n_threads, <double>B * n_heads * (positions.max() + 1) * head_dim / QK)
-    cdef float *scratch = <float *>malloc(nt * S * sizeof(float))
-    if scratch == NULL:
-        raise MemoryError("attention scratch")
-    try:
-        with nogil:
-            _attention(o, qv, kv, vv, pv, n_heads, n_heads // n_kv_heads, head_dim, scratch, S, nt)
-    finally:
-        free(scratch)
-
-
-cdef void _attention(float[:, ::1] out, const float[:, ::1] q, const float[:, ::1] k,
-                     const float[:, ::1] v, const int32_t[::1] pos, int H, int kv_mul, int hd,
-                     float *scratch, Py_ssize_t S, int nt) noexcept nogil:
+cdef void _attention(float *out, const float *q, const float *k, const float *v, const int32_t *pos,
+                     int64_t B, int H, int kv_mul, int hd, int64_t kvd, float *scratch, int64_t S,
+                     int nt) noexcept nogil:
     cdef Py_ssize_t task
-    for task in prange(q.shape[0] * H, schedule="static", num_threads=nt):
-        dl_attention_head(&out[task // H, (task % H) * hd], &q[task // H, (task % H) * hd],
-                     &k[0, ((task % H) // kv_mul) * hd], &v[0, ((task % H) // kv_mul) * hd],
-                     k.shape[1], pos[task // H] + 1, hd, scratch + dl_omp_thread_num() * S)
+    if nt == 1:
+        for task in range(B * H):
+            _attention_task(out, q, k, v, pos, task, H, kv_mul, hd, kvd, scratch)
+        return
+    for task in prange(B * H, schedule="static", num_threads=nt):
+        _attention_task(out, q, k, v, pos, task, H, kv_mul, hd, kvd, scratch + dl_omp_thread_num() * S)
+
+
+cdef inline void _attention_task(float *out, const float *q, const float *k, const float *v,
+                                 const int32_t *pos, int64_t task, int H, int kv_mul, int hd, int64_t kvd,
+                                 float *att) noexcept nogil:
+    """Head task % H of row task // H."""
+    cdef int64_t b = task // H, h = task % H, qo = b * H * hd + h * hd, kvo = (h // kv_mul) * hd
+    dl_attention_head(out + qo, q + qo, k + kvo, v + kvo, kvd, pos[b] + 1, hd, att)
 
 
 # ============================================================================ elementwise
@@ -679,8 +849,9 @@ def silu(x, n_threads=None):
     if dl_exp_mode_g == DL_EXP_DLLAMA:
         _silu_dllama(v, None, x.shape[x.ndim - 1] if x.ndim else n, nt)
         return
-    for i in prange(n, nogil=True, schedule="static", num_threads=nt):
-        v[i] = v[i] / (1.0 + expf(-v[i]))
+    if n:
+        with nogil:
+            _silu_exact(&v[0], NULL, n, nt)
 
 
 def gelu(x, n_threads=None):
@@ -704,8 +875,21 @@ def silu_mul(x, y, n_threads=None):
     if dl_exp_mode_g == DL_EXP_DLLAMA:
         _silu_dllama(a, b, x.shape[x.ndim - 1] if x.ndim else n, nt)
         return
-    for i in prange(n, nogil=True, schedule="static", num_threads=nt):
-        a[i] = a[i] / (1.0 + expf(-a[i])) * b[i]
+    if n:
+        with nogil:
+            _silu_exact(&a[0], &b[0], n, nt)
+
+
+cdef void _silu_exact(float *x, const float *y, int64_t n, int nt) noexcept nogil:
+    """x = silu(x) (* y) in nt contiguous chunks of whole 8-float groups."""
+    if nt == 1:
+        dl_silu_mul(x, y, n)
+        return
+    cdef Py_ssize_t i
+    cdef int64_t c = ((n + nt - 1) // nt + 7) // 8 * 8
+    for i in prange(nt, schedule="static", num_threads=nt):
+        if i * c < n:
+            dl_silu_mul(x + i * c, (y + i * c) if y != NULL else NULL, min(c, n - i * c))
 
 
 cdef void _silu_dllama(float[::1] a, const float[::1] b, Py_ssize_t row, int nt) except *:

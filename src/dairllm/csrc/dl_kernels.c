@@ -307,6 +307,20 @@ static double sum_f64_scalar(const double *x, int64_t n) {
     return (s0 + s1) + (s2 + s3);
 }
 
+static void silu_mul_scalar(float *x, const float *y, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        double v = x[i] / (1.0 + expf(-x[i]));
+        x[i] = (float)(y ? v * y[i] : v);
+    }
+}
+
+static void rmsnorm_scalar(float *out, const float *x, const float *w, int64_t n, float eps) {
+    double ss = 0.0;
+    for (int64_t j = 0; j < n; j++) ss += (double)x[j] * x[j];
+    const float s = (float)(1.0 / sqrt(ss / (double)n + (double)eps));
+    for (int64_t j = 0; j < n; j++) out[j] = w[j] * (s * x[j]);
+}
+
 /* ======================================================================== 4. x86_64 AVX2 */
 #if DL_X86
 
@@ -656,6 +670,82 @@ DL_AVX2 static double sum_f64_avx2(const double *x, int64_t n) {
     return r;
 }
 
+/* exp of 8 floats within 2 ulp of expf: x = n ln2 + r (|r| <= ln2/2, two-constant reduction
+ * with FMA), exp(r) by its degree-7 Taylor polynomial (truncation < 1e-8 relative), times 2^n built
+ * as two exponent-field factors so results down to the denormals and up to inf come out of one
+ * multiply each. NaN in, NaN out. */
+DL_AVX2 static inline __m256 exp8_avx2(__m256 x) {
+    const __m256 xc = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-104.0f)), _mm256_set1_ps(89.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    const __m256i ni = _mm256_cvtps_epi32(n), h = _mm256_srai_epi32(ni, 1), bias = _mm256_set1_epi32(127);
+    const __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(h, bias), 23));
+    const __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(ni, h), bias), 23));
+    p = _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
+    return _mm256_blendv_ps(p, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+}
+
+DL_AVX2 static void silu_mul_avx2(float *x, const float *y, int64_t n) {
+    const __m256 one = _mm256_set1_ps(1.0f), neg = _mm256_set1_ps(-0.0f);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 v = _mm256_loadu_ps(x + i);
+        v = _mm256_div_ps(v, _mm256_add_ps(one, exp8_avx2(_mm256_xor_ps(v, neg))));
+        _mm256_storeu_ps(x + i, y ? _mm256_mul_ps(v, _mm256_loadu_ps(y + i)) : v);
+    }
+    silu_mul_scalar(x + i, y ? y + i : NULL, n - i);
+}
+
+DL_AVX2 static void rmsnorm_avx2(float *out, const float *x, const float *w, int64_t n, float eps) {
+    __m256d a0 = _mm256_setzero_pd(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) {
+        __m256d v0 = _mm256_cvtps_pd(_mm_loadu_ps(x + j)), v1 = _mm256_cvtps_pd(_mm_loadu_ps(x + j + 4));
+        __m256d v2 = _mm256_cvtps_pd(_mm_loadu_ps(x + j + 8)), v3 = _mm256_cvtps_pd(_mm_loadu_ps(x + j + 12));
+        a0 = _mm256_fmadd_pd(v0, v0, a0);
+        a1 = _mm256_fmadd_pd(v1, v1, a1);
+        a2 = _mm256_fmadd_pd(v2, v2, a2);
+        a3 = _mm256_fmadd_pd(v3, v3, a3);
+    }
+    double t[4];
+    _mm256_storeu_pd(t, _mm256_add_pd(_mm256_add_pd(a0, a1), _mm256_add_pd(a2, a3)));
+    double ss = (t[0] + t[1]) + (t[2] + t[3]);
+    for (; j < n; j++) ss += (double)x[j] * x[j];
+    const float s = (float)(1.0 / sqrt(ss / (double)n + (double)eps));
+    const __m256 vs = _mm256_set1_ps(s);
+    for (j = 0; j + 8 <= n; j += 8)
+        _mm256_storeu_ps(out + j, _mm256_mul_ps(_mm256_loadu_ps(w + j), _mm256_mul_ps(vs, _mm256_loadu_ps(x + j))));
+    for (; j < n; j++) out[j] = w[j] * (s * x[j]);
+}
+
+/* att[t] = exp(att[t] - m) for t < T; returns their f32 sum */
+DL_AVX2 static float exp_sum_avx2(float *att, int64_t T, float m) {
+    const __m256 vm = _mm256_set1_ps(m);
+    __m256 acc = _mm256_setzero_ps();
+    int64_t t = 0;
+    for (; t + 8 <= T; t += 8) {
+        __m256 e = exp8_avx2(_mm256_sub_ps(_mm256_loadu_ps(att + t), vm));
+        _mm256_storeu_ps(att + t, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    float sum = hsum_ps(acc);
+    for (; t < T; t++) {
+        att[t] = expf(att[t] - m);
+        sum += att[t];
+    }
+    return sum;
+}
+
 /* ---- exp mode "dllama": the reference's float orders, bit-identical to the scalar specs in
  * dl_dllama.h (vfmadd is the correctly rounded fmaf; horizontal sums in the reference's order). */
 #define DL_AVX2_REF __attribute__((target("avx2,fma,f16c"), optimize("fp-contract=off")))
@@ -989,23 +1079,29 @@ DL_AVX2 static void attention_head_avx2(float *out, const float *q, const float 
     }
     for (; t < T; t++) att[t] = dot_f32_avx2(q, k + t * stride, hd) * scale;
     for (t = 0; t < T; t++) m = att[t] > m ? att[t] : m;
-    float sum = 0.0f;
-    for (t = 0; t < T; t++) {
-        att[t] = expf(att[t] - m);
-        sum += att[t];
-    }
+    const float sum = exp_sum_avx2(att, T, m);
     const __m256 inv = _mm256_set1_ps(1.0f / sum);
-    for (int64_t c = 0; c < hd; c += 8) {
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        const float *vc = v + c;
-        for (t = 0; t + 4 <= T; t += 4) {
-            a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(att + t), _mm256_loadu_ps(vc + t * stride), a0);
-            a1 = _mm256_fmadd_ps(_mm256_broadcast_ss(att + t + 1), _mm256_loadu_ps(vc + (t + 1) * stride), a1);
-            a2 = _mm256_fmadd_ps(_mm256_broadcast_ss(att + t + 2), _mm256_loadu_ps(vc + (t + 2) * stride), a2);
-            a3 = _mm256_fmadd_ps(_mm256_broadcast_ss(att + t + 3), _mm256_loadu_ps(vc + (t + 3) * stride), a3);
+    /* out = sum_t att[t] v[t], t in order, 64 columns at a time in 8 accumulators: each V row is
+     * read once per strip as whole cache lines (a loop over 8-column strips outside the t loop
+     * read 32 bytes of each stride-apart row per pass and missed L1 on set conflicts) */
+    for (int64_t c0 = 0; c0 < hd; c0 += 64) {
+        const float *vc = v + c0;
+        __m256 a[8];
+        for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
+        if (hd - c0 >= 64) {
+            for (t = 0; t < T; t++) {
+                const __m256 at = _mm256_broadcast_ss(att + t);
+                for (int j = 0; j < 8; j++) a[j] = _mm256_fmadd_ps(at, _mm256_loadu_ps(vc + t * stride + 8 * j), a[j]);
+            }
+            for (int j = 0; j < 8; j++) _mm256_storeu_ps(out + c0 + 8 * j, _mm256_mul_ps(a[j], inv));
+        } else {
+            const int w = (int)((hd - c0) / 8);
+            for (t = 0; t < T; t++) {
+                const __m256 at = _mm256_broadcast_ss(att + t);
+                for (int j = 0; j < w; j++) a[j] = _mm256_fmadd_ps(at, _mm256_loadu_ps(vc + t * stride + 8 * j), a[j]);
+            }
+            for (int j = 0; j < w; j++) _mm256_storeu_ps(out + c0 + 8 * j, _mm256_mul_ps(a[j], inv));
         }
-        for (; t < T; t++) a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(att + t), _mm256_loadu_ps(vc + t * stride), a0);
-        _mm256_storeu_ps(out + c, _mm256_mul_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)), inv));
     }
 }
 #endif
@@ -1150,4 +1246,29 @@ void dl_attention_head(float *out, const float *q, const float *k, const float *
     for (int64_t t = 0; t < T; t++) dl_axpy_f32(out, v + t * stride, att[t], hd);
     const float inv = 1.0f / sum;
     for (int64_t i = 0; i < hd; i++) out[i] *= inv;
+}
+
+/* x = silu(x) * y (y NULL: silu), exact exp: libm on the scalar path, exp8_avx2 on AVX2. */
+void dl_silu_mul(float *x, const float *y, int64_t n) {
+#if DL_X86
+    if (g_path == DL_PATH_AVX2) { silu_mul_avx2(x, y, n); return; }
+#endif
+    silu_mul_scalar(x, y, n);
+}
+
+void dl_rmsnorm(float *out, const float *x, const float *w, int64_t n, float eps) {
+    if (dl_exp_mode_g == DL_EXP_DLLAMA) { dl_rmsnorm_row_dllama(out, x, w, n, eps); return; }
+#if DL_X86
+    if (g_path == DL_PATH_AVX2) { rmsnorm_avx2(out, x, w, n, eps); return; }
+#endif
+    rmsnorm_scalar(out, x, w, n, eps);
+}
+
+/* Block by block while it is in L1: dxq = Q80(dx), dx = dequantized dxq, x += dx. */
+void dl_residual_q80(float *x, float *dx, uint8_t *dxq, int64_t nb) {
+    for (int64_t b = 0; b < nb; b++, x += DL_QK, dx += DL_QK, dxq += DL_Q80_BYTES) {
+        dl_quantize_q80(dxq, dx, 1);
+        dl_dequantize_q80(dx, dxq, 1);
+        for (int j = 0; j < DL_QK; j++) x[j] += dx[j];
+    }
 }

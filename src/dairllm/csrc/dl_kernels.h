@@ -76,6 +76,11 @@ void dl_axpy_f32(float *y, const float *x, float a, int64_t n);   /* y += a * x 
 void dl_attention_head(float *out, const float *q, const float *k, const float *v, int64_t stride,
                        int64_t T, int64_t hd, float *att);
 
+/* -- row kernels of the forward pass (exp mode "dllama" dispatches to csrc/dl_dllama.h where it matters) -- */
+void dl_silu_mul(float *x, const float *y, int64_t n);          /* x = silu(x) * y; y NULL: silu */
+void dl_rmsnorm(float *out, const float *x, const float *w, int64_t n, float eps);   /* one row */
+void dl_residual_q80(float *x, float *dx, uint8_t *dxq, int64_t nb);  /* dx -> Q80 -> dx; x += dx */
+
 /* -- memory bandwidth probe: sum of n doubles (read-only stream) -- */
 double dl_sum_f64(const double *x, int64_t n);
 

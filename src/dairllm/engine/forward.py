@@ -29,12 +29,21 @@ def q80(m: "Net", out_q: np.ndarray, x: np.ndarray) -> np.ndarray:
     return x
 
 
+def normed_q80(m: "Net", r: "Rows", weight: np.ndarray) -> np.ndarray:
+    """xb = rmsnorm(x) * weight; returns the matmul input for xb (as q80 does), in one kernel call."""
+    if m.quantized:
+        ops.rmsnorm_q80(r.xq, r.xb, r.x, weight, m.eps)
+        return r.xq
+    ops.rmsnorm(r.xb, r.x, weight, m.eps)
+    return r.xb
+
+
 def residual(m: "Net", r: "Rows") -> None:
     """x += dx, with dx rounded through Q80 first when activations are Q80 (as the reference)."""
     if m.quantized:
-        ops.quantize_q80(r.dxq, r.dx)
-        ops.dequantize_q80(r.dx, r.dxq)
-    ops.add(r.x, r.dx)                                  # x: (n, dim)
+        ops.residual_q80(r.x, r.dx, r.dxq)              # x: (n, dim)
+    else:
+        ops.add(r.x, r.dx)
 
 
 def embed(m: "Net", r: "Rows", tokens: np.ndarray) -> None:
@@ -46,18 +55,14 @@ def attention_block(m: "Net", s: "RunState", r: "Rows", w: "LayerWeights", p0: i
     n, l = r.n, w.index
     k = s.k_cache[l][p0:p0 + n]                         # (n, kv_dim): this batch's cache rows
     v = s.v_cache[l][p0:p0 + n]
-    ops.rmsnorm(r.xb, r.x, w.attn_norm, m.eps)          # xb = rmsnorm(x) * attn_norm
-    xin = q80(m, r.xq, r.xb)
-    m.matmul(r.q, w.q, xin)                             # q = Wq xb        (n, q_dim)
-    m.matmul(k, w.k, xin)                               # k = Wk xb, into the cache
-    m.matmul(v, w.v, xin)                               # v = Wv xb, into the cache
+    xin = normed_q80(m, r, w.attn_norm)                 # xb = rmsnorm(x) * attn_norm
+    m.matmul_many((r.q, k, v), (w.q, w.k, w.v), xin)    # q = Wq xb (n, q_dim); k, v into the cache
     if m.qk_norm:                                       # Qwen3: rmsnorm of every head
         qh = r.q.reshape(n * m.n_heads, m.head_dim)
         kh = k.reshape(n * m.n_kv_heads, m.head_dim)
         ops.rmsnorm(qh, qh, w.q_norm, m.eps)
         ops.rmsnorm(kh, kh, w.k_norm, m.eps)
-    ops.rope(r.q, r.pos, s.rope, m.head_dim, s.rope_neox)   # rotate q and k by position
-    ops.rope(k, r.pos, s.rope, m.head_dim, s.rope_neox)
+    ops.rope(r.q, r.pos, s.rope, m.head_dim, s.rope_neox, k)    # rotate q and k by position
     ops.attention(r.att, r.q, s.k_cache[l], s.v_cache[l], r.pos,
                   m.n_heads, m.n_kv_heads, m.head_dim)  # att: (n, q_dim), causal over 0..pos
     ain = q80(m, r.attq, r.att)
@@ -66,33 +71,29 @@ def attention_block(m: "Net", s: "RunState", r: "Rows", w: "LayerWeights", p0: i
 
 
 def ffn_block(m: "Net", s: "RunState", r: "Rows", w: "LayerWeights") -> None:
-    ops.rmsnorm(r.xb, r.x, w.ffn_norm, m.eps)           # xb = rmsnorm(x) * ffn_norm
+    xin = normed_q80(m, r, w.ffn_norm)                  # xb = rmsnorm(x) * ffn_norm
     if m.moe:
-        moe_ffn(m, s, r, w)
+        moe_ffn(m, s, r, w, xin)
     else:
-        xin = q80(m, r.xq, r.xb)
-        m.matmul(r.hb, w.w1, xin)                       # hb  = W1 xb      (n, hidden)
-        m.matmul(r.hb2, w.w3, xin)                      # hb2 = W3 xb
+        m.matmul_many((r.hb, r.hb2), (w.w1, w.w3), xin)     # hb = W1 xb, hb2 = W3 xb  (n, hidden)
         ops.silu_mul(r.hb, r.hb2)                       # hb  = silu(hb) * hb2
         hin = q80(m, r.hbq, r.hb)
         m.matmul(r.dx, w.w2, hin)                       # dx = W2 hb       (n, dim)
     residual(m, r)
 
 
-def moe_ffn(m: "Net", s: "RunState", r: "Rows", w: "LayerWeights") -> None:
-    """dx = sum over each row's top-k experts of weight * expert_ffn(xb); rows grouped by expert
-    so one pass over an expert's weights serves every row routed to it."""
+def moe_ffn(m: "Net", s: "RunState", r: "Rows", w: "LayerWeights", xin: np.ndarray) -> None:
+    """dx = sum over each row's top-k experts of weight * expert_ffn(xb), xin: the matmul input for
+    xb; rows grouped by expert so one pass over an expert's weights serves every row routed to it."""
     ops.matmul_f32(r.gate, w.moe_gate, r.xb)            # gate = Wg xb (unquantized)  (n, E)
     ops.moe_route(r.route_idx, r.route_w, r.gate, m.k_active)   # top-k, renormalised
-    xin = q80(m, r.xq, r.xb)
     r.dx.fill(0.0)
     for e, rows, wts in route_groups(r.route_idx, r.route_w):
         ew = w.experts[e]
         c = rows.size
         ein, h1, h2, hq, eout = s.ein[:c], s.hb[:c], s.hb2[:c], s.hbq, s.eout[:c]
         np.take(xin, rows, axis=0, out=ein)             # the rows routed to expert e
-        m.expert_matmul(h1, ew.w1, ein)                 # (c, moe_hidden)
-        m.expert_matmul(h2, ew.w3, ein)
+        m.expert_matmul_many((h1, h2), (ew.w1, ew.w3), ein)   # (c, moe_hidden) each
         ops.silu_mul(h1, h2)
         hin = q80(m, None if hq is None else hq[:c], h1)
         m.expert_matmul(eout, ew.w2, hin)               # (c, dim)
@@ -127,8 +128,7 @@ def run_layers(m: "Net", s: "RunState", r: "Rows", p0: int, start: int, end: int
 
 def head(m: "Net", r: "Rows", logits: np.ndarray) -> None:
     """logits = Wcls rmsnorm(x) for the n rows of x."""
-    ops.rmsnorm(r.xb, r.x, m.weights.final_norm, m.eps)
-    xin = q80(m, r.xq, r.xb)
+    xin = normed_q80(m, r, m.weights.final_norm)
     m.matmul(logits, m.weights.wcls, xin)               # (n, vocab)
 
 

@@ -54,10 +54,18 @@ class Net:
         self.k_active = h.n_active_experts
         self.quantized = h.weight_type.is_block          # Q40/Q80 weights take Q80 activations
         self.matmul: Callable = getattr(ops, _MATMUL_BY_TYPE[h.weight_type])
+        q40 = h.weight_type is FloatType.Q40
+        # matmul_many(outs, ws, x): several matrices on one input (one parallel region for Q40)
+        self.matmul_many: Callable = ops.matmul_q40_multi if q40 else self._matmul_each
         # Expert rows are independent matvecs in the reference (its batched GEMM never sees them);
         # that changes the float summation order only in exp mode "dllama".
-        self.expert_matmul: Callable = (partial(self.matmul, batched=False)
-                                        if h.weight_type is FloatType.Q40 else self.matmul)
+        self.expert_matmul: Callable = partial(self.matmul, batched=False) if q40 else self.matmul
+        self.expert_matmul_many: Callable = (partial(ops.matmul_q40_multi, batched=False) if q40
+                                             else self._matmul_each)
+
+    def _matmul_each(self, outs, ws, x) -> None:
+        for out, w in zip(outs, ws):
+            self.matmul(out, w, x)
 
 
 @dataclass
