@@ -10,8 +10,10 @@ are picked at run time (scalar / avx2 / neon / neon-dotprod).
 
 Numerics: Q40 x Q80 and Q80 x Q80 dot products are exact integers per 32-block, scaled by
 f32(d_w) * f32(d_x) and summed in f32; quantize_q80 is bit-identical on every path; rmsnorm sums
-squares in f64; softmax, attention and moe_route use libm expf/exp, or with set_exp_mode("dllama") the
-reference x86 AVX2 exp and softmax bit for bit (csrc/dl_exp.h).
+squares in f64; softmax and moe_route use libm expf/exp; silu, silu_mul and attention use libm expf
+on the scalar and NEON paths and an 8-wide exp within 2 ulp of it on AVX2 (csrc/dl_kernels.c); with
+set_exp_mode("dllama") all of them use the reference x86 AVX2 exp and softmax bit for bit
+(csrc/dl_exp.h).
 """
 import os
 import time
