@@ -10,9 +10,10 @@ are picked at run time (scalar / avx2 / neon / neon-dotprod).
 
 Numerics: Q40 x Q80 and Q80 x Q80 dot products are exact integers per 32-block, scaled by
 f32(d_w) * f32(d_x) and summed in f32; quantize_q80 is bit-identical on every path; rmsnorm sums
-squares in f64; softmax, attention and moe_route use libm expf/exp. With set_exp_mode("dllama") the
-kernels reproduce distributed-llama's x86 AVX2 arithmetic bit for bit instead: its exp polynomial
-and its float32 summation orders (csrc/dl_dllama.h).
+squares in f64; softmax and moe_route use libm expf/exp; silu, silu_mul and attention use libm expf
+on the scalar and NEON paths and an 8-wide exp within 2 ulp of it on AVX2 (csrc/dl_kernels.c).
+With set_exp_mode("dllama") the kernels reproduce distributed-llama's x86 AVX2 arithmetic bit for
+bit instead: its exp polynomial and its float32 summation orders (csrc/dl_dllama.h).
 """
 import os
 import time

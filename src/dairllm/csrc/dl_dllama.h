@@ -1,6 +1,7 @@
 /* dl_dllama.h: distributed-llama's float arithmetic, bit for bit ("exp mode" dllama).
  *
- * "exact" (DL_EXP_EXACT, default): the kernels use libm exp and their own fast summation orders.
+ * "exact" (DL_EXP_EXACT, default): libm exp (an 8-wide exp within 2 ulp of it in the AVX2 silu and
+ * attention) and the kernels' own fast summation orders.
  * "dllama" (DL_EXP_DLLAMA): the kernels compute what the reference's x86 AVX2 build (g++ -O3
  * -march=native) computes, on every platform. The C++ cluster's tokens on Q40 models depend on it:
  * one last-bit difference can flip a Q80 rounding that then spreads through the KV cache. Checked
