@@ -37,7 +37,7 @@ import mmap
 import os
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import numpy as np
@@ -93,6 +93,7 @@ class StoreStats:
     bytes_read: int = 0               # weight bytes read from the file (streamed units, experts)
     embedding_bytes: int = 0
     reads: int = 0
+    unit_reads: dict = field(default_factory=dict)   # streamed unit index -> times read
     hits: int = 0                     # streamed unit already read when asked for
     late: int = 0                     # being read when asked for (waited for the rest)
     misses: int = 0                   # not read ahead (read synchronously)
@@ -565,6 +566,7 @@ class LayerStore:
             self.stats.read_seconds += dt
             self.stats.bytes_read += u.core_bytes
             self.stats.reads += 1
+            self.stats.unit_reads[u.index] = self.stats.unit_reads.get(u.index, 0) + 1
         src = self._filler.source(slot)
         if u.index == self._head:
             slot.weights = matrix_view(src, "wcls")
