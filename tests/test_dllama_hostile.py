@@ -142,6 +142,9 @@ def hostile_streams(mf) -> dict[str, tuple[bytes, str]]:
     op = next(o for o in rope.ops() if o.name == "block_rope_q")
     op.config["headDim"] = 48
     cases["rope config not matching shapes"] = (handshake() + ok_net + ACK + rope.pack(), "rope over")
+    theta = configs(mf)[1]
+    next(o for o in theta.ops() if o.name == "block_rope_k").config["ropeTheta"] = -1.0
+    cases["negative rope theta"] = (handshake() + ok_net + ACK + theta.pack(), "rope theta -1")
     setup = handshake() + ok_net + ok_node
     cases["weight for unknown op"] = (setup + _net.dllama_pack_weight_header("nope", 0, 0, 4) + b"abcd",
                                       "unknown op nope")
@@ -163,6 +166,7 @@ CASE_NAMES = ["truncated handshake", "absurd worker count", "worker index out of
               "truncated net config", "truncated node config", "absurd buffer size",
               "buffer over the memory cap", "unknown op code", "matmul weight not matching its input",
               "unsupported quant combination", "pointer to missing buffer", "rope config not matching shapes",
+              "negative rope theta",
               "weight for unknown op", "weight past the op's storage", "absurd weight size",
               "truncated weight payload", "batch larger than nBatches", "position beyond seqLen",
               "root gone mid-forward"]

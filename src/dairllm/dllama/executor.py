@@ -442,6 +442,14 @@ def _rope(ex, op, vi, vo, w):
         start = cfg["qDimStart"] if cfg["isQ"] else cfg["kvDimStart"]
         _need(start % hd == 0, "rope slice does not start at a head boundary")
     _need(cfg["ropeCacheBufferIndex"] < len(ex.node.buffers), "rope cache buffer does not exist")
+    theta, factor = cfg["ropeTheta"], cfg["ropeScalingFactor"]
+    _need(math.isfinite(theta) and theta > 0, f"rope theta {theta}")
+    if cfg["type"] != Rope.FALCON and factor != 1.0:
+        low, high = cfg["ropeScalingLowFreqFactor"], cfg["ropeScalingHighFreqFactor"]
+        _need(math.isfinite(factor) and factor > 0 and 0 < low < high < math.inf
+              and cfg["ropeScalingOrigMaxSeqLen"] > 0,
+              f"rope scaling factor {factor}, frequency factors {low}..{high}, "
+              f"original length {cfg['ropeScalingOrigMaxSeqLen']}")
     key = (hd, seq, cfg["ropeTheta"], cfg["type"] == Rope.FALCON, cfg["ropeScalingFactor"],
            cfg["ropeScalingLowFreqFactor"], cfg["ropeScalingHighFreqFactor"], cfg["ropeScalingOrigMaxSeqLen"])
     tables = ex.__dict__.setdefault("_rope_tables", {})
