@@ -349,26 +349,7 @@ def matmul_q40(out, w, xq, n_threads=None, bint batched=True):
 
     batched only matters in exp mode "dllama": the reference sums a multi-row matmul in its batched
     GEMM's float order, except where it runs rows one by one (MoE experts: batched=False)."""
-    cdef int64_t B, d, nb
-    B, d, nb = _check_matmul(out, w, xq, Q40_BYTES, "Q40")
-    if B == 0 or d == 0:
-        return
-    cdef float *o = <float *>_data(out)
-    cdef const uint8_t *wp = <const uint8_t *>_data(w)
-    cdef const uint8_t *xp = <const uint8_t *>_data(xq)
-    cdef int nt = _threads(n_threads, <double>B * d * nb)
-    cdef bint sgemm = dl_exp_mode_g == DL_EXP_DLLAMA and batched and B > 1
-    cdef float *dx = <float *>malloc(B * nb * sizeof(float))
-    cdef int32_t *sx = <int32_t *>malloc(B * nb * sizeof(int32_t))
-    try:
-        if dx == NULL or sx == NULL:
-            raise MemoryError("matmul_q40 scratch")
-        with nogil:
-            dl_q80_prep(dx, sx, xp, B * nb)
-            _mm_q40(o, wp, xp, dx, sx, B, d, nb, nt, sgemm)
-    finally:
-        free(dx)
-        free(sx)
+    matmul_q40_multi((out,), (w,), xq, n_threads, batched)
 
 
 cdef inline void _q40_rows(float *out, const uint8_t *w, const uint8_t *xq, const float *dx, const int32_t *sx,
@@ -377,18 +358,6 @@ cdef inline void _q40_rows(float *out, const uint8_t *w, const uint8_t *xq, cons
         dl_matmul_q40_ref(out, w, xq, dx, B, d, nb, r0, r1, 1)
     else:
         dl_matmul_q40(out, w, xq, dx, sx, B, d, nb, r0, r1)
-
-
-cdef void _mm_q40(float *out, const uint8_t *w, const uint8_t *xq, const float *dx, const int32_t *sx,
-                  int64_t B, int64_t d, int64_t nb, int nt, bint sgemm) noexcept nogil:
-    if nt == 1:                      # no parallel region for small work
-        _q40_rows(out, w, xq, dx, sx, B, d, nb, 0, d, sgemm)
-        return
-    cdef Py_ssize_t i
-    cdef int64_t c = _chunk(d, nt)
-    for i in prange(nt, schedule="static", num_threads=nt):
-        if i * c < d:
-            _q40_rows(out, w, xq, dx, sx, B, d, nb, i * c, min(d, (i + 1) * c), sgemm)
 
 
 DEF MAX_MULTI = 8
