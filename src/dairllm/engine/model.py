@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import logging
 import time
-from functools import partial
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
