@@ -62,6 +62,7 @@ cdef extern from "dl_kernels.h" nogil:
     void dl_matmul_f32_ref(float *out, const float *w, const float *x,
                            int64_t B, int64_t d, int64_t n, int64_t r0, int64_t r1)
     void dl_silu_mul(float *x, const float *y, int64_t n)
+    float dl_inv_rms(const float *x, int64_t n, float eps)
     void dl_rmsnorm(float *out, const float *x, const float *w, int64_t n, float eps)
     void dl_residual_q80(float *x, float *dx, uint8_t *dxq, int64_t nb)
 
@@ -74,7 +75,6 @@ cdef extern from "dl_dllama.h" nogil:
     void dl_rope_table_dllama(float *table, int64_t seq_len, int64_t head_dim, float theta, int falcon,
                               float factor, float low, float high, uint32_t orig)
     void dl_rope_pair_dllama(float *x0, float *x1, float c, float s, int falcon)
-    float dl_inv_rms_dllama(const float *x, int64_t n, float eps)
 
 cdef extern from "dl_omp.h" nogil:
     int dl_omp_enabled()
@@ -284,34 +284,34 @@ def quantize_q80(out, x, n_threads=None):
         _by_blocks(o, xp, B * nb, nt)
 
 
+cdef int64_t _check_dequantize(object out, object src, str name, int64_t block_bytes) except -1:
+    """Checks out (f32 rows) against src (the same rows as blocks); returns the number of blocks."""
+    _out(out, "out", _F32, 2)
+    _arr(src, name, _U8, 2)
+    cdef int64_t B = out.shape[0], nb = _blocks(out.shape[1], "out")
+    if src.shape[0] != B or src.shape[1] != nb * block_bytes:
+        raise ValueError(f"{name}: shape {src.shape}, expected ({B}, {nb * block_bytes}) for out {out.shape}")
+    return B * nb
+
+
 def dequantize_q80(out, xq):
     """out[b] = f32 values of the Q80 row xq[b]."""
-    _out(out, "out", _F32, 2)
-    _arr(xq, "xq", _U8, 2)
-    cdef int64_t B = out.shape[0], nb = _blocks(out.shape[1], "out")
-    if xq.shape[0] != B or xq.shape[1] != nb * Q80_BYTES:
-        raise ValueError(f"xq: shape {xq.shape}, expected ({B}, {nb * Q80_BYTES}) for out {out.shape}")
-    if B == 0:
-        return
-    cdef float[:, ::1] o = out
-    cdef const uint8_t[:, ::1] q = xq
-    with nogil:
-        dl_dequantize_q80(&o[0, 0], &q[0, 0], B * nb)
+    cdef int64_t n_blocks = _check_dequantize(out, xq, "xq", Q80_BYTES)
+    cdef float *o = <float *>_data(out)
+    cdef const uint8_t *p = <const uint8_t *>_data(xq)
+    if n_blocks:
+        with nogil:
+            dl_dequantize_q80(o, p, n_blocks)
 
 
 def dequantize_q40(out, w):
     """out[r] = f32 values of the Q40 row w[r]."""
-    _out(out, "out", _F32, 2)
-    _arr(w, "w", _U8, 2)
-    cdef int64_t B = out.shape[0], nb = _blocks(out.shape[1], "out")
-    if w.shape[0] != B or w.shape[1] != nb * Q40_BYTES:
-        raise ValueError(f"w: shape {w.shape}, expected ({B}, {nb * Q40_BYTES}) for out {out.shape}")
-    if B == 0:
-        return
-    cdef float[:, ::1] o = out
-    cdef const uint8_t[:, ::1] q = w
-    with nogil:
-        dl_dequantize_q40(&o[0, 0], &q[0, 0], B * nb)
+    cdef int64_t n_blocks = _check_dequantize(out, w, "w", Q40_BYTES)
+    cdef float *o = <float *>_data(out)
+    cdef const uint8_t *p = <const uint8_t *>_data(w)
+    if n_blocks:
+        with nogil:
+            dl_dequantize_q40(o, p, n_blocks)
 
 
 cdef void _by_blocks(uint8_t *out, const float *x, int64_t n_blocks, int nt) noexcept nogil:
@@ -626,20 +626,12 @@ def inv_rms(out, x, float eps):
         raise ValueError(f"out: {out.shape[0]} values for {x.shape[0]} rows of {x.shape[1]}")
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
-    cdef float[::1] o = out
-    cdef const float[:, ::1] xv = x
-    cdef Py_ssize_t R = x.shape[0], n = x.shape[1], r, j
-    cdef double ss
-    cdef bint ref = dl_exp_mode_g == DL_EXP_DLLAMA
+    cdef float *o = <float *>_data(out)
+    cdef const float *xp = <const float *>_data(x)
+    cdef int64_t R = _dim(x, 0), n = _dim(x, 1), r
     with nogil:
         for r in range(R):
-            if ref:
-                o[r] = dl_inv_rms_dllama(&xv[r, 0], n, eps)
-                continue
-            ss = 0.0
-            for j in range(n):
-                ss += <double>xv[r, j] * xv[r, j]
-            o[r] = <float>(1.0 / sqrt(ss / n + eps))
+            o[r] = dl_inv_rms(xp + r * n, n, eps)
 
 
 def rope(x, positions, table, int head_dim, bint neox, k=None):

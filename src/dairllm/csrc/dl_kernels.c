@@ -314,10 +314,14 @@ static void silu_mul_scalar(float *x, const float *y, int64_t n) {
     }
 }
 
-static void rmsnorm_scalar(float *out, const float *x, const float *w, int64_t n, float eps) {
+static float inv_rms_scalar(const float *x, int64_t n, float eps) {
     double ss = 0.0;
     for (int64_t j = 0; j < n; j++) ss += (double)x[j] * x[j];
-    const float s = (float)(1.0 / sqrt(ss / (double)n + (double)eps));
+    return (float)(1.0 / sqrt(ss / (double)n + (double)eps));
+}
+
+static void rmsnorm_scalar(float *out, const float *x, const float *w, int64_t n, float eps) {
+    const float s = inv_rms_scalar(x, n, eps);
     for (int64_t j = 0; j < n; j++) out[j] = w[j] * (s * x[j]);
 }
 
@@ -1254,6 +1258,11 @@ void dl_silu_mul(float *x, const float *y, int64_t n) {
     if (g_path == DL_PATH_AVX2) { silu_mul_avx2(x, y, n); return; }
 #endif
     silu_mul_scalar(x, y, n);
+}
+
+float dl_inv_rms(const float *x, int64_t n, float eps) {
+    if (dl_exp_mode_g == DL_EXP_DLLAMA) return dl_inv_rms_dllama(x, n, eps);
+    return inv_rms_scalar(x, n, eps);
 }
 
 void dl_rmsnorm(float *out, const float *x, const float *w, int64_t n, float eps) {

@@ -78,6 +78,7 @@ void dl_attention_head(float *out, const float *q, const float *k, const float *
 
 /* -- row kernels of the forward pass (exp mode "dllama" dispatches to csrc/dl_dllama.h where it matters) -- */
 void dl_silu_mul(float *x, const float *y, int64_t n);          /* x = silu(x) * y; y NULL: silu */
+float dl_inv_rms(const float *x, int64_t n, float eps);   /* 1 / rms; f64 sum (dllama: its f32 order) */
 void dl_rmsnorm(float *out, const float *x, const float *w, int64_t n, float eps);   /* one row */
 void dl_residual_q80(float *x, float *dx, uint8_t *dxq, int64_t nb);  /* dx -> Q80 -> dx; x += dx */
 
