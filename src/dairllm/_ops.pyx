@@ -43,9 +43,9 @@ cdef extern from "dl_kernels.h" nogil:
     void dl_quantize_q80(uint8_t *out, const float *x, int64_t nb)
     void dl_dequantize_q80(float *out, const uint8_t *xq, int64_t nb)
     void dl_dequantize_q40(float *out, const uint8_t *w, int64_t nb)
-    void dl_q80_prep(float *dx, int32_t *sx, const uint8_t *xq, int64_t n_blocks)
+    void dl_q80_prep(float *dx, int32_t *sx, uint8_t *xr, const uint8_t *xq, int64_t B, int64_t nb)
     void dl_matmul_q40(float *out, const uint8_t *w, const uint8_t *xq, const float *dx, const int32_t *sx,
-                       int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r1)
+                       const uint8_t *xr, int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r1)
     void dl_matmul_q80(float *out, const uint8_t *w, const uint8_t *xq, const float *dx,
                        int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r1)
     void dl_matmul_f32(float *out, const float *w, const float *x,
@@ -352,15 +352,23 @@ def matmul_q40(out, w, xq, n_threads=None, bint batched=True):
     matmul_q40_multi((out,), (w,), xq, n_threads, batched)
 
 
-cdef inline void _q40_rows(float *out, const uint8_t *w, const uint8_t *xq, const float *dx, const int32_t *sx,
-                           int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r1, bint sgemm) noexcept nogil:
+cdef inline void _q40_rows(float *out, const uint8_t *w, const _Q80Act *x, int64_t B, int64_t d, int64_t nb,
+                           int64_t r0, int64_t r1, bint sgemm) noexcept nogil:
     if sgemm:
-        dl_matmul_q40_ref(out, w, xq, dx, B, d, nb, r0, r1, 1)
+        dl_matmul_q40_ref(out, w, x.xq, x.dx, B, d, nb, r0, r1, 1)
     else:
-        dl_matmul_q40(out, w, xq, dx, sx, B, d, nb, r0, r1)
+        dl_matmul_q40(out, w, x.xq, x.dx, x.sx, x.xr, B, d, nb, r0, r1)
 
 
 DEF MAX_MULTI = 8
+
+
+cdef struct _Q80Act:
+    # a Q80 activation and its dl_q80_prep: per-block f32 scales and int8 sums, pair layout
+    const uint8_t *xq
+    float *dx
+    int32_t *sx
+    uint8_t *xr
 
 
 def matmul_q40_multi(outs, ws, xq, n_threads=None, bint batched=True):
@@ -384,29 +392,32 @@ def matmul_q40_multi(outs, ws, xq, n_threads=None, bint batched=True):
     cdef const uint8_t *xp = <const uint8_t *>_data(xq)
     cdef int nt = _threads(n_threads, <double>B * total * nb)
     cdef bint sgemm = dl_exp_mode_g == DL_EXP_DLLAMA and batched and B > 1
-    cdef float *dx = <float *>malloc(B * nb * sizeof(float))
-    cdef int32_t *sx = <int32_t *>malloc(B * nb * sizeof(int32_t))
+    cdef _Q80Act x
+    x.xq = xp
+    x.dx = <float *>malloc(B * nb * sizeof(float))
+    x.sx = <int32_t *>malloc(B * nb * sizeof(int32_t))
+    x.xr = <uint8_t *>malloc(B * nb * QK)
     try:
-        if dx == NULL or sx == NULL:
+        if x.dx == NULL or x.sx == NULL or x.xr == NULL:
             raise MemoryError("matmul_q40_multi scratch")
         with nogil:
-            dl_q80_prep(dx, sx, xp, B * nb)
-            _mm_q40_multi(o, wp, d, k, xp, dx, sx, B, nb, total, nt, sgemm)
+            dl_q80_prep(x.dx, x.sx, x.xr, xp, B, nb)
+            _mm_q40_multi(o, wp, d, k, &x, B, nb, total, nt, sgemm)
     finally:
-        free(dx)
-        free(sx)
+        free(x.dx)
+        free(x.sx)
+        free(x.xr)
 
 
-cdef void _mm_q40_multi(float **o, const uint8_t **w, const int64_t *d, int k, const uint8_t *xq,
-                        const float *dx, const int32_t *sx, int64_t B, int64_t nb, int64_t total,
-                        int nt, bint sgemm) noexcept nogil:
+cdef void _mm_q40_multi(float **o, const uint8_t **w, const int64_t *d, int k, const _Q80Act *x,
+                        int64_t B, int64_t nb, int64_t total, int nt, bint sgemm) noexcept nogil:
     if nt == 1:
-        _mm_q40_rows(o, w, d, k, xq, dx, sx, B, nb, 0, total, sgemm)
+        _mm_q40_rows(o, w, d, k, x, B, nb, 0, total, sgemm)
         return
     cdef Py_ssize_t t
     cdef int64_t c = _chunk(total, nt)
     for t in prange(nt, schedule="static", num_threads=nt):
-        _mm_q40_rows(o, w, d, k, xq, dx, sx, B, nb, _split(d, k, t * c), _split(d, k, (t + 1) * c), sgemm)
+        _mm_q40_rows(o, w, d, k, x, B, nb, _split(d, k, t * c), _split(d, k, (t + 1) * c), sgemm)
 
 
 cdef inline int64_t _split(const int64_t *d, int k, int64_t p) noexcept nogil:
@@ -422,9 +433,8 @@ cdef inline int64_t _split(const int64_t *d, int k, int64_t p) noexcept nogil:
     return off
 
 
-cdef void _mm_q40_rows(float **o, const uint8_t **w, const int64_t *d, int k, const uint8_t *xq,
-                       const float *dx, const int32_t *sx, int64_t B, int64_t nb, int64_t a,
-                       int64_t b, bint sgemm) noexcept nogil:
+cdef void _mm_q40_rows(float **o, const uint8_t **w, const int64_t *d, int k, const _Q80Act *x,
+                       int64_t B, int64_t nb, int64_t a, int64_t b, bint sgemm) noexcept nogil:
     """Rows [a, b) of the matrices' rows taken one after the other."""
     cdef int64_t off = 0, lo, hi
     cdef int i
@@ -432,7 +442,7 @@ cdef void _mm_q40_rows(float **o, const uint8_t **w, const int64_t *d, int k, co
         lo = max(a, off)
         hi = min(b, off + d[i])
         if lo < hi:
-            _q40_rows(o[i], w[i], xq, dx, sx, B, d[i], nb, lo - off, hi - off, sgemm)
+            _q40_rows(o[i], w[i], x, B, d[i], nb, lo - off, hi - off, sgemm)
         off += d[i]
 
 
@@ -452,7 +462,7 @@ def matmul_q80(out, w, xq, n_threads=None):
         if dx == NULL or sx == NULL:
             raise MemoryError("matmul_q80 scratch")
         with nogil:
-            dl_q80_prep(dx, sx, xp, B * nb)
+            dl_q80_prep(dx, sx, NULL, xp, B, nb)
             _mm_q80(o, wp, xp, dx, B, d, nb, nt)
     finally:
         free(dx)

@@ -207,14 +207,28 @@ void dl_dequantize_q40(float *out, const uint8_t *w, int64_t nb) {
     }
 }
 
-void dl_q80_prep(float *dx, int32_t *sx, const uint8_t *xq, int64_t n_blocks) {
-    for (int64_t b = 0; b < n_blocks; b++, xq += DL_Q80_BYTES) {
-        dx[b] = dl_f16_to_f32(ld_u16(xq));
-        const int8_t *q = (const int8_t *)(xq + 2);
+void dl_q80_prep(float *dx, int32_t *sx, uint8_t *xr, const uint8_t *xq, int64_t B, int64_t nb) {
+    for (int64_t b = 0; b < B * nb; b++) {
+        const uint8_t *blk = xq + b * DL_Q80_BYTES;
+        dx[b] = dl_f16_to_f32(ld_u16(blk));
+        const int8_t *q = (const int8_t *)(blk + 2);
         int32_t s = 0;
         for (int j = 0; j < DL_QK; j++) s += q[j];
         sx[b] = s;
     }
+    if (xr == NULL) return;
+    /* per group of 8 blocks, pair k = 0..3 of blocks (k, k + 4): 64 bytes
+     * [x_k[0:16] x_k+4[0:16] | x_k[16:32] x_k+4[16:32]] (nb % 8 tail blocks are not copied) */
+    for (int64_t t = 0; t < B; t++)
+        for (int64_t g = 0; g + 8 <= nb; g += 8)
+            for (int k = 0; k < 4; k++) {
+                const uint8_t *a = xq + (t * nb + g + k) * DL_Q80_BYTES + 2, *c = a + 4 * DL_Q80_BYTES;
+                uint8_t *o = xr + (t * nb + g) * DL_QK + 64 * k;
+                memcpy(o, a, 16);
+                memcpy(o + 16, c, 16);
+                memcpy(o + 32, a + 16, 16);
+                memcpy(o + 48, c + 16, 16);
+            }
 }
 
 /* The exact integer sum_j (w_j - 8) * x_j of one Q40 block against one Q80 block. */
@@ -435,27 +449,43 @@ DL_AVX2 static void quantize_q80_avx2(uint8_t *out, const float *x, int64_t nb) 
 #define DL_PREFETCH 4096        /* bytes ahead of the weight block being read */
 #endif
 
-/* One Q40 row against one Q80 activation: groups of 8 blocks reduce their 8 integer dot
- * products with one hadd tree, then one convert and one FMA against 8 scales. */
-DL_AVX2 static float dot_q40_avx2(const uint8_t *w, const uint8_t *x, const float *dx, const int32_t *sx,
-                                  int64_t nb) {
+/* int16 lanes: low half sums to the dot of Q40 block wa with its activation, high half to wb's.
+ * The nibble bytes of both blocks share a register: low nibbles pair with elements 0..15, high
+ * nibbles with 16..31 (xr: one pair of dl_q80_prep's pair layout). Products <= 15 * 128, so int16 sums of 4 fit. */
+DL_AVX2 static inline __m256i dot_pair_u4_i8(const uint8_t *wa, const uint8_t *wb, const uint8_t *xr) {
+    const __m256i m = _mm256_set1_epi8(0x0f);
+    __m256i q = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(wa + 2))),
+                                        _mm_loadu_si128((const __m128i *)(wb + 2)), 1);
+    __m256i lo = _mm256_and_si256(q, m), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m);
+    return _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)xr)),
+                            _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(xr + 32))));
+}
+
+/* One Q40 row against one Q80 activation (x, and xr: its pair layout from dl_q80_prep). Per group of 8 blocks: four
+ * pair dots, a transpose-and-add in int16 (each lane a sum of <= 16 products: |s| <= 30720) and one
+ * madd leave block k's integer dot in lane k; then one convert and one FMA against 8 scales.
+ * Against one block per register and an int32 reduction this halves the multiply-port work
+ * (9 instead of 16 maddubs/madd per group): 16 -> 21 GB/s per core from cache here. */
+DL_AVX2 static float dot_q40_avx2(const uint8_t *w, const uint8_t *x, const uint8_t *xr, const float *dx,
+                                  const int32_t *sx, int64_t nb) {
     __m256 acc = _mm256_setzero_ps();
     int64_t b = 0;
-    for (; b + 8 <= nb; b += 8) {
-        const uint8_t *wb = w + b * DL_Q40_BYTES, *xb = x + b * DL_Q80_BYTES;
+    for (; b + 8 <= nb; b += 8, xr += 8 * DL_QK) {
+        const uint8_t *wb = w + b * DL_Q40_BYTES;
         /* software prefetch 4 KiB ahead (rows are contiguous, so this runs into the next rows):
          * measured +15-25% on a DRAM-bound single-thread matvec here, neutral in cache */
         _mm_prefetch((const char *)(wb + DL_PREFETCH), _MM_HINT_T0);
         _mm_prefetch((const char *)(wb + DL_PREFETCH + 64), _MM_HINT_T0);
         _mm_prefetch((const char *)(wb + DL_PREFETCH + 128), _MM_HINT_T0);
-        __m256i s = sum8_epi32(dot_u4_i8(unpack_q40(wb), xb),
-                               dot_u4_i8(unpack_q40(wb + 18), xb + 34),
-                               dot_u4_i8(unpack_q40(wb + 36), xb + 68),
-                               dot_u4_i8(unpack_q40(wb + 54), xb + 102),
-                               dot_u4_i8(unpack_q40(wb + 72), xb + 136),
-                               dot_u4_i8(unpack_q40(wb + 90), xb + 170),
-                               dot_u4_i8(unpack_q40(wb + 108), xb + 204),
-                               dot_u4_i8(unpack_q40(wb + 126), xb + 238));
+        __m256i p0 = dot_pair_u4_i8(wb, wb + 4 * DL_Q40_BYTES, xr);
+        __m256i p1 = dot_pair_u4_i8(wb + DL_Q40_BYTES, wb + 5 * DL_Q40_BYTES, xr + 64);
+        __m256i p2 = dot_pair_u4_i8(wb + 2 * DL_Q40_BYTES, wb + 6 * DL_Q40_BYTES, xr + 128);
+        __m256i p3 = dot_pair_u4_i8(wb + 3 * DL_Q40_BYTES, wb + 7 * DL_Q40_BYTES, xr + 192);
+        /* per 128-bit half: [p0 p0 p1 p1 p0 p0 p1 p1] (int16), then [p0 p0 p1 p1 p2 p2 p3 p3] */
+        __m256i t01 = _mm256_add_epi16(_mm256_unpacklo_epi32(p0, p1), _mm256_unpackhi_epi32(p0, p1));
+        __m256i t23 = _mm256_add_epi16(_mm256_unpacklo_epi32(p2, p3), _mm256_unpackhi_epi32(p2, p3));
+        __m256i u = _mm256_add_epi16(_mm256_unpacklo_epi64(t01, t23), _mm256_unpackhi_epi64(t01, t23));
+        __m256i s = _mm256_madd_epi16(u, _mm256_set1_epi16(1));    /* lanes: blocks 0..3 | 4..7 */
         /* sum (q - 8) x = sum q x - 8 sum x */
         s = _mm256_sub_epi32(s, _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)(sx + b)), 3));
         __m256 scale = _mm256_mul_ps(scales8(wb, DL_Q40_BYTES), _mm256_loadu_ps(dx + b));
@@ -533,10 +563,11 @@ DL_AVX2 static __m256 group8_q40(const q40_group *g, __m256 acc, const uint8_t *
 }
 
 DL_AVX2 static void matmul_q40_avx2(float *out, const uint8_t *w, const uint8_t *xq, const float *dx,
-                                    const int32_t *sx, int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r1) {
+                                    const int32_t *sx, const uint8_t *xr, int64_t B, int64_t d, int64_t nb,
+                                    int64_t r0, int64_t r1) {
     const int64_t wrow = nb * DL_Q40_BYTES, xrow = nb * DL_Q80_BYTES;
     if (B == 1) {
-        for (int64_t r = r0; r < r1; r++) out[r] = dot_q40_avx2(w + r * wrow, xq, dx, sx, nb);
+        for (int64_t r = r0; r < r1; r++) out[r] = dot_q40_avx2(w + r * wrow, xq, xr, dx, sx, nb);
         return;
     }
     q40_group g;
@@ -556,7 +587,8 @@ DL_AVX2 static void matmul_q40_avx2(float *out, const uint8_t *w, const uint8_t 
         }
         for (int64_t r = r8; r < r1; r++)
             for (int64_t t = t0; t < t0 + tn; t++)
-                out[t * d + r] = dot_q40_avx2(w + r * wrow, xq + t * xrow, dx + t * nb, sx + t * nb, nb);
+                out[t * d + r] = dot_q40_avx2(w + r * wrow, xq + t * xrow, xr + t * nb * DL_QK, dx + t * nb,
+                                              sx + t * nb, nb);
     }
 }
 
@@ -1141,16 +1173,17 @@ void dl_matmul_f32_ref(float *out, const float *w, const float *x,
 }
 
 void dl_matmul_q40(float *out, const uint8_t *w, const uint8_t *xq, const float *dx, const int32_t *sx,
-                   int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r1) {
+                   const uint8_t *xr, int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r1) {
     if (dl_exp_mode_g == DL_EXP_DLLAMA) { dl_matmul_q40_ref(out, w, xq, dx, B, d, nb, r0, r1, 0); return; }
 #if DL_X86
-    if (g_path == DL_PATH_AVX2) { matmul_q40_avx2(out, w, xq, dx, sx, B, d, nb, r0, r1); return; }
+    if (g_path == DL_PATH_AVX2) { matmul_q40_avx2(out, w, xq, dx, sx, xr, B, d, nb, r0, r1); return; }
 #endif
 #if DL_ARM
     if (g_path == DL_PATH_NEON_DOTPROD) { matmul_q40_sdot(out, w, xq, dx, B, d, nb, r0, r1); return; }
     if (g_path == DL_PATH_NEON) { matmul_q40_neon(out, w, xq, dx, B, d, nb, r0, r1); return; }
 #endif
     (void)sx;
+    (void)xr;
     matmul_q40_scalar(out, w, xq, dx, B, d, nb, r0, r1);
 }
 

@@ -47,14 +47,16 @@ void dl_quantize_q80(uint8_t *out, const float *x, int64_t nb);
 void dl_dequantize_q80(float *out, const uint8_t *xq, int64_t nb);
 void dl_dequantize_q40(float *out, const uint8_t *w, int64_t nb);
 
-/* Per Q80 block of the activation: dx = f32(d), sx = sum of its 32 int8. n_blocks over all rows. */
-void dl_q80_prep(float *dx, int32_t *sx, const uint8_t *xq, int64_t n_blocks);
+/* Per Q80 block of B activation rows of nb blocks: dx = f32(d), sx = sum of its 32 int8 (B * nb
+ * entries each). xr (B * nb * 32 bytes, or NULL when no Q40 matmul follows): the int8 values
+ * regrouped for the AVX2 Q40 dot, two blocks per 32 bytes (dl_kernels.c). */
+void dl_q80_prep(float *dx, int32_t *sx, uint8_t *xr, const uint8_t *xq, int64_t B, int64_t nb);
 
 /* -- matmul on output rows [r0, r1) for all B activation rows --
  * out[t * d + r] = sum_i W[r, i] * x[t, i]; W has d rows of nb blocks (or n values).
- * dx/sx: dl_q80_prep of xq (B * nb entries). */
+ * dx/sx/xr: dl_q80_prep of xq. */
 void dl_matmul_q40(float *out, const uint8_t *w, const uint8_t *xq, const float *dx, const int32_t *sx,
-                   int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r1);
+                   const uint8_t *xr, int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r1);
 void dl_matmul_q80(float *out, const uint8_t *w, const uint8_t *xq, const float *dx,
                    int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r1);
 void dl_matmul_f32(float *out, const float *w, const float *x,

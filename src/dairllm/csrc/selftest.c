@@ -39,6 +39,7 @@ int main(void) {
     printf("arch %s, features: %s, selected: %s\n", dl_arch(), dl_cpu_features(), dl_path_name(dl_path()));
     static float x[B * N], wf[D * N], out[B * D], ref[B * D], dx[B * NB];
     static int32_t sx[B * NB];
+    static uint8_t xr[B * NB * DL_QK];
     static uint8_t xq[B * NB * DL_Q80_BYTES], xq_ref[B * NB * DL_Q80_BYTES];
     static uint8_t w4[D * NB * DL_Q40_BYTES], w8[D * NB * DL_Q80_BYTES];
     static uint16_t wh[D * N];
@@ -56,14 +57,14 @@ int main(void) {
     dl_set_path(DL_PATH_SCALAR);
     dl_quantize_q80(w8, wf, D * NB);
     dl_quantize_q80(xq_ref, x, B * NB);
-    dl_q80_prep(dx, sx, xq_ref, B * NB);
+    dl_q80_prep(dx, sx, xr, xq_ref, B, NB);
     float ref4[B * D], ref8[B * D], reff[B * D], refh[B * D];
     enum { T = 37, HD = 72, STRIDE = 3 * HD };
     static float kc[T * STRIDE], vc[T * STRIDE], qa[HD], atto[HD], atto_ref[HD], att[T];
     for (int i = 0; i < T * STRIDE; i++) { kc[i] = frand(); vc[i] = frand(); }
     for (int i = 0; i < HD; i++) qa[i] = 2.0f * frand();
     dl_attention_head(atto_ref, qa, kc + HD, vc + HD, STRIDE, T, HD, att);
-    dl_matmul_q40(ref4, w4, xq_ref, dx, sx, B, D, NB, 0, D);
+    dl_matmul_q40(ref4, w4, xq_ref, dx, sx, xr, B, D, NB, 0, D);
     dl_matmul_q80(ref8, w8, xq_ref, dx, B, D, NB, 0, D);
     dl_matmul_f32(reff, wf, x, B, D, N, 0, D);
     dl_matmul_f16(refh, wh, x, B, D, N, 0, D);
@@ -75,9 +76,9 @@ int main(void) {
         int same = memcmp(xq, xq_ref, sizeof(xq)) == 0;
         printf("%-14s %-13s %s\n", "quantize_q80", name, same ? "bit-exact ok" : "FAIL");
         failures += !same;
-        dl_matmul_q40(out, w4, xq_ref, dx, sx, B, D, NB, 0, D);
+        dl_matmul_q40(out, w4, xq_ref, dx, sx, xr, B, D, NB, 0, D);
         check_close("matmul_q40", name, out, ref4, B * D);
-        dl_matmul_q40(out, w4, xq_ref, dx, sx, 1, D, NB, 0, D);
+        dl_matmul_q40(out, w4, xq_ref, dx, sx, xr, 1, D, NB, 0, D);
         check_close("matmul_q40 B=1", name, out, ref4, D);
         dl_matmul_q80(out, w8, xq_ref, dx, B, D, NB, 0, D);
         check_close("matmul_q80", name, out, ref8, B * D);
