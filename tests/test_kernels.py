@@ -213,6 +213,23 @@ def test_matmul_q40(path, rng, B, n, d):
     assert_matmul_close(out, ref_dequantize_q40(w), ref_dequantize_q80(xq))
 
 
+@pytest.mark.parametrize("B", [1, 3])
+def test_matmul_q40_extreme_values(path, rng, B):
+    """Nibbles at 0 and 15 against int8 at -128 and 127: the AVX2 kernel sums 16 such products per
+    int16 lane (|sum| <= 30720), so these are the values that would overflow a wider sum."""
+    n, d = 512, 19
+    w = random_q40(rng, d, n).reshape(d, n // 32, 18)
+    w[..., 2:] = rng.choice(np.array([0x00, 0xff, 0x0f, 0xf0], np.uint8), w[..., 2:].shape)
+    w[: d // 2, :, 2:] = 0xff                    # all 15: the largest unsigned weight
+    xq = random_q80(rng, B, n).reshape(B, n // 32, 34)
+    xq[..., 2:] = rng.choice(np.array([-128, 127], np.int8), xq[..., 2:].shape).view(np.uint8)
+    xq[0, :, 2:] = np.array(-128, np.int8).view(np.uint8)
+    w, xq = w.reshape(d, -1), xq.reshape(B, -1)
+    out = np.empty((B, d), np.float32)
+    _ops.matmul_q40(out, w, xq)
+    assert_matmul_close(out, ref_dequantize_q40(w), ref_dequantize_q80(xq))
+
+
 @pytest.mark.parametrize("B,n,d", [(1, 64, 3), (7, 320, 33), (33, 256, 19)])
 def test_matmul_q80(path, rng, B, n, d):
     w = random_q80(rng, d, n)
