@@ -48,6 +48,10 @@ cdef extern from "dl_kernels.h" nogil:
                        const uint8_t *xr, int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r1)
     void dl_matmul_q80(float *out, const uint8_t *w, const uint8_t *xq, const float *dx,
                        int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r1)
+    int DL_Q40X8_BYTES
+    void dl_repack_q40x8(uint8_t *dst, const uint8_t *w, int64_t n_groups, int64_t nb)
+    void dl_matmul_q40x8(float *out, const uint8_t *wx, const uint8_t *xq, const float *dx, const int32_t *sx,
+                         int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r1)
     void dl_matmul_f32(float *out, const float *w, const float *x,
                        int64_t B, int64_t d, int64_t n, int64_t r0, int64_t r1)
     void dl_matmul_f16(float *out, const uint16_t *w, const float *x,
@@ -327,12 +331,14 @@ cdef void _by_blocks(uint8_t *out, const float *x, int64_t n_blocks, int nt) noe
 
 # ============================================================================ matmul
 
-cdef object _check_matmul(object out, object w, object x, int64_t row_bytes_per_block, str wfmt):
-    """Shapes for out[B, d] = x[B, n] @ W[d, n]^T with quantized W rows; returns (B, d, nb)."""
+cdef object _check_matmul(object out, object w, object x, int64_t row_bytes_per_block, str wfmt,
+                          int64_t rows_per_w_row=1):
+    """Shapes for out[B, d] = x[B, n] @ W[d, n]^T with quantized W rows; returns (B, d, nb).
+    rows_per_w_row: 8 for Q40x8 (one array row holds a group of 8 matrix rows)."""
     _out(out, "out", _F32, 2)
     _arr(w, "w", _U8, 2)
     _arr(x, "xq", _U8, 2)
-    cdef int64_t B = _dim(x, 0), d = _dim(w, 0), xrow = _dim(x, 1)
+    cdef int64_t B = _dim(x, 0), d = _dim(w, 0) * rows_per_w_row, xrow = _dim(x, 1)
     if xrow == 0 or xrow % Q80_BYTES:
         raise ValueError(f"xq: rows of {xrow} bytes are not whole Q80 blocks ({Q80_BYTES} bytes)")
     cdef int64_t nb = xrow // Q80_BYTES
@@ -352,12 +358,21 @@ def matmul_q40(out, w, xq, n_threads=None, bint batched=True):
     matmul_q40_multi((out,), (w,), xq, n_threads, batched)
 
 
+cdef enum:   # what _q40_rows runs: the Q40 kernel, distributed-llama's batched order, the Q40x8 kernel
+    _PLAIN = 0
+    _SGEMM = 1
+    _X8 = 2
+
+
 cdef inline void _q40_rows(float *out, const uint8_t *w, const _Q80Act *x, int64_t B, int64_t d, int64_t nb,
-                           int64_t r0, int64_t r1, bint sgemm) noexcept nogil:
-    if sgemm:
+                           int64_t r0, int64_t r1, int kind) noexcept nogil:
+    if kind == _SGEMM:
         dl_matmul_q40_ref(out, w, x.xq, x.dx, B, d, nb, r0, r1, 1)
+    elif kind == _X8:
+        dl_matmul_q40x8(out, w, x.xq, x.dx, x.sx, B, d, nb, r0, r1)
     else:
         dl_matmul_q40(out, w, x.xq, x.dx, x.sx, x.xr, B, d, nb, r0, r1)
+
 
 
 DEF MAX_MULTI = 8
@@ -375,15 +390,50 @@ def matmul_q40_multi(outs, ws, xq, n_threads=None, bint batched=True):
     """outs[i] = xq @ ws[i]^T (as matmul_q40, `batched` too) for up to 8 Q40 matrices sharing one Q80
     input, such as the q/k/v or the gate/up projections: one parallel region splits their
     concatenated rows."""
+    _q40_multi(outs, ws, xq, n_threads, batched, False)
+
+
+def repack_q40x8(out, w):
+    """out = w regrouped 8 rows at a time (the Q40x8 layout, csrc/dl_kernels.h): w is a Q40
+    matrix of d rows (d a multiple of 8), out uint8 [d / 8, 8 * w.shape[1]]."""
+    _arr(w, "w", _U8, 2)
+    _out(out, "out", _U8, 2)
+    cdef int64_t d = _dim(w, 0), row = _dim(w, 1)
+    if d % 8 or row == 0 or row % Q40_BYTES:
+        raise ValueError(f"w: shape {w.shape} is not a Q40 matrix of a multiple of 8 rows")
+    if _dim(out, 0) != d // 8 or _dim(out, 1) != 8 * row:
+        raise ValueError(f"out: shape {out.shape}, expected ({d // 8}, {8 * row})")
+    cdef const uint8_t *src = <const uint8_t *>_data(w)
+    cdef uint8_t *dst = <uint8_t *>_data(out)
+    with nogil:
+        dl_repack_q40x8(dst, src, d // 8, row // Q40_BYTES)
+
+
+def matmul_q40x8(out, wx, xq, n_threads=None):
+    """As matmul_q40 for a matrix in the Q40x8 layout (repack_q40x8): wx uint8 [d / 8, nb * 144].
+    Exact mode only: its float order is not the reference's."""
+    _q40_multi((out,), (wx,), xq, n_threads, True, True)
+
+
+def matmul_q40x8_multi(outs, wxs, xq, n_threads=None):
+    """matmul_q40_multi for matrices in the Q40x8 layout."""
+    _q40_multi(outs, wxs, xq, n_threads, True, True)
+
+
+cdef _q40_multi(outs, ws, xq, n_threads, bint batched, bint x8):
     cdef Py_ssize_t k = len(outs), i
     if k != len(ws) or k == 0 or k > MAX_MULTI:
         raise ValueError(f"outs and ws: 1..{MAX_MULTI} matrices each, got {len(outs)} and {len(ws)}")
+    if x8 and dl_exp_mode_g == DL_EXP_DLLAMA:
+        raise RuntimeError("Q40x8 matrices compute in exp mode 'exact' only (the reference's float "
+                           "order needs the file's Q40 layout)")
     cdef float *o[MAX_MULTI]
     cdef const uint8_t *wp[MAX_MULTI]
     cdef int64_t d[MAX_MULTI]
     cdef int64_t B = 0, nb = 0, total = 0
     for i in range(k):
-        B, d[i], nb = _check_matmul(outs[i], ws[i], xq, Q40_BYTES, "Q40")
+        B, d[i], nb = (_check_matmul(outs[i], ws[i], xq, DL_Q40X8_BYTES, "Q40x8", 8) if x8 else
+                       _check_matmul(outs[i], ws[i], xq, Q40_BYTES, "Q40"))
         o[i] = <float *>_data(outs[i])
         wp[i] = <const uint8_t *>_data(ws[i])
         total += d[i]
@@ -391,7 +441,7 @@ def matmul_q40_multi(outs, ws, xq, n_threads=None, bint batched=True):
         return
     cdef const uint8_t *xp = <const uint8_t *>_data(xq)
     cdef int nt = _threads(n_threads, <double>B * total * nb)
-    cdef bint sgemm = dl_exp_mode_g == DL_EXP_DLLAMA and batched and B > 1
+    cdef int kind = _X8 if x8 else (_SGEMM if dl_exp_mode_g == DL_EXP_DLLAMA and batched and B > 1 else _PLAIN)
     cdef _Q80Act x
     x.xq = xp
     x.dx = <float *>malloc(B * nb * sizeof(float))
@@ -402,7 +452,7 @@ def matmul_q40_multi(outs, ws, xq, n_threads=None, bint batched=True):
             raise MemoryError("matmul_q40_multi scratch")
         with nogil:
             dl_q80_prep(x.dx, x.sx, x.xr, xp, B, nb)
-            _mm_q40_multi(o, wp, d, k, &x, B, nb, total, nt, sgemm)
+            _mm_q40_multi(o, wp, d, k, &x, B, nb, total, nt, kind)
     finally:
         free(x.dx)
         free(x.sx)
@@ -410,14 +460,14 @@ def matmul_q40_multi(outs, ws, xq, n_threads=None, bint batched=True):
 
 
 cdef void _mm_q40_multi(float **o, const uint8_t **w, const int64_t *d, int k, const _Q80Act *x,
-                        int64_t B, int64_t nb, int64_t total, int nt, bint sgemm) noexcept nogil:
+                        int64_t B, int64_t nb, int64_t total, int nt, int kind) noexcept nogil:
     if nt == 1:
-        _mm_q40_rows(o, w, d, k, x, B, nb, 0, total, sgemm)
+        _mm_q40_rows(o, w, d, k, x, B, nb, 0, total, kind)
         return
     cdef Py_ssize_t t
     cdef int64_t c = _chunk(total, nt)
     for t in prange(nt, schedule="static", num_threads=nt):
-        _mm_q40_rows(o, w, d, k, x, B, nb, _split(d, k, t * c), _split(d, k, (t + 1) * c), sgemm)
+        _mm_q40_rows(o, w, d, k, x, B, nb, _split(d, k, t * c), _split(d, k, (t + 1) * c), kind)
 
 
 cdef inline int64_t _split(const int64_t *d, int k, int64_t p) noexcept nogil:
@@ -434,7 +484,7 @@ cdef inline int64_t _split(const int64_t *d, int k, int64_t p) noexcept nogil:
 
 
 cdef void _mm_q40_rows(float **o, const uint8_t **w, const int64_t *d, int k, const _Q80Act *x,
-                       int64_t B, int64_t nb, int64_t a, int64_t b, bint sgemm) noexcept nogil:
+                       int64_t B, int64_t nb, int64_t a, int64_t b, int kind) noexcept nogil:
     """Rows [a, b) of the matrices' rows taken one after the other."""
     cdef int64_t off = 0, lo, hi
     cdef int i
@@ -442,7 +492,7 @@ cdef void _mm_q40_rows(float **o, const uint8_t **w, const int64_t *d, int k, co
         lo = max(a, off)
         hi = min(b, off + d[i])
         if lo < hi:
-            _q40_rows(o[i], w[i], x, B, d[i], nb, lo - off, hi - off, sgemm)
+            _q40_rows(o[i], w[i], x, B, d[i], nb, lo - off, hi - off, kind)
         off += d[i]
 
 

@@ -40,8 +40,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="run the engines alternately this many times, keep each one's best run")
     p.add_argument("--no-llamacpp", action="store_true", help="skip llama.cpp")
     p.add_argument("--no-kernels", action="store_true", help="skip the kernel benchmarks")
+    p.add_argument("--no-repack", action="store_true",
+                   help="skip the run on Q40x8 weights (generate --repack; its copy is made once)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--child", choices=["dairllm", "llamacpp"], help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=["dairllm", "dairllm-x8", "llamacpp"], help=argparse.SUPPRESS)
     p.add_argument("--gguf", help=argparse.SUPPRESS)
 
 
@@ -164,13 +166,14 @@ def child_dairllm(args) -> dict:
 
     before = _memory()
     P, G = args.prompt_tokens, args.gen_tokens
-    with Model.open(args.model, max_seq_len=P + G + 8, nthreads=args.nthreads) as m:
+    repack = args.child == "dairllm-x8"
+    with Model.open(args.model, max_seq_len=P + G + 8, nthreads=args.nthreads, repack=repack) as m:
         prompt = _prompt(m.vocab_size, P)
         list(m.generate(prompt[:8], steps=4))                    # warm-up: page weights in
         tokens = list(m.generate(prompt, steps=G))
         st = m.stats
         mem = _memory()
-        return dict(engine="dairllm", prompt_tps=st.prompt_tps, decode_tps=st.decode_tps,
+        return dict(engine=args.child, prompt_tps=st.prompt_tps, decode_tps=st.decode_tps,
                     generated=len(tokens), peak_rss=mem.get("VmHWM"), rss_file=mem.get("RssFile"),
                     rss_anon=mem.get("RssAnon"), rss_anon_before_open=before.get("RssAnon"),
                     state_bytes=m.state.nbytes, kv_bytes=m.state.kv_nbytes,
@@ -215,7 +218,8 @@ def _spawn(args, which: str, model: Path, gguf_path: "Path | None" = None) -> di
         cmd += ["--nthreads", str(args.nthreads)]
     if gguf_path is not None:
         cmd += ["--gguf", str(gguf_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    env = dict(os.environ, DAIRLLM_CACHE=str(Path(args.cache_dir).expanduser()))   # Q40x8 copies too
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env)
     if proc.returncode != 0:
         raise DairError(f"{which} benchmark failed:\n{proc.stderr.strip()[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -247,7 +251,7 @@ def kernel_section(args) -> "dict | None":
 
 def run(args: argparse.Namespace) -> int:
     if args.child:
-        result = child_dairllm(args) if args.child == "dairllm" else child_llamacpp(args)
+        result = child_llamacpp(args) if args.child == "llamacpp" else child_dairllm(args)
         print(json.dumps(result))
         return 0
     if args.prompt_tokens <= 0 or args.gen_tokens < 2:
@@ -266,8 +270,10 @@ def run(args: argparse.Namespace) -> int:
         except (ImportError, DairError) as e:
             log.warning("llama.cpp comparison skipped: %s", e)
             report["llama.cpp"] = {"error": str(e)[-500:]}
-    for _ in range(max(1, args.repeat)):        # alternate, so both see the same conditions
-        report["dairllm"] = _best(report.get("dairllm"), _spawn(args, "dairllm", model))
+    ours = ["dairllm"] + ([] if args.no_repack else ["dairllm-x8"])
+    for _ in range(max(1, args.repeat)):        # alternate, so all see the same conditions
+        for engine in ours:
+            report[engine] = _best(report.get(engine), _spawn(args, engine, model))
         if gguf_path is not None:
             report["llama.cpp"] = _best(report.get("llama.cpp"),
                                         _spawn(args, "llamacpp", model, gguf_path))
@@ -319,30 +325,32 @@ def print_report(r: dict) -> None:
         from ..bench_kernels import format_report
 
         print(format_report(r["kernels"]))
-    ours, theirs = r["dairllm"], r.get("llama.cpp") or {}
+    ours = [r[e] for e in ("dairllm", "dairllm-x8") if e in r]
+    theirs = r.get("llama.cpp") or {}
     floor = r.get("decode_floor_tps")
-    print(f"{'engine':10s} {'prompt tok/s':>13s} {'decode tok/s':>13s} {'peak RSS':>10s} "
+    print(f"{'engine':12s} {'prompt tok/s':>13s} {'decode tok/s':>13s} {'peak RSS':>10s} "
           f"{'RSS file':>10s} {'RSS anon':>10s}")
-    for e in (ours, theirs):
+    for e in (*ours, theirs):
         if "prompt_tps" in e:
-            print(f"{e['engine']:10s} {e['prompt_tps']:13.1f} {e['decode_tps']:13.1f} "
+            print(f"{e['engine']:12s} {e['prompt_tps']:13.1f} {e['decode_tps']:13.1f} "
                   f"{e['peak_rss'] / 2**20:8.0f}Mi {e['rss_file'] / 2**20:8.0f}Mi "
                   f"{e['rss_anon'] / 2**20:8.0f}Mi")
         elif "error" in e:
-            print(f"llama.cpp  skipped: {e['error'].splitlines()[-1] if e['error'] else ''}")
-    print(f"dairllm run state (KV cache + activations): {ours['state_bytes'] / 2**20:.1f} MiB "
-          f"(KV {ours['kv_bytes'] / 2**20:.1f} MiB); anonymous RSS before opening the model "
-          f"{ours['rss_anon_before_open'] / 2**20:.0f} MiB")
-    if "prompt_tps" in theirs:
-        print(f"ratio dairllm / llama.cpp: prompt {ours['prompt_tps'] / theirs['prompt_tps']:.2f}, "
-              f"decode {ours['decode_tps'] / theirs['decode_tps']:.2f}")
+            print(f"llama.cpp    skipped: {e['error'].splitlines()[-1] if e['error'] else ''}")
+    if len(ours) > 1:
+        print("dairllm-x8: the same model with its Q40 matrices read from a Q40x8 copy (--repack)")
+    print(f"dairllm run state (KV cache + activations): {ours[0]['state_bytes'] / 2**20:.1f} MiB "
+          f"(KV {ours[0]['kv_bytes'] / 2**20:.1f} MiB); anonymous RSS before opening the model "
+          f"{ours[0]['rss_anon_before_open'] / 2**20:.0f} MiB")
+    for e in ours:
+        if "prompt_tps" in theirs:
+            print(f"ratio {e['engine']} / llama.cpp: prompt {e['prompt_tps'] / theirs['prompt_tps']:.2f}, "
+                  f"decode {e['decode_tps'] / theirs['decode_tps']:.2f}")
     if floor:
         probes = r.get("kernels", {}).get("bandwidth_gbs_after", {})
         if probes:
             t, after = next(iter(probes.items()))
             print(f"memory read bandwidth, {t} thread(s), probed again after the engines: {after:.1f} GB/s; "
                   f"the limit below is the higher probe, {r['bandwidth_bytes_per_s'] / gb:.1f} GB/s")
-        line = f"decode vs bandwidth floor ({floor:.1f} tok/s): dairllm {ours['decode_tps'] / floor:.0%}"
-        if "decode_tps" in theirs:
-            line += f", llama.cpp {theirs['decode_tps'] / floor:.0%}"
-        print(line)
+        parts = [f"{e['engine']} {e['decode_tps'] / floor:.0%}" for e in (*ours, theirs) if "decode_tps" in e]
+        print(f"decode vs bandwidth floor ({floor:.1f} tok/s): " + ", ".join(parts))

@@ -21,6 +21,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ram-budget", default=None,
                    help="cap resident weights + run state (4G, 512M, 50%%): layers that do not "
                         "fit are streamed from disk")
+    p.add_argument("--repack", action="store_true",
+                   help="read Q40 matrices from a Q40x8 copy of them (made once under "
+                        "$DAIRLLM_CACHE, as big as those matrices): a faster decode on AVX2")
     p.add_argument("--temperature", type=float, default=0.7,
                    help="sampling temperature (0: greedy)")
     p.add_argument("--topp", type=float, default=0.9, help="top-p (nucleus) sampling")
@@ -46,9 +49,8 @@ def open_session(args: argparse.Namespace):
         from ..cluster.cli import cluster_kwargs
         kw = cluster_kwargs(args)               # Model.open(workers=...) -> a ClusterModel
     else:
-        kw = dict(max_seq_len=args.max_seq_len, nthreads=args.nthreads)
-        if args.ram_budget is not None:
-            kw["ram_budget"] = args.ram_budget
+        from .generate import open_kwargs
+        kw = open_kwargs(args)
     tok = Tokenizer.open(args.tokenizer)
     specials = [_piece(tok, i) for i in tok.special_ids]
     template = ChatTemplate.choose(tok.chat_template, args.chat_template,

@@ -288,6 +288,45 @@ static void matmul_q40_scalar(float *out, const uint8_t *w, const uint8_t *xq, c
     }
 }
 
+void dl_repack_q40x8(uint8_t *dst, const uint8_t *w, int64_t n_groups, int64_t nb) {
+    const int64_t wrow = nb * DL_Q40_BYTES;
+    for (int64_t g = 0; g < n_groups; g++)
+        for (int64_t b = 0; b < nb; b++) {
+            uint8_t *o = dst + (g * nb + b) * DL_Q40X8_BYTES;
+            for (int r = 0; r < 8; r++) {
+                const uint8_t *blk = w + (g * 8 + r) * wrow + b * DL_Q40_BYTES;
+                memcpy(o + 2 * r, blk, 2);
+                for (int c = 0; c < 4; c++) memcpy(o + 16 + 32 * c + 4 * r, blk + 2 + 4 * c, 4);
+            }
+        }
+}
+
+/* Row r of a Q40x8 group against one Q80 activation: the exact integer dot per block, as
+ * block_dot_q40 on the original bytes, scaled and summed in block order. */
+static float dot_q40x8_scalar(const uint8_t *group, int r, const uint8_t *x, const float *dx, int64_t nb) {
+    float sum = 0.0f;
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *p = group + b * DL_Q40X8_BYTES;
+        const int8_t *xs = (const int8_t *)(x + b * DL_Q80_BYTES + 2);
+        int32_t s = 0;
+        for (int c = 0; c < 4; c++)
+            for (int j = 0; j < 4; j++) {
+                const uint8_t q = p[16 + 32 * c + 4 * r + j];
+                s += ((int)(q & 15) - 8) * xs[4 * c + j] + ((int)(q >> 4) - 8) * xs[16 + 4 * c + j];
+            }
+        sum += (float)s * (dl_f16_to_f32(ld_u16(p + 2 * r)) * dx[b]);
+    }
+    return sum;
+}
+
+static void matmul_q40x8_scalar(float *out, const uint8_t *wx, const uint8_t *xq, const float *dx,
+                                int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++)
+        for (int64_t t = 0; t < B; t++)
+            out[t * d + r] = dot_q40x8_scalar(wx + (r / 8) * nb * DL_Q40X8_BYTES, (int)(r % 8),
+                                              xq + t * nb * DL_Q80_BYTES, dx + t * nb, nb);
+}
+
 static void matmul_q80_scalar(float *out, const uint8_t *w, const uint8_t *xq, const float *dx,
                               int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; r++) {
@@ -562,6 +601,44 @@ DL_AVX2 static __m256 group8_q40(const q40_group *g, __m256 acc, const uint8_t *
     return acc;
 }
 
+/* The 8 rows of a Q40x8 group, blocks [b0, b0 + cb), in q40_group form: one and / shift per
+ * 32 bytes, since the layout already holds 4 bytes of each row side by side. */
+DL_AVX2 static void repack8_q40x8(q40_group *g, const uint8_t *wx, int64_t b0, int64_t cb) {
+    const __m256i m = _mm256_set1_epi8(0x0f);
+    for (int64_t b = 0; b < cb; b++) {
+        const uint8_t *p = wx + (b0 + b) * DL_Q40X8_BYTES;
+        for (int c = 0; c < 4; c++) {
+            __m256i q = _mm256_loadu_si256((const __m256i *)(p + 16 + 32 * c));
+            g->w[b][c] = _mm256_and_si256(q, m);
+            g->w[b][4 + c] = _mm256_and_si256(_mm256_srli_epi16(q, 4), m);
+        }
+        g->dw[b] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+    }
+}
+
+/* Batched rows [r0, r8) (a multiple of 8) for all B tokens, tiles of Q40_TOK_TILE tokens. w is a
+ * Q40 matrix or (x8) a Q40x8 one; only the repack into q40_group differs. */
+DL_AVX2 static void batched8_q40_avx2(float *out, const uint8_t *w, int x8, const uint8_t *xq, const float *dx,
+                                      const int32_t *sx, int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r8) {
+    const int64_t wrow = nb * DL_Q40_BYTES, xrow = nb * DL_Q80_BYTES;
+    q40_group g;
+    __m256 acc[Q40_TOK_TILE];
+    for (int64_t t0 = 0; t0 < B; t0 += Q40_TOK_TILE) {
+        const int64_t tn = min64(Q40_TOK_TILE, B - t0);
+        for (int64_t r = r0; r < r8; r += 8) {
+            for (int64_t t = 0; t < tn; t++) acc[t] = _mm256_setzero_ps();
+            for (int64_t b0 = 0; b0 < nb; b0 += Q40_BLK_CHUNK) {
+                const int64_t cb = min64(Q40_BLK_CHUNK, nb - b0);
+                if (x8) repack8_q40x8(&g, w + r * wrow, b0, cb);      /* group r / 8: same offset */
+                else repack8_q40(&g, w + r * wrow, wrow, b0, cb);
+                for (int64_t t = 0; t < tn; t++)
+                    acc[t] = group8_q40(&g, acc[t], xq + (t0 + t) * xrow, dx + (t0 + t) * nb, sx + (t0 + t) * nb, b0, cb);
+            }
+            for (int64_t t = 0; t < tn; t++) _mm256_storeu_ps(out + (t0 + t) * d + r, acc[t]);
+        }
+    }
+}
+
 DL_AVX2 static void matmul_q40_avx2(float *out, const uint8_t *w, const uint8_t *xq, const float *dx,
                                     const int32_t *sx, const uint8_t *xr, int64_t B, int64_t d, int64_t nb,
                                     int64_t r0, int64_t r1) {
@@ -570,26 +647,48 @@ DL_AVX2 static void matmul_q40_avx2(float *out, const uint8_t *w, const uint8_t 
         for (int64_t r = r0; r < r1; r++) out[r] = dot_q40_avx2(w + r * wrow, xq, xr, dx, sx, nb);
         return;
     }
-    q40_group g;
-    __m256 acc[Q40_TOK_TILE];
     const int64_t r8 = r0 + ((r1 - r0) & ~(int64_t)7);
-    for (int64_t t0 = 0; t0 < B; t0 += Q40_TOK_TILE) {
-        const int64_t tn = min64(Q40_TOK_TILE, B - t0);
-        for (int64_t r = r0; r < r8; r += 8) {
-            for (int64_t t = 0; t < tn; t++) acc[t] = _mm256_setzero_ps();
-            for (int64_t b0 = 0; b0 < nb; b0 += Q40_BLK_CHUNK) {
-                const int64_t cb = min64(Q40_BLK_CHUNK, nb - b0);
-                repack8_q40(&g, w + r * wrow, wrow, b0, cb);
-                for (int64_t t = 0; t < tn; t++)
-                    acc[t] = group8_q40(&g, acc[t], xq + (t0 + t) * xrow, dx + (t0 + t) * nb, sx + (t0 + t) * nb, b0, cb);
+    batched8_q40_avx2(out, w, 0, xq, dx, sx, B, d, nb, r0, r8);
+    for (int64_t r = r8; r < r1; r++)
+        for (int64_t t = 0; t < B; t++)
+            out[t * d + r] = dot_q40_avx2(w + r * wrow, xq + t * xrow, xr + t * nb * DL_QK, dx + t * nb,
+                                          sx + t * nb, nb);
+}
+
+/* Q40x8 matvec, 8 rows per pass: per block, 4 loads give all 8 rows' nibbles, each half of a byte
+ * against 4 activation bytes broadcast to every row's lane: no horizontal sums and no shuffles, so
+ * a block of 8 rows costs about 34 vector ops against 52 for 8 blocks of one row in the Q40 layout
+ * (1.5-1.6x the Q40 kernel's speed from cache here). int16 lanes sum 16 products: |s| <= 30720. */
+DL_AVX2 static void matvec_q40x8_avx2(float *out, const uint8_t *wx, const uint8_t *xq, const float *dx,
+                                      const int32_t *sx, int64_t nb, int64_t g0, int64_t g1) {
+    const __m256i m = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+    for (int64_t g = g0; g < g1; g++) {
+        __m256 acc = _mm256_setzero_ps();
+        const uint8_t *p = wx + g * nb * DL_Q40X8_BYTES;
+        for (int64_t b = 0; b < nb; b++, p += DL_Q40X8_BYTES) {
+            _mm_prefetch((const char *)(p + DL_PREFETCH), _MM_HINT_T0);
+            _mm_prefetch((const char *)(p + DL_PREFETCH + 64), _MM_HINT_T0);
+            _mm_prefetch((const char *)(p + DL_PREFETCH + 128), _MM_HINT_T0);
+            const uint8_t *x = xq + b * DL_Q80_BYTES + 2;
+            __m256i s = _mm256_setzero_si256();
+            for (int c = 0; c < 4; c++) {
+                __m256i q = _mm256_loadu_si256((const __m256i *)(p + 16 + 32 * c));
+                s = _mm256_add_epi16(s, _mm256_maddubs_epi16(_mm256_and_si256(q, m), bcast32(x + 4 * c)));
+                s = _mm256_add_epi16(s, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(q, 4), m),
+                                                             bcast32(x + 16 + 4 * c)));
             }
-            for (int64_t t = 0; t < tn; t++) _mm256_storeu_ps(out + (t0 + t) * d + r, acc[t]);
+            __m256i si = _mm256_sub_epi32(_mm256_madd_epi16(s, ones), _mm256_set1_epi32(8 * sx[b]));
+            __m256 scale = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)), _mm256_set1_ps(dx[b]));
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(si), scale, acc);
         }
-        for (int64_t r = r8; r < r1; r++)
-            for (int64_t t = t0; t < t0 + tn; t++)
-                out[t * d + r] = dot_q40_avx2(w + r * wrow, xq + t * xrow, xr + t * nb * DL_QK, dx + t * nb,
-                                              sx + t * nb, nb);
+        _mm256_storeu_ps(out + 8 * g, acc);
     }
+}
+
+DL_AVX2 static void matmul_q40x8_avx2(float *out, const uint8_t *wx, const uint8_t *xq, const float *dx,
+                                      const int32_t *sx, int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r1) {
+    if (B == 1) matvec_q40x8_avx2(out, wx, xq, dx, sx, nb, r0 / 8, r1 / 8);
+    else batched8_q40_avx2(out, wx, 1, xq, dx, sx, B, d, nb, r0, r1);
 }
 
 DL_AVX2 static float dot_q80_avx2(const uint8_t *w, const uint8_t *x, const float *dx, int64_t nb) {
@@ -1185,6 +1284,15 @@ void dl_matmul_q40(float *out, const uint8_t *w, const uint8_t *xq, const float 
     (void)sx;
     (void)xr;
     matmul_q40_scalar(out, w, xq, dx, B, d, nb, r0, r1);
+}
+
+void dl_matmul_q40x8(float *out, const uint8_t *wx, const uint8_t *xq, const float *dx, const int32_t *sx,
+                     int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r1) {
+#if DL_X86
+    if (g_path == DL_PATH_AVX2) { matmul_q40x8_avx2(out, wx, xq, dx, sx, B, d, nb, r0, r1); return; }
+#endif
+    (void)sx;
+    matmul_q40x8_scalar(out, wx, xq, dx, B, d, nb, r0, r1);
 }
 
 void dl_matmul_q80(float *out, const uint8_t *w, const uint8_t *xq, const float *dx,

@@ -64,6 +64,16 @@ void dl_matmul_f32(float *out, const float *w, const float *x,
 void dl_matmul_f16(float *out, const uint16_t *w, const float *x,
                    int64_t B, int64_t d, int64_t n, int64_t r0, int64_t r1);
 
+/* -- Q40x8: dairllm's own layout of Q40 rows, 8 at a time (kept in a sidecar file, see
+ * formats/repacked.py). Per group of 8 rows and block b, DL_Q40X8_BYTES: the 8 rows' f16 scales
+ * (16 bytes), then for c = 0..3, 32 bytes holding nibble bytes 4c..4c+3 of rows 0..7 (4 bytes
+ * each). The same bytes as Q40, regrouped so one 32-byte load feeds all 8 rows. */
+#define DL_Q40X8_BYTES 144
+void dl_repack_q40x8(uint8_t *dst, const uint8_t *w, int64_t n_groups, int64_t nb);   /* n_groups * 8 rows */
+/* As dl_matmul_q40 (exact mode only); d, r0 and r1 multiples of 8. */
+void dl_matmul_q40x8(float *out, const uint8_t *wx, const uint8_t *xq, const float *dx, const int32_t *sx,
+                     int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r1);
+
 /* -- exp mode "dllama": the reference's summation orders (csrc/dl_dllama.h), SIMD where available --
  * sgemm = 1: its batched GEMM order (8 lanes per output), 0: its matvec order (one fused chain). */
 void dl_matmul_q40_ref(float *out, const uint8_t *w, const uint8_t *xq, const float *dx,

@@ -21,7 +21,7 @@ from ..formats.modelfile import Arch, Header, ModelFile
 from ..formats.quant import FloatType
 from . import forward as fw
 from .state import RunState
-from .weights import ResidentWeights, WeightProvider
+from .weights import RepackedWeights, ResidentWeights, WeightProvider
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,8 @@ class Net:
         q40 = h.weight_type is FloatType.Q40
         # matmul_many(outs, ws, x): several matrices on one input (one parallel region for Q40)
         self.matmul_many: Callable = ops.matmul_q40_multi if q40 else self._matmul_each
+        if getattr(weights, "repacked", False):     # dense Q40 matrices in the Q40x8 layout
+            self.matmul, self.matmul_many = ops.matmul_q40x8, ops.matmul_q40x8_multi
         # Expert rows are independent matvecs in the reference (its batched GEMM never sees them);
         # that changes the float summation order only in exp mode "dllama".
         self.expert_matmul: Callable = partial(self.matmul, batched=False) if q40 else self.matmul
@@ -110,7 +112,7 @@ class Model:
     def open(cls, path, max_seq_len: "int | None" = None, nthreads: "int | None" = None,
              max_batch: int = DEFAULT_MAX_BATCH, ram_budget: "str | int | None" = None,
              stream_options: "dict | None" = None, workers: "list[str] | None" = None,
-             **cluster_options) -> "Model":
+             repack: bool = False, **cluster_options) -> "Model":
         """Map `path` (weights stay in the page cache, never copied) and allocate the run state.
 
         max_seq_len caps the context (and the KV cache) below the file's seq_len; nthreads sets
@@ -118,7 +120,13 @@ class Model:
         prompt tokens one pass over the weights serves. ram_budget ("4G", "512M", "50%", bytes)
         caps resident weights + run state: layers that do not fit are streamed from disk by a
         dairllm.store.LayerStore (stream_options: its mode / drop_cache / prefetch).
+        repack: read the Q40 matrices from a Q40x8 sidecar file (built once under $DAIRLLM_CACHE,
+        formats/repacked.py) for a faster matvec on AVX2; resident dense Q40 models only, exact
+        exp mode only; elsewhere it is logged and ignored.
         """
+        if repack and (workers or ram_budget is not None):
+            raise ConfigError("repack works with resident weights on one node, not with "
+                              "workers or ram_budget")
         if workers:                           # a cluster: dairllm.cluster.root.ClusterModel
             from ..cluster import open_cluster
             return open_cluster(path, workers, max_seq_len=max_seq_len, nthreads=nthreads,
@@ -138,7 +146,8 @@ class Model:
         if h.weight_type not in _MATMUL_BY_TYPE:
             raise ConfigError(f"{path}: no matmul kernel for {h.weight_type.name} weights")
         if ram_budget is None:
-            weights = ResidentWeights(mf)
+            weights = _repacked_weights(mf) if repack else None
+            weights = weights or ResidentWeights(mf)
         else:
             from ..store import open_store_for
             try:
@@ -282,3 +291,22 @@ def _last_row(s: RunState, r) -> "object":
     one = s.rows(1)
     one.x[0] = r.x[r.n - 1]
     return one
+
+
+def _repacked_weights(mf: ModelFile) -> "RepackedWeights | None":
+    """The Q40x8 sidecar's weights, or None (logged) where it would not help or cannot be used."""
+    from ..formats.repacked import RepackedFile, unsupported_reason
+
+    reason = unsupported_reason(mf)
+    if reason is None and ops.build_info()["simd_selected"] != "avx2":
+        reason = f"no fast Q40x8 kernel on the {ops.build_info()['simd_selected']} path"
+    if reason is None and ops.get_exp_mode() != "exact":
+        reason = "exp mode dllama needs the file's Q40 layout"
+    if reason:
+        log.warning("repack ignored: %s", reason)
+        return None
+    try:
+        return RepackedWeights(mf, RepackedFile(mf))
+    except BaseException:
+        mf.close()
+        raise

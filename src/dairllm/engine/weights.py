@@ -8,7 +8,7 @@ cluster node builds one for its own layer range only.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol, Sequence
 
 import numpy as np
@@ -103,3 +103,21 @@ class ResidentWeights:
 
     def release(self, l: int) -> None:
         pass                    # resident: nothing to drop
+
+
+class RepackedWeights(ResidentWeights):
+    """ResidentWeights whose Q40 matrices come from the Q40x8 sidecar (formats/repacked.py), also
+    mapped, never copied: the `.m` file's own matrix bytes are then not read at all."""
+
+    repacked = True
+
+    def __init__(self, mf: ModelFile, sidecar) -> None:
+        super().__init__(mf)
+        self.sidecar = sidecar
+        self.wcls = sidecar.view("wcls")
+        for l, lw in self._layers.items():
+            self._layers[l] = replace(lw, **{n: sidecar.view(f"layers.{l}.{n}")
+                                             for n in ("q", "k", "v", "wo", "w1", "w2", "w3")})
+
+    def close(self) -> None:
+        self.sidecar.close()
