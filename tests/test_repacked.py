@@ -220,3 +220,13 @@ def test_generate_and_chat_take_repack(model_copy, capsys):
     chat_arguments(p)
     args = p.parse_args(["--model", "m", "--tokenizer", "t", "--repack"])
     assert open_kwargs(args)["repack"] is True
+
+
+def test_kernel_bench_reports_both_layouts():
+    from dairllm.bench_kernels import bench_kernels, format_report
+
+    r = bench_kernels(threads=[1], sweep_bytes=1 << 20, bandwidth_bytes=1 << 20, repeats=1,
+                      shapes=[("small", 64, 256)])
+    (mv,) = r["matvec"]
+    assert mv["gbs"] > 0 and mv["gbs_x8"] > 0
+    assert "Q40x8 GB/s" in format_report(r)

@@ -4,7 +4,8 @@
 Llama-3.2-1B shapes, at 1 thread and at all threads, in GB/s of weight bytes. Weights are random Q40
 blocks spread over more memory than the last-level cache (a sweep over many distinct matrices, as a
 forward pass walks its layers), so matvec numbers are DRAM numbers, comparable to
-`_ops.memory_read_bandwidth` measured in the same run.
+`_ops.memory_read_bandwidth` measured in the same run. The matvec is timed on the file's Q40 layout
+and on the same matrices regrouped as Q40x8 (`generate --repack`).
 """
 from __future__ import annotations
 
@@ -34,16 +35,26 @@ def _weights(d: int, n: int, min_bytes: int, rng: np.random.Generator) -> list[n
     return [buf[i * mat_bytes:(i + 1) * mat_bytes].reshape(d, row_bytes) for i in range(count)]
 
 
-def _time_sweep(mats: list[np.ndarray], xq: np.ndarray, out: np.ndarray, n_threads: int, repeats: int) -> float:
-    """Best time of one pass of matmul_q40 over every matrix."""
-    _ops.matmul_q40(out, mats[0], xq, n_threads=n_threads)      # warm up threads
+def _time_sweep(mats: list[np.ndarray], xq: np.ndarray, out: np.ndarray, n_threads: int, repeats: int,
+                matmul=_ops.matmul_q40) -> float:
+    """Best time of one pass of `matmul` over every matrix."""
+    matmul(out, mats[0], xq, n_threads=n_threads)      # warm up threads
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
         for w in mats:
-            _ops.matmul_q40(out, w, xq, n_threads=n_threads)
+            matmul(out, w, xq, n_threads=n_threads)
         best = min(best, time.perf_counter() - t0)
     return best
+
+
+def _q40x8(mats: list[np.ndarray]) -> list[np.ndarray]:
+    out = []
+    for w in mats:
+        x8 = np.empty((w.shape[0] // 8, 8 * w.shape[1]), np.uint8)
+        _ops.repack_q40x8(x8, w)
+        out.append(x8)
+    return out
 
 
 def bench_kernels(threads: list[int] | None = None, batch: int = 32, sweep_bytes: int = 256 << 20,
@@ -66,6 +77,7 @@ def bench_kernels(threads: list[int] | None = None, batch: int = 32, sweep_bytes
         log.info("read bandwidth %d thread(s): %.1f GB/s", t, result["bandwidth_gbs"][t])
     for name, d, n in shapes:
         mats = _weights(d, n, sweep_bytes, rng)
+        mats_x8 = _q40x8(mats)
         total = sum(m.nbytes for m in mats)
         x = rng.standard_normal((batch, n)).astype(np.float32)
         xq = np.empty((batch, n // 32 * 34), np.uint8)
@@ -73,8 +85,10 @@ def bench_kernels(threads: list[int] | None = None, batch: int = 32, sweep_bytes
         for t in threads:
             dt = _time_sweep(mats, xq[:1], np.empty((1, d), np.float32), t, repeats)
             gbs = total / dt / 1e9
+            dt = _time_sweep(mats_x8, xq[:1], np.empty((1, d), np.float32), t, repeats, _ops.matmul_q40x8)
             result["matvec"].append({"shape": name, "d": d, "n": n, "threads": t, "gbs": gbs,
-                                     "ratio": gbs / result["bandwidth_gbs"][t]})
+                                     "ratio": gbs / result["bandwidth_gbs"][t],
+                                     "gbs_x8": total / dt / 1e9})
             log.info("matvec %s, %d thread(s): %.1f GB/s", name, t, gbs)
             few = mats[:max(1, min(len(mats), (64 << 20) // mats[0].nbytes))]
             dt = _time_sweep(few, xq, np.empty((batch, d), np.float32), t, 1)
@@ -82,7 +96,7 @@ def bench_kernels(threads: list[int] | None = None, batch: int = 32, sweep_bytes
             result["batched"].append({"shape": name, "d": d, "n": n, "batch": batch, "threads": t,
                                       "gbs": nbytes / dt / 1e9,
                                       "ns_per_block_token": dt / (nbytes / 18 * batch) * 1e9})
-        del mats
+        del mats, mats_x8
     result["loadavg_after"] = _loadavg()
     return result
 
@@ -102,10 +116,12 @@ def format_report(r: dict) -> str:
              f"{r.get('loadavg_before')} / {r.get('loadavg_after')}"]
     for t, bw in r["bandwidth_gbs"].items():
         lines.append(f"  memory read bandwidth, {t} thread(s): {bw:6.1f} GB/s")
-    lines.append(f"  {'Q40xQ80 shape':<20} {'thr':>3} {'matvec GB/s':>11} {'of bw':>6} {'batched GB/s':>12} {'ns/blk/tok':>10}")
+    lines.append(f"  {'Q40xQ80 shape':<20} {'thr':>3} {'matvec GB/s':>11} {'of bw':>6} {'Q40x8 GB/s':>10} "
+                 f"{'of bw':>6} {'batched GB/s':>12} {'ns/blk/tok':>10}")
     for mv, bt in zip(r["matvec"], r["batched"]):
+        bw = r["bandwidth_gbs"][mv["threads"]]
         lines.append(f"  {mv['shape']:<20} {mv['threads']:>3} {mv['gbs']:11.1f} {mv['ratio']:6.0%} "
-                     f"{bt['gbs']:12.1f} {bt['ns_per_block_token']:10.2f}")
+                     f"{mv['gbs_x8']:10.1f} {mv['gbs_x8'] / bw:6.0%} {bt['gbs']:12.1f} {bt['ns_per_block_token']:10.2f}")
     return "\n".join(lines)
 
 
