@@ -151,14 +151,29 @@ def test_damaged_sidecar_is_rebuilt(model_copy, damage, caplog):
 
 
 @needs_avx2
-def test_changed_model_gets_a_new_sidecar(model_copy):
-    with Model.open(model_copy, repack=True):
+def test_changed_model_gets_a_new_sidecar(model_copy, tmp_path):
+    other = tmp_path / "other"                  # same file name, another model path
+    other.mkdir()
+    shutil.copyfile(model_copy, other / model_copy.name)
+    with Model.open(model_copy, repack=True), Model.open(other / model_copy.name, repack=True):
         pass
+    before = sidecars(model_copy)
+    assert len(before) == 2
     st = model_copy.stat()
     os.utime(model_copy, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     with Model.open(model_copy, repack=True):
         pass
-    assert len(sidecars(model_copy)) == 2
+    after = sidecars(model_copy)
+    assert len(after) == 2 and len(set(after) - set(before)) == 1     # the stale one replaced
+
+
+@needs_avx2
+def test_unwritable_cache_is_a_clear_error(model_copy, monkeypatch):
+    blocker = model_copy.parent / "not-a-dir"
+    blocker.write_text("")
+    monkeypatch.setenv("DAIRLLM_CACHE", str(blocker))
+    with pytest.raises(ConfigError, match="cannot write the repacked file .*DAIRLLM_CACHE"):
+        Model.open(model_copy, repack=True)
 
 
 def test_repack_is_ignored_where_it_cannot_apply(tmp_path, monkeypatch, caplog):

@@ -5,10 +5,13 @@ needs about two thirds of the instructions of the Q40 kernel per weight; on an A
 the difference between a compute-bound and a memory-bound decode. The `.m` file must keep
 distributed-llama's layout, and weights are never copied into the heap, so the regrouped matrices
 live in a second file that is memory-mapped the same way: built once (seconds per GB), validated by
-a key over the model file's path, size and mtime, rebuilt when stale or damaged.
+a key over the model file's path, size and mtime, rebuilt when stale or damaged. Its pages are
+dropped from the page cache once written and the mapping asks for huge pages, so they are read back
+in 2 MiB folios, one TLB entry each.
 
-File: a HEADER_BYTES header (MAGIC, VERSION, the 16-character key, the payload size), then every
-repacked matrix in `repacked_names` order, each at a 64-byte aligned offset. A matrix of d rows
+File: a HEADER_BYTES header (MAGIC, VERSION, the 16-character key, the payload size, the model's
+path), then every repacked matrix in `repacked_names` order, each at a 64-byte aligned offset. A
+rebuild removes the model's older sidecars (same path in the header, another key). A matrix of d rows
 and nb blocks takes d / 8 rows of nb * 144 bytes: the same bytes as in the `.m` file.
 """
 from __future__ import annotations
@@ -35,7 +38,7 @@ MAGIC = b"DLQ40X8\0"
 VERSION = 1
 HEADER_BYTES = 4096
 GROUP_BYTES = 144           # one block of 8 rows (DL_Q40X8_BYTES)
-_HEADER = struct.Struct("<8sI16sQ")
+_HEADER = struct.Struct("<8sI16sQI")      # + the model path's UTF-8 bytes
 _CHUNK_BYTES = 16 << 20     # repacked per write
 
 
@@ -99,7 +102,24 @@ class RepackedFile:
         return offsets, off - HEADER_BYTES
 
     def _header(self) -> bytes:
-        return _HEADER.pack(MAGIC, VERSION, self.key.encode(), self.payload).ljust(HEADER_BYTES, b"\0")
+        source = str(Path(self.model.path).resolve()).encode()[:HEADER_BYTES - _HEADER.size]
+        head = _HEADER.pack(MAGIC, VERSION, self.key.encode(), self.payload, len(source)) + source
+        return head.ljust(HEADER_BYTES, b"\0")
+
+    def _remove_older(self) -> None:
+        """Sidecars of this same model file made before it changed (their key differs)."""
+        mine = self._header()[_HEADER.size:]
+        for other in self.path.parent.glob(f"{Path(self.model.path).stem}-*.q40x8"):
+            if other == self.path:
+                continue
+            try:
+                with open(other, "rb") as f:
+                    head = f.read(HEADER_BYTES)
+                if head[:8] == MAGIC and head[_HEADER.size:] == mine:
+                    other.unlink()
+                    log.info("removed the outdated %s", other)
+            except OSError:
+                pass
 
     def _valid(self) -> bool:
         try:
@@ -108,7 +128,7 @@ class RepackedFile:
                 return False
             with open(self.path, "rb") as f:
                 ok = f.read(HEADER_BYTES) == self._header()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return False
         except OSError as e:
             raise ConfigError(f"cannot read the repacked file {self.path}: {e}") from e
@@ -117,7 +137,15 @@ class RepackedFile:
         return ok
 
     def _build(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._write()
+        except OSError as e:
+            raise ConfigError(f"cannot write the repacked file {self.path}: {e.strerror or e} "
+                              f"(set DAIRLLM_CACHE to a writable directory)") from e
+        self._remove_older()
+
+    def _write(self) -> None:
         need = HEADER_BYTES + self.payload
         free = shutil.disk_usage(self.path.parent).free
         if free < need + (64 << 20):
