@@ -52,7 +52,7 @@ CACHE_KEY="v1 $SUITE | $ROOT_PKGS | $PIP_PKGS"
 # golden logits. (The multi-node dllama tests run on x86 already; the cross-arch runs cover them.)
 TESTS="tests/test_platform.py tests/test_kernels.py tests/test_quant.py tests/test_modelfile.py
        tests/test_tokenizer.py tests/test_dllama_wire.py tests/test_dllama_hostile.py
-       tests/test_golden_logits.py"
+       tests/test_golden_logits.py tests/test_repacked.py"
 TESTS=$(echo $TESTS)                  # one line: it goes into a bash -c string
 TESTS_A76="tests/test_platform.py tests/test_kernels.py"
 
