@@ -374,7 +374,6 @@ cdef inline void _q40_rows(float *out, const uint8_t *w, const _Q80Act *x, int64
         dl_matmul_q40(out, w, x.xq, x.dx, x.sx, x.xr, B, d, nb, r0, r1)
 
 
-
 DEF MAX_MULTI = 8
 
 
@@ -446,9 +445,9 @@ cdef _q40_multi(outs, ws, xq, n_threads, bint batched, bint x8):
     x.xq = xp
     x.dx = <float *>malloc(B * nb * sizeof(float))
     x.sx = <int32_t *>malloc(B * nb * sizeof(int32_t))
-    x.xr = <uint8_t *>malloc(B * nb * QK)
+    x.xr = <uint8_t *>malloc(B * nb * QK) if kind == _PLAIN else NULL     # only the Q40 kernel reads it
     try:
-        if x.dx == NULL or x.sx == NULL or x.xr == NULL:
+        if x.dx == NULL or x.sx == NULL or (kind == _PLAIN and x.xr == NULL):
             raise MemoryError("matmul_q40_multi scratch")
         with nogil:
             dl_q80_prep(x.dx, x.sx, x.xr, xp, B, nb)

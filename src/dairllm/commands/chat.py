@@ -21,9 +21,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ram-budget", default=None,
                    help="cap resident weights + run state (4G, 512M, 50%%): layers that do not "
                         "fit are streamed from disk")
-    p.add_argument("--repack", action="store_true",
-                   help="read Q40 matrices from a Q40x8 copy of them (made once under "
-                        "$DAIRLLM_CACHE, as big as those matrices): a faster decode on AVX2")
+    from .generate import add_repack_argument
+    add_repack_argument(p)
     p.add_argument("--temperature", type=float, default=0.7,
                    help="sampling temperature (0: greedy)")
     p.add_argument("--topp", type=float, default=0.9, help="top-p (nucleus) sampling")

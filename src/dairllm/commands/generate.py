@@ -29,15 +29,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ram-budget", default=None,
                    help="cap resident weights + run state (4G, 512M, 50%%): layers that do not "
                         "fit are streamed from disk (see inspect --ram-budget)")
-    p.add_argument("--repack", action="store_true",
-                   help="read Q40 matrices from a Q40x8 copy of them (made once under "
-                        "$DAIRLLM_CACHE, as big as those matrices): a faster decode on AVX2")
+    add_repack_argument(p)
     p.add_argument("--json", action="store_true",
                    help="print one JSON object {prompt_tokens, generated_tokens, text, timings}")
     from ..cluster.cli import add_cluster_arguments
     add_cluster_arguments(p)
     from ..dllama.root import add_arguments as add_dllama_arguments
     add_dllama_arguments(p)
+
+
+def add_repack_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--repack", action="store_true",
+                   help="read Q40 matrices from a Q40x8 copy of them (made once under "
+                        "$DAIRLLM_CACHE, as big as those matrices): a faster decode on AVX2")
 
 
 def open_kwargs(args: argparse.Namespace) -> dict:
