@@ -245,3 +245,18 @@ def test_kernel_bench_reports_both_layouts():
     (mv,) = r["matvec"]
     assert mv["gbs"] > 0 and mv["gbs_x8"] > 0
     assert "Q40x8 GB/s" in format_report(r)
+
+
+def test_sidecar_key_follows_the_file_contents_not_only_its_stat(tmp_path):
+    from dairllm.formats.repacked import sidecar_key
+
+    a, b = tmp_path / "a.m", tmp_path / "b.m"
+    a.write_bytes(b"\1" * 1000)
+    key_a = sidecar_key(a)
+    st = a.stat()
+    a.write_bytes(b"\2" * 1000)                          # same size, and the same mtime again
+    os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert sidecar_key(a) != key_a
+    b.write_bytes(b"\2" * 1000)
+    os.utime(b, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert sidecar_key(b) != sidecar_key(a)              # the path counts too

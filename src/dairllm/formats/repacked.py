@@ -5,7 +5,7 @@ needs about two thirds of the instructions of the Q40 kernel per weight; on an A
 the difference between a compute-bound and a memory-bound decode. The `.m` file must keep
 distributed-llama's layout, and weights are never copied into the heap, so the regrouped matrices
 live in a second file that is memory-mapped the same way: built once (seconds per GB), validated by
-a key over the model file's path, size and mtime, rebuilt when stale or damaged. Its pages are
+a key over the model file's path, size, mtime and header, rebuilt when stale or damaged. Its pages are
 dropped from the page cache once written and the mapping asks for huge pages, so they are read back
 in 2 MiB folios, one TLB entry each.
 
@@ -64,9 +64,12 @@ def unsupported_reason(mf: ModelFile) -> "str | None":
 
 
 def sidecar_key(path: Path) -> str:
+    """Changes when the model file does: its path, size, mtime and first 64 KiB (the header)."""
     st = path.stat()
-    ident = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{VERSION}"
-    return hashlib.sha256(ident.encode()).hexdigest()[:16]
+    h = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{VERSION}|".encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 16))
+    return h.hexdigest()[:16]
 
 
 def default_dir() -> Path:
