@@ -92,6 +92,9 @@ class RepackedFile:
             self._build()
         with open(self.path, "rb") as f:
             self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        if len(self._mmap) != HEADER_BYTES + self.payload or self._mmap[:HEADER_BYTES] != self._header():
+            self._mmap.close()
+            raise ConfigError(f"the repacked file {self.path} changed while it was opened; try again")
         if hasattr(mmap, "MADV_HUGEPAGE"):
             # pages read from here on come in 2 MiB folios mapped by one TLB entry each
             self._mmap.madvise(mmap.MADV_HUGEPAGE)
