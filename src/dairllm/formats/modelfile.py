@@ -501,16 +501,21 @@ class ModelFile:
 
     def close(self) -> None:
         self.buffer = None  # type: ignore[assignment]
-        try:
-            self._mmap.close()
-        except BufferError:
-            pass  # views still alive; the mapping goes when they do
+        close_mapping(self._mmap)
 
     def __enter__(self) -> "ModelFile":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def close_mapping(m: mmap.mmap) -> None:
+    """Unmap now, or, while NumPy views of it are alive, when the last one goes."""
+    try:
+        m.close()
+    except BufferError:
+        pass
 
 
 def read_header(path: str | os.PathLike, max_seq_len: int | None = None) -> Header:

@@ -29,7 +29,7 @@ import numpy as np
 
 from .. import _ops
 from ..errors import ConfigError
-from .modelfile import Arch, ModelFile
+from .modelfile import Arch, ModelFile, close_mapping
 from .quant import FloatType
 
 log = logging.getLogger(__name__)
@@ -202,7 +202,4 @@ class RepackedFile:
 
     def close(self) -> None:
         self._buffer = None  # type: ignore[assignment]
-        try:
-            self._mmap.close()
-        except BufferError:
-            pass  # views still alive; the mapping goes when they do
+        close_mapping(self._mmap)
