@@ -288,34 +288,31 @@ def quantize_q80(out, x, n_threads=None):
         _by_blocks(o, xp, B * nb, nt)
 
 
-cdef int64_t _check_dequantize(object out, object src, str name, int64_t block_bytes) except -1:
-    """Checks out (f32 rows) against src (the same rows as blocks); returns the number of blocks."""
+ctypedef void (*_dequantize_fn)(float *out, const uint8_t *src, int64_t nb) noexcept nogil
+
+
+cdef _dequantize(object out, object src, str name, int64_t block_bytes, _dequantize_fn fn):
+    """Checks out (f32 rows) against src (the same rows as blocks), then out = fn(src)."""
     _out(out, "out", _F32, 2)
     _arr(src, name, _U8, 2)
     cdef int64_t B = out.shape[0], nb = _blocks(out.shape[1], "out")
     if src.shape[0] != B or src.shape[1] != nb * block_bytes:
         raise ValueError(f"{name}: shape {src.shape}, expected ({B}, {nb * block_bytes}) for out {out.shape}")
-    return B * nb
+    cdef float *o = <float *>_data(out)
+    cdef const uint8_t *p = <const uint8_t *>_data(src)
+    if B * nb:
+        with nogil:
+            fn(o, p, B * nb)
 
 
 def dequantize_q80(out, xq):
     """out[b] = f32 values of the Q80 row xq[b]."""
-    cdef int64_t n_blocks = _check_dequantize(out, xq, "xq", Q80_BYTES)
-    cdef float *o = <float *>_data(out)
-    cdef const uint8_t *p = <const uint8_t *>_data(xq)
-    if n_blocks:
-        with nogil:
-            dl_dequantize_q80(o, p, n_blocks)
+    _dequantize(out, xq, "xq", Q80_BYTES, dl_dequantize_q80)
 
 
 def dequantize_q40(out, w):
     """out[r] = f32 values of the Q40 row w[r]."""
-    cdef int64_t n_blocks = _check_dequantize(out, w, "w", Q40_BYTES)
-    cdef float *o = <float *>_data(out)
-    cdef const uint8_t *p = <const uint8_t *>_data(w)
-    if n_blocks:
-        with nogil:
-            dl_dequantize_q40(o, p, n_blocks)
+    _dequantize(out, w, "w", Q40_BYTES, dl_dequantize_q40)
 
 
 cdef void _by_blocks(uint8_t *out, const float *x, int64_t n_blocks, int nt) noexcept nogil:
