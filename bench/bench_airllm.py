@@ -92,7 +92,7 @@ def dairllm_child(model_path: str, budget: str, prompt: int, new: int) -> dict:
         for i in range(new - 1):
             tok = int(np.argmax(m.forward([tok], prompt + i)[-1]))
         dt = time.perf_counter() - t0
-        stats = m.net.weights.stats.as_dict()
+        stats = m.weights.stats.as_dict()
     return {"engine": f"dairllm {Path(model_path).stem} {budget}", "seconds": dt,
             "new_tokens": new, "peak_rss": peak_rss(), "bytes_read": stats["bytes_read"]}
 
@@ -155,10 +155,11 @@ def main() -> int:
 
 def minimum_budget(path: Path, args) -> str:
     from dairllm.formats.modelfile import ModelFile
-    from dairllm.store import make_plan, run_state_bytes
+    from dairllm.engine.state import run_state_bytes
+    from dairllm.store import make_residency
 
     with ModelFile(path, max_seq_len=args.prompt + args.new + 1) as mf:
-        return str(make_plan(mf.layout, "100%", run_state_bytes(mf.header, args.prompt)).min_bytes)
+        return str(make_residency(mf.layout, "100%", run_state_bytes(mf.header, args.prompt)).min_bytes)
 
 
 if __name__ == "__main__":

@@ -94,7 +94,7 @@ def run_dllama(binary: str, model: Path, nodes: int, threads: int, steps: int,
     sent = re.findall(r"Sent\s+(\d+) kB Recv\s+(\d+) kB", out)
     tps = re.findall(r"Prediction.*?tokens/s: ([\d.]+)", out, re.S)
     s, r = (int(sent[-1][0]), int(sent[-1][1])) if sent else (0, 0)
-    return dict(nodes=nodes, dllama_root_kb_per_token=s + r, dllama_decode_tps=float(tps[-1])
+    return dict(nodes=nodes, dllama_root_kb_per_token=s + r, dllama_decode_tokens_per_s=float(tps[-1])
                 if tps else None)
 
 
@@ -142,7 +142,7 @@ def run_one(path: Path, nodes: int, args, prompt: list, netns: "NetNS | None") -
             list(model.generate(prompt, 4))                    # warm up: pages in the weights
             tokens = list(model.generate(prompt, args.steps))
             st = model.stats
-            row = dict(nodes=nodes, decode_tps=st.decode_tps, prompt_tps=st.prompt_tps,
+            row = dict(nodes=nodes, decode_tps=st.decode_tokens_per_s, prompt_tps=st.prompt_tokens_per_s,
                        open_seconds=open_s, tokens=tokens,
                        dllama_bytes_per_token_computed=dllama_bytes_per_token(h, nodes))
             if nodes > 1:
@@ -270,7 +270,7 @@ def main() -> int:
             ours = next(r for r in rows if r["nodes"] == n)
             ratio = (f"{d['dllama_root_kb_per_token'] * 1024 / ours['bytes_per_token']:.0f}x"
                      if ours["bytes_per_token"] else "-")
-            print(f"{n:>5} nodes: {d['dllama_decode_tps']} tok/s, root sent+received "
+            print(f"{n:>5} nodes: {d['dllama_decode_tokens_per_s']} tok/s, root sent+received "
                   f"{d['dllama_root_kb_per_token']} kB/token (measured; {ratio} ours)", flush=True)
             rows.append(d)
     if args.json:

@@ -81,7 +81,7 @@ def child(args: argparse.Namespace) -> dict:
     model = Model.open(path, max_seq_len=args.max_seq_len, nthreads=args.nthreads,
                        max_batch=args.prompt, ram_budget=args.budget, stream_options=opts)
     open_s = time.perf_counter() - t0
-    store = model.net.weights
+    store = model.weights
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, model.vocab_size, args.prompt)
     t0 = time.perf_counter()
@@ -100,12 +100,12 @@ def child(args: argparse.Namespace) -> dict:
     decode_bytes = final["bytes_read"] - after_prompt["bytes_read"]
     decode_s = sum(times)
     return {
-        "budget": args.budget, "mode": args.mode, "plan": store.plan.describe(),
+        "budget": args.budget, "mode": args.mode, "plan": store.residency.describe(),
         "overhead_rss": overhead, "open_s": open_s,
         "prompt_tokens": args.prompt, "prompt_s": prompt_s,
         "prompt_reads": after_prompt["reads"], "prompt_bytes": after_prompt["bytes_read"],
         "decode_tokens": args.decode, "decode_s": decode_s, "decode_times": times,
-        "decode_tps": args.decode / decode_s if decode_s else 0.0,
+        "decode_tokens_per_s": args.decode / decode_s if decode_s else 0.0,
         "decode_bytes_per_token": decode_bytes / args.decode if args.decode else 0.0,
         "decode_io_wait_s": final["io_wait_seconds"] - after_prompt["io_wait_seconds"],
         "decode_read_s": final["read_seconds"] - after_prompt["read_seconds"],
@@ -144,7 +144,7 @@ def io_child(args: argparse.Namespace) -> dict:
             "bytes_per_pass": st["bytes_read"] / len(times), "io_wait_s": st["io_wait_seconds"],
             "compute_s": st["compute_seconds"], "read_s": st["read_seconds"],
             "hit_rate": st["hit_rate"], "peak_rss": st["vmhwm"], "overhead_rss": overhead,
-            "budget_bytes": store.plan.budget_bytes}
+            "budget_bytes": store.residency.budget_bytes}
 
 
 def run_child(args: argparse.Namespace, budget: str, mode: str) -> dict:
@@ -175,7 +175,7 @@ def gib(n: float) -> str:
 def report(results: list[dict], disk_bw: float) -> None:
     resident = [r for r in results if not r["plan"]["streamed_layers"]
                 and r["plan"]["classifier"] == "pinned"]
-    resident_tps = max((r["decode_tps"] for r in resident), default=0.0)
+    resident_tps = max((r["decode_tokens_per_s"] for r in resident), default=0.0)
     print(f"\ndisk read bandwidth (cold, same file, this run): {disk_bw / 1e9:.2f} GB/s")
     print(f"fully resident decode: {resident_tps:.2f} tokens/s\n")
     hdr = ("budget", "mode", "pinned/streamed", "budget GiB", "peak RSS GiB", "overhead GiB",
@@ -195,9 +195,9 @@ def report(results: list[dict], disk_bw: float) -> None:
             "yes" if r["peak_rss"] - r["overhead_rss"] <= p["budget_bytes"] else "NO",
             f"{r['prompt_tokens'] / r['prompt_s']:.1f}",
             f"{min(r['prompt_reads'], n_streamed)}+{max(r['prompt_reads'] - n_streamed, 0)}"
-            f" of {n_streamed}", f"{r['decode_tps']:.2f}",
+            f" of {n_streamed}", f"{r['decode_tokens_per_s']:.2f}",
             f"{bpt / 1e9:.2f} ({r['decode_disk_bytes_per_token'] / 1e9:.2f})",
-            f"{bound:.2f}", f"{r['decode_tps'] / bound:.0%}" if bound else "-",
+            f"{bound:.2f}", f"{r['decode_tokens_per_s'] / bound:.0%}" if bound else "-",
             f"{r['stats']['hit_rate']:.0%}", f"{r['decode_io_wait_s']:.1f}"))
     widths = [max(len(str(x)) for x in col) for col in zip(hdr, *rows)]
     for row in (hdr, *rows):
@@ -275,7 +275,7 @@ def main() -> int:
         for mode in (modes if budget == args.mode_compare_budget else modes[:1]):
             r = run_child(args, budget, mode)
             print(f"{budget} {mode}: peak RSS {gib(r['peak_rss'])} GiB, prompt "
-                  f"{r['prompt_s']:.1f} s, decode {r['decode_tps']:.2f} tok/s, "
+                  f"{r['prompt_s']:.1f} s, decode {r['decode_tokens_per_s']:.2f} tok/s, "
                   f"{r['decode_bytes_per_token'] / 1e9:.2f} GB/token", flush=True)
             results.append(r)
     disk_bw_after = disk_bandwidth(args.model)

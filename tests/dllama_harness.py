@@ -59,7 +59,8 @@ class ThreadWorker:
     """`dairllm worker` in a thread on 127.0.0.1 (ephemeral port); serves sessions until stopped."""
 
     def __init__(self, kernels, model=None, setup_timeout: float = 10.0) -> None:
-        from dairllm.dllama.worker import WorkerOptions, open_listener
+        from dairllm.dllama.worker import WorkerOptions
+        from dairllm.sockets import listen as open_listener
         self.listener = open_listener("127.0.0.1", 0)
         self.port = self.listener.getsockname()[1]
         self.opts = WorkerOptions(kernels=kernels, model=model, setup_timeout=setup_timeout)

@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from dairllm.cluster.assign import (ModelCosts, NodeProfile, assign, manual, parse_layers,
-                                    parse_size)
+from dairllm.cluster.assign import ModelCosts, NodeProfile, assign, manual, parse_layers
+from dairllm.store.budget import resolve_budget
 from dairllm.errors import ConfigError
 
 MiB = 1 << 20
@@ -139,11 +139,14 @@ def test_parse_layers_errors(spec, msg):
 def test_parse_layers_and_sizes():
     assert parse_layers("0-7,8-19,20-31", 32) == [(0, 8), (8, 20), (20, 32)]
     assert parse_layers("0,1-2,3", 4) == [(0, 1), (1, 3), (3, 4)]
-    assert parse_size("4G") == 4 << 30 and parse_size("512M") == 512 << 20
-    assert parse_size("1.5GiB") == 3 << 29 and parse_size("1000") == 1000
-    for bad in ("-1G", "lots", "0"):
+    # node budgets use the one size syntax: absolute sizes, or a share of the full resident size
+    full = 10 << 30
+    assert resolve_budget("4G", full) == 4 << 30 and resolve_budget("512M", full) == 512 << 20
+    assert resolve_budget("1.5GiB", full) == 3 << 29 and resolve_budget("1000", full) == 1000
+    assert resolve_budget("50%", full) == 5 << 30 and resolve_budget(None, full) is None
+    for bad in ("-1G", "lots", "0", "0%", "150%"):
         with pytest.raises(ConfigError):
-            parse_size(bad)
+            resolve_budget(bad, full)
 
 
 def test_table_mentions_every_node():

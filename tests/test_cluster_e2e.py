@@ -45,13 +45,13 @@ def golden_run(name: str):
 
 
 class WorkerProc:
-    """`python -m dairllm.cluster.node` on 127.0.0.1, an ephemeral port unless given."""
+    """`python -m dairllm worker` on 127.0.0.1, an ephemeral port unless given."""
 
     def __init__(self, model: Path, *extra: str, port: int = 0, log_dir: "Path | None" = None):
         self.log = open(log_dir / f"worker-{os.getpid()}-{time.monotonic_ns()}.log", "w+") \
             if log_dir else subprocess.DEVNULL
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dairllm.cluster.node", "--model", str(model), "--host",
+            [sys.executable, "-m", "dairllm", "worker", "--model", str(model), "--host",
              "127.0.0.1", "--port", str(port), "--nthreads", "1", "--speed", "1e9", *extra],
             stdout=subprocess.PIPE, stderr=self.log, text=True)
         self.addr = self._wait_listening()
@@ -62,7 +62,7 @@ class WorkerProc:
             ready, _, _ = select.select([self.proc.stdout], [], [], 0.5)
             if ready:
                 line = self.proc.stdout.readline()
-                if line.startswith("listening on "):
+                if "listening on " in line:
                     return line.split()[-1]
                 if not line and self.proc.poll() is not None:
                     break
@@ -441,7 +441,7 @@ def test_nodes_stream_layers_beyond_their_budget(tmp_path, arch):
     try:
         with open_cluster(name, [w], "f32", "0-1,2-3", ram_budget=budget) as m:
             assert m.worker_streamed[w.addr] > 0
-            assert len(m.net.weights.plan.streamed) > 0          # the root streams too
+            assert len(m.weights.residency.streamed) > 0          # the root streams too
             np.testing.assert_array_equal(run_schedule(m, golden_run(name)), ref_logits)
     finally:
         w.stop()

@@ -10,7 +10,7 @@ import pytest
 
 from dairllm import _net
 from dairllm.cluster import protocol as P
-from dairllm.cluster.fingerprint import model_fingerprint
+from dairllm.formats.fingerprint import model_fingerprint
 from dairllm.errors import ProtocolError
 from dairllm.formats import quant
 

@@ -190,8 +190,8 @@ def test_hostile_root_is_refused_then_next_root_served(case, model, worker, capl
 
 def test_unknown_protocol_is_dropped_by_the_command(caplog):
     """`dairllm worker` dispatch: bytes no protocol recognises -> one log line, connection closed."""
-    import argparse
     from dairllm.commands import worker as cmd
+    from dairllm.dllama.worker import WorkerOptions
     lst = socket.socket()
     lst.bind(("127.0.0.1", 0))
     lst.listen(4)
@@ -199,7 +199,7 @@ def test_unknown_protocol_is_dropped_by_the_command(caplog):
     c.sendall(b"GET / HTTP/1.1\r\n\r\n")
     conn, _ = lst.accept()
     with caplog.at_level(logging.ERROR, logger="dairllm.worker"):
-        assert cmd.dispatch(conn, lst, argparse.Namespace(nthreads=1, _model_file=None)) is False
+        assert cmd.dispatch(conn, lst, cmd.Services(None, WorkerOptions(nthreads=1))) is False
     assert any("unknown protocol" in r.getMessage() for r in caplog.records)
     try:
         assert c.recv(10) == b""

@@ -75,7 +75,7 @@ def _stream_of(data: bytes):
     t = threading.Thread(target=lambda: (a.sendall(data), a.shutdown(socket.SHUT_WR)))
     t.start()
     b.settimeout(5)
-    return _net.DllamaStream(b, "test peer"), (a, b, t)
+    return _net.DllamaReader(b, "test peer"), (a, b, t)
 
 
 def _close(parts):

@@ -35,12 +35,13 @@ def make_session(model_path, tok_path) -> Session:
 
 
 class Slow:
-    """Wraps model.forward with an adjustable delay (to hold a generation open)."""
+    """Wraps model.last_logits (what generation feeds the model through) with an adjustable
+    delay, to hold a generation open."""
 
     def __init__(self, model) -> None:
         self.delay = 0.0
-        self._forward = model.forward
-        model.forward = self
+        self._forward = model.last_logits
+        model.last_logits = self
 
     def __call__(self, ids, pos):
         if self.delay:

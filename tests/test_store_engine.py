@@ -13,7 +13,8 @@ from dairllm import Model
 from dairllm.errors import ConfigError
 from dairllm.formats.modelfile import Arch, Header, ModelFile, ModelWriter
 from dairllm.formats.quant import FloatType
-from dairllm.store import LayerStore, make_plan, run_state_bytes
+from dairllm.engine.state import run_state_bytes
+from dairllm.store import LayerStore, make_residency
 
 GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
 
@@ -77,7 +78,7 @@ def resident_logits(path, max_seq_len=None) -> np.ndarray:
 
 def minimum(path, max_seq_len=None) -> int:
     with ModelFile(path, max_seq_len=max_seq_len) as mf:
-        return make_plan(mf.layout, "100%", run_state_bytes(mf.header, BATCH)).min_bytes
+        return make_residency(mf.layout, "100%", run_state_bytes(mf.header, BATCH)).min_bytes
 
 
 def budgets(path, max_seq_len=None):
@@ -100,10 +101,10 @@ def test_logits_identical_to_resident(models, case):
     for budget in budgets(path):
         with open_budgeted(path, budget) as m:
             got = run(m)
-            store = m.net.weights
+            store = m.weights
             assert isinstance(store, LayerStore)
             if budget != "100%":
-                assert store.plan.streamed, budget
+                assert store.residency.streamed, budget
         assert np.array_equal(got, want), (budget, np.abs(got - want).max())
 
 
@@ -134,7 +135,7 @@ def test_golden_models_identical_or_refused(name):
     ran = 0
     for budget in budgets(path, SEQ):
         with ModelFile(path, max_seq_len=SEQ) as mf:
-            plan_ok = make_plan(mf.layout, "100%", run_state_bytes(mf.header, BATCH))
+            plan_ok = make_residency(mf.layout, "100%", run_state_bytes(mf.header, BATCH))
             allowed = (plan_ok.full_bytes * int(budget[:-1]) // 100
                        if isinstance(budget, str) else budget)
         if allowed < lowest:           # these 4-layer models: 10% is below one layer + state
@@ -155,7 +156,7 @@ def test_below_minimum_is_refused_with_the_number(models):
     with pytest.raises(ConfigError, match="below the minimum"):
         open_budgeted(path, "1%")
     with open_budgeted(path, lowest) as m:      # exactly the minimum runs
-        assert m.net.weights.plan.slots == 1
+        assert m.weights.residency.slots == 1
     with pytest.raises(ConfigError):
         open_budgeted(path, "lots")
 
@@ -188,8 +189,8 @@ def test_stats_count_what_is_read(models, case):
     layers, expert, wcls, h = layer_bytes(path)
     size = lambda i, k: unit_bytes(i, k, layers, expert, wcls, h)  # noqa: E731
     with open_budgeted(path, minimum(path), prefetch=False) as m:
-        store = m.net.weights
-        plan, st = store.plan, store.stats
+        store = m.weights
+        plan, st = store.residency, store.stats
         streamed = [i for i in plan.streamed if i < h.n_layers]
         assert plan.slots == 1 and len(plan.streamed) == h.n_layers + 1
         m.forward(PROMPT, 0)
@@ -226,8 +227,8 @@ def test_stats_with_read_ahead(models, case):
     path = models[case]
     layers, expert, wcls, h = layer_bytes(path)
     with open_budgeted(path, "30%") as m:
-        store = m.net.weights
-        plan, st = store.plan, store.stats
+        store = m.weights
+        plan, st = store.residency, store.stats
         run(m)
         m.close()
         passes = 1 + DECODE.size
@@ -247,8 +248,8 @@ def test_pinned_layers_are_views_of_the_mapping_and_streamed_are_not(models):
     """pread mode: streamed units live in the slot buffers; mmap mode: in the mapping."""
     path = models[Arch.LLAMA, FloatType.Q40]
     with open_budgeted(path, "50%") as m:
-        store = m.net.weights
-        l = store.plan.streamed[0]
+        store = m.weights
+        l = store.residency.streamed[0]
         assert np.shares_memory(store.layer(l).w1, m.file.buffer)
         store.release(l)
     for mode in ("pread", "direct"):
@@ -257,10 +258,10 @@ def test_pinned_layers_are_views_of_the_mapping_and_streamed_are_not(models):
 
 def check_slot_views(path, mode):
     with open_budgeted(path, "50%", mode=mode) as m:
-        store = m.net.weights
+        store = m.weights
         mapped = m.file.buffer
-        pinned = [i for i in store.plan.pinned if i < m.header.n_layers]
-        streamed = [i for i in store.plan.streamed if i < m.header.n_layers]
+        pinned = [i for i in store.residency.pinned if i < m.header.n_layers]
+        streamed = [i for i in store.residency.streamed if i < m.header.n_layers]
         assert pinned and streamed
         w = store.layer(pinned[0])
         assert np.shares_memory(w.w1, mapped)
@@ -274,7 +275,7 @@ def check_slot_views(path, mode):
 def test_close_stops_the_prefetch_thread(models):
     path = models[Arch.QWEN3, FloatType.Q40]
     m = open_budgeted(path, "40%")
-    thread = m.net.weights._thread
+    thread = m.weights._thread
     assert thread is not None and thread.is_alive()
     m.forward(PROMPT, 0)
     m.close()

@@ -9,8 +9,8 @@ import pytest
 from dairllm.errors import ConfigError
 from dairllm.formats.modelfile import Arch, Header, tensor_layout
 from dairllm.formats.quant import FloatType
-from dairllm.store import Budget, make_plan, parse_budget
-from dairllm.store.plan import PAGE, spread
+from dairllm.store import Budget, make_residency, parse_budget
+from dairllm.store.residency import PAGE, spread
 
 GiB, MiB = 1 << 30, 1 << 20
 
@@ -61,14 +61,14 @@ def test_full_and_minimum(arch):
     layer, wcls, norm = sizes(lay)
     full = STATE + norm + sum(layer) + wcls
     minimum = STATE + norm + max(max(layer), wcls) + 2 * PAGE
-    p = make_plan(lay, "100%", STATE)
+    p = make_residency(lay, "100%", STATE)
     assert (p.full_bytes, p.min_bytes) == (full, minimum)
     assert p.streamed == () and p.slots == 0 and p.stream_bytes_per_token == 0
     assert len(p.pinned) == lay.header.n_layers + 1
-    assert make_plan(lay, full, STATE).streamed == ()
-    assert make_plan(lay, minimum, STATE).resident_bytes <= minimum
+    assert make_residency(lay, full, STATE).streamed == ()
+    assert make_residency(lay, minimum, STATE).resident_bytes <= minimum
     with pytest.raises(ConfigError, match=f"minimum of .*{minimum} bytes"):
-        make_plan(lay, minimum - 1, STATE)
+        make_residency(lay, minimum - 1, STATE)
 
 
 @pytest.mark.parametrize("arch", [Arch.LLAMA, Arch.QWEN3_MOE])
@@ -76,10 +76,10 @@ def test_plans_fit_their_budget_and_stream_less_with_more(arch):
     lay = tensor_layout(header(arch))
     L = lay.header.n_layers
     layer, wcls, norm = sizes(lay)
-    p0 = make_plan(lay, "100%", STATE)
+    p0 = make_residency(lay, "100%", STATE)
     last = {}                        # per slot count: two slots (read-ahead) win when they fit
     for b in range(p0.min_bytes, p0.full_bytes + 1, max(1, (p0.full_bytes - p0.min_bytes) // 40)):
-        p = make_plan(lay, b, STATE)
+        p = make_residency(lay, b, STATE)
         assert p.resident_bytes <= b
         assert sorted(p.pinned + p.streamed) == list(range(L + 1))
         assert p.streamed, "below full, something streams"
@@ -94,7 +94,7 @@ def test_plans_fit_their_budget_and_stream_less_with_more(arch):
 def test_moe_reads_only_active_experts_per_token():
     h = header(Arch.QWEN3_MOE)
     lay = tensor_layout(h)
-    p = make_plan(lay, make_plan(lay, "100%", STATE).min_bytes, STATE)
+    p = make_residency(lay, make_residency(lay, "100%", STATE).min_bytes, STATE)
     expert = sum(lay[f"layers.0.experts.0.{n}"].nbytes for n in ("w1", "w2", "w3"))
     layer, wcls, _ = sizes(lay)
     streamed_layers = [i for i in p.streamed if i < h.n_layers]
@@ -105,14 +105,14 @@ def test_moe_reads_only_active_experts_per_token():
 
 def test_two_slots_when_they_fit_one_at_the_minimum():
     lay = tensor_layout(header())
-    p0 = make_plan(lay, "100%", STATE)
-    assert make_plan(lay, p0.min_bytes, STATE).slots == 1
-    assert make_plan(lay, "50%", STATE).slots == 2
+    p0 = make_residency(lay, "100%", STATE)
+    assert make_residency(lay, p0.min_bytes, STATE).slots == 1
+    assert make_residency(lay, "50%", STATE).slots == 2
 
 
 def test_streamed_layers_are_spread_out():
     lay = tensor_layout(header(n_layers=12))
-    p = make_plan(lay, "50%", STATE)
+    p = make_residency(lay, "50%", STATE)
     layers = [i for i in p.streamed if i < 12]
     assert 2 <= len(layers) <= 10
     gaps = [b - a for a, b in zip(layers, layers[1:])]
@@ -122,8 +122,8 @@ def test_streamed_layers_are_spread_out():
 
 def test_percent_is_of_the_fully_resident_size():
     lay = tensor_layout(header(n_layers=20))
-    p0 = make_plan(lay, "100%", STATE)
+    p0 = make_residency(lay, "100%", STATE)
     for pct in (10, 25, 50, 90):
-        p = make_plan(lay, f"{pct}%", STATE)
+        p = make_residency(lay, f"{pct}%", STATE)
         assert p.budget_bytes == int(p0.full_bytes * pct / 100)
         assert p.resident_bytes <= p.budget_bytes

@@ -20,7 +20,7 @@ def build_info() -> dict:
 def __getattr__(name: str):
     """Lazy exports: `dairllm.Model` imports the engine (and the kernels) on first use only."""
     if name == "Model":
-        from .engine import Model
+        from .modes import Model
 
         return Model
     raise AttributeError(f"module 'dairllm' has no attribute {name!r}")

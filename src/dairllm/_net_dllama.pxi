@@ -1,7 +1,7 @@
 # distributed-llama ("dllama") wire format: exact little-endian reads and writes of the structs the
 # reference sends raw (spec ../shared/spec/dllama-compat.md §0.2, §4-§7).
 #
-# Everything read from a socket goes through DllamaStream, which reads exact byte counts and
+# Everything read from a socket goes through DllamaReader, which reads exact byte counts and
 # checks every count and size against caps *before* allocating. Higher-level meaning (indices
 # pointing at existing pipes/buffers, op shapes) is checked in dairllm.dllama.configs.
 #
@@ -284,7 +284,7 @@ cdef bytes _pack_fields(tuple fields, dict cfg):
 # ---------------------------------------------------------------------------------------------
 # Reading from a socket
 
-cdef class DllamaStream:
+cdef class DllamaReader:
     """Exact reads from a connected socket; every failure is a ProtocolError naming the peer."""
 
     cdef readonly object sock

@@ -47,10 +47,8 @@ CONTROL_CAP = 64 * 1024            # JSON control messages
 DEFAULT_ACT_CAP = 1 << 20          # activations before ASSIGN tells the real size (raised then)
 MAX_ACT_CAP = 1 << 30              # no activation record is ever larger than this
 
-ACT_F32 = 0
-ACT_F16 = 1
-ACT_Q80 = 3
-_ACT_TYPES = {ACT_F32: "F32", ACT_F16: "F16", ACT_Q80: "Q80"}
+# Activations travel as F32, F16 or Q80 (formats/quant.py owns the float types and block sizes).
+ACT_TYPES = frozenset(int(t) for t in (FloatType.F32, FloatType.F16, FloatType.Q80))
 
 
 def default_frame_caps():
@@ -183,20 +181,14 @@ def act_row_bytes(Py_ssize_t dim, int ftype):
     """Bytes of one activation row of `dim` values in wire type `ftype`."""
     if dim <= 0:
         raise ValueError(f"dim must be positive, got {dim}")
-    if ftype == ACT_F32:
-        return dim * 4
-    if ftype == ACT_F16:
-        return dim * 2
-    if ftype == ACT_Q80:
-        if dim % 32:
-            raise ValueError(f"Q80 activations need dim divisible by 32, got {dim}")
-        return dim // 32 * 34
-    raise ValueError(f"unknown activation type {ftype}")
+    if ftype not in ACT_TYPES:
+        raise ValueError(f"unknown activation type {ftype}")
+    return FloatType(ftype).nbytes(dim)
 
 
 def act_header(uint32_t pos0, uint32_t n_rows, uint32_t dim, int ftype):
     """The 16-byte header of an activation record."""
-    if ftype not in _ACT_TYPES:
+    if ftype not in ACT_TYPES:
         raise ValueError(f"unknown activation type {ftype}")
     cdef bytearray out = bytearray(ACT_HEADER_BYTES)
     cdef unsigned char[:] o = out
@@ -223,7 +215,7 @@ def parse_act_header(const unsigned char[:] b, Py_ssize_t payload_len, uint32_t 
     cdef uint32_t n = b[4] | (b[5] << 8) | (b[6] << 16) | (<uint32_t>b[7] << 24)
     cdef uint32_t d = b[8] | (b[9] << 8) | (b[10] << 16) | (<uint32_t>b[11] << 24)
     cdef int ftype = b[12]
-    if ftype not in _ACT_TYPES:
+    if ftype not in ACT_TYPES:
         raise ProtocolError(f"unknown activation type {ftype}")
     if b[13] or b[14] or b[15]:
         raise ProtocolError("nonzero padding in an activation header")

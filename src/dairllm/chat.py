@@ -18,7 +18,9 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from .convert.chat_template import ChatTemplate
+from .engine.generate import GenerateStats, generate
 from .errors import ConfigError
+from .sampling import Sampler
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +84,6 @@ class Session:
             raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                               f"{model.vocab_size}: they do not belong together")
         self.eos = frozenset(int(e) for e in tokenizer.eos_ids)
-        self.max_batch = int(getattr(getattr(model, "state", None), "max_batch", 32) or 32)
 
     # -- prompts -------------------------------------------------------------------------------
 
@@ -116,21 +117,12 @@ class Session:
 
     # -- generation ----------------------------------------------------------------------------
 
-    def _feed(self, ids: Sequence[int], position: int) -> np.ndarray:
-        """Run ids at position.. and return the last row's logits."""
-        last = None
-        for c in range(0, len(ids), self.max_batch):
-            chunk = ids[c:c + self.max_batch]
-            last = self.model.forward(chunk, position + c)[-1]
-        return last
-
     def generate(self, prompt: Sequence[int], cfg: GenerationConfig,
                  cancel: threading.Event | None = None, result: Result | None = None,
                  ) -> Iterator[str]:
         """Yield text pieces of the continuation of `prompt`. Reuses the cached prefix; stops on
-        any EOS id, a stop string, max_tokens, the context end or `cancel`. Fills `result`."""
-        from .sampling import Sampler
-
+        any EOS id, a stop string, max_tokens, the context end or `cancel`. Fills `result`.
+        The tokens come from the one generation loop (engine/generate.py)."""
         cfg.validate()
         res = result if result is not None else Result()
         prompt = [int(t) for t in prompt]
@@ -143,47 +135,45 @@ class Session:
         res.prompt_tokens, res.cached_tokens = len(prompt), reuse
         sampler = Sampler(float(cfg.temperature), float(cfg.top_p),
                           cfg.seed if cfg.seed is not None else _clock_seed())
-        decoder = self.tok.decoder()
-        t0 = time.perf_counter()
+        steps = min(cfg.max_tokens, seq_len - len(prompt) + 1)
+        stats = GenerateStats()
         del self.tokens[reuse:]
-        logits = self._feed(prompt[reuse:], reuse)
-        self.tokens.extend(prompt[reuse:])
-        res.prompt_seconds = time.perf_counter() - t0
+        tokens = generate(self.model, np.asarray(prompt, dtype=np.intp), steps, stats, sampler,
+                          self.eos, self.vocab_limit, start=reuse, cancel=cancel)
+        decoder = self.tok.decoder()
         text, sent = "", 0           # decoded so far; chars already yielded
-        while True:
-            if cancel is not None and cancel.is_set():
-                res.finish_reason = "cancelled"
-                break
-            token = int(sampler.sample(logits[:self.vocab_limit]))
-            if token in self.eos:
-                res.finish_reason, res.stopped_by = "stop", "eos"
-                break
-            res.token_ids.append(token)
-            res.completion_tokens += 1
-            text += decoder.feed(token)
-            cut = _find_stop(text, cfg.stop)
-            if cut is not None:
-                text = text[:cut]
-                res.finish_reason, res.stopped_by = "stop", "stop_string"
-                break
-            safe = len(text) - _stop_prefix_len(text, cfg.stop)   # never stream half a stop
-            if safe > sent:
-                res.text = text[:safe]
-                yield text[sent:safe]
-                sent = safe
-            if res.completion_tokens >= cfg.max_tokens or len(self.tokens) >= seq_len:
-                res.finish_reason = "length"
-                break
-            t1 = time.perf_counter()
-            logits = self._feed([token], len(self.tokens))
-            self.tokens.append(token)
-            res.decode_seconds += time.perf_counter() - t1
+        try:
+            for token in tokens:
+                res.token_ids.append(token)
+                res.completion_tokens += 1
+                text += decoder.feed(token)
+                cut = _find_stop(text, cfg.stop)
+                if cut is not None:
+                    text = text[:cut]
+                    res.finish_reason, res.stopped_by = "stop", "stop_string"
+                    break
+                safe = len(text) - _stop_prefix_len(text, cfg.stop)   # never stream half a stop
+                if safe > sent:
+                    res.text = text[:safe]
+                    yield text[sent:safe]
+                    sent = safe
+        finally:
+            tokens.close()
+            fed = prompt + res.token_ids
+            self.tokens = fed[:max(stats.positions, reuse)]
+            res.prompt_seconds, res.decode_seconds = stats.prompt_seconds, stats.decode_seconds
+        if res.finish_reason is None:
+            res.finish_reason, res.stopped_by = _FINISH[stats.stop_reason]
         if res.stopped_by != "stop_string":
             flush = getattr(decoder, "flush", None)
             text += (flush() or "") if flush else ""
         if len(text) > sent:
             yield text[sent:]
         res.text = text
+
+
+# the generation loop's stop reason -> (finish_reason, stopped_by) as the API reports them
+_FINISH = {"eos": ("stop", "eos"), "steps": ("length", None), "cancelled": ("cancelled", None)}
 
 
 def _find_stop(text: str, stops: Sequence[str]) -> int | None:

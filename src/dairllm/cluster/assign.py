@@ -26,40 +26,9 @@ from dataclasses import dataclass, field
 
 from ..errors import ConfigError
 from ..formats.modelfile import Header, tensor_layout
+from .report import assignment_table
 
 TIME_EPS = 1e-6        # seconds per token: closer than this counts as a tie
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b)?\s*$", re.I)
-
-
-def parse_size(value: "str | int") -> int:
-    """'4G', '512M', '1.5GiB', '123456' -> bytes (binary units)."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        if value <= 0:
-            raise ConfigError(f"size must be positive, got {value}")
-        return value
-    m = _SIZE.match(str(value))
-    if not m:
-        raise ConfigError(f"cannot read size {value!r}: use e.g. 4G, 512M or a byte count")
-    n = int(float(m.group(1)) * 1024 ** " KMGT".index((m.group(2) or " ").upper()))
-    if n <= 0:
-        raise ConfigError(f"size must be positive, got {value!r}")
-    return n
-
-
-def available_ram() -> int:
-    """MemAvailable from /proc/meminfo (Linux), else total RAM via sysconf, else 4 GiB."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        import os
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 4 << 30
 
 
 @dataclass(frozen=True)
@@ -140,7 +109,6 @@ class Assignment:
         return [(s.start, s.end) for s in self.stages]
 
     def table(self) -> str:
-        from .report import assignment_table
         return assignment_table(self)
 
 

@@ -1,7 +1,7 @@
 """The native worker: serve roots one session at a time per connection, run a layer range.
 
     worker = NativeWorker(NodeOptions(model_path="model.m", nthreads=2))
-    serve(worker, "0.0.0.0", 9998)            # or worker.handle(sock, first_bytes) per connection
+    worker.handle(sock)           # per accepted connection (commands/worker.py runs the listener)
 
 A session: handshake (and HMAC check when a secret is set), INFO with this node's profile, then
 ASSIGN (map the model, keep the KV caches of the assigned layers only), then FORWARD records,
@@ -11,24 +11,28 @@ can connect again. Each connection runs in its own thread with its own KV cache.
 """
 from __future__ import annotations
 
-import argparse
-import hmac
 import logging
 import os
 import socket
-import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from .. import _net
+from ..engine import forward as fw
+from ..engine.model import DEFAULT_MAX_BATCH, Compute
+from ..engine.state import RunState, run_state_bytes
+from ..engine.threads import get_nthreads, set_nthreads
 from ..errors import ConfigError, DairError, ProtocolError
-from ..formats.modelfile import ModelFile, read_header
+from ..formats.fingerprint import model_fingerprint
+from ..formats.modelfile import ModelFile, read_header, tensor_layout
+from ..formats.quant import FloatType
+from ..store.budget import available_ram, resolve_budget
+from ..store.residency import full_resident_bytes
 from . import protocol as P
-from .assign import available_ram
-from .streaming import close_weights, streamed_layers, weights_for_range
-from .fingerprint import get_threads, measure_speed, model_fingerprint, set_threads
+from .speed import measure_speed
+from .stage_weights import close_weights, streamed_layers, weights_for_range
 
 log = logging.getLogger("dairllm.cluster.node")
 
@@ -39,7 +43,7 @@ MAX_SESSIONS = 4
 @dataclass
 class NodeOptions:
     model_path: "str | os.PathLike"
-    ram_budget: "int | None" = None        # bytes; None: what the OS reports available
+    ram_budget: "str | int | None" = None  # "4G", "50%", bytes; None: what the OS reports available
     nthreads: "int | None" = None
     secret: "bytes | None" = None
     verify_model: bool = False             # full-file hash instead of sampled blocks
@@ -69,12 +73,14 @@ class NativeWorker:
         self.opts = opts
         path = Path(opts.model_path)
         h = read_header(path)                         # fails early on a bad file
-        set_threads(opts.nthreads)
+        set_nthreads(opts.nthreads)
+        full = full_resident_bytes(tensor_layout(h), run_state_bytes(h, DEFAULT_MAX_BATCH))
+        self.ram_budget = resolve_budget(opts.ram_budget, full)    # None: no cap but the OS's
         t0 = time.perf_counter()
         fp = model_fingerprint(path, full=opts.verify_model)
         speed = opts.speed or measure_speed(nthreads=opts.nthreads)
         self.profile = Profile(fp, path.stat().st_size, path.name,
-                               int(opts.ram_budget or available_ram()), get_threads(),
+                               int(self.ram_budget or available_ram()), get_nthreads(),
                                float(speed), h.n_layers)
         log.info("model %s (%s), %d layers; speed %.2f GB/s, budget %.0f MiB (%.2f s)", path,
                  fp, h.n_layers, speed / 1e9, self.profile.ram_budget / 2**20,
@@ -149,11 +155,8 @@ class Session:
         nonce = P.new_nonce()
         c.send_json(P.CHALLENGE, {"nonce": nonce, "auth": secret is not None})
         auth = c.expect_json(P.AUTH)
-        if secret is not None:
-            got = auth.get("mac")
-            if not isinstance(got, str) or not hmac.compare_digest(
-                    got, P.mac(secret, b"root", nonce)):
-                raise ProtocolError(f"{c.peer}: authentication failed (missing or wrong secret)")
+        if secret is not None and not P.mac_matches(secret, b"root", nonce, auth.get("mac")):
+            raise ProtocolError(f"{c.peer}: authentication failed (missing or wrong secret)")
         info = prof.as_dict()
         if secret is not None:
             info["mac"] = P.mac(secret, b"worker", root_nonce)
@@ -162,7 +165,7 @@ class Session:
     def assign(self, a: dict) -> None:
         self.close()                                   # drop the previous range (and its KV)
         self.stage = Stage.open(self.w, a, self.conn.peer)
-        cap = P.record_bytes(self.stage.max_batch, self.stage.dim, _net.ACT_F32)
+        cap = P.record_bytes(self.stage.max_batch, self.stage.dim, FloatType.F32)
         self.conn.decoder.set_cap(P.FORWARD, cap)
         self.conn.send_json(P.READY, {"load_seconds": self.stage.load_seconds,
                                       "layer_bytes": self.stage.layer_bytes,
@@ -194,9 +197,6 @@ class Stage:
 
     @classmethod
     def open(cls, worker: NativeWorker, a: dict, peer: str) -> "Stage":
-        from ..engine.model import Net
-        from ..engine.state import RunState
-
         prof = worker.profile
         fp = P.get_str(a, "fingerprint", peer, 200)
         if fp != prof.fingerprint:
@@ -216,19 +216,19 @@ class Stage:
         s.dim, s.seq_len = h.dim, h.seq_len
         layers = range(start, end)
         s.state = RunState(h, max_batch, h.weight_type.is_block, layers=layers)   # lazy zeros
-        cap = worker.opts.ram_budget or available_ram()
+        cap = worker.ram_budget or available_ram()
         if s.state.nbytes > cap:
             s.file.close()
             raise ConfigError(f"layers {start}..{end - 1} with max_batch {max_batch} and "
                               f"max_seq_len {seq} need {s.state.nbytes / 2**20:.0f} MiB of KV cache "
                               f"and buffers, more than this worker's {cap / 2**20:.0f} MiB")
         try:
-            weights = weights_for_range(s.file, layers, worker.opts.ram_budget, s.state.nbytes,
+            weights = weights_for_range(s.file, layers, worker.ram_budget, s.state.nbytes,
                                         head=False)
         except BaseException:
             s.file.close()
             raise
-        s.net = Net(h, weights)
+        s.compute = Compute(h, weights)
         s.streamed = streamed_layers(weights)
         lay = s.file.layout
         s.layer_bytes = sum(t.nbytes for l in layers for t in lay.layer_tensors(l))
@@ -238,31 +238,21 @@ class Stage:
         return s
 
     def close(self) -> None:
-        close_weights(self.net.weights)
+        close_weights(self.compute.weights)
         self.file.close()
 
     def run(self, data: memoryview, pos0: int, n: int, ftype: int):
-        from ..engine import forward as fw
-
         s = self.state
         r = s.rows(n)
         P.decode_rows(data, n, self.dim, ftype, r.x)
         fw.set_positions(s, r, pos0)
-        fw.run_layers(self.net, s, r, pos0, self.start, self.end)
+        fw.run_layers(self.compute, s, r, pos0, self.start, self.end)
         self.n_past = pos0 + n
         return r.x
 
 
 # ---------------------------------------------------------------------------------------------
 # Listening
-
-def listen(host: str, port: int) -> socket.socket:
-    try:
-        sock = socket.create_server((host, port), reuse_port=False, backlog=16)
-    except OSError as e:
-        raise ConfigError(f"cannot listen on {host}:{port}: {e}") from None
-    return sock
-
 
 def warn_if_open(host: str, secret: "bytes | None") -> None:
     if secret is None and not P.is_loopback(host):
@@ -286,77 +276,3 @@ def serve(worker: NativeWorker, listener: socket.socket,
         sock.settimeout(None)
         threading.Thread(target=worker.handle, args=(sock, b"", f"{addr[0]}:{addr[1]}"),
                          daemon=True, name=f"session {addr[0]}:{addr[1]}").start()
-
-
-def add_native_arguments(p: argparse.ArgumentParser) -> None:
-    """The `worker` command's options for dairllm roots (the native protocol)."""
-    p.add_argument("--ram-budget", default=None,
-                   help="RAM this worker may use for layers and KV caches, e.g. 4G "
-                        "(default: what the OS reports available)")
-    p.add_argument("--secret", default=None,
-                   help=f"shared secret roots must prove (HMAC); default ${P.SECRET_ENV}")
-    p.add_argument("--verify-model", action="store_true",
-                   help="fingerprint the model by hashing every byte (default: sampled blocks)")
-
-
-def native_worker_from_args(args) -> "NativeWorker | None":
-    """The NativeWorker of a `worker` command (made once); None when it has no --model."""
-    w = getattr(args, "_native_worker", None)
-    if w is None and getattr(args, "model", None):
-        from .assign import parse_size
-
-        w = args._native_worker = NativeWorker(NodeOptions(
-            args.model, parse_size(args.ram_budget) if args.ram_budget else None,
-            args.nthreads, P.resolve_secret(args.secret), args.verify_model))
-    if w is None:
-        log.error("a dairllm root connected but this worker was started without --model")
-    return w
-
-
-def start_native(args) -> None:
-    if getattr(args, "model", None):
-        native_worker_from_args(args)
-    warn_if_open(args.host, P.resolve_secret(getattr(args, "secret", None)))
-
-
-def main(argv: "list[str] | None" = None) -> int:
-    """`python -m dairllm.cluster.node`: a native-only worker (tests, demo). The `worker`
-    command serves both this protocol and dllama's on one port."""
-    p = argparse.ArgumentParser(prog="python -m dairllm.cluster.node")
-    p.add_argument("--model", required=True)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=9998)
-    p.add_argument("--nthreads", type=int, default=None)
-    p.add_argument("--ram-budget", default=None)
-    p.add_argument("--secret", default=None)
-    p.add_argument("--verify-model", action="store_true")
-    p.add_argument("--speed", type=float, default=None, help=argparse.SUPPRESS)
-    p.add_argument("-v", "--verbose", action="store_true")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s worker %(levelname)s: %(message)s")
-    from .assign import parse_size
-
-    try:
-        secret = P.resolve_secret(args.secret)
-        opts = NodeOptions(args.model, parse_size(args.ram_budget) if args.ram_budget else None,
-                           args.nthreads, secret, args.verify_model, speed=args.speed)
-        worker = NativeWorker(opts)
-        listener = listen(args.host, args.port)
-    except DairError as e:
-        print(f"worker: error: {e}", file=sys.stderr)
-        return 1
-    warn_if_open(args.host, secret)
-    host, port = listener.getsockname()[:2]
-    print(f"listening on {host}:{port}", flush=True)
-    try:
-        serve(worker, listener)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        listener.close()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

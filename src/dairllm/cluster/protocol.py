@@ -26,8 +26,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import _net
+from .. import _net, _ops
 from ..errors import ConfigError, DairError, ProtocolError
+from ..formats.quant import FloatType
+from ..sockets import tune
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +38,7 @@ HELLO, CHALLENGE, AUTH, INFO = _net.MSG_HELLO, _net.MSG_CHALLENGE, _net.MSG_AUTH
 ASSIGN, READY, FORWARD, RESULT = _net.MSG_ASSIGN, _net.MSG_READY, _net.MSG_FORWARD, _net.MSG_RESULT
 ERROR, BYE, PING, PONG = _net.MSG_ERROR, _net.MSG_BYE, _net.MSG_PING, _net.MSG_PONG
 
-ACT_TYPES = {"f32": _net.ACT_F32, "f16": _net.ACT_F16, "q80": _net.ACT_Q80}
+ACT_TYPES = {"f32": FloatType.F32, "f16": FloatType.F16, "q80": FloatType.Q80}
 ACT_NAMES = {v: k for k, v in ACT_TYPES.items()}
 SECRET_ENV = "DAIRLLM_SECRET"
 NONCE_BYTES = 16
@@ -65,12 +67,11 @@ def act_type(name: "str | int") -> int:
 
 def encode_rows(x: np.ndarray, ftype: int, out: "np.ndarray | None" = None) -> np.ndarray:
     """float32 [n, dim] -> the wire bytes of the rows (uint8 [n, row_bytes])."""
-    from .. import _ops
 
     n, dim = x.shape
-    if ftype == _net.ACT_F32:
+    if ftype == FloatType.F32:
         return x.view(np.uint8).reshape(n, dim * 4)
-    if ftype == _net.ACT_F16:
+    if ftype == FloatType.F16:
         return x.astype(np.float16).view(np.uint8).reshape(n, dim * 2)
     if out is None:
         out = np.empty((n, _net.act_row_bytes(dim, ftype)), dtype=np.uint8)
@@ -81,12 +82,11 @@ def encode_rows(x: np.ndarray, ftype: int, out: "np.ndarray | None" = None) -> n
 def decode_rows(data: "bytes | memoryview", n: int, dim: int, ftype: int,
                 out: np.ndarray) -> np.ndarray:
     """Wire bytes of n rows -> float32 out[:n] (out is [>= n, dim] float32)."""
-    from .. import _ops
 
     dst = out[:n]
-    if ftype == _net.ACT_F32:
+    if ftype == FloatType.F32:
         dst[...] = np.frombuffer(data, dtype=np.float32).reshape(n, dim)
-    elif ftype == _net.ACT_F16:
+    elif ftype == FloatType.F16:
         dst[...] = np.frombuffer(data, dtype=np.float16).reshape(n, dim)
     else:
         q = np.frombuffer(data, dtype=np.uint8).reshape(n, _net.act_row_bytes(dim, ftype))
@@ -116,6 +116,11 @@ def resolve_secret(secret: "str | None") -> "bytes | None":
 
 def mac(secret: bytes, role: bytes, nonce_hex: str) -> str:
     return hmac.new(secret, role + bytes.fromhex(nonce_hex), hashlib.sha256).hexdigest()
+
+
+def mac_matches(secret: bytes, role: bytes, nonce_hex: str, got: object) -> bool:
+    """Whether `got` is the peer's MAC of our nonce for `role` (compared in constant time)."""
+    return isinstance(got, str) and hmac.compare_digest(got, mac(secret, role, nonce_hex))
 
 
 def new_nonce() -> str:
@@ -272,13 +277,6 @@ def _error_text(payload: bytes) -> str:
         return str(json.loads(payload.decode("utf-8", "replace")).get("message", "error"))[:1000]
     except (ValueError, AttributeError):
         return payload[:200].decode("utf-8", "replace")
-
-
-def tune(sock: socket.socket) -> None:
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except OSError:
-        pass
 
 
 def get_int(obj: dict, key: str, lo: int, hi: int, peer: str) -> int:

@@ -24,7 +24,6 @@ both edges, so even with Q80 activations the tokens are bit-identical to a fault
 from __future__ import annotations
 
 import contextlib
-import hmac
 import logging
 import math
 import time
@@ -36,15 +35,19 @@ import numpy as np
 from .. import _net
 from ..engine import forward as fw
 from ..engine.model import DEFAULT_MAX_BATCH, Model
-from ..engine.state import RunState
+from ..engine.state import RunState, run_state_bytes
+from ..engine.threads import get_nthreads, set_nthreads
 from ..engine.weights import ResidentWeights
 from ..errors import ConfigError, DairError, ProtocolError
-from ..formats.modelfile import ModelFile
+from ..formats.fingerprint import model_fingerprint
+from ..formats.modelfile import Header, ModelFile, read_header, tensor_layout
+from ..formats.quant import FloatType
+from ..store.budget import available_ram, resolve_budget
+from ..store.residency import full_resident_bytes
 from . import protocol as P
-from .assign import (Assignment, ModelCosts, NodeProfile, assign, available_ram, manual,
-                     parse_size)
-from .streaming import close_weights, weights_for_range
-from .fingerprint import get_threads, measure_speed, model_fingerprint, set_threads
+from .assign import Assignment, ModelCosts, NodeProfile, assign, manual
+from .speed import measure_speed
+from .stage_weights import close_weights, weights_for_range
 
 log = logging.getLogger("dairllm.cluster.root")
 
@@ -97,11 +100,8 @@ def connect_worker(address: str, fingerprint: str, secret: "bytes | None",
                               f"{P.SECRET_ENV})")
         conn.send_json(P.AUTH, {"mac": P.mac(secret, b"root", wnonce) if secret else ""})
         info = conn.expect_json(P.INFO)
-        if secret is not None:
-            got = info.get("mac")
-            if not isinstance(got, str) or not hmac.compare_digest(
-                    got, P.mac(secret, b"worker", nonce)):
-                raise ProtocolError(f"worker {address} failed authentication (wrong secret)")
+        if secret is not None and not P.mac_matches(secret, b"worker", nonce, info.get("mac")):
+            raise ProtocolError(f"worker {address} failed authentication (wrong secret)")
         wfp = P.get_str(info, "fingerprint", conn.peer, 200)
         if wfp.split(":")[0] != fingerprint.split(":")[0]:
             raise ConfigError(f"worker {address} fingerprints its model by {wfp.split(':')[0]} "
@@ -133,8 +133,6 @@ def probe(path, workers: Sequence[str], ram_budget: "int | str | None" = None,
           link_bandwidth: float = 125e6) -> Assignment:
     """The assignment a ClusterModel would make, from the workers' handshakes alone: no weights
     are loaded anywhere (`dairllm plan`)."""
-    from ..formats.modelfile import read_header
-
     h = read_header(path, max_seq_len=max_seq_len)
     act = P.act_type(buffer_float_type)
     key = P.resolve_secret(secret)
@@ -143,8 +141,8 @@ def probe(path, workers: Sequence[str], ram_budget: "int | str | None" = None,
     try:
         for addr in workers:
             links.append(connect_worker(addr, fp, key, timeout, path))
-        budget = parse_size(ram_budget) if ram_budget is not None else available_ram()
-        root = NodeProfile("root", budget, measure_speed(0.1), get_threads())
+        root = NodeProfile("root", root_budget(h, ram_budget, max_batch) or available_ram(),
+                           measure_speed(0.1), get_nthreads())
         profiles = [root] + [l.profile for l in links]
         costs = ModelCosts.of(h, _net.act_row_bytes(h.dim, act), max_batch)
         if layers:
@@ -153,6 +151,12 @@ def probe(path, workers: Sequence[str], ram_budget: "int | str | None" = None,
     finally:
         for link in links:
             link.close()
+
+
+def root_budget(h: Header, ram_budget: "int | str | None", max_batch: int) -> "int | None":
+    """The root's RAM budget in bytes ("50%": of what the whole model needs resident)."""
+    full = full_resident_bytes(tensor_layout(h), run_state_bytes(h, max_batch))
+    return resolve_budget(ram_budget, full)
 
 
 def _same_model(a: str, b: str) -> bool:
@@ -203,10 +207,7 @@ class ClusterModel(Model):
              ram_budget: "int | str | None" = None, secret: "str | bytes | None" = None,
              timeout: float = 60.0, link_bandwidth: float = 125e6,
              verify_model: bool = False) -> "ClusterModel":
-        if nthreads is not None:
-            if nthreads <= 0:
-                raise ConfigError(f"nthreads must be positive, got {nthreads}")
-            set_threads(nthreads)
+        set_nthreads(nthreads)
         if max_batch <= 0:
             raise ConfigError(f"max_batch must be positive, got {max_batch}")
         if timeout <= 0:
@@ -219,10 +220,11 @@ class ClusterModel(Model):
             fp = model_fingerprint(path, full=verify_model)
             for addr in workers:
                 links.append(connect_worker(addr, fp, key, timeout, path))
-            budget = parse_size(ram_budget) if ram_budget is not None else available_ram()
-            root = NodeProfile("root", budget, measure_speed(0.1), get_threads())
+            budget = root_budget(mf.header, ram_budget, max_batch)
+            root = NodeProfile("root", budget or available_ram(), measure_speed(0.1),
+                               get_nthreads())
             model = cls(mf, ResidentWeights(mf, layers=range(0)), max_batch)
-            model.root_budget = parse_size(ram_budget) if ram_budget is not None else None
+            model.root_budget = budget
             model._secret = key
             model._setup(path, fp, links, root, act, layers, timeout, link_bandwidth)
             return model
@@ -277,17 +279,17 @@ class ClusterModel(Model):
                 ready = ps.link.conn.expect_json(P.READY)
             self.worker_streamed[ps.link.address] = ready.get("streamed_layers", 0)
             ps.link.conn.decoder.set_cap(P.RESULT, P.record_bytes(
-                self.state.max_batch, self.header.dim, _net.ACT_F32))
+                self.state.max_batch, self.header.dim, FloatType.F32))
             log.info("%s: layers %d..%d ready (%.2f s)", ps.link.address, ps.start, ps.end - 1,
                      ready.get("load_seconds", 0.0))
 
     def _local_state(self) -> None:
         """Weights and KV caches of the layers the root runs (possibly several stages)."""
         local = [l for ps in self.pipe if ps.link is None for l in range(ps.start, ps.end)]
-        close_weights(self.net.weights)
-        self.state = RunState(self.header, self.state.max_batch, self.net.quantized,
+        close_weights(self.compute.weights)
+        self.state = RunState(self.header, self.state.max_batch, self.compute.quantized,
                               layers=local)
-        self.net.weights = weights_for_range(self.file, local, self.root_budget,
+        self.compute.weights = weights_for_range(self.file, local, self.root_budget,
                                              self.state.nbytes, head=True)
 
     # -- forward --------------------------------------------------------------------------------
@@ -318,9 +320,9 @@ class ClusterModel(Model):
                 continue
             if last_only:
                 if c0 + chunk.size == tokens.size:
-                    fw.head(self.net, r if r.n == 1 else _last_row(self.state, r), logits)
+                    fw.head(self.compute, r if r.n == 1 else _last_row(self.state, r), logits)
             else:
-                fw.head(self.net, r, logits[c0:c0 + chunk.size])
+                fw.head(self.compute, r, logits[c0:c0 + chunk.size])
 
     def _forward_chunk(self, chunk: np.ndarray, p0: int) -> dict:
         """embed + every stage, recovering from worker faults until it goes through; returns
@@ -332,7 +334,7 @@ class ClusterModel(Model):
                 self._recover(e)
 
     def _pipeline(self, chunk: np.ndarray, p0: int) -> dict:
-        s, m = self.state, self.net
+        s, m = self.state, self.compute
         r = s.rows(chunk.size)
         fw.set_positions(s, r, p0)
         fw.embed(m, r, chunk)
@@ -356,7 +358,7 @@ class ClusterModel(Model):
         """x through encode + decode, exactly as a hop on the wire would change it; returns the
         wire rows (a copy)."""
         data = np.array(P.encode_rows(x, self.act), copy=True)
-        if self.act != _net.ACT_F32:
+        if self.act != FloatType.F32:
             n, dim = x.shape
             P.decode_rows(memoryview(data.reshape(-1)), n, dim, self.act, x)
         return data
@@ -422,7 +424,7 @@ class ClusterModel(Model):
         """Rebuild the KV caches of `stages` (pipe indices): each past chunk's recorded input to
         a stage goes through it again, in the original chunks, so the arithmetic is the same.
         The root's own first stage starts from the embedding."""
-        s, m = self.state, self.net
+        s, m = self.state, self.compute
         for p0, chunk, inputs in self.history:
             r = s.rows(chunk.size)
             fw.set_positions(s, r, p0)

@@ -162,7 +162,7 @@ def _prompt(vocab: int, n: int) -> list[int]:
 
 
 def child_dairllm(args) -> dict:
-    from ..engine import Model
+    from ..modes import Model
 
     before = _memory()
     P, G = args.prompt_tokens, args.gen_tokens
@@ -173,7 +173,7 @@ def child_dairllm(args) -> dict:
         tokens = list(m.generate(prompt, steps=G))
         st = m.stats
         mem = _memory()
-        return dict(engine=args.child, prompt_tps=st.prompt_tps, decode_tps=st.decode_tps,
+        return dict(engine=args.child, prompt_tokens_per_s=st.prompt_tokens_per_s, decode_tokens_per_s=st.decode_tokens_per_s,
                     generated=len(tokens), peak_rss=mem.get("VmHWM"), rss_file=mem.get("RssFile"),
                     rss_anon=mem.get("RssAnon"), rss_anon_before_open=before.get("RssAnon"),
                     state_bytes=m.state.nbytes, kv_bytes=m.state.kv_nbytes,
@@ -206,7 +206,7 @@ def child_llamacpp(args) -> dict:
         llm.eval([prompt[i % P]])
     decode_s = time.perf_counter() - t0
     mem = _memory()
-    return dict(engine="llama.cpp", prompt_tps=P / prompt_s, decode_tps=(G - 1) / decode_s,
+    return dict(engine="llama.cpp", prompt_tokens_per_s=P / prompt_s, decode_tokens_per_s=(G - 1) / decode_s,
                 peak_rss=mem.get("VmHWM"), rss_file=mem.get("RssFile"),
                 rss_anon=mem.get("RssAnon"), nthreads=n)
 
@@ -281,7 +281,7 @@ def run(args: argparse.Namespace) -> int:
     report["load_average_after"] = os.getloadavg()[0]
     if bw:
         report["bandwidth_bytes_per_s"] = bw
-        report["decode_floor_tps"] = bw / report["weight_bytes_per_token"]
+        report["decode_floor_tokens_per_s"] = bw / report["weight_bytes_per_token"]
     if args.json:
         print(json.dumps(report, indent=2, default=str))
     else:
@@ -294,7 +294,7 @@ def _best(a: "dict | None", b: dict) -> dict:
     if not a:
         return b
     out = dict(b)
-    for k in ("prompt_tps", "decode_tps"):
+    for k in ("prompt_tokens_per_s", "decode_tokens_per_s"):
         out[k] = max(a[k], b[k])
     out["runs"] = a.get("runs", 1) + 1
     return out
@@ -327,12 +327,12 @@ def print_report(r: dict) -> None:
         print(format_report(r["kernels"]))
     ours = [r[e] for e in ("dairllm", "dairllm-x8") if e in r]
     theirs = r.get("llama.cpp") or {}
-    floor = r.get("decode_floor_tps")
+    floor = r.get("decode_floor_tokens_per_s")
     print(f"{'engine':12s} {'prompt tok/s':>13s} {'decode tok/s':>13s} {'peak RSS':>10s} "
           f"{'RSS file':>10s} {'RSS anon':>10s}")
     for e in (*ours, theirs):
-        if "prompt_tps" in e:
-            print(f"{e['engine']:12s} {e['prompt_tps']:13.1f} {e['decode_tps']:13.1f} "
+        if "prompt_tokens_per_s" in e:
+            print(f"{e['engine']:12s} {e['prompt_tokens_per_s']:13.1f} {e['decode_tokens_per_s']:13.1f} "
                   f"{e['peak_rss'] / 2**20:8.0f}Mi {e['rss_file'] / 2**20:8.0f}Mi "
                   f"{e['rss_anon'] / 2**20:8.0f}Mi")
         elif "error" in e:
@@ -343,14 +343,14 @@ def print_report(r: dict) -> None:
           f"(KV {ours[0]['kv_bytes'] / 2**20:.1f} MiB); anonymous RSS before opening the model "
           f"{ours[0]['rss_anon_before_open'] / 2**20:.0f} MiB")
     for e in ours:
-        if "prompt_tps" in theirs:
-            print(f"ratio {e['engine']} / llama.cpp: prompt {e['prompt_tps'] / theirs['prompt_tps']:.2f}, "
-                  f"decode {e['decode_tps'] / theirs['decode_tps']:.2f}")
+        if "prompt_tokens_per_s" in theirs:
+            print(f"ratio {e['engine']} / llama.cpp: prompt {e['prompt_tokens_per_s'] / theirs['prompt_tokens_per_s']:.2f}, "
+                  f"decode {e['decode_tokens_per_s'] / theirs['decode_tokens_per_s']:.2f}")
     if floor:
         probes = r.get("kernels", {}).get("bandwidth_gbs_after", {})
         if probes:
             t, after = next(iter(probes.items()))
             print(f"memory read bandwidth, {t} thread(s), probed again after the engines: {after:.1f} GB/s; "
                   f"the limit below is the higher probe, {r['bandwidth_bytes_per_s'] / gb:.1f} GB/s")
-        parts = [f"{e['engine']} {e['decode_tps'] / floor:.0%}" for e in (*ours, theirs) if "decode_tps" in e]
+        parts = [f"{e['engine']} {e['decode_tokens_per_s'] / floor:.0%}" for e in (*ours, theirs) if "decode_tokens_per_s" in e]
         print(f"decode vs bandwidth floor ({floor:.1f} tok/s): " + ", ".join(parts))

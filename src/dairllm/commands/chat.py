@@ -5,58 +5,40 @@ import argparse
 import sys
 import threading
 
+from ..chat import Chat, GenerationConfig, Result, Session
+from ..convert.chat_template import ChatTemplate
+from ..formats.tokenizer import Tokenizer
+from .options import (add_cluster_arguments, add_model_arguments, add_runtime_arguments,
+                      add_sampling_arguments, open_model)
 
 HELP = "chat with a model in the terminal (the model's own chat template, streaming replies)"
 
 
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """Options shared by chat and serve."""
-    p.add_argument("--model", required=True, help="the .m model file")
-    p.add_argument("--tokenizer", required=True, help="the .t tokenizer file")
+def add_session_arguments(p: argparse.ArgumentParser) -> None:
+    """Options shared by chat and serve: a model, its tokenizer and template, and how to run it."""
+    add_model_arguments(p)
     p.add_argument("--chat-template", default="auto", choices=["auto", "llama3", "chatml"],
                    help="auto (default): the tokenizer's own template; or a built-in one")
-    p.add_argument("--nthreads", type=int, default=None, help="kernel threads (default: all cores)")
-    p.add_argument("--max-seq-len", type=int, default=None,
-                   help="cap the context (and KV cache) below the model's sequence length")
-    p.add_argument("--ram-budget", default=None,
-                   help="cap resident weights + run state (4G, 512M, 50%%): layers that do not "
-                        "fit are streamed from disk")
-    from .generate import add_repack_argument
-    add_repack_argument(p)
-    p.add_argument("--temperature", type=float, default=0.7,
-                   help="sampling temperature (0: greedy)")
-    p.add_argument("--topp", type=float, default=0.9, help="top-p (nucleus) sampling")
-    p.add_argument("--seed", type=int, default=None, help="sampler seed (default: the clock)")
-    from ..cluster.cli import add_cluster_arguments
+    add_sampling_arguments(p)
+    add_runtime_arguments(p)
     add_cluster_arguments(p)            # --workers and friends: a cluster runs the model
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_model_arguments(p)
+    add_session_arguments(p)
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--max-tokens", type=int, default=1024, help="most tokens per reply")
 
 
-def open_session(args: argparse.Namespace):
+def open_session(args: argparse.Namespace) -> Session:
     """Model, tokenizer and template from the shared options -> a chat.Session."""
-    from ..chat import Session
-    from ..convert.chat_template import ChatTemplate
-    from ..engine import Model
-    from ..formats.tokenizer import Tokenizer
-
-    if args.workers:
-        from ..cluster.cli import cluster_kwargs
-        kw = cluster_kwargs(args)               # Model.open(workers=...) -> a ClusterModel
-    else:
-        from .generate import open_kwargs
-        kw = open_kwargs(args)
     tok = Tokenizer.open(args.tokenizer)
     specials = [_piece(tok, i) for i in tok.special_ids]
     template = ChatTemplate.choose(tok.chat_template, args.chat_template,
                                    bos_token=_piece(tok, tok.bos_id),
                                    eos_token=_piece(tok, (list(tok.eos_ids) or [-1])[0]),
                                    special_tokens=specials)
-    model = Model.open(args.model, **kw)
+    model = open_model(args, announce=sys.stderr)
     try:
         return Session(model, tok, template)
     except BaseException:
@@ -75,8 +57,6 @@ def _piece(tok, token_id: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..chat import Chat, GenerationConfig, Result
-
     cfg = GenerationConfig(max_tokens=args.max_tokens, temperature=args.temperature,
                            top_p=args.topp, seed=args.seed)
     cfg.validate()

@@ -39,9 +39,10 @@ def budgets(model_path, n_workers: int) -> list:
     for the classifier) and half a layer to spare, so no node can hold the whole model."""
     from ..cluster.assign import ModelCosts
     from ..formats.modelfile import read_header
+    from ..formats.quant import FloatType
 
     h = read_header(model_path, max_seq_len=MAX_SEQ_LEN)
-    c = ModelCosts.of(h, h.dim // 32 * 34)
+    c = ModelCosts.of(h, FloatType.Q80.nbytes(h.dim))
     nodes = n_workers + 1
     shares = [h.n_layers // nodes + (1 if i < h.n_layers % nodes else 0) for i in range(nodes)]
     per_layer = c.layer_bytes + c.kv_layer_bytes
@@ -51,8 +52,8 @@ def budgets(model_path, n_workers: int) -> list:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..cluster.cli import print_assignment, print_network
     from ..cluster.local import LocalWorker
+    from ..cluster.report import network_summary
     from ..cluster.root import ClusterModel
     from ..errors import ConfigError
     from ..formats.tokenizer import Tokenizer
@@ -77,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
         with ClusterModel.open(model_path, workers=[w.addr for w in workers],
                                buffer_float_type=args.buffer_float_type, ram_budget=root_budget,
                                timeout=30.0, max_seq_len=MAX_SEQ_LEN) as model:
-            print_assignment(model)
+            print("layer assignment:")
+            print(model.assignment.table(), flush=True)
             prompt = tok.encode(args.prompt, add_bos=True)
             decoder = tok.decoder()
             print(f"\nprompt: {args.prompt!r} ({len(prompt)} tokens)\n--- generated ---")
@@ -86,9 +88,9 @@ def run(args: argparse.Namespace) -> int:
                 sys.stdout.flush()
             sys.stdout.write(decoder.flush() + "\n---\n")
             st = model.stats
-            print(f"prompt: {st.prompt_tokens} tokens, {st.prompt_tps:.1f} tokens/s; "
-                  f"decode: {st.generated_tokens} tokens, {st.decode_tps:.1f} tokens/s")
-            print_network(model)
+            print(f"prompt: {st.prompt_tokens} tokens, {st.prompt_tokens_per_s:.1f} tokens/s; "
+                  f"decode: {st.generated_tokens} tokens, {st.decode_tokens_per_s:.1f} tokens/s")
+            print(network_summary(model.net_stats, st.generated_tokens), flush=True)
     finally:
         for w in workers:
             w.stop()

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from .options import add_budget_argument
+
 HELP = "show a .m model's header, sizes, RAM per layer and (with --tensors) every tensor"
 
 KV_BYTES = 4      # the KV cache holds float32 values, as dllama's does
@@ -17,9 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="size the KV cache for this context instead of the model's seq_len")
-    p.add_argument("--ram-budget", default=None,
-                   help="show what a run under this RAM budget (4G, 512M, 50%%) would pin, "
-                        "stream, and read from disk per token")
+    add_budget_argument(p, "show what a run under this RAM budget would pin, stream, and read "
+                           "from disk per token")
 
 
 def kv_cache_bytes(h) -> int:
@@ -62,8 +63,12 @@ def plan_section(mf, args: argparse.Namespace) -> "dict | None":
     """The layer-streaming plan for `--ram-budget` (None without one)."""
     if getattr(args, "ram_budget", None) is None:
         return None
+    from ..engine.model import DEFAULT_MAX_BATCH
+    from ..engine.state import run_state_bytes
     from ..store import plan_report
-    return plan_report(mf, args.ram_budget)
+
+    return plan_report(mf, args.ram_budget, run_state_bytes(mf.header, DEFAULT_MAX_BATCH),
+                       DEFAULT_MAX_BATCH)
 
 
 def _mb(n: int) -> str:

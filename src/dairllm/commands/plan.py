@@ -5,20 +5,19 @@ from __future__ import annotations
 
 import argparse
 
+from .options import add_budget_argument, add_cluster_arguments
+
 HELP = "print the layer assignment for a cluster of workers, without loading weights"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..cluster.cli import add_cluster_arguments
-
     p.add_argument("--model", required=True, help="the .m model file (the workers have a copy)")
-    p.add_argument("--ram-budget", default=None,
-                   help="RAM the root may use for its layers, e.g. 4G (default: available RAM)")
+    add_budget_argument(p, "RAM the root may use for its layers (default: available RAM)")
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="cap the context (KV caches are sized for it)")
     p.add_argument("--link-bandwidth", type=float, default=1000.0,
                    help="network bandwidth in Mbit/s for the prediction (default 1000)")
-    add_cluster_arguments(p)
+    add_cluster_arguments(p, protocols=False)
 
 
 def run(args: argparse.Namespace) -> int:

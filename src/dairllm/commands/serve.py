@@ -4,13 +4,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .chat import add_model_arguments, open_session
+from .chat import add_session_arguments, open_session
 
 HELP = "serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_model_arguments(p)
+    add_session_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--name", default=None,

@@ -1,6 +1,6 @@
 """The structs a dllama root sends (spec §0.2, §5): sizes, pointers, ops, segments, configs.
 
-The byte-level reading and writing lives in dairllm._net (DllamaStream, dllama_pack_*); these
+The byte-level reading and writing lives in dairllm._net (DllamaReader, dllama_pack_*); these
 dataclasses are what the rest of the package works with.
 """
 from __future__ import annotations
@@ -183,7 +183,7 @@ class NodeConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# From the tuples DllamaStream returns
+# From the tuples DllamaReader returns
 
 def _size(t: tuple) -> Size3D:
     return Size3D(*t)
@@ -193,13 +193,13 @@ def _pointer(t: tuple) -> Pointer:
     return Pointer(Src(t[0]), t[1], Ptr(t[2]))
 
 
-def read_net_config(stream) -> NetConfig:
-    n_batches, n_nodes, pipes, pre = stream.net_config()
+def read_net_config(reader) -> NetConfig:
+    n_batches, n_nodes, pipes, pre = reader.net_config()
     return NetConfig(n_batches, n_nodes, [(n, _size(s)) for n, s in pipes], pre)
 
 
-def read_node_config(stream, net: NetConfig) -> NodeConfig:
-    node_index, buffers, segments = stream.node_config(len(net.pipes))
+def read_node_config(reader, net: NetConfig) -> NodeConfig:
+    node_index, buffers, segments = reader.node_config(len(net.pipes))
     segs = []
     for syncs, ops in segments:
         segs.append(Segment([(p, Sync(t)) for p, t in syncs],

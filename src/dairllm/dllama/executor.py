@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import numpy as np
 
 from ..errors import ProtocolError
 from ..formats.quant import BLOCK_Q80
+from ..store.budget import physical_ram
 from .configs import FT, NetConfig, NodeConfig, Op, OpConfig, Pointer, Ptr, Rope, Size3D, Src, Sync
 
 log = logging.getLogger(__name__)
@@ -71,10 +71,7 @@ def dllama_exp(kernels):
 
 def memory_cap() -> int:
     """Default cap on what one session may allocate: 90% of physical RAM."""
-    try:
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.9)
-    except (ValueError, OSError, AttributeError):
-        return 1 << 34
+    return int(physical_ram() * 0.9)
 
 
 @dataclass

@@ -10,35 +10,25 @@ then the root continues with the usual end marker and the worker's final ACK.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 
 from .. import _net
 from ..errors import ProtocolError
+from ..formats.fingerprint import model_fingerprint
 from ..formats.modelfile import ModelFile
+from .weights import read_weights_into
 
 log = logging.getLogger(__name__)
 
 RECORD_NAME = "dairllm.local_weights"
 MAX_REQUEST_BYTES = 4096
 REFUSED = 0xDA1E0BAD
-_SAMPLES = 256
-_SAMPLE_BYTES = 4096
 
 
 def fingerprint(model: ModelFile) -> dict:
-    """Size, header and sha256 over 256 evenly spaced 4 KiB samples (and the file's last bytes):
-    cheap on a multi-GB file, and any different model differs in its header or sampled weights."""
-    buf, size = model.buffer, model.file_size
-    h = hashlib.sha256()
-    h.update(size.to_bytes(8, "little"))
-    h.update(bytes(buf[:model.header.header_size or 8]))
-    step = max(size // _SAMPLES, 1)
-    for off in range(0, size, step):
-        h.update(bytes(buf[off:off + _SAMPLE_BYTES]))
-    h.update(bytes(buf[max(size - _SAMPLE_BYTES, 0):]))
-    return {"version": 1, "size": size, "sha256_sampled": h.hexdigest()}
+    """What the root asks for and the worker compares: the model file's fingerprint."""
+    return {"version": 2, "fingerprint": model_fingerprint(model.path)}
 
 
 def make_request(model: ModelFile) -> bytes:
@@ -48,7 +38,6 @@ def make_request(model: ModelFile) -> bytes:
 
 def answer_request(sock, request: bytes, model: ModelFile | None, ex, net, node) -> None:
     """Worker side: check the fingerprint, load this node's slices, reply ACK or REFUSED+reason."""
-    from .worker import read_weights_into
     try:
         wanted = json.loads(request.decode())
     except (UnicodeDecodeError, json.JSONDecodeError):
@@ -72,10 +61,10 @@ def answer_request(sock, request: bytes, model: ModelFile | None, ex, net, node)
     log.info("node %d loaded its weights from %s", node.node_index, model.path)
 
 
-def read_answer(stream, worker: str) -> None:
+def read_answer(reader, worker: str) -> None:
     """Root side: raise ProtocolError with the worker's reason unless it answered ACK."""
     try:
-        status = stream.u32()
+        status = reader.u32()
     except ProtocolError:
         raise ProtocolError(f"worker {worker} closed the connection on --local-weights "
                             "(not a dairllm worker?)") from None
@@ -83,6 +72,6 @@ def read_answer(stream, worker: str) -> None:
         return
     if status != REFUSED:
         raise ProtocolError(f"worker {worker}: unexpected answer 0x{status:08x} to --local-weights")
-    n = stream.count("reason length", 4096)
-    reason = stream.read(n).decode("utf-8", "replace")
+    n = reader.count("reason length", 4096)
+    reason = reader.read(n).decode("utf-8", "replace")
     raise ProtocolError(f"worker {worker} refused --local-weights: {reason}")

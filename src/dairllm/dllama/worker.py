@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from .. import _net
 from ..errors import DairError, ProtocolError
 from ..formats.modelfile import ModelFile
+from ..sockets import tune
 from . import localweights
 from .configs import NetConfig, NodeConfig, read_net_config, read_node_config
-from .executor import Executor, Links, memory_cap
+from .executor import Executor, Links, default_kernels, memory_cap
 
 log = logging.getLogger("dairllm.dllama.worker")
 
@@ -26,20 +27,11 @@ ACK_BYTES = _net.dllama_pack_u32(_net.DLLAMA_ACK)
 
 @dataclass
 class WorkerOptions:
-    n_threads: int = 1
+    nthreads: int = 1
     model: ModelFile | None = None      # for --local-weights sessions
     kernels: object = None              # None: dairllm._ops
     setup_timeout: float = 60.0         # per blocking read before the first forward
     max_bytes: int | None = None        # allocation cap (default: 90% of RAM)
-
-
-def tune_socket(sock: socket.socket) -> None:
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    if hasattr(socket, "TCP_QUICKACK"):
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
-        except OSError:
-            pass
 
 
 def looks_like_dllama(first: bytes) -> bool:
@@ -54,31 +46,30 @@ def looks_like_dllama(first: bytes) -> bool:
 def serve_session(root: socket.socket, listener: socket.socket, opts: WorkerOptions) -> None:
     """Run one root's session to its end; raises ProtocolError (or OSError) on a bad peer."""
     peer_name = "root {}:{}".format(*root.getpeername()[:2])
-    tune_socket(root)
+    tune(root)
     root.settimeout(opts.setup_timeout)
-    stream = _net.DllamaStream(root, peer_name)
+    reader = _net.DllamaReader(root, peer_name)
     peers: list[socket.socket] = []
     try:
-        n_workers, index, others = stream.handshake()
+        n_workers, index, others = reader.handshake()
         log.info("%s: worker %d of %d", peer_name, index, n_workers)
         root.sendall(ACK_BYTES)
-        stream.ack("root ready")
+        reader.ack("root ready")
         peers = _build_mesh(listener, index, others, opts.setup_timeout)
-        net = read_net_config(stream)
+        net = read_net_config(reader)
         _check_net(net, n_workers)
         root.sendall(ACK_BYTES)
-        node = read_node_config(stream, net)
+        node = read_node_config(reader, net)
         if node.node_index != index + 1:
             raise ProtocolError(f"{peer_name}: node index {node.node_index}, handshake said {index + 1}")
         kernels = opts.kernels
         if kernels is None:
-            from .executor import default_kernels
             kernels = default_kernels()
         if hasattr(kernels, "set_num_threads"):
-            kernels.set_num_threads(opts.n_threads)
+            kernels.set_num_threads(opts.nthreads)
         ex = Executor(net, node, kernels, opts.max_bytes if opts.max_bytes is not None else memory_cap())
         root.sendall(ACK_BYTES)
-        n_records, n_bytes = _receive_weights(stream, root, ex, net, node, opts)
+        n_records, n_bytes = _receive_weights(reader, root, ex, net, node, opts)
         root.sendall(ACK_BYTES)
         log.info("%s: node %d/%d ready (%d weight records, %.1f MB received)", peer_name, node.node_index,
                  net.n_nodes, n_records, n_bytes / 1e6)
@@ -86,7 +77,7 @@ def serve_session(root: socket.socket, listener: socket.socket, opts: WorkerOpti
         for p in peers:
             p.settimeout(None)
         links = Links([root, *peers], node.node_index, net.n_nodes)
-        _inference_loop(stream, ex, links, peer_name)
+        _inference_loop(reader, ex, links, peer_name)
     finally:
         for s in [root, *peers]:
             try:
@@ -117,7 +108,7 @@ def _build_mesh(listener: socket.socket, index: int, others: list, timeout: floa
             else:
                 conn = _connect(host, port, timeout)
                 log.debug("mesh: connected to worker %d at %s:%d", t + 1, host, port)
-            tune_socket(conn)
+            tune(conn)
             conn.settimeout(timeout)
             peers.append(conn)
     except BaseException:
@@ -138,21 +129,21 @@ def _connect(host: str, port: int, timeout: float) -> socket.socket:
             time.sleep(0.05)
 
 
-def _receive_weights(stream, root, ex: Executor, net: NetConfig, node: NodeConfig,
+def _receive_weights(reader, root, ex: Executor, net: NetConfig, node: NodeConfig,
                      opts: WorkerOptions) -> tuple[int, int]:
     """Weight records until the end marker; the first record may ask for local weights."""
     cap = max((w.nbytes for w in ex.weights.values()), default=0)
     cap = max(cap, localweights.MAX_REQUEST_BYTES)
     n_records = n_bytes = 0
     while True:
-        head = stream.weight_header(cap)
+        head = reader.weight_header(cap)
         if head is None:
             return n_records, n_bytes
         name, op_index, offset, nbytes = head
         if name == localweights.RECORD_NAME:
             if n_records:
                 raise ProtocolError("local-weights request after weight records")
-            request = stream.read(nbytes) if nbytes <= localweights.MAX_REQUEST_BYTES else None
+            request = reader.read(nbytes) if nbytes <= localweights.MAX_REQUEST_BYTES else None
             if request is None:
                 raise ProtocolError("local-weights request too large")
             localweights.answer_request(root, request, opts.model, ex, net, node)
@@ -164,16 +155,16 @@ def _receive_weights(stream, root, ex: Executor, net: NetConfig, node: NodeConfi
         if offset + nbytes > target.nbytes:
             raise ProtocolError(f"weight record {name}[{op_index}]: {nbytes} bytes at offset {offset} "
                                 f"exceed the op's {target.nbytes} bytes")
-        stream.read_into(target[offset:offset + nbytes])
+        reader.read_into(target[offset:offset + nbytes])
         n_records += 1
         n_bytes += nbytes
 
 
-def _inference_loop(stream, ex: Executor, links: Links, peer_name: str) -> None:
+def _inference_loop(reader, ex: Executor, links: Links, peer_name: str) -> None:
     n = 0
     t0 = time.perf_counter()
     while True:
-        position, batch = stream.control()
+        position, batch = reader.control()
         if batch == 0:
             dt = time.perf_counter() - t0
             log.info("%s: stop after %d forwards (%.1f ms each)", peer_name, n, 1e3 * dt / max(n, 1))
@@ -184,18 +175,6 @@ def _inference_loop(stream, ex: Executor, links: Links, peer_name: str) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Listening loop (used by `dairllm worker`; the command adds protocol detection on top)
-
-def open_listener(host: str, port: int) -> socket.socket:
-    lst = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        lst.bind((host, port))
-    except OSError as e:
-        lst.close()
-        raise DairError(f"cannot listen on {host}:{port}: {e.strerror}") from None
-    lst.listen(socket.SOMAXCONN)
-    return lst
-
 
 def run_session_logged(root: socket.socket, listener: socket.socket, opts: WorkerOptions) -> bool:
     """serve_session with the worker's error policy: log one line, drop the session, keep serving."""
@@ -219,18 +198,4 @@ def run_session_logged(root: socket.socket, listener: socket.socket, opts: Worke
     return False
 
 
-def read_weights_into(ex: Executor, model: ModelFile, n_nodes: int) -> None:
-    """Copy this node's slices of every weight from a local model file (root and local mode)."""
-    from .graph import slice_weight, weight_plan
-    for rec in weight_plan(model, n_nodes):
-        target = ex.weights.get((rec.op_name, rec.op_index))
-        if target is None or rec.offset + rec.nbytes > target.nbytes:
-            raise ProtocolError(f"local weights: op {rec.op_name}[{rec.op_index}] missing or too small")
-        target[rec.offset:rec.offset + rec.nbytes] = slice_weight(model, rec, n_nodes, ex.k)
-    emb = ex.weights.get(("embedding", 0))
-    if emb is not None:
-        emb[:] = model.raw("embedding").reshape(-1)
-
-
-__all__ = ["WorkerOptions", "serve_session", "open_listener", "run_session_logged", "looks_like_dllama",
-           "read_weights_into"]
+__all__ = ["WorkerOptions", "serve_session", "run_session_logged", "looks_like_dllama"]

@@ -16,12 +16,12 @@ import numpy as np
 from .. import _ops as ops
 
 if TYPE_CHECKING:
-    from .model import Net
+    from .model import Compute
     from .state import Rows, RunState
     from .weights import LayerWeights
 
 
-def q80(m: "Net", out_q: np.ndarray, x: np.ndarray) -> np.ndarray:
+def q80(m: "Compute", out_q: np.ndarray, x: np.ndarray) -> np.ndarray:
     """The matmul input for activations x: their Q80 blocks (quantized weights) or x itself."""
     if m.quantized:
         ops.quantize_q80(out_q, x)
@@ -29,7 +29,7 @@ def q80(m: "Net", out_q: np.ndarray, x: np.ndarray) -> np.ndarray:
     return x
 
 
-def normed_q80(m: "Net", r: "Rows", weight: np.ndarray) -> np.ndarray:
+def normed_q80(m: "Compute", r: "Rows", weight: np.ndarray) -> np.ndarray:
     """xb = rmsnorm(x) * weight; returns the matmul input for xb (as q80 does), in one kernel call."""
     if m.quantized:
         ops.rmsnorm_q80(r.xq, r.xb, r.x, weight, m.eps)
@@ -38,7 +38,7 @@ def normed_q80(m: "Net", r: "Rows", weight: np.ndarray) -> np.ndarray:
     return r.xb
 
 
-def residual(m: "Net", r: "Rows") -> None:
+def residual(m: "Compute", r: "Rows") -> None:
     """x += dx, with dx rounded through Q80 first when activations are Q80 (as the reference)."""
     if m.quantized:
         ops.residual_q80(r.x, r.dx, r.dxq)              # x: (n, dim)
@@ -46,12 +46,12 @@ def residual(m: "Net", r: "Rows") -> None:
         ops.add(r.x, r.dx)
 
 
-def embed(m: "Net", r: "Rows", tokens: np.ndarray) -> None:
+def embed(m: "Compute", r: "Rows", tokens: np.ndarray) -> None:
     """x = embedding rows of the tokens (only those rows of the table are read)."""
     np.take(m.weights.embedding, tokens, axis=0, out=r.x)   # x: (n, dim)
 
 
-def attention_block(m: "Net", s: "RunState", r: "Rows", w: "LayerWeights", p0: int) -> None:
+def attention_block(m: "Compute", s: "RunState", r: "Rows", w: "LayerWeights", p0: int) -> None:
     n, l = r.n, w.index
     k = s.k_cache[l][p0:p0 + n]                         # (n, kv_dim): this batch's cache rows
     v = s.v_cache[l][p0:p0 + n]
@@ -70,7 +70,7 @@ def attention_block(m: "Net", s: "RunState", r: "Rows", w: "LayerWeights", p0: i
     residual(m, r)
 
 
-def ffn_block(m: "Net", s: "RunState", r: "Rows", w: "LayerWeights") -> None:
+def ffn_block(m: "Compute", s: "RunState", r: "Rows", w: "LayerWeights") -> None:
     xin = normed_q80(m, r, w.ffn_norm)                  # xb = rmsnorm(x) * ffn_norm
     if m.moe:
         moe_ffn(m, s, r, w, xin)
@@ -82,7 +82,7 @@ def ffn_block(m: "Net", s: "RunState", r: "Rows", w: "LayerWeights") -> None:
     residual(m, r)
 
 
-def moe_ffn(m: "Net", s: "RunState", r: "Rows", w: "LayerWeights", xin: np.ndarray) -> None:
+def moe_ffn(m: "Compute", s: "RunState", r: "Rows", w: "LayerWeights", xin: np.ndarray) -> None:
     """dx = sum over each row's top-k experts of weight * expert_ffn(xb), xin: the matmul input for
     xb; rows grouped by expert so one pass over an expert's weights serves every row routed to it."""
     ops.matmul_f32(r.gate, w.moe_gate, r.xb)            # gate = Wg xb (unquantized)  (n, E)
@@ -117,7 +117,7 @@ def route_groups(idx: np.ndarray, wts: np.ndarray):
         yield int(flat[chunk[0]]), chunk // k, wts.ravel()[chunk]
 
 
-def run_layers(m: "Net", s: "RunState", r: "Rows", p0: int, start: int, end: int) -> None:
+def run_layers(m: "Compute", s: "RunState", r: "Rows", p0: int, start: int, end: int) -> None:
     """Transformer blocks start..end-1 over the n rows of x at positions p0.. (rows already set)."""
     for l in range(start, end):
         w = m.weights.layer(l)                          # views of layer l's weights
@@ -126,7 +126,7 @@ def run_layers(m: "Net", s: "RunState", r: "Rows", p0: int, start: int, end: int
         m.weights.release(l)
 
 
-def head(m: "Net", r: "Rows", logits: np.ndarray) -> None:
+def head(m: "Compute", r: "Rows", logits: np.ndarray) -> None:
     """logits = Wcls rmsnorm(x) for the n rows of x."""
     xin = normed_q80(m, r, m.weights.final_norm)
     m.matmul(logits, m.weights.wcls, xin)               # (n, vocab)

@@ -27,13 +27,7 @@ import numpy as np
 
 from .. import _ops as ops
 from ..formats.modelfile import Header, RopeType
-from ..formats.quant import Q80_BYTES
-
-BLOCK = 32
-
-
-def q80_bytes(n: int) -> int:
-    return n // BLOCK * Q80_BYTES
+from ..formats.quant import FloatType
 
 
 class Rows:
@@ -56,39 +50,21 @@ class RunState:
                  layers: "range | None" = None) -> None:
         self.header = h
         self.seq_len = h.seq_len
-        self.max_batch = B = max_batch
+        self.max_batch = max_batch
         self.quantized = quantized
         self.layers = range(h.n_layers) if layers is None else layers
-        f32 = np.float32
-
-        def act(n: int) -> np.ndarray:
-            return np.zeros((B, n), dtype=f32)
-
-        def qact(n: int) -> "np.ndarray | None":
-            return np.zeros((B, q80_bytes(n)), dtype=np.uint8) if quantized else None
-
-        ff = h.ff_dim
-        self.x, self.xb, self.xq = act(h.dim), act(h.dim), qact(h.dim)
-        self.q, self.att, self.attq = act(h.q_dim), act(h.q_dim), qact(h.q_dim)
-        self.dx, self.dxq = act(h.dim), qact(h.dim)
-        self.hb, self.hb2, self.hbq = act(ff), act(ff), qact(ff)
-        self.pos = np.zeros(B, dtype=np.int32)
-        self.arange = np.arange(B, dtype=np.int32)
-        if h.is_moe:
-            self.gate = act(h.n_experts)
-            self.route_idx = np.zeros((B, h.n_active_experts), dtype=np.int32)
-            self.route_w = np.zeros((B, h.n_active_experts), dtype=f32)
-            self.ein = qact(h.dim) if quantized else act(h.dim)
-            self.eout = act(h.dim)
-        else:
-            self.gate = self.route_idx = self.route_w = self.ein = self.eout = None
+        for name in _OPTIONAL:
+            setattr(self, name, None)
+        for name, (shape, dtype) in buffer_shapes(h, max_batch, quantized).items():
+            setattr(self, name, np.zeros(shape, dtype=dtype))
+        self.arange = np.arange(max_batch, dtype=np.int32)
         # np.zeros maps fresh zero pages: a long context costs RSS only as positions fill.
         kv = (self.seq_len, h.kv_dim)
         self.k_cache: list = [None] * h.n_layers
         self.v_cache: list = [None] * h.n_layers
         for l in self.layers:
-            self.k_cache[l] = np.zeros(kv, dtype=f32)
-            self.v_cache[l] = np.zeros(kv, dtype=f32)
+            self.k_cache[l] = np.zeros(kv, dtype=np.float32)
+            self.v_cache[l] = np.zeros(kv, dtype=np.float32)
         self.rope = rope_table(h, self.seq_len)
         self.rope_neox = h.effective_rope_type is RopeType.FALCON
         self._rows: dict[int, Rows] = {}
@@ -109,6 +85,49 @@ class RunState:
     @property
     def kv_nbytes(self) -> int:
         return sum(a.nbytes for a in self.k_cache + self.v_cache if a is not None)
+
+
+_OPTIONAL = ("xq", "attq", "dxq", "hbq", "gate", "route_idx", "route_w", "ein", "eout")
+
+
+def buffer_shapes(h: Header, max_batch: int, quantized: bool) -> dict:
+    """name -> (shape, dtype) of every activation buffer (see the glossary above)."""
+    B, f32 = max_batch, np.float32
+    out = {}
+
+    def act(name: str, n: int, q_name: "str | None" = None) -> None:
+        out[name] = ((B, n), f32)
+        if q_name and quantized:
+            out[q_name] = ((B, FloatType.Q80.nbytes(n)), np.uint8)
+
+    act("x", h.dim)
+    act("xb", h.dim, "xq")
+    act("q", h.q_dim)
+    act("att", h.q_dim, "attq")
+    act("dx", h.dim, "dxq")
+    act("hb", h.ff_dim, "hbq")
+    act("hb2", h.ff_dim)
+    out["pos"] = ((B,), np.int32)
+    if h.is_moe:
+        act("gate", h.n_experts)
+        out["route_idx"] = ((B, h.n_active_experts), np.int32)
+        out["route_w"] = ((B, h.n_active_experts), f32)
+        out["ein"] = ((B, FloatType.Q80.nbytes(h.dim)), np.uint8) if quantized else ((B, h.dim), f32)
+        act("eout", h.dim)
+    return out
+
+
+def run_state_bytes(h: Header, max_batch: int, layers: "range | None" = None) -> int:
+    """Bytes a RunState for `h` holds (activations, KV cache of `layers`, rope table) plus the
+    float32 logits of a full batch: the engine's share of a RAM budget, counted without
+    allocating anything."""
+    buffers = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize
+                  for shape, dtype in buffer_shapes(h, max_batch, h.weight_type.is_block).values())
+    n_layers = h.n_layers if layers is None else len(layers)
+    kv = 2 * n_layers * h.seq_len * h.kv_dim * 4
+    rope = h.seq_len * h.head_dim * 4
+    index = max_batch * 4                                # arange
+    return buffers + kv + rope + index + max_batch * h.vocab_size * 4
 
 
 def rope_frequencies(h: Header) -> np.ndarray:

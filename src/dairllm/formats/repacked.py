@@ -5,7 +5,7 @@ needs about two thirds of the instructions of the Q40 kernel per weight; on an A
 the difference between a compute-bound and a memory-bound decode. The `.m` file must keep
 distributed-llama's layout, and weights are never copied into the heap, so the regrouped matrices
 live in a second file that is memory-mapped the same way: built once (seconds per GB), validated by
-a key over the model file's path, size, mtime and header, rebuilt when stale or damaged. Its pages are
+a key over the model file's path, mtime and fingerprint (formats/fingerprint.py), rebuilt when stale or damaged. Its pages are
 dropped from the page cache once written and the mapping asks for huge pages, so they are read back
 in 2 MiB folios, one TLB entry each.
 
@@ -29,6 +29,7 @@ import numpy as np
 
 from .. import _ops
 from ..errors import ConfigError
+from .fingerprint import model_fingerprint
 from .modelfile import Arch, ModelFile, close_mapping
 from .quant import FloatType
 
@@ -64,12 +65,10 @@ def unsupported_reason(mf: ModelFile) -> "str | None":
 
 
 def sidecar_key(path: Path) -> str:
-    """Changes when the model file does: its path, size, mtime and first 64 KiB (the header)."""
+    """Changes when the model file does: its path, mtime and fingerprint (size, header, samples)."""
     st = path.stat()
-    h = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{VERSION}|".encode())
-    with open(path, "rb") as f:
-        h.update(f.read(1 << 16))
-    return h.hexdigest()[:16]
+    where = f"{path.resolve()}|{st.st_mtime_ns}|{VERSION}|{model_fingerprint(path)}"
+    return hashlib.sha256(where.encode()).hexdigest()[:16]
 
 
 def default_dir() -> Path:

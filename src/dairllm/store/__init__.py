@@ -1,39 +1,22 @@
 """Layer streaming under a RAM budget (AirLLM mode): budget parsing, the residency plan and the
 LayerStore weight provider with its background prefetcher.
 
-    from dairllm.store import open_store_for
-    store = open_store_for(model_file, "4G", max_batch=64)   # a WeightProvider for the engine
+    from dairllm.store import open_store
+    store = open_store(model_file, "4G", run_state_bytes)   # a WeightProvider for the engine
 """
 from __future__ import annotations
 
-from .budget import Budget, format_bytes, parse_budget
-from .plan import Plan, Unit, make_plan, model_units
+from .budget import Budget, available_ram, format_bytes, parse_budget, physical_ram, resolve_budget
+from .residency import Residency, Unit, full_resident_bytes, make_residency, model_units
 from .store import MODES, LayerStore, StoreStats, memory_status, open_store
 
 
-def run_state_bytes(header, max_batch: int) -> int:
-    """Bytes of the engine's run state (activations, KV cache, rope table) for this header,
-    plus the float32 logits Model.forward returns for a full batch of max_batch rows."""
-    from ..engine.state import RunState
-
-    logits = max_batch * header.vocab_size * 4
-    return RunState(header, max_batch, header.weight_type.is_block).nbytes + logits
-
-
-def open_store_for(mf, ram_budget, max_batch: int, **options) -> LayerStore:
-    """A LayerStore for `mf` whose budget also covers the engine's run state."""
-    return open_store(mf, ram_budget, run_state_bytes(mf.header, max_batch), **options)
-
-
-def plan_report(mf, ram_budget, max_batch: "int | None" = None) -> dict:
+def plan_report(mf, ram_budget, run_state_bytes: int, max_batch: int) -> dict:
     """What `inspect --ram-budget` shows: what would be pinned, what streamed, bytes per token."""
-    from ..engine.model import DEFAULT_MAX_BATCH
-
-    batch = max_batch or DEFAULT_MAX_BATCH
-    plan = make_plan(mf.layout, ram_budget, run_state_bytes(mf.header, batch))
-    d = plan.describe()
-    out = {"summary": plan.summary(), "ram_budget": str(parse_budget(ram_budget)),
-           "max_batch": batch}
+    residency = make_residency(mf.layout, ram_budget, run_state_bytes)
+    d = residency.describe()
+    out = {"summary": residency.summary(), "ram_budget": str(parse_budget(ram_budget)),
+           "max_batch": max_batch}
     out.update(d)
     for k in list(out):
         if k.endswith("_bytes") or k == "stream_bytes_per_token":
@@ -59,6 +42,7 @@ def _ranges(xs: list) -> str:
     return ", ".join(parts)
 
 
-__all__ = ["plan_report", "Budget", "parse_budget", "format_bytes", "Plan", "Unit", "make_plan", "model_units",
-           "LayerStore", "StoreStats", "MODES", "memory_status", "open_store", "open_store_for",
-           "run_state_bytes"]
+__all__ = ["plan_report", "Budget", "parse_budget", "resolve_budget", "format_bytes",
+           "available_ram", "physical_ram", "Residency", "Unit", "make_residency", "model_units",
+           "full_resident_bytes", "LayerStore", "StoreStats", "MODES", "memory_status",
+           "open_store"]

@@ -1,12 +1,15 @@
-"""RAM budgets as users write them: "4G", "512M", "1.5GiB", "123456789" (bytes) or "50%".
+"""Sizes and RAM: budgets as users write them, and what this machine has.
 
-Units are binary (K = 1024, M = 2**20, G = 2**30, T = 2**40), with or without a trailing "B" or
-"iB", case-insensitive. A percentage is relative to what the model needs to run fully resident
-(every layer, the classifier and the run state); it is resolved by the planner, which knows
-that number, so `parse_budget` returns a `Budget` that may still be relative.
+"4G", "512M", "1.5GiB", "123456789" (bytes) or "50%": one syntax for every `--ram-budget`
+(generate, chat, serve, worker, a cluster root). Units are binary (K = 1024, M = 2**20,
+G = 2**30, T = 2**40), with or without a trailing "B" or "iB", case-insensitive. A percentage is
+relative to what the model needs to run fully resident (every layer, the classifier and the run
+state); it is resolved by whoever knows that number, so `parse_budget` returns a `Budget` that
+may still be relative.
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 
@@ -62,6 +65,31 @@ def parse_budget(value: "str | int | float | Budget") -> Budget:
     if nbytes <= 0:
         raise ConfigError(f"RAM budget must be positive, got {value!r}")
     return Budget(nbytes=nbytes)
+
+
+def resolve_budget(value: "str | int | Budget | None", full_bytes: int) -> "int | None":
+    """Bytes of a budget given what a fully resident run needs; None stays None."""
+    return None if value is None else parse_budget(value).resolve(full_bytes)
+
+
+def available_ram() -> int:
+    """MemAvailable from /proc/meminfo (Linux), else physical RAM."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return physical_ram()
+
+
+def physical_ram() -> int:
+    """Total RAM via sysconf, else 4 GiB."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
 
 
 def format_bytes(n: float) -> str:

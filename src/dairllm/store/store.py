@@ -45,7 +45,7 @@ import numpy as np
 from ..engine.weights import LayerWeights, layer_weights, matrix_view
 from ..errors import ConfigError
 from ..formats.modelfile import ModelFile
-from .plan import PAGE, Plan, Unit
+from .residency import PAGE, Residency, Unit, make_residency
 
 log = logging.getLogger(__name__)
 
@@ -357,29 +357,29 @@ class LazyExperts(Sequence):
 
 
 class LayerStore:
-    """Weight provider that keeps `plan.pinned` resident and streams `plan.streamed`."""
+    """Weight provider that keeps `residency.pinned` resident and streams `residency.streamed`."""
 
-    def __init__(self, mf: ModelFile, plan: Plan, mode: str = "mmap", drop_cache: bool = False,
+    def __init__(self, mf: ModelFile, residency: Residency, mode: str = "mmap", drop_cache: bool = False,
                  prefetch: bool = True) -> None:
         if mode not in MODES:
             raise ConfigError(f"unknown streaming mode {mode!r}; choose from {', '.join(MODES)}")
-        self.file, self.plan, self.mode = mf, plan, mode
+        self.file, self.residency, self.mode = mf, residency, mode
         self.header = h = mf.header
         self.stats = StoreStats()
         self._fd = os.open(mf.path, os.O_RDONLY)
         emb = mf.layout["embedding"]
         self.embedding = EmbeddingRows(self._fd, emb.offset, h.vocab_size, h.dim, self.stats)
         self.final_norm = mf.f32("final_norm")
-        self._units = plan.units
+        self._units = residency.units
         self._head = h.n_layers
         # A cluster node's store holds a layer range only: a pass starts at its first layer.
-        self._first_layer = min((i for i in plan.pinned + plan.streamed if i < h.n_layers),
+        self._first_layer = min((i for i in residency.pinned + residency.streamed if i < h.n_layers),
                                 default=0)
-        self._pinned = {i: self._pinned_weights(i) for i in plan.pinned}
-        self._cycle = {u: i for i, u in enumerate(plan.streamed)}
+        self._pinned = {i: self._pinned_weights(i) for i in residency.pinned}
+        self._cycle = {u: i for i, u in enumerate(residency.streamed)}
         filler = {"pread": PreadFiller, "direct": DirectFiller, "mmap": MmapFiller}[mode]
-        self._filler = filler(mf, self._fd, plan.slot_bytes, drop_cache)
-        self._slots = [Slot(i) for i in range(plan.slots)]
+        self._filler = filler(mf, self._fd, residency.slot_bytes, drop_cache)
+        self._slots = [Slot(i) for i in range(residency.slots)]
         for s in self._slots:
             self._filler.init_slot(s)
         self._in_use: dict[int, Slot] = {}
@@ -390,11 +390,11 @@ class LayerStore:
         self._closed = False
         self._warm_pinned()
         self._thread = None
-        if prefetch and plan.streamed:
+        if prefetch and residency.streamed:
             self._thread = threading.Thread(target=self._reader, name="dairllm-prefetch",
                                             daemon=True)
             self._thread.start()
-        log.info("%s; streaming by %s", plan.summary(), mode)
+        log.info("%s; streaming by %s", residency.summary(), mode)
 
     # -- the provider interface -----------------------------------------------------------------
 
@@ -433,8 +433,8 @@ class LayerStore:
         """One line of stats for people (generate prints it after a run)."""
         d = self.stats.as_dict()
         mb = 1e6
-        return (f"streaming ({self.mode}): {len(self.plan.pinned)} pinned / "
-                f"{len(self.plan.streamed)} streamed units; "
+        return (f"streaming ({self.mode}): {len(self.residency.pinned)} pinned / "
+                f"{len(self.residency.streamed)} streamed units; "
                 f"{d['bytes_read'] / mb:,.1f} MB read from disk for {d['tokens']} tokens in "
                 f"{d['passes']} passes ({d['bytes_read_per_pass'] / mb:,.1f} MB per pass; a "
                 f"decoded token is one pass, a prompt batch is one), "
@@ -467,7 +467,7 @@ class LayerStore:
     def _warm_pinned(self) -> None:
         """Ask the kernel to start reading the pinned bytes now (asynchronously)."""
         mm = self.file._mmap
-        for i in self.plan.pinned:
+        for i in self.residency.pinned:
             u = self._units[i]
             a = u.start - u.start % PAGE
             try:
@@ -479,7 +479,7 @@ class LayerStore:
 
     def _window(self) -> list[int]:
         """The next units the forward pass will need, in order (one per slot at most)."""
-        order = self.plan.streamed
+        order = self.residency.streamed
         n = min(len(self._slots), len(order))
         return [order[(self._cursor + i) % len(order)] for i in range(n)]
 
@@ -509,7 +509,7 @@ class LayerStore:
         t0 = time.perf_counter()
         waited = False
         with self._cv:
-            self._cursor = (self._cycle[unit] + 1) % len(self.plan.streamed)
+            self._cursor = (self._cycle[unit] + 1) % len(self.residency.streamed)
             self._wanted = unit
             while True:
                 slot = self._find(unit)
@@ -632,8 +632,7 @@ class LayerStore:
 
 def open_store(mf: ModelFile, ram_budget, run_state_bytes: int, mode: str = "mmap",
                drop_cache: bool = False, prefetch: bool = True) -> LayerStore:
-    """Plan the budget for `mf` and open a LayerStore (ConfigError if it is too small)."""
-    from .plan import make_plan
-
-    plan = make_plan(mf.layout, ram_budget, run_state_bytes)
-    return LayerStore(mf, plan, mode=mode, drop_cache=drop_cache, prefetch=prefetch)
+    """Plan what stays resident under the budget and open a LayerStore (ConfigError if the
+    budget is too small)."""
+    residency = make_residency(mf.layout, ram_budget, run_state_bytes)
+    return LayerStore(mf, residency, mode=mode, drop_cache=drop_cache, prefetch=prefetch)

@@ -1,7 +1,7 @@
 """Weights of one node's layer range: resident views, or the layer store when they do not fit.
 
 A node whose range (plus its KV cache and buffers) exceeds its RAM budget streams part of it
-through dairllm.store.LayerStore, as a single machine does under `--ram-budget`: a Plan over the
+through dairllm.store.LayerStore, as a single machine does under `--ram-budget`: a Residency over the
 node's own layers only, the rest of the model is neither pinned nor streamed (never touched).
 """
 from __future__ import annotations
@@ -11,6 +11,8 @@ import logging
 from ..engine.weights import ResidentWeights
 from ..errors import ConfigError
 from ..formats.modelfile import ModelFile
+from ..store.residency import PAGE, Residency, model_units, spread
+from ..store.store import LayerStore
 
 log = logging.getLogger(__name__)
 
@@ -21,9 +23,6 @@ def weights_for_range(mf: ModelFile, layers: "range | list", budget: "int | None
     what fits and streams the rest of the range (evenly spread, two slots when they fit)."""
     if budget is None or len(layers) == 0:
         return ResidentWeights(mf, layers=layers)
-    from ..store.plan import PAGE, Plan, model_units, spread
-    from ..store.store import LayerStore
-
     units = model_units(mf.layout)
     mine = [units[l] for l in layers]
     head_unit = units[-1]
@@ -46,13 +45,13 @@ def weights_for_range(mf: ModelFile, layers: "range | list", budget: "int | None
     n_pin = min(avail // layer_bytes, len(mine) - 1)
     streamed = tuple(layers[i] for i in spread(len(mine) - n_pin, len(mine)))
     pinned = tuple(l for l in layers if l not in streamed) + ((head_unit.index,) if head else ())
-    plan = Plan(budget_bytes=budget, full_bytes=full, min_bytes=base + slot,
+    residency = Residency(budget_bytes=budget, full_bytes=full, min_bytes=base + slot,
                 run_state_bytes=run_state_bytes, fixed_bytes=fixed, units=tuple(units),
                 pinned=pinned, streamed=streamed, slots=min(slots, len(streamed)),
                 slot_bytes=slot, k_active=mf.header.n_active_experts)
     log.info("layers %d..%d: %d pinned, %d streamed under %.1f MiB", layers[0], layers[-1],
              len(mine) - len(streamed), len(streamed), budget / 2**20)
-    return LayerStore(mf, plan)
+    return LayerStore(mf, residency)
 
 
 def close_weights(weights) -> None:
@@ -62,5 +61,5 @@ def close_weights(weights) -> None:
 
 
 def streamed_layers(weights) -> int:
-    plan = getattr(weights, "plan", None)
-    return 0 if plan is None else len(plan.streamed)
+    residency = getattr(weights, "residency", None)
+    return 0 if residency is None else len(residency.streamed)

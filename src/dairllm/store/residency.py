@@ -75,7 +75,7 @@ def model_units(layout: Layout) -> list[Unit]:
 
 
 @dataclass(frozen=True)
-class Plan:
+class Residency:
     budget_bytes: int
     full_bytes: int                   # everything pinned, no slots
     min_bytes: int                    # everything streamed through one slot
@@ -139,21 +139,26 @@ def _slot_bytes(units: list[Unit]) -> int:
     return max(u.nbytes for u in units) + 2 * PAGE
 
 
-def make_plan(layout: Layout, budget: "str | int | Budget", run_state_bytes: int) -> Plan:
+def full_resident_bytes(layout: Layout, run_state_bytes: int) -> int:
+    """What a run with every unit pinned keeps in RAM: what a percentage budget is a share of."""
+    return run_state_bytes + layout["final_norm"].nbytes + sum(u.nbytes for u in model_units(layout))
+
+
+def make_residency(layout: Layout, budget: "str | int | Budget", run_state_bytes: int) -> Residency:
     """Pin as much as `budget` allows; raise ConfigError if even one slot does not fit."""
     h = layout.header
     units = model_units(layout)
     layers, head = units[:-1], units[-1]
     fixed = layout["final_norm"].nbytes
     base = run_state_bytes + fixed
-    full = base + sum(u.nbytes for u in units)
+    full = full_resident_bytes(layout, run_state_bytes)
     min_bytes = base + _slot_bytes(units)
     budget_bytes = parse_budget(budget).resolve(full)
     common = dict(budget_bytes=budget_bytes, full_bytes=full, min_bytes=min_bytes,
                   run_state_bytes=run_state_bytes, fixed_bytes=fixed, units=tuple(units),
                   k_active=h.n_active_experts)
     if budget_bytes >= full:
-        return Plan(pinned=tuple(u.index for u in units), streamed=(), slots=0, slot_bytes=0,
+        return Residency(pinned=tuple(u.index for u in units), streamed=(), slots=0, slot_bytes=0,
                     **common)
     if budget_bytes < min_bytes:
         raise ConfigError(
@@ -169,7 +174,7 @@ def make_plan(layout: Layout, budget: "str | int | Budget", run_state_bytes: int
             if cand is None:
                 continue
             pinned, streamed = cand
-            plan = Plan(pinned=pinned, streamed=streamed, slots=slots,
+            plan = Residency(pinned=pinned, streamed=streamed, slots=slots,
                         slot_bytes=_slot_bytes([units[i] for i in streamed]), **common)
             # Prefer prefetching (2 slots), then the fewest bytes read per token.
             key = (-min(slots, len(streamed)), plan.stream_bytes_per_token)

@@ -1,0 +1,128 @@
+"""Flag groups the commands share, defined once, and the step from parsed flags to a model.
+
+generate, chat and serve take the model, runtime, sampling and cluster groups; worker, plan,
+bench and inspect take the parts that apply to them. `open_model(args)` hands the flags to
+dairllm.modes, which picks the execution mode.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from ..cluster.protocol import SECRET_ENV
+from ..errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TEMPERATURE = 0.8
+DEFAULT_TOPP = 0.9
+
+
+def add_model_arguments(p: argparse.ArgumentParser, tokenizer: bool = True) -> None:
+    p.add_argument("--model", required=True, help="the .m model file")
+    if tokenizer:
+        p.add_argument("--tokenizer", required=True, help="the .t tokenizer file")
+
+
+def add_threads_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nthreads", type=int, default=None,
+                   help="kernel threads (default: all cores or OMP_NUM_THREADS)")
+
+
+def add_budget_argument(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--ram-budget", default=None,
+                   help=f"{what}: a size (4G, 512M, 1.5GiB, bytes) or a share of what the model "
+                        "needs fully resident (50%%)")
+
+
+def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
+    """Threads, context, RAM budget and weight layout of the node that runs the model."""
+    add_threads_argument(p)
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="cap the context (and KV cache) below the model's sequence length")
+    add_budget_argument(p, "cap resident weights + run state; layers that do not fit are "
+                           "streamed from disk (see inspect --ram-budget)")
+    p.add_argument("--repack", action="store_true",
+                   help="read Q40 matrices from a Q40x8 copy of them (made once under "
+                        "$DAIRLLM_CACHE, as big as those matrices): a faster decode on AVX2")
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
+                   help=f"sampling temperature; 0 = greedy (default {DEFAULT_TEMPERATURE})")
+    p.add_argument("--topp", type=float, default=DEFAULT_TOPP,
+                   help=f"top-p (nucleus) sampling (default {DEFAULT_TOPP})")
+    p.add_argument("--seed", type=int, default=None, help="sampler seed (default: the clock)")
+
+
+def add_secret_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--secret", default=None,
+                   help=f"shared secret of the cluster's HMAC challenge (default ${SECRET_ENV})")
+
+
+def add_verify_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verify-model", action="store_true",
+                   help="fingerprint the model by hashing every byte (default: sampled blocks); "
+                        "root and workers must agree")
+
+
+def add_cluster_arguments(p: argparse.ArgumentParser, workers_required: bool = False,
+                          protocols: bool = True) -> None:
+    p.add_argument("--workers", nargs="+", default=None, required=workers_required,
+                   metavar="HOST:PORT",
+                   help="dairllm workers (`dairllm worker --model M.m`), each with the same model "
+                        "file; the root runs its own layer range too")
+    p.add_argument("--buffer-float-type", default="q80", choices=["f32", "f16", "q80"],
+                   help="activation type on the wire (default q80, as distributed-llama)")
+    p.add_argument("--layers", default=None, metavar="RANGES",
+                   help="manual assignment, one range per node, root first: 0-7,8-19,20-31")
+    add_secret_argument(p)
+    p.add_argument("--worker-timeout", type=float, default=60.0,
+                   help="seconds a worker may take to answer before its layers are reassigned "
+                        "(default 60)")
+    add_verify_argument(p)
+    if protocols:
+        p.add_argument("--protocol", choices=["native", "dllama"], default="native",
+                       help="cluster protocol for --workers: native (dairllm) or dllama "
+                            "(distributed-llama workers, C++ or `dairllm worker`)")
+        p.add_argument("--local-weights", action="store_true",
+                       help="dllama: workers (dairllm, started with --model) read their slices "
+                            "from their own copy of the model instead of receiving them")
+
+
+def cluster_options(args: argparse.Namespace) -> dict:
+    """Keyword arguments for a native cluster root (cluster.root.ClusterModel.open)."""
+    if args.worker_timeout <= 0:
+        raise ConfigError(f"--worker-timeout must be positive, got {args.worker_timeout}")
+    return dict(buffer_float_type=args.buffer_float_type, layers=args.layers,
+                secret=args.secret, timeout=args.worker_timeout, verify_model=args.verify_model)
+
+
+def open_model(args: argparse.Namespace, announce=None):
+    """The model the flags describe, in the mode they select (dairllm.modes.open_model). A native
+    cluster prints its layer assignment to `announce` (default stdout)."""
+    from ..modes import open_model as open_in_mode
+
+    kw = dict(max_seq_len=args.max_seq_len, nthreads=args.nthreads, ram_budget=args.ram_budget,
+              repack=getattr(args, "repack", False))
+    protocol = getattr(args, "protocol", "native")
+    if args.workers and protocol == "dllama":
+        if args.buffer_float_type != "q80":
+            log.info("--buffer-float-type ignored: the dllama graph syncs by the weight type")
+        kw.update(protocol="dllama", local_weights=args.local_weights,
+                  timeout=args.worker_timeout)
+    elif args.workers:
+        kw.update(cluster_options(args))
+    model = open_in_mode(args.model, workers=args.workers, **kw)
+    if args.workers and protocol == "native":
+        out = announce or sys.stdout
+        print("layer assignment:", file=out)
+        print(model.assignment.table(), file=out, flush=True)
+    return model
+
+
+def check_steps(name: str, value: int) -> int:
+    if value <= 0:
+        raise ConfigError(f"--{name} must be positive, got {value}")
+    return value

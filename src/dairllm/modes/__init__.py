@@ -1,0 +1,127 @@
+"""Execution modes: open "a model" the way the options ask, for the commands and the Python API.
+
+    model = dairllm.Model.open("model.m")                          # resident: views into the mmap
+    model = dairllm.Model.open("model.m", repack=True)             # Q40 matrices from a Q40x8 copy
+    model = dairllm.Model.open("model.m", ram_budget="4G")         # layers streamed from disk
+    model = dairllm.Model.open("model.m", workers=["pi1:9998"])    # native cluster (pipeline)
+    model = dairllm.Model.open("model.m", workers=[...], protocol="dllama")   # distributed-llama
+
+Every mode returns an object with the engine Model's interface (forward, generate, reset, stats,
+close). The engine below knows only weight providers and kernels; this layer picks the provider
+(engine.weights, formats.repacked, store) or the driver (cluster.root, dllama.root).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+from .. import _ops
+from ..engine.threads import set_nthreads
+from ..engine.model import DEFAULT_MAX_BATCH, Model as EngineModel
+from ..engine.state import RunState
+from ..engine.weights import RepackedWeights, ResidentWeights, WeightProvider
+from ..cluster.root import ClusterModel
+from ..dllama.root import DllamaRoot
+from ..errors import ConfigError
+from ..formats.modelfile import ModelFile
+from ..formats.repacked import RepackedFile, unsupported_reason
+from ..store import open_store
+
+log = logging.getLogger(__name__)
+
+PROTOCOLS = ("native", "dllama")
+
+
+def open_model(path, max_seq_len: "int | None" = None, nthreads: "int | None" = None,
+               max_batch: int = DEFAULT_MAX_BATCH, ram_budget: "str | int | None" = None,
+               stream_options: "dict | None" = None, repack: bool = False,
+               workers: "Sequence[str] | None" = None, protocol: str = "native",
+               **cluster_options):
+    """Open `path` in the mode the options select (see the module docstring).
+
+    max_seq_len caps the context (and the KV cache) below the file's seq_len; nthreads sets the
+    kernel threads; max_batch is the most prompt tokens one pass over the weights serves.
+    ram_budget ("4G", "512M", "50%", bytes) caps resident weights + run state: layers that do not
+    fit are streamed from disk by a dairllm.store.LayerStore (stream_options: its mode /
+    drop_cache / prefetch). repack: read the Q40 matrices from a Q40x8 sidecar file (built once
+    under $DAIRLLM_CACHE) for a faster matvec on AVX2; where it cannot help it is logged and
+    ignored. workers: a cluster; cluster_options go to its root (cluster.root.ClusterModel.open,
+    or dllama.root.DllamaRoot.open with protocol="dllama").
+    """
+    if max_seq_len is not None and max_seq_len <= 0:
+        raise ConfigError(f"max_seq_len must be positive, got {max_seq_len}")
+    if max_batch <= 0:
+        raise ConfigError(f"max_batch must be positive, got {max_batch}")
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    set_nthreads(nthreads)
+    if repack and (workers or ram_budget is not None):
+        raise ConfigError("repack works with resident weights on one node, not with "
+                          "workers or ram_budget")
+    if workers:
+        return _open_cluster(path, list(workers), protocol, max_seq_len, max_batch, ram_budget,
+                             cluster_options)
+    if protocol == "dllama":
+        raise ConfigError("protocol dllama needs workers")
+    if cluster_options:
+        raise ConfigError(f"{', '.join(sorted(cluster_options))} need workers=[...]")
+    return open_local(path, max_seq_len, max_batch, ram_budget, stream_options, repack)
+
+
+def open_local(path, max_seq_len: "int | None" = None, max_batch: int = DEFAULT_MAX_BATCH,
+               ram_budget: "str | int | None" = None, stream_options: "dict | None" = None,
+               repack: bool = False) -> EngineModel:
+    """One node: resident, repacked or streamed under a RAM budget."""
+    mf = ModelFile(path, max_seq_len=max_seq_len)
+    try:
+        h = mf.header
+        state = RunState(h, max_batch, h.weight_type.is_block)
+        weights: WeightProvider
+        if ram_budget is not None:
+            logits_bytes = max_batch * h.vocab_size * 4
+            weights = open_store(mf, ram_budget, state.nbytes + logits_bytes,
+                                 **(stream_options or {}))
+        else:
+            weights = (_repacked_weights(mf) if repack else None) or ResidentWeights(mf)
+        model = EngineModel(mf, weights, max_batch, state=state)
+    except BaseException:
+        mf.close()
+        raise
+    log.info("opened %s: %s %s, %d layers, seq_len %d, run state %.1f MiB (KV %.1f MiB)",
+             path, h.arch.name, h.weight_type.name, h.n_layers, h.seq_len,
+             state.nbytes / 2**20, state.kv_nbytes / 2**20)
+    return model
+
+
+def _open_cluster(path, workers: list, protocol: str, max_seq_len, max_batch, ram_budget,
+                  options: dict):
+    if protocol == "dllama":
+        if ram_budget is not None:
+            raise ConfigError("a dllama-protocol root keeps its weights resident: no ram_budget")
+        return DllamaRoot.open(path, workers, max_seq_len=max_seq_len, **options)
+    return ClusterModel.open(path, workers=workers, max_seq_len=max_seq_len, max_batch=max_batch,
+                             ram_budget=ram_budget, **options)
+
+
+def _repacked_weights(mf: ModelFile) -> "RepackedWeights | None":
+    """The Q40x8 sidecar's weights, or None (logged) where it would not help or cannot be used."""
+    reason = unsupported_reason(mf)
+    simd = _ops.build_info()["simd_selected"]
+    if reason is None and simd != "avx2":
+        reason = f"no fast Q40x8 kernel on the {simd} path"
+    if reason:
+        log.warning("repack ignored: %s", reason)
+        return None
+    return RepackedWeights(mf, RepackedFile(mf))
+
+
+class Model:
+    """`dairllm.Model.open(path, ...)`: the Python API's entry point (see open_model)."""
+
+    open = staticmethod(open_model)
+
+    def __init__(self) -> None:
+        raise TypeError("use dairllm.Model.open(path, ...)")
+
+
+__all__ = ["Model", "open_model", "open_local", "PROTOCOLS"]
