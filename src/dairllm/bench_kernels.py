@@ -16,6 +16,7 @@ import time
 import numpy as np
 
 from . import _ops
+from .formats.quant import Q40_BYTES, FloatType
 
 log = logging.getLogger(__name__)
 
@@ -26,11 +27,11 @@ LLAMA_1B_SHAPES = [("wq/wo 2048x2048", 2048, 2048), ("w1/w3 8192x2048", 8192, 20
 
 def _weights(d: int, n: int, min_bytes: int, rng: np.random.Generator) -> list[np.ndarray]:
     """Distinct random Q40 matrices of d x n totalling at least min_bytes (views of one buffer)."""
-    row_bytes = n // 32 * 18
+    row_bytes = FloatType.Q40.nbytes(n)
     mat_bytes = d * row_bytes
     count = max(1, -(-min_bytes // mat_bytes))
     buf = np.frombuffer(rng.bytes(count * mat_bytes), np.uint8).copy()
-    blocks = buf.reshape(-1, 18)
+    blocks = buf.reshape(-1, Q40_BYTES)
     blocks[:, :2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)   # finite scales
     return [buf[i * mat_bytes:(i + 1) * mat_bytes].reshape(d, row_bytes) for i in range(count)]
 
@@ -80,7 +81,7 @@ def bench_kernels(threads: list[int] | None = None, batch: int = 32, sweep_bytes
         mats_x8 = _q40x8(mats)
         total = sum(m.nbytes for m in mats)
         x = rng.standard_normal((batch, n)).astype(np.float32)
-        xq = np.empty((batch, n // 32 * 34), np.uint8)
+        xq = np.empty((batch, FloatType.Q80.nbytes(n)), np.uint8)
         _ops.quantize_q80(xq, x)
         for t in threads:
             dt = _time_sweep(mats, xq[:1], np.empty((1, d), np.float32), t, repeats)
