@@ -18,7 +18,7 @@ import pytest
 from dairllm.errors import ProtocolError
 from dairllm.formats.modelfile import ModelFile
 from helpers import golden
-from helpers.dllama import ThreadWorker, kernels_for, preferred_kernels, reference_platform
+from helpers.dllama import ThreadWorker, kernels_for, ops_kernels, reference_platform
 
 N_FORWARDS = 6   # 32-row batch, 11-row batch, then 4 single-token decode steps (47 rows)
 
@@ -85,7 +85,7 @@ def test_root_with_workers_matches_golden(model, n_workers, golden_run, max_abs,
 
 @pytest.mark.parametrize("n_workers", [1, 3])
 def test_local_weights_same_logits_less_traffic(n_workers):
-    kernels = preferred_kernels()
+    kernels = ops_kernels()
     gold = golden.logits(f"tiny_q40_{n_workers + 1}nodes")
     sent, sent_bytes = _run_root("tiny_q40", n_workers, gold, kernels, n_forwards=2)
     local, local_bytes = _run_root("tiny_q40", n_workers, gold, kernels, local=True, n_forwards=2)
@@ -97,7 +97,7 @@ def test_local_weights_same_logits_less_traffic(n_workers):
 
 
 def test_local_weights_refused_without_or_with_other_model():
-    kernels = preferred_kernels()
+    kernels = ops_kernels()
     from dairllm.dllama.root import DllamaRoot
     for model in (None, ModelFile(golden.model("tiny_f32"))):
         w = ThreadWorker(kernels, model=model)
@@ -113,7 +113,7 @@ def test_local_weights_refused_without_or_with_other_model():
 @pytest.mark.parametrize("n_workers", [1, 3])
 def test_generate_greedy_tokens_match_golden(n_workers):
     """tiny_f32 (wide top-1 margins): greedy tokens equal the C++ single-node run's."""
-    kernels = preferred_kernels()
+    kernels = ops_kernels()
     from dairllm.dllama.root import DllamaRoot
     gold = golden.logits("tiny_f32_1node")
     workers = [ThreadWorker(kernels) for _ in range(n_workers)]

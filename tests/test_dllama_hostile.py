@@ -16,7 +16,7 @@ from dairllm.dllama.configs import Size3D
 from dairllm.formats.modelfile import ModelFile
 from dairllm.formats.quant import FloatType
 from helpers import golden
-from helpers.dllama import ThreadWorker, preferred_kernels
+from helpers.dllama import ThreadWorker, ops_kernels
 
 ACK = _net.dllama_pack_u32(_net.DLLAMA_ACK)
 
@@ -29,7 +29,7 @@ def model():
 
 @pytest.fixture
 def worker():
-    w = ThreadWorker(preferred_kernels(), setup_timeout=5)
+    w = ThreadWorker(ops_kernels(), setup_timeout=5)
     yield w
     w.stop()
 
@@ -68,7 +68,7 @@ def handshake() -> bytes:
 
 def good_root_works(w: ThreadWorker) -> None:
     from dairllm.dllama.root import DllamaRoot
-    with DllamaRoot.open(golden.model("tiny_q40"), [w.address], kernels=preferred_kernels(),
+    with DllamaRoot.open(golden.model("tiny_q40"), [w.address], kernels=ops_kernels(),
                          timeout=10) as root:
         logits = root.forward([510, 104], 0)
     assert logits.shape == (2, 512) and np.isfinite(logits).all()

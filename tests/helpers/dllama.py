@@ -1,11 +1,12 @@
-"""Helpers for the dllama tests: kernel choice and an in-process worker."""
+"""Helpers for the dllama tests: kernel choice and an in-process worker.
+
+A kernel library that cannot run the executor (a missing kernel, an import error) is an error
+here, never a reason to skip: `default_kernels()` raises and the test fails."""
 from __future__ import annotations
 
 import logging
 import socket
 import threading
-
-import pytest
 
 from oracles import dllama_kernels
 
@@ -21,28 +22,15 @@ def reference_platform() -> bool:
 
 
 def ops_kernels():
-    """dairllm._ops when it has every kernel the executor needs, else None."""
-    try:
-        from dairllm.dllama.executor import default_kernels
-        return default_kernels()
-    except Exception:
-        return None
+    """dairllm._ops, checked by the executor for every kernel it calls (raises if one is missing)."""
+    from dairllm.dllama.executor import default_kernels
+    return default_kernels()
 
 
 def kernels_for(name: str):
-    """'ops' = the compiled kernel library (skipped until it has every kernel), 'numpy' = the
-    float64 NumPy oracle in oracles/dllama_kernels.py (exercises the protocol layer independently)."""
-    if name == "numpy":
-        return dllama_kernels
-    k = ops_kernels()
-    if k is None:
-        pytest.skip("dairllm._ops does not provide every kernel the dllama executor needs yet")
-    return k
-
-
-def preferred_kernels():
-    """The compiled kernels when complete, else the NumPy oracle (for tests about the protocol)."""
-    return ops_kernels() or dllama_kernels
+    """'ops' = the compiled kernel library, 'numpy' = the float64 NumPy oracle in
+    oracles/dllama_kernels.py (exercises the protocol layer independently)."""
+    return dllama_kernels if name == "numpy" else ops_kernels()
 
 
 class ThreadWorker:
