@@ -280,6 +280,20 @@ def test_rmsnorm_q80(path, rng, R, n):
     np.testing.assert_array_equal(out_q, ref_quantize_q80(out))
 
 
+@pytest.mark.parametrize("eps", [1e-5, 1e-6])
+@pytest.mark.parametrize("R,n", [(3, 64), (2, 2080)])
+def test_rmsnorm_eps_matters(path, rng, R, n, eps):
+    """Inputs with mean square 1e-6, where eps sets the scale (above, eps moves the output by less
+    than the tolerance): both kernels against the float64 formula, same tolerances."""
+    x = (rng.standard_normal((R, n)) * 1e-3).astype(np.float32)
+    w = rng.standard_normal(n).astype(np.float32)
+    out, out_q = np.empty_like(x), np.empty((R, n // 32 * 34), np.uint8)
+    _ops.rmsnorm(out, x, w, eps)
+    np.testing.assert_allclose(out, ref_rmsnorm(x, w, eps), rtol=2e-6, atol=1e-6)
+    _ops.rmsnorm_q80(out_q, out, x, w, eps)
+    np.testing.assert_allclose(out, ref_rmsnorm(x, w, eps), rtol=2e-6, atol=1e-6)
+
+
 def test_rmsnorm_q80_bad_input():
     x, w = np.ones((2, 64), np.float32), np.ones(64, np.float32)
     out, q = np.empty_like(x), np.empty((2, 68), np.uint8)
