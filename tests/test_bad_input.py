@@ -7,28 +7,21 @@ import struct
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from dairllm import cli
 from dairllm.errors import ConfigError, DairError, ModelFormatError
-from dairllm.formats.modelfile import Arch, Header, ModelFile, ModelWriter, read_header
+from dairllm.formats.modelfile import Arch, ModelFile, read_header
 from dairllm.formats.quant import FloatType
 
 MAGIC = 0x0A00ABCD
 
 
 @pytest.fixture(scope="module")
-def good(tmp_path_factory) -> bytes:
+def good(tiny_model) -> bytes:
     """A small valid Q40 llama model (dim 64, 2 layers), as bytes."""
-    path = tmp_path_factory.mktemp("good") / "good.m"
-    h = Header(arch=Arch.LLAMA, dim=64, hidden_dim=96, n_layers=2, n_heads=4, n_kv_heads=2,
-               vocab_size=40, seq_len=32, weight_type=FloatType.Q40)
-    rng = np.random.default_rng(0)
-    with ModelWriter(path, h) as w:
-        for t in w.expected():
-            w.write(t.name, rng.standard_normal((t.rows, t.cols)).astype(np.float32))
-    return path.read_bytes()
+    return tiny_model(Arch.LLAMA, FloatType.Q40, dim=64, hidden_dim=96, n_layers=2, n_heads=4,
+                      n_kv_heads=2, vocab_size=40, seq_len=32).read_bytes()
 
 
 def pairs_of(data: bytes) -> list:

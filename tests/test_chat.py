@@ -15,10 +15,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from dairllm import Model  # noqa: E402
 from dairllm.chat import Chat, GenerationConfig, Result, Session  # noqa: E402
+from dairllm.cluster.local import free_port  # noqa: E402
 from dairllm.convert.chat_template import CHATML, LLAMA3, ChatTemplate, TemplateError  # noqa: E402
 from dairllm.errors import ConfigError  # noqa: E402
 from dairllm.formats.tokenizer import Tokenizer  # noqa: E402
-from hf_helpers import SPECIALS, TEMPLATE, build_tokenizer, shared_chat_pair  # noqa: E402
+from helpers.hf import SPECIALS, TEMPLATE, build_tokenizer  # noqa: E402
 
 MESSAGES = [{"role": "system", "content": "Be brief."},
             {"role": "user", "content": "  Hello there!  "},
@@ -27,13 +28,8 @@ MESSAGES = [{"role": "system", "content": "Be brief."},
 GREEDY = GenerationConfig(max_tokens=10, temperature=0.0)
 
 
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    return shared_chat_pair(tmp_path_factory)
-
-
-def open_session(pair) -> Session:
-    model_path, tok_path, _ = pair
+def open_session(chat_pair) -> Session:
+    model_path, tok_path, _ = chat_pair
     tok = Tokenizer.open(tok_path)
     template = ChatTemplate.choose(tok.chat_template, bos_token=SPECIALS[0],
                                    eos_token=SPECIALS[1])
@@ -74,8 +70,8 @@ def test_template_errors_are_clear():
         ChatTemplate("{% for %}", "tokenizer")
 
 
-def test_chat_keeps_the_kv_cache_between_turns(pair):
-    s = open_session(pair)
+def test_chat_keeps_the_kv_cache_between_turns(chat_pair):
+    s = open_session(chat_pair)
     fed = []
     last_logits = s.model.last_logits           # what the generation loop feeds the model through
     s.model.last_logits = lambda ids, pos: (fed.append((len(ids), pos)), last_logits(ids, pos))[1]
@@ -95,15 +91,15 @@ def test_chat_keeps_the_kv_cache_between_turns(pair):
     # The cached path gives what a fresh model computes on the same prompt ids.
     prompt2 = s.tokens[:r2.prompt_tokens]
     s.model.close()
-    with Model.open(pair[0]) as fresh:
+    with Model.open(chat_pair[0]) as fresh:
         want = list(fresh.generate(prompt2, GREEDY.max_tokens, stop_ids=s.eos,
                                    vocab_limit=s.vocab_limit))
     assert r2.token_ids == want
     assert reply2 == s.tok.decode(want)
 
 
-def test_any_eos_stops_and_stop_strings_cut(pair):
-    s = open_session(pair)
+def test_any_eos_stops_and_stop_strings_cut(chat_pair):
+    s = open_session(chat_pair)
     prompt = s.encode("Hello world! The quick brown fox")
     r = Result()
     "".join(s.generate(prompt, GREEDY, result=r))
@@ -127,8 +123,8 @@ def test_any_eos_stops_and_stop_strings_cut(pair):
     s.model.close()
 
 
-def test_seeded_sampling_is_reproducible(pair):
-    s = open_session(pair)
+def test_seeded_sampling_is_reproducible(chat_pair):
+    s = open_session(chat_pair)
     cfg = GenerationConfig(max_tokens=8, temperature=1.0, top_p=0.9, seed=42)
     prompt = s.encode("Hello")
     a, b = Result(), Result()
@@ -139,8 +135,8 @@ def test_seeded_sampling_is_reproducible(pair):
     s.model.close()
 
 
-def test_chat_command_multi_turn(pair):
-    model_path, tok_path, _ = pair
+def test_chat_command_multi_turn(chat_pair):
+    model_path, tok_path, _ = chat_pair
     env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.run([sys.executable, "-m", "dairllm", "chat", "--model", str(model_path),
                         "--tokenizer", str(tok_path), "--temperature", "0", "--max-tokens", "6",
@@ -151,43 +147,39 @@ def test_chat_command_multi_turn(pair):
     stats = [line for line in p.stderr.splitlines() if line.startswith("[")]
     assert len(stats) == 3
     assert "(0 cached)" in stats[0] and "(0 cached)" not in stats[2]
-    s = open_session(pair)                       # the same first reply, computed in-process
+    s = open_session(chat_pair)                       # the same first reply, computed in-process
     first = "".join(Chat(s, "Be brief.").send("Hello world!",
                                               GenerationConfig(max_tokens=6, temperature=0.0)))
     s.model.close()
     assert p.stdout.startswith(first + "\n" + first + "\n")   # /reset: same answer again
 
 
-def test_session_refuses_overlong_prompt(pair):
-    s = open_session(pair)
+def test_session_refuses_overlong_prompt(chat_pair):
+    s = open_session(chat_pair)
     with pytest.raises(ValueError, match="context"):
         list(s.generate([s.tok.bos_id] * s.model.seq_len, GREEDY))
     s.model.close()
 
 
-def test_generation_fills_the_context_exactly(pair):
+def test_generation_fills_the_context_exactly(chat_pair):
     """With max_tokens beyond the context, generation ends at the last position ("length"):
     every position 0..seq_len-1 is used and the model is never asked past it."""
-    s = open_session(pair)
+    s = open_session(chat_pair)
+    s.eos = frozenset()                  # whatever the random model picks, only the context ends it
     prompt = s.encode("Hello world!")
     n = s.model.seq_len - len(prompt)
     r = Result()
     "".join(s.generate(prompt, GenerationConfig(max_tokens=10_000, temperature=0.0), result=r))
     s.model.close()
-    if r.stopped_by == "eos":
-        pytest.skip("the random model chose EOS before the end of the context")
     assert r.finish_reason == "length" and r.completion_tokens == n + 1
     assert len(s.tokens) == s.model.seq_len
 
 
-def test_chat_command_on_a_cluster(pair):
+def test_chat_command_on_a_cluster(chat_pair):
     """--workers: the same conversation on root + one local worker (f32 activations on the
     wire) gives the single node's greedy replies."""
-    import socket
-    model_path, tok_path, _ = pair
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    model_path, tok_path, _ = chat_pair
+    port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1")
     worker = subprocess.Popen([sys.executable, "-m", "dairllm", "worker", "--model",
                                str(model_path), "--host", "127.0.0.1", "--port", str(port)],

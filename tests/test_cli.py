@@ -83,7 +83,6 @@ def test_make_model_bad_arguments_fail_with_one_line(tmp_path):
 
 
 def test_inspect_without_a_model_uses_the_cached_default(tmp_path, monkeypatch):
-    pytest.importorskip("dairllm.formats.tokenizer")
     monkeypatch.setenv("DAIRLLM_CACHE", str(tmp_path))
     r = run("inspect")
     assert r.returncode == 0, r.stderr

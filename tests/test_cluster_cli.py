@@ -11,13 +11,12 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from dairllm.cluster.local import LocalWorker, free_port
+from helpers import golden
 
-GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
 TIMEOUT = 120
 
 
@@ -26,16 +25,9 @@ def dairllm(*args: str, env: "dict | None" = None) -> subprocess.CompletedProces
                           timeout=TIMEOUT, env=env)
 
 
-def golden_model(name: str = "tiny_q40") -> tuple:
-    m, t = GOLDEN / "models" / f"{name}.m", GOLDEN / "models" / f"{name}.t"
-    if not m.exists():
-        pytest.skip("golden models not found")
-    return m, t
-
-
 @pytest.fixture
 def worker():
-    w = LocalWorker(golden_model()[0], capture_stderr=True).wait_ready(30)
+    w = LocalWorker(golden.model("tiny_q40"), capture_stderr=True).wait_ready(30)
     yield w
     w.stop()
 
@@ -63,7 +55,7 @@ def test_demo_runs_and_stops_its_workers(tmp_path):
 
 
 def test_generate_with_workers_matches_single_node(worker):
-    model, tok = golden_model()
+    model, tok = golden.model("tiny_q40"), golden.tokenizer("tiny_q40")
     common = ["generate", "--model", str(model), "--tokenizer", str(tok), "--prompt",
               "hello world", "--steps", "12", "--temperature", "0", "--nthreads", "1"]
     single = dairllm(*common, "--json")
@@ -84,7 +76,7 @@ def test_generate_with_workers_matches_single_node(worker):
 
 
 def test_plan_prints_assignment_without_loading(worker):
-    model, _ = golden_model()
+    model = golden.model("tiny_q40")
     r = dairllm("plan", "--model", str(model), "--workers", worker.addr, "--ram-budget", "1M")
     assert r.returncode == 0, r.stderr
     assert worker.addr in r.stdout and "ms/token" in r.stdout and "slowest stage" in r.stdout
@@ -94,14 +86,14 @@ def test_plan_prints_assignment_without_loading(worker):
 
 
 def test_plan_refuses_other_model(worker):
-    other, _ = golden_model("qwen3tiny_q40")
+    other = golden.model("qwen3tiny_q40")
     r = dairllm("plan", "--model", str(other), "--workers", worker.addr)
     assert r.returncode == 1
     assert "different model" in r.stderr and r.stderr.count("sampled:") == 2
 
 
 def test_worker_warns_on_open_address_without_secret(tmp_path):
-    model, _ = golden_model()
+    model = golden.model("tiny_q40")
     port = free_port()
     p = subprocess.Popen([sys.executable, "-m", "dairllm", "worker", "--model", str(model),
                           "--host", "0.0.0.0", "--port", str(port), "--nthreads", "1"],

@@ -25,23 +25,11 @@ from dairllm import Model, _net
 from dairllm.cluster import protocol as P
 from dairllm.cluster.root import ClusterModel
 from dairllm.errors import ConfigError, DairError
+from helpers.golden import model as model_path, run_recorded as run_schedule, single_node_run as golden_run
 
-GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
 MODELS = {"LLAMA": "tiny_q40", "QWEN3": "qwen3tiny_q40", "QWEN3_MOE": "moetiny_q40"}
 SPLITS = {1: None, 2: "0-1,2-3", 3: "0-1,2,3", 4: "0,1,2,3"}
 START_TIMEOUT = 30.0
-
-
-def model_path(name: str) -> Path:
-    p = GOLDEN / "models" / f"{name}.m"
-    if not p.exists():
-        pytest.skip(f"golden model {p} not found")
-    return p
-
-
-def golden_run(name: str):
-    z = np.load(GOLDEN / "logits" / f"{name}_1node.npz")
-    return z
 
 
 class WorkerProc:
@@ -114,14 +102,6 @@ def pools(tmp_path_factory):
     for ws in started.values():
         for w in ws:
             w.stop()
-
-
-def run_schedule(model, z) -> np.ndarray:
-    rows = []
-    for size, start in zip(z["forward_batch_sizes"], z["forward_row_starts"]):
-        tokens = z["tokens"][start:start + size]
-        rows.append(np.array(model.forward(tokens, int(z["positions"][start]))))
-    return np.concatenate(rows)
 
 
 _REF: dict = {}

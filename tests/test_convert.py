@@ -24,7 +24,9 @@ from dairllm.convert.safetensors_reader import Checkpoint  # noqa: E402
 from dairllm.errors import ConfigError  # noqa: E402
 from dairllm.formats.modelfile import ModelFile  # noqa: E402
 from dairllm.formats.quant import FloatType, decode, encode  # noqa: E402
-from reference_forward import Reference  # noqa: E402
+import helpers.hf  # noqa: E402
+from helpers.hf import row_errors  # noqa: E402
+from oracles.forward import Reference  # noqa: E402
 
 COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, vocab_size=160, max_position_embeddings=64)
@@ -74,15 +76,7 @@ def build(case: str, folder) -> dict:
 
 
 def hf_logits(folder, case: str) -> np.ndarray:
-    cls = getattr(transformers, CASES[case][0])
-    kw = {"experts_implementation": "eager"} if case == "qwen3_moe" else {}
-    model = cls.from_pretrained(folder, attn_implementation="eager", **kw).to(torch.float64).eval()
-    with torch.no_grad():
-        return model(torch.tensor([TOKENS])).logits[0].numpy()
-
-
-def row_errors(ours, want):
-    return np.linalg.norm(ours - want, axis=1) / np.linalg.norm(want, axis=1)
+    return helpers.hf.hf_logits(folder, CASES[case][0], TOKENS)
 
 
 def dequantized_copy(src, dst, wtype: FloatType) -> None:
@@ -282,7 +276,7 @@ def test_missing_tensor_leaves_no_output(tmp_path):
 
 tokenizers = pytest.importorskip("tokenizers")
 
-from hf_helpers import PLAIN, SPECIALS, TEMPLATE, WHITESPACE_RUNS, build_tokenizer  # noqa: E402
+from helpers.hf import PLAIN, SPECIALS, TEMPLATE, WHITESPACE_RUNS, build_tokenizer  # noqa: E402
 
 
 def dllama_encode(text: str, tokens: list, scores: list, bos_id: int) -> list:

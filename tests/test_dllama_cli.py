@@ -11,23 +11,17 @@ import numpy as np
 import pytest
 
 from dairllm import _net
-from dllama_harness import golden_dir, ops_kernels
-
-
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+from dairllm.cluster.local import free_port
+from helpers import golden
+from helpers.dllama import ops_kernels
 
 
 @pytest.fixture
 def worker_proc():
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "dairllm", "-v", "worker", "--host", "127.0.0.1",
                              "--port", str(port), "--nthreads", "1",
-                             "--model", str(golden_dir() / "models" / "tiny_q40.m")],
+                             "--model", str(golden.model("tiny_q40"))],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
@@ -61,11 +55,9 @@ def test_worker_process_drops_hostile_root_and_serves_next(worker_proc):
 def test_worker_process_serves_dllama_root_with_local_weights(worker_proc):
     proc, port = worker_proc
     kernels = ops_kernels()
-    if kernels is None:
-        pytest.skip("dairllm._ops does not provide every kernel the dllama executor needs yet")
     from dairllm.dllama.root import DllamaRoot
-    path = golden_dir() / "models" / "tiny_q40.m"
-    gold = np.load(golden_dir() / "logits" / "tiny_q40_2nodes.npz")
+    path = golden.model("tiny_q40")
+    gold = golden.logits("tiny_q40_2nodes")
     with DllamaRoot.open(path, [f"127.0.0.1:{port}"], kernels=kernels, local_weights=True, timeout=20) as root:
         logits = root.forward(gold["tokens"][:32], 0)
     assert np.abs(logits - gold["logits"][:32]).max() < 0.15
@@ -76,14 +68,12 @@ def test_generate_protocol_dllama_cli(worker_proc):
     """`dairllm generate --protocol dllama --local-weights` against the worker process: the golden
     tiny_q40 2-node run's greedy tokens (the C++ root + C++ worker)."""
     proc, port = worker_proc
-    if ops_kernels() is None:
-        pytest.skip("dairllm._ops does not provide every kernel the dllama executor needs yet")
+    ops_kernels()                                   # the compiled kernels can run the graph
     import json
-    g = golden_dir()
-    gold = np.load(g / "logits" / "tiny_q40_2nodes.npz")
+    gold = golden.logits("tiny_q40_2nodes")
     out = subprocess.run([sys.executable, "-m", "dairllm", "generate", "--protocol", "dllama", "--local-weights",
-                          "--workers", f"127.0.0.1:{port}", "--model", str(g / "models" / "tiny_q40.m"),
-                          "--tokenizer", str(g / "models" / "tiny_q40.t"),
+                          "--workers", f"127.0.0.1:{port}", "--model", str(golden.model("tiny_q40")),
+                          "--tokenizer", str(golden.tokenizer("tiny_q40")),
                           "--prompt", "hello world the of and to in a is hello world", "--steps", "8",
                           "--temperature", "0", "--json"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

@@ -17,7 +17,8 @@ import pytest
 
 from dairllm.errors import ProtocolError
 from dairllm.formats.modelfile import ModelFile
-from dllama_harness import ThreadWorker, golden_dir, kernels_for, preferred_kernels, reference_platform
+from helpers import golden
+from helpers.dllama import ThreadWorker, kernels_for, ops_kernels, reference_platform
 
 N_FORWARDS = 6   # 32-row batch, 11-row batch, then 4 single-token decode steps (47 rows)
 
@@ -38,7 +39,7 @@ CASES = [
 
 def _run_root(model: str, n_workers: int, gold, kernels, local: bool = False, n_forwards: int = N_FORWARDS):
     from dairllm.dllama.root import DllamaRoot
-    path = golden_dir() / "models" / f"{model}.m"
+    path = golden.model(model)
     mf = ModelFile(path) if local else None
     workers = [ThreadWorker(kernels, model=mf) for _ in range(n_workers)]
     try:
@@ -67,7 +68,7 @@ ORACLE_CASES = [c for c in CASES if c[2].endswith("nodes")]
                          [("ops", *c) for c in CASES] + [("numpy", *c) for c in ORACLE_CASES])
 def test_root_with_workers_matches_golden(model, n_workers, golden_run, max_abs, mean_abs, kernel_name):
     kernels = kernels_for(kernel_name)
-    gold = np.load(golden_dir() / "logits" / f"{golden_run}.npz")
+    gold = golden.logits(golden_run)
     ours, _ = _run_root(model, n_workers, gold, kernels, n_forwards=N_FORWARDS if kernel_name == "ops" else 3)
     ref = gold["logits"][:len(ours)]
     diff = np.abs(ours - ref)
@@ -84,26 +85,25 @@ def test_root_with_workers_matches_golden(model, n_workers, golden_run, max_abs,
 
 @pytest.mark.parametrize("n_workers", [1, 3])
 def test_local_weights_same_logits_less_traffic(n_workers):
-    kernels = preferred_kernels()
-    gold = np.load(golden_dir() / "logits" / f"tiny_q40_{n_workers + 1}nodes.npz")
+    kernels = ops_kernels()
+    gold = golden.logits(f"tiny_q40_{n_workers + 1}nodes")
     sent, sent_bytes = _run_root("tiny_q40", n_workers, gold, kernels, n_forwards=2)
     local, local_bytes = _run_root("tiny_q40", n_workers, gold, kernels, local=True, n_forwards=2)
     np.testing.assert_array_equal(local, sent)
-    with ModelFile(golden_dir() / "models" / "tiny_q40.m") as mf:   # the embedding stays on the root
+    with ModelFile(golden.model("tiny_q40")) as mf:   # the embedding stays on the root
         sliced_bytes = mf.file_size - mf.layout["embedding"].nbytes
     assert sent_bytes > sliced_bytes * n_workers / (n_workers + 1)
     assert local_bytes < 20_000 * n_workers      # configs + fingerprint request only
 
 
 def test_local_weights_refused_without_or_with_other_model():
-    kernels = preferred_kernels()
+    kernels = ops_kernels()
     from dairllm.dllama.root import DllamaRoot
-    g = golden_dir()
-    for model in (None, ModelFile(g / "models" / "tiny_f32.m")):
+    for model in (None, ModelFile(golden.model("tiny_f32"))):
         w = ThreadWorker(kernels, model=model)
         try:
             with pytest.raises(ProtocolError, match="refused --local-weights"):
-                DllamaRoot.open(g / "models" / "tiny_q40.m", [w.address], kernels=kernels,
+                DllamaRoot.open(golden.model("tiny_q40"), [w.address], kernels=kernels,
                                 local_weights=True, timeout=20)
         finally:
             w.stop()
@@ -113,13 +113,12 @@ def test_local_weights_refused_without_or_with_other_model():
 @pytest.mark.parametrize("n_workers", [1, 3])
 def test_generate_greedy_tokens_match_golden(n_workers):
     """tiny_f32 (wide top-1 margins): greedy tokens equal the C++ single-node run's."""
-    kernels = preferred_kernels()
+    kernels = ops_kernels()
     from dairllm.dllama.root import DllamaRoot
-    g = golden_dir()
-    gold = np.load(g / "logits" / "tiny_f32_1node.npz")
+    gold = golden.logits("tiny_f32_1node")
     workers = [ThreadWorker(kernels) for _ in range(n_workers)]
     try:
-        with DllamaRoot.open(g / "models" / "tiny_f32.m", [w.address for w in workers], kernels=kernels) as root:
+        with DllamaRoot.open(golden.model("tiny_f32"), [w.address for w in workers], kernels=kernels) as root:
             tokens = list(root.generate(gold["prompt_tokens"].tolist(), steps=8))
     finally:
         for w in workers:

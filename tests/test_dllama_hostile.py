@@ -15,20 +15,21 @@ from dairllm.dllama import graph
 from dairllm.dllama.configs import Size3D
 from dairllm.formats.modelfile import ModelFile
 from dairllm.formats.quant import FloatType
-from dllama_harness import ThreadWorker, golden_dir, preferred_kernels
+from helpers import golden
+from helpers.dllama import ThreadWorker, ops_kernels
 
 ACK = _net.dllama_pack_u32(_net.DLLAMA_ACK)
 
 
 @pytest.fixture(scope="module")
 def model():
-    with ModelFile(golden_dir() / "models" / "tiny_q40.m") as mf:
+    with ModelFile(golden.model("tiny_q40")) as mf:
         yield mf
 
 
 @pytest.fixture
 def worker():
-    w = ThreadWorker(preferred_kernels(), setup_timeout=5)
+    w = ThreadWorker(ops_kernels(), setup_timeout=5)
     yield w
     w.stop()
 
@@ -67,7 +68,7 @@ def handshake() -> bytes:
 
 def good_root_works(w: ThreadWorker) -> None:
     from dairllm.dllama.root import DllamaRoot
-    with DllamaRoot.open(golden_dir() / "models" / "tiny_q40.m", [w.address], kernels=preferred_kernels(),
+    with DllamaRoot.open(golden.model("tiny_q40"), [w.address], kernels=ops_kernels(),
                          timeout=10) as root:
         logits = root.forward([510, 104], 0)
     assert logits.shape == (2, 512) and np.isfinite(logits).all()

@@ -18,13 +18,14 @@ import pytest
 
 from dairllm.formats.modelfile import ModelFile
 from dairllm.formats.quant import BLOCK_Q80, FloatType, dequantize_q80
-from dllama_harness import KERNEL_PARAMS, ThreadWorker, golden_dir, kernels_for, reference_platform
+from helpers import golden
+from helpers.dllama import KERNEL_PARAMS, ThreadWorker, kernels_for, reference_platform
 
 RUNS = [("tiny_q40_2nodes", 1), ("tiny_q40_4nodes", 1), ("tiny_q40_4nodes", 2), ("tiny_q40_4nodes", 3)]
 
 
 def _node_dir(run: str, node: int):
-    base = golden_dir() / "wire" / run
+    base = golden.wire(run)
     return base if run.endswith("2nodes") else base / f"node{node}"
 
 
@@ -85,7 +86,7 @@ def _replay(run: str, node: int, kernels, lower_order=None):
     r2w = (d / "root_to_worker.bin").read_bytes()
     n_workers, index = struct.unpack_from("<II", r2w, 0)
     assert index == node - 1
-    links = golden_dir() / "wire" / run / "worker_links"
+    links = golden.wire(run) / "worker_links"
     others = [m for m in range(1, n_workers + 1) if m != node]
     peers = {m: FakePeer((links / f"node{m}_to_node{node}.bin").read_bytes()) for m in others}
     listeners = {}
@@ -172,7 +173,7 @@ def test_replay_golden_transcript(run, node, kernel_name):
         else:
             _compare_sync(a, b, m["pipe"], stats, kernel_name)
     assert stats["exact"] + stats["close"] == len(msgs) - 4
-    links = golden_dir() / "wire" / run / "worker_links"
+    links = golden.wire(run) / "worker_links"
     for m, got in peer_bytes.items():
         want = (links / f"node{node}_to_node{m}.bin").read_bytes()
         assert len(got) == len(want)
@@ -193,7 +194,7 @@ def test_graph_builder_reproduces_root_configs(run, node):
     net_msg = next(m for m in msgs if m["kind"] == "net_config")
     node_msg = next(m for m in msgs if m["kind"] == "node_config")
     n_nodes = net_msg["nNodes"]
-    with ModelFile(golden_dir() / "models" / "tiny_q40.m") as mf:
+    with ModelFile(golden.model("tiny_q40")) as mf:
         h = mf.header
         net = graph.build_net_config(h, n_nodes, FloatType.Q80).pack()
         nodec = graph.build_node_config(h, n_nodes, node, FloatType.Q80).pack()
@@ -209,10 +210,8 @@ def test_graph_builder_reproduces_root_configs(run, node):
 
 
 def test_dllama_exp_mode_on_during_forward_and_restored():
+    from dairllm import _ops as ops
     from dairllm.dllama.executor import dllama_exp
-    ops = pytest.importorskip("dairllm._ops")
-    if not hasattr(ops, "set_exp_mode"):
-        pytest.skip("kernel library without exp modes")
     assert ops.get_exp_mode() == "exact"
     with dllama_exp(ops):
         assert ops.get_exp_mode() == "dllama"

@@ -8,9 +8,10 @@ import pytest
 
 from dairllm import Model
 from dairllm.errors import ConfigError, DairError
-from dairllm.formats.modelfile import Arch, Header, ModelWriter
+from dairllm.formats.modelfile import Arch
 from dairllm.formats.quant import FloatType
-from reference_forward import Reference
+from helpers import golden
+from oracles.forward import Reference
 
 SHAPES = {
     Arch.LLAMA: dict(dim=64, hidden_dim=96, n_heads=4, n_kv_heads=2),
@@ -22,22 +23,9 @@ SHAPES = {
 }
 
 
-def write_random_model(path, arch: Arch, wtype: FloatType, seed: int = 0, n_layers: int = 2,
-                       vocab: int = 96, seq_len: int = 48, **over) -> Header:
-    rng = np.random.default_rng(seed)
-    kw = dict(SHAPES[arch], **over)
-    h = Header(arch=arch, n_layers=n_layers, vocab_size=vocab, seq_len=seq_len,
-               weight_type=wtype, **kw)
-    with ModelWriter(path, h) as w:
-        for t in w.expected():
-            if t.kind.name.endswith("NORM"):
-                values = 1.0 + 0.1 * rng.standard_normal(t.cols)
-            else:
-                values = rng.standard_normal((t.rows, t.cols)) * (1.0 / np.sqrt(t.cols))
-                if t.kind.name == "EMBEDDING":
-                    values *= np.sqrt(t.cols) * 0.5
-            w.write(t.name, values.astype(np.float32))
-    return h
+def small_model(tiny_model, arch: Arch, wtype: FloatType, vocab: int = 96, seq_len: int = 48):
+    """A 2-layer synthetic model of SHAPES[arch] (conftest's tiny_model: dairllm.synth weights)."""
+    return tiny_model(arch, wtype, n_layers=2, vocab_size=vocab, seq_len=seq_len, **SHAPES[arch])
 
 
 CASES = [(Arch.LLAMA, FloatType.F32), (Arch.LLAMA, FloatType.Q40), (Arch.LLAMA, FloatType.F16),
@@ -46,14 +34,8 @@ CASES = [(Arch.LLAMA, FloatType.F32), (Arch.LLAMA, FloatType.Q40), (Arch.LLAMA, 
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    d = tmp_path_factory.mktemp("models")
-    out = {}
-    for arch, wt in CASES:
-        p = d / f"{arch.name}_{wt.name}.m"
-        write_random_model(p, arch, wt)
-        out[arch, wt] = p
-    return out
+def models(tiny_model):
+    return {(arch, wt): small_model(tiny_model, arch, wt) for arch, wt in CASES}
 
 
 def ids(case):
@@ -180,10 +162,6 @@ def test_max_seq_len_caps_the_kv_cache(models):
 
 # -- the generate command -------------------------------------------------------------------
 
-GOLDEN = __import__("pathlib").Path(__file__).resolve().parents[1].parent / "shared" / "golden"
-GOLDEN_PROMPT = "hello world the of and to in a is hello world"
-
-
 @pytest.mark.parametrize("name", ["tiny_f32", "qwen3tiny_f32"])
 def test_generate_command_reproduces_dllama_greedy_tokens(name, capsys):
     """End to end (tokenizer, batched prompt, decode, greedy sampler) against the golden runs.
@@ -192,12 +170,10 @@ def test_generate_command_reproduces_dllama_greedy_tokens(name, capsys):
 
     from dairllm.cli import main
 
-    model, tok = GOLDEN / "models" / f"{name}.m", GOLDEN / "models" / f"{name}.t"
-    if not model.exists() or not tok.exists():
-        pytest.skip("golden models not found")
-    z = np.load(GOLDEN / "logits" / f"{name}_1node.npz")
+    model, tok = golden.model(name), golden.tokenizer(name)
+    z = golden.single_node_run(name)
     rc = main(["generate", "--model", str(model), "--tokenizer", str(tok), "--prompt",
-               GOLDEN_PROMPT, "--steps", str(z["generated"].size), "--temperature", "0",
+               golden.PROMPT, "--steps", str(z["generated"].size), "--temperature", "0",
                "--json"])
     out = json.loads(capsys.readouterr().out)
     assert rc == 0
@@ -210,10 +186,8 @@ def test_generate_command_reproduces_dllama_greedy_tokens(name, capsys):
 def test_generate_command_streams_text_and_speed(models, capsys):
     from dairllm.cli import main
 
-    tok = GOLDEN / "models" / "tiny_q40.t"
-    if not tok.exists():
-        pytest.skip("golden tokenizer not found")
-    rc = main(["generate", "--model", str(GOLDEN / "models" / "tiny_q40.m"), "--tokenizer",
+    tok = golden.tokenizer("tiny_q40")
+    rc = main(["generate", "--model", str(golden.model("tiny_q40")), "--tokenizer",
                str(tok), "--prompt", "hello", "--steps", "8", "--seed", "3"])
     out = capsys.readouterr().out
     assert rc == 0 and "tokens/s" in out and "prompt: " in out
@@ -222,20 +196,17 @@ def test_generate_command_streams_text_and_speed(models, capsys):
 def test_generate_command_refuses_a_tokenizer_of_another_model(models, capsys):
     from dairllm.cli import main
 
-    tok = GOLDEN / "models" / "tiny_q40.t"          # 512 tokens; the model has 96
-    if not tok.exists():
-        pytest.skip("golden tokenizer not found")
+    tok = golden.tokenizer("tiny_q40")              # 512 tokens; the model has 96
     rc = main(["generate", "--model", str(models[Arch.LLAMA, FloatType.Q40]), "--tokenizer",
                str(tok), "--prompt", "hi", "--steps", "2"])
     assert rc == 1 and "does not belong" in capsys.readouterr().err
 
 
-def test_decode_loop_allocates_nothing_big(tmp_path):
+def test_decode_loop_allocates_nothing_big(tiny_model):
     """Per decoded token: no logits-sized (or any activation-sized) allocation."""
     import tracemalloc
 
-    path = tmp_path / "wide.m"
-    write_random_model(path, Arch.LLAMA, FloatType.Q40, vocab=8192, seq_len=64)
+    path = small_model(tiny_model, Arch.LLAMA, FloatType.Q40, vocab=8192, seq_len=64)
     with Model.open(path) as m:
         it = m.generate([1, 2, 3, 4], steps=12)
         next(it), next(it)                              # prompt pass and one decode step done
@@ -256,9 +227,7 @@ def test_bench_gguf_copy_runs_the_same_model_in_llama_cpp(tmp_path):
     llama_cpp = pytest.importorskip("llama_cpp")
     from dairllm.commands.bench import write_gguf
 
-    src = GOLDEN / "models" / "tiny_q40.m"
-    if not src.exists():
-        pytest.skip("golden models not found")
+    src = golden.model("tiny_q40")
     out = write_gguf(src, tmp_path / "tiny.gguf")
     tokens = [1, 104, 101, 108, 108, 111, 32, 119, 200, 300, 400, 17]
     llm = llama_cpp.Llama(model_path=str(out), n_ctx=32, n_threads=1, logits_all=True,

@@ -4,20 +4,15 @@ crash, no hang and no MemoryError (sizes are checked before anything is allocate
 from __future__ import annotations
 
 import struct
-import tempfile
-from pathlib import Path
 
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dairllm.errors import ModelFormatError
-from dairllm.formats.modelfile import (Arch, Header, ModelFile, ModelWriter, expected_file_size,
-                                       parse_header, tensor_layout)
+from dairllm.formats.modelfile import Arch, ModelFile, expected_file_size, parse_header, tensor_layout
 from dairllm.formats.quant import FloatType
-
-GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
+from helpers import golden
 
 
 def fuzz(n: int) -> settings:
@@ -27,7 +22,7 @@ def fuzz(n: int) -> settings:
 
 def golden_headers() -> list:
     out = []
-    for path in sorted((GOLDEN / "models").glob("*.m")):
+    for path in map(golden.model, sorted(golden.MODELS)):
         data = path.read_bytes()[:512]
         size = struct.unpack_from("<i", data, 4)[0]
         out.append((data[:size], path.stat().st_size))
@@ -66,7 +61,6 @@ INT32 = st.one_of(st.integers(-2**31, 2**31 - 1), st.integers(-4, 70000),
                   st.sampled_from([0, 1, 2, 5, 6, 32, 0xABCD00, 0xABCD01, 0xABCD02, 2**31 - 1]))
 
 
-@pytest.mark.skipif(not HEADERS, reason="golden models not found")
 @fuzz(1200)
 @given(st.integers(0, 99), st.lists(st.tuples(st.integers(0, 35), INT32), min_size=1,
                                     max_size=4),
@@ -84,17 +78,11 @@ def test_mutated_golden_headers(which, changes, cut, size_choice):
 
 
 @pytest.fixture(scope="module")
-def small_file() -> bytes:
-    h = Header(arch=Arch.QWEN3_MOE, dim=32, hidden_dim=64, moe_hidden_dim=32, n_layers=1,
-               n_heads=2, n_kv_heads=1, head_dim_key=16, n_experts=2, n_active_experts=1,
-               vocab_size=8, seq_len=16, weight_type=FloatType.Q40)
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "s.m"
-        rng = np.random.default_rng(0)
-        with ModelWriter(path, h) as w:
-            for t in w.expected():
-                w.write(t.name, rng.standard_normal((t.rows, t.cols)).astype(np.float32))
-        return path.read_bytes()
+def small_file(tiny_model) -> bytes:
+    return tiny_model(Arch.QWEN3_MOE, FloatType.Q40, dim=32, hidden_dim=64, moe_hidden_dim=32,
+                      n_layers=1, n_heads=2, n_kv_heads=1, head_dim_key=16, n_experts=2,
+                      n_active_experts=1, vocab_size=8, seq_len=16, rope_theta=10000.0,
+                      norm_epsilon_code=5).read_bytes()
 
 
 @fuzz(500)

@@ -25,7 +25,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from dairllm import Model  # noqa: E402
 from dairllm.formats.modelfile import Arch, Header, ModelWriter, RopeType  # noqa: E402
 from dairllm.formats.quant import FloatType, decode, encode  # noqa: E402
-from reference_forward import Reference  # noqa: E402
+import helpers.hf  # noqa: E402
+from helpers.hf import row_errors  # noqa: E402
+from oracles.forward import Reference  # noqa: E402
 
 COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, vocab_size=128, max_position_embeddings=64,
@@ -148,15 +150,7 @@ def convert(folder, case: str, wtype: FloatType, out_path, deq_folder=None) -> N
 
 
 def hf_logits(folder, case: str) -> np.ndarray:
-    cls = getattr(transformers, CASES[case][0])
-    model = cls.from_pretrained(folder, attn_implementation="eager",
-                                 experts_implementation="eager").to(torch.float64).eval()
-    with torch.no_grad():
-        return model(torch.tensor([TOKENS])).logits[0].numpy()
-
-
-def row_errors(ours, want):
-    return np.linalg.norm(ours - want, axis=1) / np.linalg.norm(want, axis=1)
+    return helpers.hf.hf_logits(folder, CASES[case][0], TOKENS)
 
 
 @pytest.mark.parametrize("case", list(CASES))

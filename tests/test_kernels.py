@@ -1,5 +1,5 @@
-"""dairllm._ops against float64 NumPy references written here (oracle: the math in the spec, not the
-kernels' code). Every compiled SIMD path the CPU supports is compared with the scalar path.
+"""dairllm._ops against float64 NumPy references written here and in oracles/quant.py (oracle: the
+math in the spec, not the kernels' code). Every compiled SIMD path the CPU supports is compared with the scalar path.
 
 Tolerances: quantized matmuls are compared with the float64 product of the *dequantized* blocks (the
 kernels' integer block sums are exact, only the f32 scaling and accumulation round), relative to
@@ -13,22 +13,11 @@ import numpy as np
 import pytest
 
 from dairllm import _ops
+from oracles.quant import (assert_matmul_close, random_q40, random_q80, ref_dequantize_q40, ref_dequantize_q80,
+                           ref_quantize_q80)
 
 PATHS = _ops.build_info()["simd_supported"]
 SIMD_PATHS = [p for p in PATHS if p != "scalar"]
-
-
-@pytest.fixture
-def rng():
-    return np.random.default_rng(1234)
-
-
-@pytest.fixture(params=PATHS)
-def path(request):
-    before = _ops.get_simd_path()
-    _ops.set_simd_path(request.param)
-    yield request.param
-    _ops.set_simd_path(before)
 
 
 def on_path(name, fn, *args, **kw):
@@ -38,58 +27,6 @@ def on_path(name, fn, *args, **kw):
         return fn(*args, **kw)
     finally:
         _ops.set_simd_path(before)
-
-
-# ---------------------------------------------------------------- NumPy references (float64 where it matters)
-
-def ref_quantize_q80(x: np.ndarray) -> np.ndarray:
-    """Runtime rule: d = amax/127 in f32, id = 1/d (f32), q = round-half-even(x*id) in f32, f16(d) RNE."""
-    B, n = x.shape
-    g = x.astype(np.float32).reshape(B, n // 32, 32)
-    d = (np.abs(g).max(axis=2) / np.float32(127)).astype(np.float32)
-    with np.errstate(divide="ignore"):
-        inv = np.where(d != 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
-    q = np.rint((g * inv[..., None]).astype(np.float32)).astype(np.int8)
-    out = np.empty((B, n // 32, 34), np.uint8)
-    with np.errstate(over="ignore"):
-        out[..., :2] = d.astype(np.float16)[..., None].view(np.uint8)
-    out[..., 2:] = q.view(np.uint8)
-    return out.reshape(B, -1)
-
-
-def ref_dequantize_q80(xq: np.ndarray) -> np.ndarray:
-    b = xq.reshape(xq.shape[0], -1, 34)
-    d = b[..., :2].copy().view(np.float16)[..., 0].astype(np.float64)
-    return (b[..., 2:].view(np.int8).astype(np.float64) * d[..., None]).reshape(xq.shape[0], -1)
-
-
-def ref_dequantize_q40(w: np.ndarray) -> np.ndarray:
-    b = w.reshape(w.shape[0], -1, 18)
-    d = b[..., :2].copy().view(np.float16)[..., 0].astype(np.float64)
-    q = b[..., 2:]
-    vals = np.concatenate([(q & 15).astype(np.float64) - 8, (q >> 4).astype(np.float64) - 8], axis=2)
-    return (vals * d[..., None]).reshape(w.shape[0], -1)
-
-
-def random_q40(rng, d: int, n: int) -> np.ndarray:
-    """Random Q40 rows: random nibbles, random positive/negative f16 scales."""
-    w = rng.integers(0, 256, (d, n // 32, 18), dtype=np.uint8)
-    scales = (rng.uniform(0.001, 0.05, (d, n // 32)) * rng.choice([-1, 1], (d, n // 32))).astype(np.float16)
-    w[..., :2] = scales[..., None].view(np.uint8)
-    return w.reshape(d, -1)
-
-
-def random_q80(rng, d: int, n: int) -> np.ndarray:
-    x = rng.standard_normal((d, n)).astype(np.float32)
-    return ref_quantize_q80(x)
-
-
-def assert_matmul_close(out, wd, xd, rtol=3e-6):
-    """out[b, r] vs float64 sum_i wd[r, i] xd[b, i], error relative to sum |w||x| of that dot."""
-    ref = xd @ wd.T
-    scale = np.abs(xd) @ np.abs(wd).T + 1e-30
-    err = np.abs(out.astype(np.float64) - ref) / scale
-    assert err.max() <= rtol, f"max relative error {err.max():.3g} (rtol {rtol})"
 
 
 # ---------------------------------------------------------------- build info, threads
@@ -341,6 +278,20 @@ def test_rmsnorm_q80(path, rng, R, n):
     _ops.rmsnorm_q80(out_q, out, x, w, 1e-5)
     np.testing.assert_allclose(out, ref_rmsnorm(x, w, 1e-5), rtol=2e-6, atol=1e-6)
     np.testing.assert_array_equal(out_q, ref_quantize_q80(out))
+
+
+@pytest.mark.parametrize("eps", [1e-5, 1e-6])
+@pytest.mark.parametrize("R,n", [(3, 64), (2, 2080)])
+def test_rmsnorm_eps_matters(path, rng, R, n, eps):
+    """Inputs with mean square 1e-6, where eps sets the scale (above, eps moves the output by less
+    than the tolerance): both kernels against the float64 formula, same tolerances."""
+    x = (rng.standard_normal((R, n)) * 1e-3).astype(np.float32)
+    w = rng.standard_normal(n).astype(np.float32)
+    out, out_q = np.empty_like(x), np.empty((R, n // 32 * 34), np.uint8)
+    _ops.rmsnorm(out, x, w, eps)
+    np.testing.assert_allclose(out, ref_rmsnorm(x, w, eps), rtol=2e-6, atol=1e-6)
+    _ops.rmsnorm_q80(out_q, out, x, w, eps)
+    np.testing.assert_allclose(out, ref_rmsnorm(x, w, eps), rtol=2e-6, atol=1e-6)
 
 
 def test_rmsnorm_q80_bad_input():
@@ -609,14 +560,6 @@ def softmax_dllama_ref(row, expf):
     if s == 0:
         s = np.float32(1e-6)
     return (e * (np.float32(1) / s)).astype(np.float32)
-
-
-@pytest.fixture
-def dllama_exp():
-    before = _ops.get_exp_mode()
-    _ops.set_exp_mode("dllama")
-    yield
-    _ops.set_exp_mode(before)
 
 
 def test_exp_mode_switch():
@@ -977,74 +920,6 @@ def test_bad_positions_raise(rng):
         _ops.rope(q, np.array([0, S], np.int32), table, hd, False)
     with pytest.raises(ValueError):
         _ops.rope(q, np.array([0, 1], np.int32), table, hd + 2, False)
-
-
-# ---------------------------------------------------------------- rope tables (Llama-3.1 scaling)
-
-def llama3_reference(head_dim, theta, factor, low, high, orig):
-    """Llama-3.1 frequencies in float64, written from Meta's reference (apply_scaling)."""
-    out = []
-    for i in range(0, head_dim, 2):
-        f = 1.0 / theta ** (i / head_dim)
-        wavelen = 2 * math.pi / f
-        if wavelen < orig / high:
-            out.append(f)
-        elif wavelen > orig / low:
-            out.append(f / factor)
-        else:
-            s = (orig / wavelen - low) / (high - low)
-            out.append((1 - s) * f / factor + s * f)
-    return np.array(out)
-
-
-def test_rope_table_llama31_scaling():
-    from dairllm.rope import rope_frequencies
-    hd, theta, S = 64, 500000.0, 40
-    ref = llama3_reference(hd, theta, 32.0, 1.0, 4.0, 8192)
-    assert (ref != theta ** (-np.arange(0, hd, 2) / hd)).any()          # scaling changes something
-    f64 = rope_frequencies(hd, theta, "llama3_1", 32.0, 1.0, 4.0, 8192, precision="float64")
-    np.testing.assert_allclose(f64, ref, rtol=1e-12)
-    scaling = {"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 8192}
-    t_dict = _ops.rope_table(S, hd, theta, scaling, precision="float64")
-    t_args = _ops.rope_table(S, hd, theta, 2, 32.0, 1.0, 4.0, 8192, precision="float64")
-    np.testing.assert_array_equal(t_dict, t_args)
-    ang = np.arange(S)[:, None] * ref[None, :]
-    np.testing.assert_allclose(t_dict[..., 0], np.cos(ang), atol=1e-7)
-    np.testing.assert_allclose(t_dict[..., 1], np.sin(ang), atol=1e-7)
-    t32 = _ops.rope_table(S, hd, theta, scaling)                           # float32 angles
-    np.testing.assert_allclose(t32, t_dict, atol=S * 1e-6)
-    # FALCON (NeoX) rope is never scaled, as in dllama
-    t_falcon = _ops.rope_table(S, hd, theta, "falcon", 32.0, 1.0, 4.0, 8192, precision="float64")
-    plain = np.arange(S)[:, None] * theta ** (-np.arange(0, hd, 2) / hd)[None, :]
-    np.testing.assert_allclose(t_falcon[..., 0], np.cos(plain), atol=1e-7)
-
-
-def test_rope_table_matches_transformers():
-    pytest.importorskip("torch")
-    rope_utils = pytest.importorskip("transformers.modeling_rope_utils")
-    from transformers import LlamaConfig
-
-    from dairllm.rope import rope_frequencies
-    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 8192}
-    cfg = LlamaConfig(hidden_size=512, num_attention_heads=8, rope_theta=500000.0,
-                      max_position_embeddings=131072, rope_scaling=scaling)
-    try:
-        inv_freq, _ = rope_utils.ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
-    except (KeyError, TypeError) as e:
-        pytest.skip(f"transformers rope API differs: {e}")
-    ours = rope_frequencies(64, 500000.0, "llama3_1", 8.0, 1.0, 4.0, 8192)
-    np.testing.assert_allclose(ours, inv_freq.numpy().astype(np.float64), rtol=2e-7)
-
-
-def test_rope_table_bad_args():
-    with pytest.raises(ValueError):
-        _ops.rope_table(0, 64, 10000.0)
-    with pytest.raises(ValueError):
-        _ops.rope_table(8, 63, 10000.0)
-    with pytest.raises(ValueError):
-        _ops.rope_table(8, 64, 10000.0, "llama3_1", 8.0, 4.0, 1.0, 8192)    # low > high
 
 
 def test_memory_read_bandwidth_probe():

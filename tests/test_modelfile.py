@@ -13,8 +13,7 @@ from dairllm.errors import ConfigError, ModelFormatError
 from dairllm.formats.modelfile import (Arch, Header, Kind, ModelFile, ModelWriter, RopeType,
                                        expected_file_size, parse_header, tensor_layout)
 from dairllm.formats.quant import FloatType, encode
-
-GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
+from helpers.golden import model as golden_model
 MAGIC = 0x0A00ABCD
 
 # The golden README's header table (section 2): name -> (arch, dim, hidden, moe hidden, layers,
@@ -26,13 +25,6 @@ GOLDEN_TABLE = {
     "qwen3tiny_q40": (0xABCD01, 256, 768, 0, 4, 8, 4, 64, 0, 0, 512, 512, 1e6, 1e-6, 2),
     "moetiny_q40": (0xABCD02, 256, 768, 128, 4, 8, 4, 64, 8, 2, 512, 512, 1e6, 1e-6, 2),
 }
-
-
-def golden_model(name: str) -> Path:
-    path = GOLDEN / "models" / f"{name}.m"
-    if not path.exists():
-        pytest.skip(f"golden model {path} not found")
-    return path
 
 
 def raw_pairs(path: Path) -> dict:

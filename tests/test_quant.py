@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import struct
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,8 +15,7 @@ from dairllm.formats.modelfile import ModelFile
 from dairllm.formats.quant import (BLOCK_Q40, BLOCK_Q80, FloatType, as_blocks, decode,
                                    dequantize_q40, dequantize_q80, encode, quantize_q40,
                                    quantize_q80)
-
-GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
+from helpers import golden
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,10 +86,7 @@ def special_blocks() -> np.ndarray:
 
 def golden_q40():
     names = ["tiny_q40", "qwen3tiny_q40", "moetiny_q40"]
-    paths = [GOLDEN / "models" / f"{n}.m" for n in names]
-    if not all(p.exists() for p in paths):
-        pytest.skip("golden Q40 models not found")
-    return paths
+    return [golden.model(n) for n in names]
 
 
 def test_q40_dequantize_matches_struct_decoding_on_golden_files():

@@ -16,9 +16,8 @@ import pytest
 from dairllm import Model, _ops
 from dairllm.engine.weights import RepackedWeights, ResidentWeights
 from dairllm.errors import ConfigError
-from test_golden_logits import check, golden, run_recorded
-from test_kernels import (assert_matmul_close, dllama_exp, path, random_q40, random_q80,  # noqa: F401 (fixtures)
-                          ref_dequantize_q40, ref_dequantize_q80, rng)
+from helpers import golden
+from oracles.quant import assert_matmul_close, random_q40, random_q80, ref_dequantize_q40, ref_dequantize_q80
 
 
 def numpy_q40x8(w: np.ndarray) -> np.ndarray:
@@ -109,7 +108,7 @@ needs_avx2 = pytest.mark.skipif(_ops.build_info()["simd_selected"] != "avx2",
 @pytest.fixture
 def model_copy(tmp_path, monkeypatch):
     """tiny_q40 copied (so its mtime can change) and a private cache directory."""
-    src, _ = golden("tiny_q40")
+    src = golden.model("tiny_q40")
     dst = tmp_path / "tiny_q40.m"
     shutil.copyfile(src, dst)
     monkeypatch.setenv("DAIRLLM_CACHE", str(tmp_path / "cache"))
@@ -178,7 +177,7 @@ def test_unwritable_cache_is_a_clear_error(model_copy, monkeypatch):
 
 def test_repack_is_ignored_where_it_cannot_apply(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("DAIRLLM_CACHE", str(tmp_path))
-    path, _ = golden("moetiny_q40")
+    path = golden.model("moetiny_q40")
     with caplog.at_level(logging.WARNING), Model.open(path, repack=True) as m:
         assert type(m.weights) is ResidentWeights
     assert "repack ignored: a mixture-of-experts model" in caplog.text
@@ -186,7 +185,7 @@ def test_repack_is_ignored_where_it_cannot_apply(tmp_path, monkeypatch, caplog):
 
 
 def test_repack_needs_resident_single_node_weights():
-    path, _ = golden("tiny_q40")
+    path = golden.model("tiny_q40")
     with pytest.raises(ConfigError, match="repack works with resident weights"):
         Model.open(path, repack=True, ram_budget="50%")
     with pytest.raises(ConfigError, match="repack works with resident weights"):
@@ -198,11 +197,11 @@ def test_repack_needs_resident_single_node_weights():
 def test_repacked_engine_matches_golden(name, tmp_path, monkeypatch):
     """Same tolerances as the default layout (only float summation orders differ)."""
     monkeypatch.setenv("DAIRLLM_CACHE", str(tmp_path))
-    path, z = golden(name)
+    path, z = golden.single_node(name)
     with Model.open(path, repack=True) as model:
         assert isinstance(model.weights, RepackedWeights)
-        logits = run_recorded(model, z)
-    print(name, check(name, logits, z["logits"]))
+        logits = golden.run_recorded(model, z)
+    print(name, golden.check(name, logits, z["logits"]))
 
 
 @needs_avx2
@@ -225,7 +224,7 @@ def test_generate_and_chat_take_repack(model_copy, capsys):
     from dairllm.cli import main
     from dairllm.commands.chat import add_arguments as chat_arguments
 
-    tok = golden("tiny_q40")[0].with_suffix(".t")
+    tok = golden.tokenizer("tiny_q40")
     rc = main(["generate", "--model", str(model_copy), "--tokenizer", str(tok), "--prompt", "hello",
                "--steps", "3", "--temperature", "0", "--repack", "--json"])
     assert rc == 0 and len(json.loads(capsys.readouterr().out)["generated_tokens"]) == 3

@@ -19,10 +19,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from dairllm import Model  # noqa: E402
 from dairllm.chat import GenerationConfig, Result, Session  # noqa: E402
+from dairllm.cluster.local import free_port  # noqa: E402
 from dairllm.convert.chat_template import ChatTemplate  # noqa: E402
 from dairllm.formats.tokenizer import Tokenizer  # noqa: E402
 from dairllm.server import create_app  # noqa: E402
-from hf_helpers import SPECIALS, shared_chat_pair  # noqa: E402
+from helpers.hf import SPECIALS  # noqa: E402
 
 PROMPTS = ["Hello world!", "naïve café 東京 😀", "The quick brown fox", "def f(x):"]
 
@@ -50,14 +51,12 @@ class Slow:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    model_path, tok_path, _ = shared_chat_pair(tmp_path_factory)
+def server(chat_pair):
+    model_path, tok_path, _ = chat_pair
     session = make_session(model_path, tok_path)
     slow = Slow(session.model)
     app = create_app(session, "tiny", default_max_tokens=12, max_body=256 << 10)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
                                         lifespan="on"))
     thread = threading.Thread(target=srv.run, daemon=True)

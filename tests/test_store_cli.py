@@ -2,20 +2,10 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
 import pytest
 
 from dairllm.cli import main
-
-GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden" / "models"
-
-
-def need(name: str) -> tuple[Path, Path]:
-    m, t = GOLDEN / f"{name}.m", GOLDEN / f"{name}.t"
-    if not m.exists():
-        pytest.skip(f"golden model {m} not found")
-    return m, t
+from helpers import golden
 
 
 def generate_json(capsys, model, tok, *extra) -> dict:
@@ -28,7 +18,7 @@ def generate_json(capsys, model, tok, *extra) -> dict:
 
 @pytest.mark.parametrize("name", ["tiny_q40", "moetiny_q40"])
 def test_generate_with_budget_matches_resident(capsys, name):
-    model, tok = need(name)
+    model, tok = golden.model(name), golden.tokenizer(name)
     resident = generate_json(capsys, model, tok)
     streamed = generate_json(capsys, model, tok, "--ram-budget", "2.5M")
     assert streamed["generated_tokens"] == resident["generated_tokens"]
@@ -39,7 +29,7 @@ def test_generate_with_budget_matches_resident(capsys, name):
 
 
 def test_generate_budget_too_small_is_one_clear_line(capsys):
-    model, tok = need("tiny_q40")
+    model, tok = golden.model("tiny_q40"), golden.tokenizer("tiny_q40")
     rc = main(["generate", "--model", str(model), "--tokenizer", str(tok), "--prompt", "hi",
                "--max-seq-len", "64", "--ram-budget", "100K"])
     err = capsys.readouterr().err
@@ -47,7 +37,7 @@ def test_generate_budget_too_small_is_one_clear_line(capsys):
 
 
 def test_inspect_shows_the_plan(capsys):
-    model, _ = need("tiny_q40")
+    model = golden.model("tiny_q40")
     assert main(["inspect", str(model), "--max-seq-len", "64", "--ram-budget", "2.5M", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)["plan"]
     assert plan["slots"] == 2 and plan["classifier"] in ("pinned", "streamed")

@@ -4,19 +4,16 @@ both streaming modes; budgets below the minimum are refused with the number; the
 what was actually read (checked against byte counts computed here from the layout)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from dairllm import Model
 from dairllm.errors import ConfigError
-from dairllm.formats.modelfile import Arch, Header, ModelFile, ModelWriter
+from dairllm.formats.modelfile import Arch, ModelFile
 from dairllm.formats.quant import FloatType
 from dairllm.engine.state import run_state_bytes
 from dairllm.store import LayerStore, make_residency
-
-GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
+from helpers import golden
 
 SEQ, BATCH = 32, 8
 PROMPT = np.array([1, 5, 9, 33, 2, 7, 64, 95], dtype=np.int64)
@@ -37,30 +34,11 @@ CASES = [(Arch.LLAMA, FloatType.Q40), (Arch.LLAMA, FloatType.F16), (Arch.QWEN3, 
          (Arch.QWEN3_MOE, FloatType.F32)]
 
 
-def write_model(path, arch: Arch, wtype: FloatType, vocab: int = 128) -> None:
-    n_layers = 24 if wtype.is_block else 14
-    rng = np.random.default_rng(int(arch) % 97 + int(wtype))
-    h = Header(arch=arch, n_layers=n_layers, vocab_size=vocab, seq_len=SEQ, weight_type=wtype,
-               **SHAPES[arch])
-    with ModelWriter(path, h) as w:
-        for t in w.expected():
-            if t.kind.name.endswith("NORM"):
-                values = 1.0 + 0.1 * rng.standard_normal(t.cols)
-            else:
-                values = rng.standard_normal((t.rows, t.cols)) / np.sqrt(t.cols)
-                if t.kind.name == "EMBEDDING":
-                    values *= 0.5 * np.sqrt(t.cols)
-            w.write(t.name, values.astype(np.float32))
-
-
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    d = tmp_path_factory.mktemp("store_models")
-    out = {}
-    for arch, wt in CASES:
-        out[arch, wt] = p = d / f"{arch.name}_{wt.name}.m"
-        write_model(p, arch, wt)
-    return out
+def models(tiny_model):
+    return {(arch, wt): tiny_model(arch, wt, n_layers=24 if wt.is_block else 14, vocab_size=128,
+                                   seq_len=SEQ, **SHAPES[arch])
+            for arch, wt in CASES}
 
 
 def run(model: Model) -> np.ndarray:
@@ -122,14 +100,9 @@ def test_other_modes_and_no_prefetch_identical(models, case, budget):
             assert np.array_equal(run(m), want), options
 
 
-GOLDEN_MODELS = ["tiny_f32", "tiny_q40", "qwen3tiny_f32", "qwen3tiny_q40", "moetiny_q40"]
-
-
-@pytest.mark.parametrize("name", GOLDEN_MODELS)
+@pytest.mark.parametrize("name", golden.MODELS)
 def test_golden_models_identical_or_refused(name):
-    path = GOLDEN / "models" / f"{name}.m"
-    if not path.exists():
-        pytest.skip(f"golden model {path} not found")
+    path = golden.model(name)
     want = resident_logits(path, max_seq_len=SEQ)
     lowest = minimum(path, SEQ)
     ran = 0

@@ -14,6 +14,7 @@ from dairllm import synth
 from dairllm.errors import ConfigError
 from dairllm.formats.modelfile import Arch, ModelFile, RopeType, expected_file_size
 from dairllm.formats.quant import FloatType, decode
+from dairllm.formats.tokenizer import Tokenizer
 from dairllm.synth import PRESETS, make_model, preset_header, synth_vocab, weight_std
 
 SMALL = ["tiny", "qwen3tiny", "moetiny"]
@@ -229,12 +230,11 @@ def test_presets_name_known_vocab_styles():
 
 
 # ---------------------------------------------------------------------------------------------
-# Tokenizer files and the default model (need the .t writer)
+# Tokenizer files and the default model
 
 def test_tokenizer_file_and_default_model(tmp_path, monkeypatch):
-    tokenizer = pytest.importorskip("dairllm.formats.tokenizer")
     m = make_model(tmp_path / "q.m", None, "qwen3tiny", "q40", tokenizer_path=tmp_path / "q.t")
-    tok = tokenizer.Tokenizer.open(tmp_path / "q.t")
+    tok = Tokenizer.open(tmp_path / "q.t")
     v = synth_vocab("tiny", 512)
     assert tok.vocab_size == 512 and m.exists()
     assert tok.bos_id == v.bos_id and list(tok.eos_ids) == v.eos_ids
@@ -246,7 +246,7 @@ def test_tokenizer_file_and_default_model(tmp_path, monkeypatch):
     assert synth.default_model() == (model, tpath)
     assert (model.stat().st_mtime_ns, tpath.stat().st_mtime_ns) == stamp     # built once
     with ModelFile(model) as mf:
-        assert mf.header.vocab_size == tokenizer.Tokenizer.open(tpath).vocab_size
+        assert mf.header.vocab_size == Tokenizer.open(tpath).vocab_size
     assert set(os.listdir(tmp_path / "cache")) == {model.name, tpath.name}     # no temporaries
 
 
@@ -259,7 +259,6 @@ def test_a_vocab_too_small_for_the_tokenizer_fails_before_writing(tmp_path):
 
 
 def test_default_model_rebuilds_a_broken_cache(tmp_path):
-    pytest.importorskip("dairllm.formats.tokenizer")
     model, tok = synth.default_model(tmp_path)
     good = digest(model)
     model.write_bytes(model.read_bytes()[:1000])          # e.g. a disk that filled up

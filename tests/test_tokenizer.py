@@ -14,10 +14,10 @@ from hypothesis import strategies as st
 from dairllm.errors import TokenizerFormatError
 from dairllm.formats.tokenizer import (Tokenizer, UnencodableTextError, tokenizer_bytes,
                                        write_tokenizer)
+from helpers.golden import MODELS, single_node_run
+from helpers.golden import PROMPT as GOLDEN_PROMPT
+from helpers.golden import tokenizer as golden_tokenizer
 
-GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
-MODELS = ("tiny_f32", "tiny_q40", "qwen3tiny_f32", "qwen3tiny_q40", "moetiny_q40")
-GOLDEN_PROMPT = "hello world the of and to in a is hello world"
 # From golden/README.md section 4: what the real dllama encoded this prompt to.
 GOLDEN_PROMPT_TOKENS = [int(t) for t in (
     "510 104 101 108 108 111 32 119 111 114 108 100 32 116 104 101 32 111 102 261 110 100 32 "
@@ -26,10 +26,7 @@ GOLDEN_PROMPT_TOKENS = [int(t) for t in (
 
 @pytest.fixture(scope="module")
 def golden_path() -> Path:
-    p = GOLDEN / "models" / "tiny_f32.t"
-    if not p.exists():
-        pytest.skip("golden data not found")
-    return p
+    return golden_tokenizer("tiny_f32")
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +57,7 @@ def test_golden_contents(golden):
 
 
 def test_golden_files_identical():
-    paths = [GOLDEN / "models" / f"{m}.t" for m in MODELS]
-    if not all(p.exists() for p in paths):
-        pytest.skip("golden data not found")
+    paths = [golden_tokenizer(m) for m in MODELS]
     assert len({p.read_bytes() for p in paths}) == 1
 
 
@@ -73,10 +68,7 @@ def test_golden_prompt_encoding(golden):
 
 @pytest.mark.parametrize("model", MODELS)
 def test_golden_prompt_matches_npz(golden, model):
-    npz = GOLDEN / "logits" / f"{model}_1node.npz"
-    if not npz.exists():
-        pytest.skip("golden logits not found")
-    assert golden.encode(GOLDEN_PROMPT) == np.load(npz)["prompt_tokens"].tolist()
+    assert golden.encode(GOLDEN_PROMPT) == single_node_run(model)["prompt_tokens"].tolist()
 
 
 def test_golden_rewrite_is_byte_identical(golden, golden_path, tmp_path):

@@ -754,11 +754,6 @@ cdef void _rope_rows(float *x, int64_t n, const int32_t *pos, int64_t B, const f
                 x[b * n + i1] = a0 * s + a1 * c
 
 
-def rope_table(seq_len, head_dim, theta, *args, **kwargs):
-    """cos/sin table f32[seq_len, head_dim/2, 2]; see dairllm.rope.rope_table (same arguments)."""
-    from .rope import rope_table as _rope_table
-    return _rope_table(seq_len, head_dim, theta, *args, **kwargs)
-
 # ============================================================================ attention
 
 def attention(out, q, k_cache, v_cache, positions, int n_heads, int n_kv_heads, int head_dim, n_threads=None):

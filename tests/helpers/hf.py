@@ -1,8 +1,12 @@
 """Small Hugging Face artefacts built inside tests: a byte-level BPE tokenizer trained with the
-`tokenizers` library (Llama 3 style specials, BOS post-processor, chat template)."""
+`tokenizers` library (Llama 3 style specials, BOS post-processor, chat template), a random tiny
+Llama converted with it (the chat pair), and transformers' float64 logits as the reference.
+torch, transformers and tokenizers are imported only inside the functions that need them."""
 from __future__ import annotations
 
 import json
+
+import numpy as np
 
 TRAIN = ["Hello world! The quick brown fox jumps over the lazy dog.",
          "Café crème brûlée, naïve façade, jalapeño, Ångström.",
@@ -63,8 +67,6 @@ def build_tokenizer(folder, style: str = "gpt2"):
     return tok
 
 
-
-
 def build_chat_pair(folder, seq_len: int = 512, weights: str = "f32"):
     """A random tiny Llama whose vocabulary is build_tokenizer's, converted with the CLI.
     Returns (model_path, tokenizer_path, hf_tokenizer)."""
@@ -107,11 +109,17 @@ def build_chat_pair(folder, seq_len: int = 512, weights: str = "f32"):
     return folder / "m.m", folder / "t.t", hf
 
 
-_SHARED: dict = {}
+def hf_logits(folder, model_class: str, tokens) -> np.ndarray:
+    """transformers' float64 logits of the checkpoint in `folder` (eager attention and experts)."""
+    import torch
+    import transformers
+    cls = getattr(transformers, model_class)
+    model = cls.from_pretrained(folder, attn_implementation="eager",
+                                experts_implementation="eager").to(torch.float64).eval()
+    with torch.no_grad():
+        return model(torch.tensor([tokens])).logits[0].numpy()
 
 
-def shared_chat_pair(tmp_path_factory):
-    """build_chat_pair once per test session (the chat and server tests share it)."""
-    if "pair" not in _SHARED:
-        _SHARED["pair"] = build_chat_pair(tmp_path_factory.mktemp("chatpair"))
-    return _SHARED["pair"]
+def row_errors(ours, want):
+    """||ours - want|| / ||want|| per row (want: transformers' logits)."""
+    return np.linalg.norm(ours - want, axis=1) / np.linalg.norm(want, axis=1)

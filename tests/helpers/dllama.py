@@ -1,32 +1,14 @@
-"""Shared helpers for the dllama tests: golden paths, kernel choice, an in-process worker."""
+"""Helpers for the dllama tests: kernel choice and an in-process worker.
+
+A kernel library that cannot run the executor (a missing kernel, an import error) is an error
+here, never a reason to skip: `default_kernels()` raises and the test fails."""
 from __future__ import annotations
 
 import logging
 import socket
 import threading
-from pathlib import Path
 
-import pytest
-
-import dllama_ref
-
-GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
-
-
-def golden_dir() -> Path:
-    if not (GOLDEN / "README.md").exists():
-        pytest.skip(f"golden data not found under {GOLDEN}")
-    return GOLDEN
-
-
-def ops_kernels():
-    """dairllm._ops when it has every kernel the executor needs, else None."""
-    try:
-        from dairllm.dllama.executor import default_kernels
-        return default_kernels()
-    except Exception:
-        return None
-
+from oracles import dllama_kernels
 
 KERNEL_PARAMS = ["ops", "numpy"]
 
@@ -39,20 +21,16 @@ def reference_platform() -> bool:
     return platform.machine() in ("x86_64", "AMD64") and platform.libc_ver()[0] == "glibc"
 
 
+def ops_kernels():
+    """dairllm._ops, checked by the executor for every kernel it calls (raises if one is missing)."""
+    from dairllm.dllama.executor import default_kernels
+    return default_kernels()
+
+
 def kernels_for(name: str):
-    """'ops' = the compiled kernel library (skipped until it has every kernel), 'numpy' = the
-    float64 NumPy oracle in dllama_ref (exercises the protocol layer independently)."""
-    if name == "numpy":
-        return dllama_ref
-    k = ops_kernels()
-    if k is None:
-        pytest.skip("dairllm._ops does not provide every kernel the dllama executor needs yet")
-    return k
-
-
-def preferred_kernels():
-    """The compiled kernels when complete, else the NumPy oracle (for tests about the protocol)."""
-    return ops_kernels() or dllama_ref
+    """'ops' = the compiled kernel library, 'numpy' = the float64 NumPy oracle in
+    oracles/dllama_kernels.py (exercises the protocol layer independently)."""
+    return dllama_kernels if name == "numpy" else ops_kernels()
 
 
 class ThreadWorker:

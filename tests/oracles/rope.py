@@ -1,4 +1,5 @@
-"""RoPE cos/sin tables for `_ops.rope`, with Llama-3.1 frequency scaling.
+"""RoPE cos/sin tables in NumPy (the layout `_ops.rope` takes), with Llama-3.1 frequency scaling.
+An oracle: the engine builds its tables with `_ops.rope_table_dllama`.
 
 Frequencies: freq_i = theta^(-2i/head_dim) for pair i < head_dim/2 (LLAMA pairs (x[2i], x[2i+1]),
 NeoX/FALCON pairs (x[i], x[i + head_dim/2]) use the same freq_i). Llama-3.1 scaling (HF transformers

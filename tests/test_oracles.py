@@ -1,0 +1,76 @@
+"""The oracles themselves, against independent statements of the same math: the NumPy RoPE tables
+(oracles/rope.py) against Meta's Llama-3.1 `apply_scaling` (re-stated here in float64) and against
+transformers' `llama3` frequencies. (The float64 forward pass is checked against the real
+distributed-llama in test_golden_logits.py.)"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from oracles.rope import rope_frequencies, rope_table
+
+
+def llama3_reference(head_dim, theta, factor, low, high, orig):
+    """Llama-3.1 frequencies in float64, written from Meta's reference (apply_scaling)."""
+    out = []
+    for i in range(0, head_dim, 2):
+        f = 1.0 / theta ** (i / head_dim)
+        wavelen = 2 * math.pi / f
+        if wavelen < orig / high:
+            out.append(f)
+        elif wavelen > orig / low:
+            out.append(f / factor)
+        else:
+            s = (orig / wavelen - low) / (high - low)
+            out.append((1 - s) * f / factor + s * f)
+    return np.array(out)
+
+
+def test_rope_table_llama31_scaling():
+    hd, theta, S = 64, 500000.0, 40
+    ref = llama3_reference(hd, theta, 32.0, 1.0, 4.0, 8192)
+    assert (ref != theta ** (-np.arange(0, hd, 2) / hd)).any()          # scaling changes something
+    f64 = rope_frequencies(hd, theta, "llama3_1", 32.0, 1.0, 4.0, 8192, precision="float64")
+    np.testing.assert_allclose(f64, ref, rtol=1e-12)
+    scaling = {"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+    t_dict = rope_table(S, hd, theta, scaling, precision="float64")
+    t_args = rope_table(S, hd, theta, 2, 32.0, 1.0, 4.0, 8192, precision="float64")
+    np.testing.assert_array_equal(t_dict, t_args)
+    ang = np.arange(S)[:, None] * ref[None, :]
+    np.testing.assert_allclose(t_dict[..., 0], np.cos(ang), atol=1e-7)
+    np.testing.assert_allclose(t_dict[..., 1], np.sin(ang), atol=1e-7)
+    t32 = rope_table(S, hd, theta, scaling)                           # float32 angles
+    np.testing.assert_allclose(t32, t_dict, atol=S * 1e-6)
+    # FALCON (NeoX) rope is never scaled, as in dllama
+    t_falcon = rope_table(S, hd, theta, "falcon", 32.0, 1.0, 4.0, 8192, precision="float64")
+    plain = np.arange(S)[:, None] * theta ** (-np.arange(0, hd, 2) / hd)[None, :]
+    np.testing.assert_allclose(t_falcon[..., 0], np.cos(plain), atol=1e-7)
+
+
+def test_rope_table_matches_transformers():
+    pytest.importorskip("torch")
+    rope_utils = pytest.importorskip("transformers.modeling_rope_utils")
+    from transformers import LlamaConfig
+
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+    cfg = LlamaConfig(hidden_size=512, num_attention_heads=8, rope_theta=500000.0,
+                      max_position_embeddings=131072, rope_scaling=scaling)
+    try:
+        inv_freq, _ = rope_utils.ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
+    except (KeyError, TypeError) as e:
+        pytest.skip(f"transformers rope API differs: {e}")
+    ours = rope_frequencies(64, 500000.0, "llama3_1", 8.0, 1.0, 4.0, 8192)
+    np.testing.assert_allclose(ours, inv_freq.numpy().astype(np.float64), rtol=2e-7)
+
+
+def test_rope_table_bad_args():
+    with pytest.raises(ValueError):
+        rope_table(0, 64, 10000.0)
+    with pytest.raises(ValueError):
+        rope_table(8, 63, 10000.0)
+    with pytest.raises(ValueError):
+        rope_table(8, 64, 10000.0, "llama3_1", 8.0, 4.0, 1.0, 8192)    # low > high
