@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
+GOLDEN = Path(__file__).resolve().parents[1] / "tests" / "golden"
 MODELS = ["tiny_f32", "tiny_q40", "qwen3tiny_f32", "qwen3tiny_q40", "moetiny_q40"]
 GREEDY_STEPS = 16
 CLUSTER_STEPS = 8

@@ -44,7 +44,7 @@ export QEMU_CPU=${QEMU_CPU:-cortex-a72}
 A64_SRC=${A64_SRC:-head}
 A64_PORT=${A64_PORT:-29431}
 PYTHON=$(command -v "${PYTHON:-python3}" || echo "${PYTHON:-python3}")   # a path: qemu-user does not search PATH
-GOLDEN=${GOLDEN:-$(dirname "$REPO")/shared/golden}
+GOLDEN=$REPO/tests/golden         # the suite's reference data, inside the repository
 ROOT_PKGS="python3 python3-venv python3-dev gcc libc6-dev ca-certificates file binutils ccache"
 PIP_PKGS="numpy cython pytest hypothesis 'setuptools>=68' wheel auditwheel"
 CACHE_KEY="v1 $SUITE | $ROOT_PKGS | $PIP_PKGS"
@@ -101,7 +101,7 @@ finish() {
 preflight() {
     [ "$(uname -m)" = x86_64 ] || skip "host is $(uname -m), this script emulates aarch64 on x86_64"
     [ "$(id -u)" = 0 ] || skip "needs root (chroot, mount, binfmt_misc)"
-    [ -d "$GOLDEN/models" ] || skip "golden data not found at $GOLDEN"
+    [ -d "$GOLDEN/models" ] || { log "FAILED: golden data not found at $GOLDEN"; exit 1; }
     if [ ! -e /proc/sys/fs/binfmt_misc/register ]; then
         mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc 2>/dev/null \
             || skip "binfmt_misc is not mounted and cannot be mounted here"
@@ -170,8 +170,8 @@ mount_rootfs() {
 }
 
 # ------------------------------------------------------------------ source, build, evidence
-copy_source() {   # the project at /work/main and the golden data at /work/shared/golden, as on the host
-    rm -rf "$ROOTFS/work/main"; mkdir -p "$ROOTFS/work/main" "$ROOTFS/work/shared"
+copy_source() {   # the project (golden data in tests/golden) at /work/main, as on the host
+    rm -rf "$ROOTFS/work/main"; mkdir -p "$ROOTFS/work/main"
     if [ "$A64_SRC" = worktree ]; then
         tar -C "$REPO" --exclude=.git --exclude=build --exclude=dist --exclude='*.so' \
             --exclude='*.egg-info' --exclude=__pycache__ --exclude='src/dairllm/_*.c' -cf - . \
@@ -179,9 +179,6 @@ copy_source() {   # the project at /work/main and the golden data at /work/share
     else
         git -C "$REPO" archive HEAD | tar -C "$ROOTFS/work/main" -xf - || return 1
         log "source: $(git -C "$REPO" log -1 --format='%h %s' | cut -c1-100)"
-    fi
-    if ! cmp -s "$GOLDEN/manifest.json" "$ROOTFS/work/shared/golden/manifest.json"; then
-        rm -rf "$ROOTFS/work/shared/golden"; cp -a "$GOLDEN" "$ROOTFS/work/shared/golden" || return 1
     fi
 }
 build() {   # a wheel, as pip would build it on a Pi; installed into the chroot's venv
@@ -237,7 +234,7 @@ start_worker() {   # start_worker PORT MODEL: `dairllm worker` as aarch64 in the
     setsid chroot "$ROOTFS" /usr/bin/env -i QEMU_CPU="$QEMU_CPU" HOME=/root LANG=C.UTF-8 \
         PATH=/opt/venv/bin:/usr/bin:/bin OMP_NUM_THREADS=2 \
         python -m dairllm -v worker --host 127.0.0.1 --port "$port" --nthreads 2 \
-        --model "/work/shared/golden/models/$model.m" >"$logf" 2>&1 &
+        --model "/work/main/tests/golden/models/$model.m" >"$logf" 2>&1 &
     WORKER_PIDS+=($!)
 }
 wait_worker() {   # wait_worker PORT: python + numpy start slowly under emulation
