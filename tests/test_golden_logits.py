@@ -118,22 +118,12 @@ def test_engine_matches_reference_on_golden_tokens(name):
 # on other platforms a last-bit difference there may start Q80 flips: there the plain limits apply.
 
 
-@pytest.fixture
-def dllama_exp():
-    from dairllm import _ops
-
-    before = _ops.get_exp_mode()
-    _ops.set_exp_mode("dllama")
-    yield _ops
-    _ops.set_exp_mode(before)
-
-
 @pytest.mark.parametrize("name", MODELS)
-def test_engine_in_dllama_mode_reproduces_golden_bit_for_bit(name, dllama_exp):
+def test_engine_in_dllama_mode_reproduces_golden_bit_for_bit(name):
     from dairllm import Model
 
     path, z = golden(name)
-    with Model.open(path) as model:
+    with Model.open(path, arithmetic="dllama") as model:
         logits = run_recorded(model, z)
     gold = z["logits"]
     rel = row_errors(logits, gold)

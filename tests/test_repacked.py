@@ -17,7 +17,7 @@ from dairllm import Model, _ops
 from dairllm.engine.weights import RepackedWeights, ResidentWeights
 from dairllm.errors import ConfigError
 from test_golden_logits import check, golden, run_recorded
-from test_kernels import (assert_matmul_close, dllama_exp, path, random_q40, random_q80,  # noqa: F401 (fixtures)
+from test_kernels import (assert_matmul_close, path, random_q40, random_q80,  # noqa: F401 (fixtures)
                           ref_dequantize_q40, ref_dequantize_q80, rng)
 
 
@@ -94,10 +94,15 @@ def test_q40x8_bad_input(rng):
         _ops.matmul_q40x8(np.empty((1, 16), np.float32), wx.astype(np.int16), xq)
 
 
-def test_q40x8_refuses_dllama_mode(rng, dllama_exp):
+def test_q40x8_has_no_dllama_arithmetic(rng, tmp_path, monkeypatch, caplog):
     w = random_q40(rng, 8, 64)
-    with pytest.raises(RuntimeError, match="exact"):
-        _ops.matmul_q40x8(np.empty((1, 8), np.float32), repacked(w), random_q80(rng, 1, 64))
+    with pytest.raises(TypeError):
+        _ops.matmul_q40x8(np.empty((1, 8), np.float32), repacked(w), random_q80(rng, 1, 64), dllama=True)
+    monkeypatch.setenv("DAIRLLM_CACHE", str(tmp_path))
+    path, _ = golden("tiny_q40")
+    with caplog.at_level(logging.WARNING), Model.open(path, repack=True, arithmetic="dllama") as m:
+        assert type(m.net.weights) is ResidentWeights
+    assert "dllama arithmetic needs the file's Q40 layout" in caplog.text
 
 
 # ---------------------------------------------------------------- the sidecar file

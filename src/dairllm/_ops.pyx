@@ -8,12 +8,15 @@ Matmuls split output rows across OpenMP threads in contiguous chunks of whole 16
 output lines are never shared between threads); the SIMD inner loops live in csrc/ (dl_kernels.h) and
 are picked at run time (scalar / avx2 / neon / neon-dotprod).
 
-Numerics: Q40 x Q80 and Q80 x Q80 dot products are exact integers per 32-block, scaled by
-f32(d_w) * f32(d_x) and summed in f32; quantize_q80 is bit-identical on every path; rmsnorm sums
-squares in f64; softmax and moe_route use libm expf/exp; silu, silu_mul and attention use libm expf
-on the scalar and NEON paths and an 8-wide exp within 2 ulp of it on AVX2 (csrc/dl_x86.c).
-With set_exp_mode("dllama") the kernels reproduce distributed-llama's x86 AVX2 arithmetic bit for
-bit instead: its exp polynomial and its float32 summation orders (csrc/dl_dllama.h).
+Numerics ("exact" arithmetic, the default): Q40 x Q80 and Q80 x Q80 dot products are exact
+integers per 32-block, scaled by f32(d_w) * f32(d_x) and summed in f32; quantize_q80 is
+bit-identical on every path; rmsnorm sums squares in f64; softmax and moe_route use libm expf/exp;
+silu, silu_mul and attention use libm expf on the scalar and NEON paths and an 8-wide exp within
+2 ulp of it on AVX2 (csrc/dl_x86.c).
+"dllama" arithmetic: the kernels named in DLLAMA_KERNELS take a keyword `dllama`; with dllama=True
+they reproduce distributed-llama's x86 AVX2 arithmetic bit for bit instead: its exp polynomial and
+its float32 summation orders (csrc/dl_dllama.h). The choice is per call: nothing is process-global,
+so sessions of either kind may run at once on threads of one process.
 """
 import os
 import time
@@ -166,22 +169,11 @@ def get_simd_path() -> str:
     return dl_path_name(dl_path()).decode()
 
 
-cdef bint _dllama = False     # the exp mode: set_exp_mode
-
-
-def set_exp_mode(mode: str) -> None:
-    """Process-global arithmetic: "exact" (libm exp, this library's fast summation orders; the
-    default) or "dllama" (distributed-llama's x86 AVX2 exp and float32 summation orders bit for bit
-    in silu, softmax, attention, moe_route, rmsnorm, inv_rms, rope and the F32/Q40 matmuls, see
-    csrc/dl_dllama.h; the dllama-compatible worker switches it on)."""
-    global _dllama
-    if mode not in ("exact", "dllama"):
-        raise ValueError(f"unknown exp mode {mode!r} (known: exact, dllama)")
-    _dllama = mode == "dllama"
-
-
-def get_exp_mode() -> str:
-    return "dllama" if _dllama else "exact"
+# The kernels whose arithmetic has a "dllama" variant: each takes the keyword dllama (default
+# False, dairllm's own "exact" arithmetic); dllama=True computes what distributed-llama's x86 AVX2
+# build computes, bit for bit (csrc/dl_dllama.h).
+DLLAMA_KERNELS = frozenset({"matmul_q40", "matmul_q40_multi", "matmul_f32", "rmsnorm", "rmsnorm_q80",
+                            "inv_rms", "rope", "attention", "silu", "silu_mul", "softmax", "moe_route"})
 
 
 def _paths(compiled: bool) -> list:
@@ -356,14 +348,13 @@ cdef object _check_matmul(object out, object w, object x, int64_t row_bytes_per_
     return B, d, nb
 
 
-def matmul_q40(out, w, xq, n_threads=None, bint batched=True):
+def matmul_q40(out, w, xq, n_threads=None, bint batched=True, bint dllama=False):
     """out[b, r] = sum_i W[r, i] x[b, i]; W: d rows of Q40 blocks, x: B rows of Q80 blocks.
 
     dllama: the reference's float order. batched only matters then: the reference sums a multi-row
     matmul in its batched GEMM's order, except where it runs rows one by one (MoE experts:
     batched=False)."""
-    cdef bint dllama = _dllama
-    matmul_q40_multi((out,), (w,), xq, n_threads, batched)
+    matmul_q40_multi((out,), (w,), xq, n_threads, batched, dllama)
 
 
 cdef enum:   # what _q40_rows runs: the Q40 kernel, distributed-llama's batched or row-by-row order,
@@ -394,11 +385,10 @@ cdef struct _Q80Act:
     uint8_t *xr
 
 
-def matmul_q40_multi(outs, ws, xq, n_threads=None, bint batched=True):
+def matmul_q40_multi(outs, ws, xq, n_threads=None, bint batched=True, bint dllama=False):
     """outs[i] = xq @ ws[i]^T (as matmul_q40, `batched` and `dllama` too) for up to 8 Q40 matrices
     sharing one Q80 input, such as the q/k/v or the gate/up projections: one parallel region splits
     their concatenated rows."""
-    cdef bint dllama = _dllama
     cdef int kind = (_SGEMM if batched else _MATVEC) if dllama else _PLAIN
     _q40_multi(outs, ws, xq, n_threads, kind)
 
@@ -435,9 +425,6 @@ cdef _q40_multi(outs, ws, xq, n_threads, int kind):
     cdef bint x8 = kind == _X8
     if k != len(ws) or k == 0 or k > MAX_MULTI:
         raise ValueError(f"outs and ws: 1..{MAX_MULTI} matrices each, got {len(outs)} and {len(ws)}")
-    if x8 and _dllama:
-        raise RuntimeError("Q40x8 matrices compute in exp mode 'exact' only (the reference's float "
-                           "order needs the file's Q40 layout)")
     cdef float *o[MAX_MULTI]
     cdef const uint8_t *wp[MAX_MULTI]
     cdef int64_t d[MAX_MULTI]
@@ -554,9 +541,8 @@ cdef object _check_float_matmul(object out, object w, object x):
     return B, d, n
 
 
-def matmul_f32(out, w, x, n_threads=None):
+def matmul_f32(out, w, x, n_threads=None, bint dllama=False):
     """out[b, r] = sum_i W[r, i] x[b, i] with f32 weights W[d, n] (dllama: the reference's order)."""
-    cdef bint dllama = _dllama
     _arr(w, "w", _F32, 2)
     cdef int64_t B, d, n
     B, d, n = _check_float_matmul(out, w, x)
@@ -647,10 +633,9 @@ cdef void _rmsnorm_rows(float *out, const float *x, const float *w, int64_t R, i
             dl_rmsnorm(out + r * n, x + r * n, w, n, eps)
 
 
-def rmsnorm(out, x, w, float eps):
+def rmsnorm(out, x, w, float eps, bint dllama=False):
     """out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w  (sum of squares in f64; dllama: the reference's
     float32 order). out may be x."""
-    cdef bint dllama = _dllama
     _check_rmsnorm(out, x, w, eps)
     cdef int64_t R = _dim(x, 0), n = _dim(x, 1)
     cdef float *o = <float *>_data(out)
@@ -660,10 +645,9 @@ def rmsnorm(out, x, w, float eps):
         _rmsnorm_rows(o, xp, wp, R, n, eps, dllama)
 
 
-def rmsnorm_q80(out_q, out, x, w, float eps):
+def rmsnorm_q80(out_q, out, x, w, float eps, bint dllama=False):
     """rmsnorm(out, x, w, eps, dllama), then out_q = quantize_q80(out): a quantized matmul's input in
     one call."""
-    cdef bint dllama = _dllama
     _check_rmsnorm(out, x, w, eps)
     _out(out_q, "out_q", _U8, 2)
     cdef int64_t R = _dim(x, 0), n = _dim(x, 1), nb = _blocks(n, "x")
@@ -696,10 +680,9 @@ def residual_q80(x, dx, dxq):
         dl_residual_q80(xp, dxp, dxqp, B * nb)
 
 
-def inv_rms(out, x, float eps):
+def inv_rms(out, x, float eps, bint dllama=False):
     """out[r] = 1 / sqrt(mean(x[r]^2) + eps) (sum of squares in f64; dllama: the reference's
     float32 order)."""
-    cdef bint dllama = _dllama
     _out(out, "out", _F32, 1)
     _arr(x, "x", _F32, 2)
     if out.shape[0] != x.shape[0] or x.shape[1] == 0:
@@ -714,7 +697,7 @@ def inv_rms(out, x, float eps):
             o[r] = dl_inv_rms_dllama(xp + r * n, n, eps) if dllama else dl_inv_rms(xp + r * n, n, eps)
 
 
-def rope(x, positions, table, int head_dim, bint neox, k=None):
+def rope(x, positions, table, int head_dim, bint neox, k=None, bint dllama=False):
     """Rotate x[b] (heads of head_dim) in place by angle table[positions[b]]; k, when given (rows
     of its own number of heads, e.g. the keys next to the queries x), the same way in the same call.
     dllama: each pair rounded as the reference rounds it.
@@ -722,7 +705,6 @@ def rope(x, positions, table, int head_dim, bint neox, k=None):
     table[p, i] = (cos, sin) of p * freq_i, i < head_dim/2. neox=False (LLAMA): pairs
     (x[2i], x[2i+1]); neox=True (FALCON/NeoX, Qwen3): pairs (x[i], x[i + head_dim/2]).
     """
-    cdef bint dllama = _dllama
     _arr(positions, "positions", _I32, 1)
     _arr(table, "table", _F32, 3)
     if head_dim <= 0 or head_dim % 2:
@@ -786,11 +768,11 @@ def rope_table(seq_len, head_dim, theta, *args, **kwargs):
 
 # ============================================================================ attention
 
-def attention(out, q, k_cache, v_cache, positions, int n_heads, int n_kv_heads, int head_dim, n_threads=None):
+def attention(out, q, k_cache, v_cache, positions, int n_heads, int n_kv_heads, int head_dim, n_threads=None,
+              bint dllama=False):
     """Causal GQA attention: row b, head h attends to cache rows 0..positions[b] of kv head
     h // (n_heads // n_kv_heads), scores scaled by 1/sqrt(head_dim) (dllama: the reference's
     exp and float orders)."""
-    cdef bint dllama = _dllama
     _out(out, "out", _F32, 2)
     _arr(q, "q", _F32, 2)
     _arr(k_cache, "k_cache", _F32, 2)
@@ -892,9 +874,8 @@ cdef object _pair(object x, object y):
 DEF PAR_MIN = 65536   # elementwise kernels go parallel above this many values
 
 
-def silu(x, n_threads=None):
+def silu(x, n_threads=None, bint dllama=False):
     """x = x / (1 + exp(-x)) in place (dllama: the reference's exp, per row of the last axis)."""
-    cdef bint dllama = _dllama
     cdef float[::1] v = _flat(x, "x", True)
     cdef Py_ssize_t i, n = v.shape[0]
     cdef int nt = _n_threads if n >= PAR_MIN else 1
@@ -917,9 +898,8 @@ def gelu(x, n_threads=None):
         v[i] = 0.5 * a * (1.0 + tanhf(0.7978845608 * a * (1.0 + 0.044715 * a * a)))
 
 
-def silu_mul(x, y, n_threads=None):
+def silu_mul(x, y, n_threads=None, bint dllama=False):
     """x = silu(x) * y in place (dllama: the reference's exp, per row of the last axis)."""
-    cdef bint dllama = _dllama
     xf, yf = _pair(x, y)
     cdef float[::1] a = xf
     cdef const float[::1] b = yf
@@ -990,10 +970,9 @@ def scale_add(x, y, float s):
             a[i] = a[i] + s * b[i]
 
 
-def softmax(x):
+def softmax(x, bint dllama=False):
     """Row-wise softmax in place over the last axis (max-subtracted, f64 sum; dllama: the
     reference's AVX2 softmax, see csrc/dl_dllama.h)."""
-    cdef bint dllama = _dllama
     xr = _rows(x, "x", _F32, True)
     cdef float[:, ::1] v = xr
     cdef Py_ssize_t R = v.shape[0], n = v.shape[1], r, j
@@ -1020,10 +999,9 @@ def softmax(x):
                 v[r, j] = <float>(v[r, j] / s)
 
 
-def moe_route(out_idx, out_w, gate_logits, int k):
+def moe_route(out_idx, out_w, gate_logits, int k, bint dllama=False):
     """Top-k experts of softmax(gate_logits[b]) (ties: lower index first), weights renormalised to 1
     (dllama: the reference's softmax and f32 sums)."""
-    cdef bint dllama = _dllama
     _out(out_idx, "out_idx", _I32, 2)
     _out(out_w, "out_w", _F32, 2)
     _arr(gate_logits, "gate_logits", _F32, 2)

@@ -3,7 +3,7 @@
  * dairllm's own kernels ("exact" arithmetic) use libm exp (an 8-wide exp within 2 ulp of it in the
  * AVX2 silu and attention) and their own fast summation orders. The functions here compute what
  * the reference's x86 AVX2 build (g++ -O3 -march=native) computes, on every platform; callers pick
- * them per call (_ops: in exp mode "dllama"). The C++ cluster's tokens on Q40 models depend on
+ * them per call (_ops: the keyword dllama=True). The C++ cluster's tokens on Q40 models depend on
  * it: one last-bit difference can flip a Q80 rounding that then spreads through the KV cache.
  * Checked against the golden data: the engine reproduces every logit of the five single-node runs
  * and the four multi-node runs exactly, and C++ roots with dairllm workers give the all-C++ tokens.

@@ -32,6 +32,8 @@ class InputError(DairError, ValueError):
     """Tokens, positions or step counts the model cannot take."""
 
 
+ARITHMETICS = ("exact", "dllama")
+
 _MATMUL_BY_TYPE = {
     FloatType.Q40: "matmul_q40",
     FloatType.Q80: "matmul_q80",
@@ -40,30 +42,46 @@ _MATMUL_BY_TYPE = {
 }
 
 
+def check_arithmetic(arithmetic: str) -> str:
+    if arithmetic not in ARITHMETICS:
+        raise ConfigError(f"arithmetic must be one of {', '.join(ARITHMETICS)}, got {arithmetic!r}")
+    return arithmetic
+
+
 class Net:
     """What the forward functions need, resolved once: dimensions, flags, the matmul kernel for
-    the file's weight type and the weight provider."""
+    the file's weight type, the weight provider and the arithmetic: "exact" (dairllm's kernels)
+    or "dllama" (distributed-llama's float arithmetic bit for bit, `dllama` passed to every kernel
+    that has it)."""
 
-    def __init__(self, h: Header, weights: WeightProvider) -> None:
+    def __init__(self, h: Header, weights: WeightProvider, arithmetic: str = "exact") -> None:
         self.header = h
         self.weights = weights
+        self.dllama = check_arithmetic(arithmetic) == "dllama"
         self.eps = float(h.norm_epsilon)
         self.n_heads, self.n_kv_heads, self.head_dim = h.n_heads, h.n_kv_heads, h.head_dim
         self.qk_norm = h.has_qk_norm
         self.moe = h.arch is Arch.QWEN3_MOE
         self.k_active = h.n_active_experts
         self.quantized = h.weight_type.is_block          # Q40/Q80 weights take Q80 activations
-        self.matmul: Callable = getattr(ops, _MATMUL_BY_TYPE[h.weight_type])
+        name = _MATMUL_BY_TYPE[h.weight_type]
+        self.matmul: Callable = getattr(ops, name)
         q40 = h.weight_type is FloatType.Q40
         # matmul_many(outs, ws, x): several matrices on one input (one parallel region for Q40)
-        self.matmul_many: Callable = ops.matmul_q40_multi if q40 else self._matmul_each
+        q40_multi: Callable = ops.matmul_q40_multi
+        if self.dllama:
+            q40_multi = partial(q40_multi, dllama=True)
+            if name in ops.DLLAMA_KERNELS:
+                self.matmul = partial(self.matmul, dllama=True)
+        self.matmul_many: Callable = q40_multi if q40 else self._matmul_each
         if getattr(weights, "repacked", False):     # dense Q40 matrices in the Q40x8 layout
+            if self.dllama:
+                raise ConfigError("Q40x8 (repacked) weights compute in exact arithmetic only")
             self.matmul, self.matmul_many = ops.matmul_q40x8, ops.matmul_q40x8_multi
         # Expert rows are independent matvecs in the reference (its batched GEMM never sees them);
-        # that changes the float summation order only in exp mode "dllama".
+        # that changes the float summation order only in "dllama" arithmetic.
         self.expert_matmul: Callable = partial(self.matmul, batched=False) if q40 else self.matmul
-        self.expert_matmul_many: Callable = (partial(ops.matmul_q40_multi, batched=False) if q40
-                                             else self._matmul_each)
+        self.expert_matmul_many: Callable = partial(q40_multi, batched=False) if q40 else self._matmul_each
 
     def _matmul_each(self, outs, ws, x) -> None:
         for out, w in zip(outs, ws):
@@ -97,10 +115,11 @@ class GenerateStats:
 class Model:
     """A model opened for single-node inference; holds one sequence's KV cache."""
 
-    def __init__(self, file: ModelFile, weights: WeightProvider, max_batch: int) -> None:
+    def __init__(self, file: ModelFile, weights: WeightProvider, max_batch: int,
+                 arithmetic: str = "exact") -> None:
         self.file = file
         self.header: Header = file.header
-        self.net = Net(self.header, weights)
+        self.net = Net(self.header, weights, arithmetic)
         self.state = RunState(self.header, max_batch, self.net.quantized)
         self._logits1 = np.zeros((1, self.header.vocab_size), dtype=np.float32)
         self.n_past = 0                       # positions 0..n_past-1 hold valid K/V
@@ -112,7 +131,7 @@ class Model:
     def open(cls, path, max_seq_len: "int | None" = None, nthreads: "int | None" = None,
              max_batch: int = DEFAULT_MAX_BATCH, ram_budget: "str | int | None" = None,
              stream_options: "dict | None" = None, workers: "list[str] | None" = None,
-             repack: bool = False, **cluster_options) -> "Model":
+             repack: bool = False, arithmetic: str = "exact", **cluster_options) -> "Model":
         """Map `path` (weights stay in the page cache, never copied) and allocate the run state.
 
         max_seq_len caps the context (and the KV cache) below the file's seq_len; nthreads sets
@@ -122,8 +141,13 @@ class Model:
         dairllm.store.LayerStore (stream_options: its mode / drop_cache / prefetch).
         repack: read the Q40 matrices from a Q40x8 sidecar file (built once under $DAIRLLM_CACHE,
         formats/repacked.py) for a faster matvec on AVX2; resident dense Q40 models only, exact
-        exp mode only; elsewhere it is logged and ignored.
+        arithmetic only; elsewhere it is logged and ignored.
+        arithmetic: "exact" (dairllm's kernels) or "dllama" (distributed-llama's float arithmetic
+        bit for bit: the golden C++ logits); single node only.
         """
+        check_arithmetic(arithmetic)
+        if arithmetic != "exact" and workers:
+            raise ConfigError(f"arithmetic {arithmetic!r} works on one node, not with workers")
         if repack and (workers or ram_budget is not None):
             raise ConfigError("repack works with resident weights on one node, not with "
                               "workers or ram_budget")
@@ -146,7 +170,7 @@ class Model:
         if h.weight_type not in _MATMUL_BY_TYPE:
             raise ConfigError(f"{path}: no matmul kernel for {h.weight_type.name} weights")
         if ram_budget is None:
-            weights = _repacked_weights(mf) if repack else None
+            weights = _repacked_weights(mf, arithmetic) if repack else None
             weights = weights or ResidentWeights(mf)
         else:
             from ..store import open_store_for
@@ -155,7 +179,7 @@ class Model:
             except BaseException:
                 mf.close()
                 raise
-        model = cls(mf, weights, max_batch)
+        model = cls(mf, weights, max_batch, arithmetic)
         log.info("opened %s: %s %s, %d layers, seq_len %d, run state %.1f MiB (KV %.1f MiB)",
                  path, h.arch.name, h.weight_type.name, h.n_layers, h.seq_len,
                  model.state.nbytes / 2**20, model.state.kv_nbytes / 2**20)
@@ -293,15 +317,15 @@ def _last_row(s: RunState, r) -> "object":
     return one
 
 
-def _repacked_weights(mf: ModelFile) -> "RepackedWeights | None":
+def _repacked_weights(mf: ModelFile, arithmetic: str) -> "RepackedWeights | None":
     """The Q40x8 sidecar's weights, or None (logged) where it would not help or cannot be used."""
     from ..formats.repacked import RepackedFile, unsupported_reason
 
     reason = unsupported_reason(mf)
     if reason is None and ops.build_info()["simd_selected"] != "avx2":
         reason = f"no fast Q40x8 kernel on the {ops.build_info()['simd_selected']} path"
-    if reason is None and ops.get_exp_mode() != "exact":
-        reason = "exp mode dllama needs the file's Q40 layout"
+    if reason is None and arithmetic != "exact":
+        reason = f"{arithmetic} arithmetic needs the file's Q40 layout"
     if reason:
         log.warning("repack ignored: %s", reason)
         return None
