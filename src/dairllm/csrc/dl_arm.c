@@ -7,7 +7,6 @@
 
 #if DL_ARM
 #include <arm_neon.h>
-#include <string.h>
 
 #define DL_DOTPROD __attribute__((target("arch=armv8.2-a+dotprod")))
 

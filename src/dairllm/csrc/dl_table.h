@@ -7,8 +7,6 @@
 #ifndef DL_TABLE_H
 #define DL_TABLE_H
 
-#include <string.h>
-
 #include "dl_kernels.h"
 
 typedef struct {
