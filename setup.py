@@ -72,8 +72,13 @@ common = dict(
     include_dirs=[np.get_include(), "src/dairllm/csrc"],
     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
 )
+# csrc/: the portable kernels (the spec), the x86 and ARM paths, the table that picks between them
+KERNEL_SOURCES = ["dl_scalar", "dl_x86", "dl_arm", "dl_dispatch"]
+KERNEL_HEADERS = ["dl_kernels.h", "dl_table.h", "dl_dllama.h", "dl_omp.h"]
 extensions = [
-    Extension("dairllm._ops", ["src/dairllm/_ops.pyx", "src/dairllm/csrc/dl_kernels.c"], **common),
+    Extension("dairllm._ops", ["src/dairllm/_ops.pyx",
+                               *(f"src/dairllm/csrc/{name}.c" for name in KERNEL_SOURCES)],
+              depends=[f"src/dairllm/csrc/{name}" for name in KERNEL_HEADERS], **common),
     Extension("dairllm._net", ["src/dairllm/_net.pyx"], **common),
 ]
 

@@ -30,15 +30,6 @@ def path(request):
     _ops.set_simd_path(before)
 
 
-@pytest.fixture
-def dllama_exp():
-    """The kernels in exp mode "dllama" (the reference's x86 AVX2 arithmetic) during the test."""
-    before = _ops.get_exp_mode()
-    _ops.set_exp_mode("dllama")
-    yield _ops
-    _ops.set_exp_mode(before)
-
-
 PRESET_OF = {Arch.LLAMA: "tiny", Arch.QWEN3: "qwen3tiny", Arch.QWEN3_MOE: "moetiny"}
 
 

@@ -129,8 +129,8 @@ def _replay(run: str, node: int, kernels, lower_order=None):
 
 
 # Tolerances. The transcripts come from an AVX2 build: the NumPy oracle uses the reference's AVX2
-# exp in SiLU and softmax, and the executor switches the compiled kernels to the same exp
-# (set_exp_mode("dllama")), so both must reproduce the C++ worker's ZQ slices bit for bit; the
+# exp in SiLU and softmax, and the executor calls the compiled kernels with the same exp
+# (dllama=True), so both must reproduce the C++ worker's ZQ slices bit for bit; the
 # limits below only bound the failure message. (With exact exp the worker's own slices drifted by
 # up to 4.7 Q80 steps on node 3 by layer 3: each worker keeps its slice in its residual stream.)
 MAX_STEPS = {"numpy": 1.0, "ops": 1.0}
@@ -209,17 +209,19 @@ def test_graph_builder_reproduces_root_configs(run, node):
             assert r2w[end - m["nBytes"]:end] == graph.slice_weight(mf, p, n_nodes, node).tobytes()
 
 
-def test_dllama_exp_mode_on_during_forward_and_restored():
-    from dairllm import _ops as ops
-    from dairllm.dllama.executor import dllama_exp
-    assert ops.get_exp_mode() == "exact"
-    with dllama_exp(ops):
-        assert ops.get_exp_mode() == "dllama"
-        with dllama_exp(ops):   # a second session in the same process (threads) nests
-            assert ops.get_exp_mode() == "dllama"
-        assert ops.get_exp_mode() == "dllama"
-    assert ops.get_exp_mode() == "exact"
-    with pytest.raises(RuntimeError):
-        with dllama_exp(ops):
-            raise RuntimeError("op failed")
-    assert ops.get_exp_mode() == "exact"
+def test_executor_binds_dllama_arithmetic_per_call():
+    """The executor passes dllama=True to every _ops kernel that takes it; nothing process-global
+    changes. The NumPy oracle (the reference's arithmetic already) is used as it is."""
+    from oracles import dllama_kernels as dllama_ref
+    from dairllm.dllama.executor import REQUIRED_KERNELS, DllamaKernels
+    ops = pytest.importorskip("dairllm._ops")
+    bound = DllamaKernels(ops)
+    for name in REQUIRED_KERNELS:
+        kernel = getattr(bound, name)
+        if name in ops.DLLAMA_KERNELS:
+            assert kernel.func is getattr(ops, name) and kernel.keywords == {"dllama": True}, name
+        else:
+            assert kernel is getattr(ops, name), name
+    assert {"matmul_q40", "matmul_f32", "silu", "softmax", "attention", "rope", "inv_rms"} <= ops.DLLAMA_KERNELS
+    oracle = DllamaKernels(dllama_ref)
+    assert all(getattr(oracle, name) is getattr(dllama_ref, name) for name in REQUIRED_KERNELS)

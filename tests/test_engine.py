@@ -151,6 +151,10 @@ def test_bad_inputs_raise_clear_errors(models):
         Model.open(models[Arch.LLAMA, FloatType.Q40], max_seq_len=0)
     with pytest.raises(ConfigError):
         Model.open(models[Arch.LLAMA, FloatType.Q40], nthreads=0)
+    with pytest.raises(ConfigError, match="arithmetic"):
+        Model.open(models[Arch.LLAMA, FloatType.Q40], arithmetic="fast")
+    with pytest.raises(ConfigError, match="arithmetic"):
+        Model.open(models[Arch.LLAMA, FloatType.Q40], arithmetic="dllama", workers=["127.0.0.1:1"])
 
 
 def test_max_seq_len_caps_the_kv_cache(models):

@@ -68,11 +68,11 @@ def test_engine_matches_reference_on_golden_tokens(name):
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_engine_in_dllama_mode_reproduces_golden_bit_for_bit(name, dllama_exp):
+def test_engine_in_dllama_mode_reproduces_golden_bit_for_bit(name):
     from dairllm import Model
 
     path, z = single_node(name)
-    with Model.open(path) as model:
+    with Model.open(path, arithmetic="dllama") as model:
         logits = run_recorded(model, z)
     gold = z["logits"]
     rel = row_errors(logits, gold)

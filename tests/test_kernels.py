@@ -562,16 +562,13 @@ def softmax_dllama_ref(row, expf):
     return (e * (np.float32(1) / s)).astype(np.float32)
 
 
-def test_exp_mode_switch():
-    assert _ops.get_exp_mode() == "exact"
-    with pytest.raises(ValueError):
-        _ops.set_exp_mode("fast")
-    _ops.set_exp_mode("dllama")
-    try:
-        assert _ops.get_exp_mode() == "dllama"
-    finally:
-        _ops.set_exp_mode("exact")
-    assert _ops.get_exp_mode() == "exact"
+def test_arithmetic_is_chosen_per_call():
+    """No process-global mode: every kernel with a "dllama" variant takes it as a keyword."""
+    import inspect
+    assert not hasattr(_ops, "set_exp_mode")
+    for name in _ops.DLLAMA_KERNELS:
+        param = inspect.signature(getattr(_ops, name)).parameters["dllama"]
+        assert param.default is False, name
 
 
 def _silu_inputs(rng):
@@ -583,39 +580,38 @@ def _silu_inputs(rng):
     return x[:x.size - x.size % 8].reshape(-1, 8)   # whole groups of 8: the polynomial everywhere
 
 
-def test_dllama_silu_bit_exact(dllama_exp, rng, path):
+def test_dllama_silu_bit_exact(rng, path):
     x = _silu_inputs(rng)
     y = rng.standard_normal(x.shape).astype(np.float32)
     e = exp_dllama_ref((np.float32(0) - x).astype(np.float32))
     want = (x / (np.float32(1) + e)).astype(np.float32)
     got = x.copy()
-    _ops.silu(got)
+    _ops.silu(got, dllama=True)
     np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
     got = x.copy()
-    _ops.silu_mul(got, y)
+    _ops.silu_mul(got, y, dllama=True)
     np.testing.assert_array_equal(got.view(np.uint32), (want * y).astype(np.float32).view(np.uint32))
-    # the mode matters: exact exp gives other bits somewhere, and "exact" is restored afterwards
-    _ops.set_exp_mode("exact")
+    # the arithmetic matters: exact exp (the default) gives other bits somewhere
     exact = x.copy()
     _ops.silu(exact)
     assert (exact != want).any()
 
 
-def test_dllama_silu_row_remainder_uses_libm(dllama_exp, rng):
+def test_dllama_silu_row_remainder_uses_libm(rng):
     expf = _libm_expf()
     x = (rng.standard_normal((5, 13)) * 6).astype(np.float32)   # 8 polynomial + 5 libm per row
     got = x.copy()
-    _ops.silu(got)
+    _ops.silu(got, dllama=True)
     e = np.concatenate([exp_dllama_ref(-x[:, :8]), expf(-x[:, 8:].ravel()).reshape(5, 5)], axis=1)
     np.testing.assert_array_equal(got, (x / (np.float32(1) + e)).astype(np.float32))
 
 
 @pytest.mark.parametrize("n", [1, 3, 7, 8, 13, 64, 67, 1000])
-def test_dllama_softmax_bit_exact_with_remainder(dllama_exp, rng, n):
+def test_dllama_softmax_bit_exact_with_remainder(rng, n):
     expf = _libm_expf()
     x = (rng.standard_normal((6, n)) * 10).astype(np.float32)
     got = x.copy()
-    _ops.softmax(got)
+    _ops.softmax(got, dllama=True)
     for r in range(x.shape[0]):
         np.testing.assert_array_equal(got[r], softmax_dllama_ref(x[r], expf))
 
@@ -627,21 +623,21 @@ def test_dllama_remainder_rule_is_observable(rng):
     assert (exp_dllama_ref(t) != _libm_expf()(t)).mean() > 0.5
 
 
-def test_dllama_softmax_far_below_max_is_zero(dllama_exp):
+def test_dllama_softmax_far_below_max_is_zero():
     x = np.array([[0, -200, -87.99, -100, 1, 2, 3, 4]], np.float32)   # -88 clamp; n = -127 -> 2^n = +0
     got = x.copy()
-    _ops.softmax(got)
+    _ops.softmax(got, dllama=True)
     np.testing.assert_array_equal(got[0], softmax_dllama_ref(x[0], _libm_expf()))
     assert got[0, 1] == 0 and got[0, 3] == 0
 
 
 @pytest.mark.parametrize("B,E,k", [(3, 8, 2), (5, 128, 8), (2, 13, 4)])
-def test_dllama_moe_route(dllama_exp, rng, B, E, k):
+def test_dllama_moe_route(rng, B, E, k):
     expf = _libm_expf()
     g = rng.standard_normal((B, E)).astype(np.float32)
     idx = np.empty((B, k), np.int32)
     wts = np.empty((B, k), np.float32)
-    _ops.moe_route(idx, wts, g, k)
+    _ops.moe_route(idx, wts, g, k, dllama=True)
     for b in range(B):
         p = softmax_dllama_ref(g[b], expf)
         order = sorted(range(E), key=lambda e: (-p[e], e))[:k]
@@ -678,13 +674,13 @@ def _q40_q80_parts(w, xq, B, d, n):
 
 @pytest.mark.parametrize("B,n,d,batched", [(1, 64, 5, True), (3, 256, 37, False), (4, 96, 9, False),
                                               (2, 352, 13, False), (1, 544, 8, True)])
-def test_dllama_matmul_q40_rowwise_bit_exact(dllama_exp, path, rng, B, n, d, batched):
+def test_dllama_matmul_q40_rowwise_bit_exact(path, rng, B, n, d, batched):
     """The reference's AVX2 matvec (one row, or rows it runs one by one): per output, exact integer
     block dots in block order, each added by one fused multiply-add with f32(d_w) * f32(d_x)."""
     w = random_q40(rng, d, n)
     xq = ref_quantize_q80(rng.standard_normal((B, n)).astype(np.float32))
     got = np.empty((B, d), np.float32)
-    _ops.matmul_q40(got, w, xq, batched=batched)
+    _ops.matmul_q40(got, w, xq, batched=batched, dllama=True)
     dw, dx, qw, qx = _q40_q80_parts(w, xq, B, d, n)
     want = np.zeros((B, d), np.float32)
     for b in range(n // 32):
@@ -694,14 +690,14 @@ def test_dllama_matmul_q40_rowwise_bit_exact(dllama_exp, path, rng, B, n, d, bat
 
 
 @pytest.mark.parametrize("B,n,d", [(2, 64, 5), (3, 256, 37), (32, 96, 17)])
-def test_dllama_matmul_q40_batched_bit_exact(dllama_exp, path, rng, B, n, d):
+def test_dllama_matmul_q40_batched_bit_exact(path, rng, B, n, d):
     """The reference's batched GEMM (llamafile sgemm, AVX2 Q0 kernel): per output 8 f32 lanes, lane l
     fuses the exact integer dot of block elements 4l..4l+3 times f32(d_w) * f32(d_x), blocks in
     order, then the AVX2 horizontal sum."""
     w = random_q40(rng, d, n)
     xq = ref_quantize_q80(rng.standard_normal((B, n)).astype(np.float32))
     got = np.empty((B, d), np.float32)
-    _ops.matmul_q40(got, w, xq)
+    _ops.matmul_q40(got, w, xq, dllama=True)
     dw, dx, qw, qx = _q40_q80_parts(w, xq, B, d, n)
     lanes = np.zeros((B, d, 8), np.float32)
     for b in range(n // 32):
@@ -711,19 +707,19 @@ def test_dllama_matmul_q40_batched_bit_exact(dllama_exp, path, rng, B, n, d):
         lanes = _fma32(lane_int, scale, lanes)
     np.testing.assert_array_equal(got, _hsum8(lanes))
     rowwise = np.empty_like(got)
-    _ops.matmul_q40(rowwise, w, xq, batched=False)
+    _ops.matmul_q40(rowwise, w, xq, batched=False, dllama=True)
     assert not np.array_equal(rowwise, got)        # the two orders really differ somewhere
     np.testing.assert_allclose(rowwise, got, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("B,n,d", [(1, 64, 7), (5, 256, 33), (2, 12, 3)])
-def test_dllama_matmul_f32_bit_exact(dllama_exp, path, rng, B, n, d):
+def test_dllama_matmul_f32_bit_exact(path, rng, B, n, d):
     """F32 matvec and batched GEMM sum alike in the reference: 8 fused lanes, AVX2 horizontal sum
     (n % 8 != 0 never reaches its AVX2 build; it is summed in order, fused)."""
     w = rng.standard_normal((d, n)).astype(np.float32)
     x = rng.standard_normal((B, n)).astype(np.float32)
     got = np.empty((B, d), np.float32)
-    _ops.matmul_f32(got, w, x)
+    _ops.matmul_f32(got, w, x, dllama=True)
     if n % 8 == 0:
         want = _dot8(x[:, None, :], w[None, :, :])
     else:
@@ -734,21 +730,21 @@ def test_dllama_matmul_f32_bit_exact(dllama_exp, path, rng, B, n, d):
 
 
 @pytest.mark.parametrize("n", [8, 256, 1024])
-def test_dllama_rmsnorm_bit_exact(dllama_exp, rng, n):
+def test_dllama_rmsnorm_bit_exact(rng, n):
     x = (rng.standard_normal((3, n)) * 4).astype(np.float32)
     w = (1 + 0.1 * rng.standard_normal(n)).astype(np.float32)
     eps = np.float32(1e-5)
     got = np.empty_like(x)
-    _ops.rmsnorm(got, x, w, float(eps))
+    _ops.rmsnorm(got, x, w, float(eps), dllama=True)
     ss = _dot8(x, x)
     inv = (np.float32(1) / np.sqrt(((ss / np.float32(n)).astype(np.float32) + eps).astype(np.float32))).astype(np.float32)
     np.testing.assert_array_equal(got, ((x * inv[:, None]).astype(np.float32) * w).astype(np.float32))
-    _ops.rmsnorm(x, x, w, float(eps))                   # in place gives the same
+    _ops.rmsnorm(x, x, w, float(eps), dllama=True)      # in place gives the same
     np.testing.assert_array_equal(x, got)
 
 
 @pytest.mark.parametrize("neox", [False, True])
-def test_dllama_rope_bit_exact(dllama_exp, rng, neox):
+def test_dllama_rope_bit_exact(rng, neox):
     """FALCON pairs: x0 = fma(a0, c, -(a1 s)), x1 = fma(a0, s, a1 c) (GCC's contraction in the
     reference); LLAMA pairs: rounded products, rounded sum."""
     hd, H, B = 16, 3, 4
@@ -756,7 +752,7 @@ def test_dllama_rope_bit_exact(dllama_exp, rng, neox):
     x = rng.standard_normal((B, H * hd)).astype(np.float32)
     pos = np.array([0, 5, 17, 39], np.int32)
     got = x.copy()
-    _ops.rope(got, pos, table, hd, neox)
+    _ops.rope(got, pos, table, hd, neox, dllama=True)
     half = hd // 2
     heads = x.reshape(B, H, hd)
     if neox:
@@ -823,7 +819,7 @@ def test_rope_table_dllama(falcon, hd, theta, scaling):
         _ops.rope_table_dllama(seq, 7, theta, falcon)
 
 
-def test_dllama_attention(dllama_exp, path, rng):
+def test_dllama_attention(path, rng):
     """One head as the reference: score = dot8(q, k) / sqrtf(hd), the dllama softmax, then
     out[i] = fma(att[t], v[t][i], out[i]) for t ascending; bit for bit."""
     B, H, KVH, hd, S = 3, 4, 2, 16, 21
@@ -832,7 +828,7 @@ def test_dllama_attention(dllama_exp, path, rng):
     v = rng.standard_normal((S, KVH * hd)).astype(np.float32)
     pos = np.array([0, 9, 20], np.int32)   # 1, 10 and 21 scores: the softmax remainder rule applies
     got = np.empty_like(q)
-    _ops.attention(got, q, k, v, pos, H, KVH, hd)
+    _ops.attention(got, q, k, v, pos, H, KVH, hd, dllama=True)
     want = np.empty_like(q)
     root = np.sqrt(np.float32(hd)).astype(np.float32)
     for b in range(B):
@@ -846,8 +842,7 @@ def test_dllama_attention(dllama_exp, path, rng):
                 acc = _fma32(np.full(hd, att[t], np.float32), vs[t], acc)
             want[b, h * hd:(h + 1) * hd] = acc
     np.testing.assert_array_equal(got, want)
-    _ops.set_exp_mode("exact")   # the polynomial's ~4e-5 relative error shows against exact exp
-    exact = np.empty_like(q)
+    exact = np.empty_like(q)     # the polynomial's ~4e-5 relative error shows against exact exp
     _ops.attention(exact, q, k, v, pos, H, KVH, hd)
     assert np.abs(exact - got).max() > 2e-6
     np.testing.assert_allclose(exact, ref_attention(q, k, v, pos, H, KVH, hd), rtol=1e-5, atol=1e-6)

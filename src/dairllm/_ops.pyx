@@ -5,15 +5,18 @@ Contract: every array C-contiguous, outputs caller-allocated, B = activation row
 d = output dim. Each `def` checks dtypes, shapes and contiguity and raises
 TypeError (wrong type/dtype) or ValueError (shape, contiguity, range), then runs without the GIL.
 Matmuls split output rows across OpenMP threads in contiguous chunks of whole 16-row groups (64-byte
-output lines are never shared between threads); the SIMD inner loops live in csrc/dl_kernels.c and
+output lines are never shared between threads); the SIMD inner loops live in csrc/ (dl_kernels.h) and
 are picked at run time (scalar / avx2 / neon / neon-dotprod).
 
-Numerics: Q40 x Q80 and Q80 x Q80 dot products are exact integers per 32-block, scaled by
-f32(d_w) * f32(d_x) and summed in f32; quantize_q80 is bit-identical on every path; rmsnorm sums
-squares in f64; softmax and moe_route use libm expf/exp; silu, silu_mul and attention use libm expf
-on the scalar and NEON paths and an 8-wide exp within 2 ulp of it on AVX2 (csrc/dl_kernels.c).
-With set_exp_mode("dllama") the kernels reproduce distributed-llama's x86 AVX2 arithmetic bit for
-bit instead: its exp polynomial and its float32 summation orders (csrc/dl_dllama.h).
+Numerics ("exact" arithmetic, the default): Q40 x Q80 and Q80 x Q80 dot products are exact
+integers per 32-block, scaled by f32(d_w) * f32(d_x) and summed in f32; quantize_q80 is
+bit-identical on every path; rmsnorm sums squares in f64; softmax and moe_route use libm expf/exp;
+silu, silu_mul and attention use libm expf on the scalar and NEON paths and an 8-wide exp within
+2 ulp of it on AVX2 (csrc/dl_x86.c).
+"dllama" arithmetic: the kernels named in DLLAMA_KERNELS take a keyword `dllama`; with dllama=True
+they reproduce distributed-llama's x86 AVX2 arithmetic bit for bit instead: its exp polynomial and
+its float32 summation orders (csrc/dl_dllama.h). The choice is per call: nothing is process-global,
+so sessions of either kind may run at once on threads of one process.
 """
 import os
 import time
@@ -29,6 +32,12 @@ from libc.stdlib cimport free, malloc
 from libc.string cimport memset
 
 cdef extern from "dl_kernels.h" nogil:
+    ctypedef struct dl_block_q40:
+        pass
+    ctypedef struct dl_block_q80:
+        pass
+    ctypedef struct dl_block_q40x8:
+        pass
     int DL_N_PATHS
     void dl_init()
     int dl_path()
@@ -40,18 +49,19 @@ cdef extern from "dl_kernels.h" nogil:
     const char *dl_cpu_features()
     float dl_f16_to_f32(uint16_t h)
     uint16_t dl_f32_to_f16(float f)
-    void dl_quantize_q80(uint8_t *out, const float *x, int64_t nb)
-    void dl_dequantize_q80(float *out, const uint8_t *xq, int64_t nb)
-    void dl_dequantize_q40(float *out, const uint8_t *w, int64_t nb)
-    void dl_q80_prep(float *dx, int32_t *sx, uint8_t *xr, const uint8_t *xq, int64_t B, int64_t nb)
-    void dl_matmul_q40(float *out, const uint8_t *w, const uint8_t *xq, const float *dx, const int32_t *sx,
-                       const uint8_t *xr, int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r1)
-    void dl_matmul_q80(float *out, const uint8_t *w, const uint8_t *xq, const float *dx,
+    void dl_quantize_q80(dl_block_q80 *out, const float *x, int64_t nb)
+    void dl_dequantize_q80(float *out, const dl_block_q80 *xq, int64_t nb)
+    void dl_dequantize_q40(float *out, const dl_block_q40 *w, int64_t nb)
+    void dl_q80_prep(float *dx, int32_t *sx, uint8_t *xr, const dl_block_q80 *xq, int64_t B, int64_t nb)
+    void dl_matmul_q40(float *out, const dl_block_q40 *w, const dl_block_q80 *xq, const float *dx,
+                       const int32_t *sx, const uint8_t *xr, int64_t B, int64_t d, int64_t nb, int64_t r0,
+                       int64_t r1)
+    void dl_matmul_q80(float *out, const dl_block_q80 *w, const dl_block_q80 *xq, const float *dx,
                        int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r1)
     int DL_Q40X8_BYTES
-    void dl_repack_q40x8(uint8_t *dst, const uint8_t *w, int64_t n_groups, int64_t nb)
-    void dl_matmul_q40x8(float *out, const uint8_t *wx, const uint8_t *xq, const float *dx, const int32_t *sx,
-                         int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r1)
+    void dl_repack_q40x8(dl_block_q40x8 *dst, const dl_block_q40 *w, int64_t n_groups, int64_t nb)
+    void dl_matmul_q40x8(float *out, const dl_block_q40x8 *wx, const dl_block_q80 *xq, const float *dx,
+                         const int32_t *sx, int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r1)
     void dl_matmul_f32(float *out, const float *w, const float *x,
                        int64_t B, int64_t d, int64_t n, int64_t r0, int64_t r1)
     void dl_matmul_f16(float *out, const uint16_t *w, const float *x,
@@ -61,19 +71,20 @@ cdef extern from "dl_kernels.h" nogil:
     void dl_attention_head(float *out, const float *q, const float *k, const float *v, int64_t stride,
                            int64_t T, int64_t hd, float *att)
     double dl_sum_f64(const double *x, int64_t n)
-    void dl_matmul_q40_ref(float *out, const uint8_t *w, const uint8_t *xq, const float *dx,
+    void dl_matmul_q40_ref(float *out, const dl_block_q40 *w, const dl_block_q80 *xq, const float *dx,
                            int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r1, int sgemm)
     void dl_matmul_f32_ref(float *out, const float *w, const float *x,
                            int64_t B, int64_t d, int64_t n, int64_t r0, int64_t r1)
+    void dl_attention_head_ref(float *out, const float *q, const float *k, const float *v, int64_t stride,
+                               int64_t T, int64_t hd, float *att)
     void dl_silu_mul(float *x, const float *y, int64_t n)
     float dl_inv_rms(const float *x, int64_t n, float eps)
     void dl_rmsnorm(float *out, const float *x, const float *w, int64_t n, float eps)
-    void dl_residual_q80(float *x, float *dx, uint8_t *dxq, int64_t nb)
+    void dl_residual_q80(float *x, float *dx, dl_block_q80 *dxq, int64_t nb)
 
 cdef extern from "dl_dllama.h" nogil:
-    int DL_EXP_EXACT
-    int DL_EXP_DLLAMA
-    int dl_exp_mode_g
+    float dl_inv_rms_dllama(const float *x, int64_t n, float eps)
+    void dl_rmsnorm_row_dllama(float *out, const float *x, const float *w, int64_t n, float eps)
     void dl_silu_row_dllama(float *x, const float *y, int64_t n)
     void dl_softmax_row_dllama(float *x, int64_t n)
     void dl_rope_table_dllama(float *table, int64_t seq_len, int64_t head_dim, float theta, int falcon,
@@ -158,22 +169,11 @@ def get_simd_path() -> str:
     return dl_path_name(dl_path()).decode()
 
 
-_EXP_MODES = {"exact": DL_EXP_EXACT, "dllama": DL_EXP_DLLAMA}
-
-
-def set_exp_mode(mode: str) -> None:
-    """Process-global arithmetic: "exact" (libm exp, this library's fast summation orders; the
-    default) or "dllama" (distributed-llama's x86 AVX2 exp and float32 summation orders bit for bit
-    in silu, softmax, attention, moe_route, rmsnorm, inv_rms, rope and the F32/Q40 matmuls, see
-    csrc/dl_dllama.h; the dllama-compatible worker switches it on)."""
-    global dl_exp_mode_g
-    if mode not in _EXP_MODES:
-        raise ValueError(f"unknown exp mode {mode!r} (known: {', '.join(_EXP_MODES)})")
-    dl_exp_mode_g = _EXP_MODES[mode]
-
-
-def get_exp_mode() -> str:
-    return "dllama" if dl_exp_mode_g == DL_EXP_DLLAMA else "exact"
+# The kernels whose arithmetic has a "dllama" variant: each takes the keyword dllama (default
+# False, dairllm's own "exact" arithmetic); dllama=True computes what distributed-llama's x86 AVX2
+# build computes, bit for bit (csrc/dl_dllama.h).
+DLLAMA_KERNELS = frozenset({"matmul_q40", "matmul_q40_multi", "matmul_f32", "rmsnorm", "rmsnorm_q80",
+                            "inv_rms", "rope", "attention", "silu", "silu_mul", "softmax", "moe_route"})
 
 
 def _paths(compiled: bool) -> list:
@@ -281,41 +281,42 @@ def quantize_q80(out, x, n_threads=None):
         raise ValueError(f"out: shape {out.shape}, expected ({B}, {nb * Q80_BYTES}) for x {x.shape}")
     if B == 0:
         return
-    cdef uint8_t *o = <uint8_t *>_data(out)
+    cdef dl_block_q80 *o = <dl_block_q80 *>_data(out)
     cdef const float *xp = <const float *>_data(x)
     cdef int nt = _threads(n_threads, B * nb * 4)
     with nogil:
         _by_blocks(o, xp, B * nb, nt)
 
 
-ctypedef void (*_dequantize_fn)(float *out, const uint8_t *src, int64_t nb) noexcept nogil
-
-
-cdef _dequantize(object out, object src, str name, int64_t block_bytes, _dequantize_fn fn):
-    """Checks out (f32 rows) against src (the same rows as blocks), then out = fn(src)."""
+cdef _dequantize(object out, object src, str name, bint q40):
+    """Checks out (f32 rows) against src (the same rows as Q40 or Q80 blocks), then out = values of src."""
     _out(out, "out", _F32, 2)
     _arr(src, name, _U8, 2)
+    cdef int64_t block_bytes = Q40_BYTES if q40 else Q80_BYTES
     cdef int64_t B = out.shape[0], nb = _blocks(out.shape[1], "out")
     if src.shape[0] != B or src.shape[1] != nb * block_bytes:
         raise ValueError(f"{name}: shape {src.shape}, expected ({B}, {nb * block_bytes}) for out {out.shape}")
     cdef float *o = <float *>_data(out)
-    cdef const uint8_t *p = <const uint8_t *>_data(src)
+    cdef const void *p = _data(src)
     if B * nb:
         with nogil:
-            fn(o, p, B * nb)
+            if q40:
+                dl_dequantize_q40(o, <const dl_block_q40 *>p, B * nb)
+            else:
+                dl_dequantize_q80(o, <const dl_block_q80 *>p, B * nb)
 
 
 def dequantize_q80(out, xq):
     """out[b] = f32 values of the Q80 row xq[b]."""
-    _dequantize(out, xq, "xq", Q80_BYTES, dl_dequantize_q80)
+    _dequantize(out, xq, "xq", False)
 
 
 def dequantize_q40(out, w):
     """out[r] = f32 values of the Q40 row w[r]."""
-    _dequantize(out, w, "w", Q40_BYTES, dl_dequantize_q40)
+    _dequantize(out, w, "w", True)
 
 
-cdef void _by_blocks(uint8_t *out, const float *x, int64_t n_blocks, int nt) noexcept nogil:
+cdef void _by_blocks(dl_block_q80 *out, const float *x, int64_t n_blocks, int nt) noexcept nogil:
     """Quantize n_blocks consecutive blocks, split in contiguous chunks across threads."""
     if nt == 1:
         dl_quantize_q80(out, x, n_blocks)
@@ -324,7 +325,7 @@ cdef void _by_blocks(uint8_t *out, const float *x, int64_t n_blocks, int nt) noe
     cdef int64_t c = (n_blocks + nt - 1) // nt
     for i in prange(nt, schedule="static", num_threads=nt):
         if i * c < n_blocks:
-            dl_quantize_q80(out + i * c * Q80_BYTES, x + i * c * QK, min(c, n_blocks - i * c))
+            dl_quantize_q80(out + i * c, x + i * c * QK, min(c, n_blocks - i * c))
 
 # ============================================================================ matmul
 
@@ -347,28 +348,30 @@ cdef object _check_matmul(object out, object w, object x, int64_t row_bytes_per_
     return B, d, nb
 
 
-def matmul_q40(out, w, xq, n_threads=None, bint batched=True):
+def matmul_q40(out, w, xq, n_threads=None, bint batched=True, bint dllama=False):
     """out[b, r] = sum_i W[r, i] x[b, i]; W: d rows of Q40 blocks, x: B rows of Q80 blocks.
 
-    batched only matters in exp mode "dllama": the reference sums a multi-row matmul in its batched
-    GEMM's float order, except where it runs rows one by one (MoE experts: batched=False)."""
-    matmul_q40_multi((out,), (w,), xq, n_threads, batched)
+    dllama: the reference's float order. batched only matters then: the reference sums a multi-row
+    matmul in its batched GEMM's order, except where it runs rows one by one (MoE experts:
+    batched=False)."""
+    matmul_q40_multi((out,), (w,), xq, n_threads, batched, dllama)
 
 
-cdef enum:   # what _q40_rows runs: the Q40 kernel, distributed-llama's batched order, the Q40x8 kernel
-    _PLAIN = 0
+cdef enum:   # what _q40_rows runs: the Q40 kernel, distributed-llama's batched or row-by-row order,
+    _PLAIN = 0   # the Q40x8 kernel
     _SGEMM = 1
-    _X8 = 2
+    _MATVEC = 2
+    _X8 = 3
 
 
 cdef inline void _q40_rows(float *out, const uint8_t *w, const _Q80Act *x, int64_t B, int64_t d, int64_t nb,
                            int64_t r0, int64_t r1, int kind) noexcept nogil:
-    if kind == _SGEMM:
-        dl_matmul_q40_ref(out, w, x.xq, x.dx, B, d, nb, r0, r1, 1)
+    if kind == _PLAIN:
+        dl_matmul_q40(out, <const dl_block_q40 *>w, x.xq, x.dx, x.sx, x.xr, B, d, nb, r0, r1)
     elif kind == _X8:
-        dl_matmul_q40x8(out, w, x.xq, x.dx, x.sx, B, d, nb, r0, r1)
+        dl_matmul_q40x8(out, <const dl_block_q40x8 *>w, x.xq, x.dx, x.sx, B, d, nb, r0, r1)
     else:
-        dl_matmul_q40(out, w, x.xq, x.dx, x.sx, x.xr, B, d, nb, r0, r1)
+        dl_matmul_q40_ref(out, <const dl_block_q40 *>w, x.xq, x.dx, B, d, nb, r0, r1, kind == _SGEMM)
 
 
 DEF MAX_MULTI = 8
@@ -376,17 +379,18 @@ DEF MAX_MULTI = 8
 
 cdef struct _Q80Act:
     # a Q80 activation and its dl_q80_prep: per-block f32 scales and int8 sums, pair layout
-    const uint8_t *xq
+    const dl_block_q80 *xq
     float *dx
     int32_t *sx
     uint8_t *xr
 
 
-def matmul_q40_multi(outs, ws, xq, n_threads=None, bint batched=True):
-    """outs[i] = xq @ ws[i]^T (as matmul_q40, `batched` too) for up to 8 Q40 matrices sharing one Q80
-    input, such as the q/k/v or the gate/up projections: one parallel region splits their
-    concatenated rows."""
-    _q40_multi(outs, ws, xq, n_threads, batched, False)
+def matmul_q40_multi(outs, ws, xq, n_threads=None, bint batched=True, bint dllama=False):
+    """outs[i] = xq @ ws[i]^T (as matmul_q40, `batched` and `dllama` too) for up to 8 Q40 matrices
+    sharing one Q80 input, such as the q/k/v or the gate/up projections: one parallel region splits
+    their concatenated rows."""
+    cdef int kind = (_SGEMM if batched else _MATVEC) if dllama else _PLAIN
+    _q40_multi(outs, ws, xq, n_threads, kind)
 
 
 def repack_q40x8(out, w):
@@ -399,30 +403,28 @@ def repack_q40x8(out, w):
         raise ValueError(f"w: shape {w.shape} is not a Q40 matrix of a multiple of 8 rows")
     if _dim(out, 0) != d // 8 or _dim(out, 1) != 8 * row:
         raise ValueError(f"out: shape {out.shape}, expected ({d // 8}, {8 * row})")
-    cdef const uint8_t *src = <const uint8_t *>_data(w)
-    cdef uint8_t *dst = <uint8_t *>_data(out)
+    cdef const dl_block_q40 *src = <const dl_block_q40 *>_data(w)
+    cdef dl_block_q40x8 *dst = <dl_block_q40x8 *>_data(out)
     with nogil:
         dl_repack_q40x8(dst, src, d // 8, row // Q40_BYTES)
 
 
 def matmul_q40x8(out, wx, xq, n_threads=None):
     """As matmul_q40 for a matrix in the Q40x8 layout (repack_q40x8): wx uint8 [d / 8, nb * 144].
-    Exact mode only: its float order is not the reference's."""
-    _q40_multi((out,), (wx,), xq, n_threads, True, True)
+    "exact" arithmetic only: the reference's float order needs the file's Q40 layout."""
+    _q40_multi((out,), (wx,), xq, n_threads, _X8)
 
 
 def matmul_q40x8_multi(outs, wxs, xq, n_threads=None):
     """matmul_q40_multi for matrices in the Q40x8 layout."""
-    _q40_multi(outs, wxs, xq, n_threads, True, True)
+    _q40_multi(outs, wxs, xq, n_threads, _X8)
 
 
-cdef _q40_multi(outs, ws, xq, n_threads, bint batched, bint x8):
+cdef _q40_multi(outs, ws, xq, n_threads, int kind):
     cdef Py_ssize_t k = len(outs), i
+    cdef bint x8 = kind == _X8
     if k != len(ws) or k == 0 or k > MAX_MULTI:
         raise ValueError(f"outs and ws: 1..{MAX_MULTI} matrices each, got {len(outs)} and {len(ws)}")
-    if x8 and dl_exp_mode_g == DL_EXP_DLLAMA:
-        raise RuntimeError("Q40x8 matrices compute in exp mode 'exact' only (the reference's float "
-                           "order needs the file's Q40 layout)")
     cdef float *o[MAX_MULTI]
     cdef const uint8_t *wp[MAX_MULTI]
     cdef int64_t d[MAX_MULTI]
@@ -435,9 +437,10 @@ cdef _q40_multi(outs, ws, xq, n_threads, bint batched, bint x8):
         total += d[i]
     if B == 0 or total == 0:
         return
-    cdef const uint8_t *xp = <const uint8_t *>_data(xq)
+    cdef const dl_block_q80 *xp = <const dl_block_q80 *>_data(xq)
     cdef int nt = _threads(n_threads, <double>B * total * nb)
-    cdef int kind = _X8 if x8 else (_SGEMM if dl_exp_mode_g == DL_EXP_DLLAMA and batched and B > 1 else _PLAIN)
+    if kind == _SGEMM and B == 1:    # the reference's batched GEMM serves matmuls of several rows
+        kind = _MATVEC
     cdef _Q80Act x
     x.xq = xp
     x.dx = <float *>malloc(B * nb * sizeof(float))
@@ -499,8 +502,8 @@ def matmul_q80(out, w, xq, n_threads=None):
     if B == 0 or d == 0:
         return
     cdef float *o = <float *>_data(out)
-    cdef const uint8_t *wp = <const uint8_t *>_data(w)
-    cdef const uint8_t *xp = <const uint8_t *>_data(xq)
+    cdef const dl_block_q80 *wp = <const dl_block_q80 *>_data(w)
+    cdef const dl_block_q80 *xp = <const dl_block_q80 *>_data(xq)
     cdef int nt = _threads(n_threads, <double>B * d * nb)
     cdef float *dx = <float *>malloc(B * nb * sizeof(float))
     cdef int32_t *sx = <int32_t *>malloc(B * nb * sizeof(int32_t))
@@ -515,7 +518,7 @@ def matmul_q80(out, w, xq, n_threads=None):
         free(sx)
 
 
-cdef void _mm_q80(float *out, const uint8_t *w, const uint8_t *xq, const float *dx,
+cdef void _mm_q80(float *out, const dl_block_q80 *w, const dl_block_q80 *xq, const float *dx,
                   int64_t B, int64_t d, int64_t nb, int nt) noexcept nogil:
     if nt == 1:                      # no parallel region for small work
         dl_matmul_q80(out, w, xq, dx, B, d, nb, 0, d)
@@ -538,8 +541,8 @@ cdef object _check_float_matmul(object out, object w, object x):
     return B, d, n
 
 
-def matmul_f32(out, w, x, n_threads=None):
-    """out[b, r] = sum_i W[r, i] x[b, i] with f32 weights W[d, n]."""
+def matmul_f32(out, w, x, n_threads=None, bint dllama=False):
+    """out[b, r] = sum_i W[r, i] x[b, i] with f32 weights W[d, n] (dllama: the reference's order)."""
     _arr(w, "w", _F32, 2)
     cdef int64_t B, d, n
     B, d, n = _check_float_matmul(out, w, x)
@@ -552,27 +555,27 @@ def matmul_f32(out, w, x, n_threads=None):
     cdef const float[:, ::1] xv = x
     cdef int nt = _threads(n_threads, <double>B * d * n / QK)
     with nogil:
-        _mm_f32(&o[0, 0], &wv[0, 0], &xv[0, 0], B, d, n, nt)
+        _mm_f32(&o[0, 0], &wv[0, 0], &xv[0, 0], B, d, n, nt, dllama)
 
 
 cdef inline void _f32_rows(float *out, const float *w, const float *x, int64_t B, int64_t d, int64_t n,
-                           int64_t r0, int64_t r1) noexcept nogil:
-    if dl_exp_mode_g == DL_EXP_DLLAMA:
+                           int64_t r0, int64_t r1, bint dllama) noexcept nogil:
+    if dllama:
         dl_matmul_f32_ref(out, w, x, B, d, n, r0, r1)
     else:
         dl_matmul_f32(out, w, x, B, d, n, r0, r1)
 
 
 cdef void _mm_f32(float *out, const float *w, const float *x, int64_t B, int64_t d, int64_t n,
-                  int nt) noexcept nogil:
+                  int nt, bint dllama) noexcept nogil:
     if nt == 1:                      # no parallel region for small work
-        _f32_rows(out, w, x, B, d, n, 0, d)
+        _f32_rows(out, w, x, B, d, n, 0, d, dllama)
         return
     cdef Py_ssize_t i
     cdef int64_t c = _chunk(d, nt)
     for i in prange(nt, schedule="static", num_threads=nt):
         if i * c < d:
-            _f32_rows(out, w, x, B, d, n, i * c, min(d, (i + 1) * c))
+            _f32_rows(out, w, x, B, d, n, i * c, min(d, (i + 1) * c), dllama)
 
 
 def matmul_f16(out, w, x, n_threads=None):
@@ -621,26 +624,30 @@ cdef int _check_rmsnorm(object out, object x, object w, float eps) except -1:
 
 
 cdef void _rmsnorm_rows(float *out, const float *x, const float *w, int64_t R, int64_t n,
-                        float eps) noexcept nogil:
+                        float eps, bint dllama) noexcept nogil:
     cdef int64_t r
     for r in range(R):
-        dl_rmsnorm(out + r * n, x + r * n, w, n, eps)
+        if dllama:
+            dl_rmsnorm_row_dllama(out + r * n, x + r * n, w, n, eps)
+        else:
+            dl_rmsnorm(out + r * n, x + r * n, w, n, eps)
 
 
-def rmsnorm(out, x, w, float eps):
-    """out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w  (sum of squares in f64; exp mode "dllama": the
-    reference's float32 order). out may be x."""
+def rmsnorm(out, x, w, float eps, bint dllama=False):
+    """out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w  (sum of squares in f64; dllama: the reference's
+    float32 order). out may be x."""
     _check_rmsnorm(out, x, w, eps)
     cdef int64_t R = _dim(x, 0), n = _dim(x, 1)
     cdef float *o = <float *>_data(out)
     cdef const float *xp = <const float *>_data(x)
     cdef const float *wp = <const float *>_data(w)
     with nogil:
-        _rmsnorm_rows(o, xp, wp, R, n, eps)
+        _rmsnorm_rows(o, xp, wp, R, n, eps, dllama)
 
 
-def rmsnorm_q80(out_q, out, x, w, float eps):
-    """rmsnorm(out, x, w, eps), then out_q = quantize_q80(out): a quantized matmul's input in one call."""
+def rmsnorm_q80(out_q, out, x, w, float eps, bint dllama=False):
+    """rmsnorm(out, x, w, eps, dllama), then out_q = quantize_q80(out): a quantized matmul's input in
+    one call."""
     _check_rmsnorm(out, x, w, eps)
     _out(out_q, "out_q", _U8, 2)
     cdef int64_t R = _dim(x, 0), n = _dim(x, 1), nb = _blocks(n, "x")
@@ -649,9 +656,9 @@ def rmsnorm_q80(out_q, out, x, w, float eps):
     cdef float *o = <float *>_data(out)
     cdef const float *xp = <const float *>_data(x)
     cdef const float *wp = <const float *>_data(w)
-    cdef uint8_t *oq = <uint8_t *>_data(out_q)
+    cdef dl_block_q80 *oq = <dl_block_q80 *>_data(out_q)
     with nogil:
-        _rmsnorm_rows(o, xp, wp, R, n, eps)
+        _rmsnorm_rows(o, xp, wp, R, n, eps, dllama)
         dl_quantize_q80(oq, o, R * nb)
 
 
@@ -668,14 +675,14 @@ def residual_q80(x, dx, dxq):
         raise ValueError(f"dxq: shape {dxq.shape}, expected ({B}, {nb * Q80_BYTES}) for x {x.shape}")
     cdef float *xp = <float *>_data(x)
     cdef float *dxp = <float *>_data(dx)
-    cdef uint8_t *dxqp = <uint8_t *>_data(dxq)
+    cdef dl_block_q80 *dxqp = <dl_block_q80 *>_data(dxq)
     with nogil:
         dl_residual_q80(xp, dxp, dxqp, B * nb)
 
 
-def inv_rms(out, x, float eps):
-    """out[r] = 1 / sqrt(mean(x[r]^2) + eps) (sum of squares in f64; exp mode "dllama": the
-    reference's float32 order)."""
+def inv_rms(out, x, float eps, bint dllama=False):
+    """out[r] = 1 / sqrt(mean(x[r]^2) + eps) (sum of squares in f64; dllama: the reference's
+    float32 order)."""
     _out(out, "out", _F32, 1)
     _arr(x, "x", _F32, 2)
     if out.shape[0] != x.shape[0] or x.shape[1] == 0:
@@ -687,12 +694,13 @@ def inv_rms(out, x, float eps):
     cdef int64_t R = _dim(x, 0), n = _dim(x, 1), r
     with nogil:
         for r in range(R):
-            o[r] = dl_inv_rms(xp + r * n, n, eps)
+            o[r] = dl_inv_rms_dllama(xp + r * n, n, eps) if dllama else dl_inv_rms(xp + r * n, n, eps)
 
 
-def rope(x, positions, table, int head_dim, bint neox, k=None):
+def rope(x, positions, table, int head_dim, bint neox, k=None, bint dllama=False):
     """Rotate x[b] (heads of head_dim) in place by angle table[positions[b]]; k, when given (rows
     of its own number of heads, e.g. the keys next to the queries x), the same way in the same call.
+    dllama: each pair rounded as the reference rounds it.
 
     table[p, i] = (cos, sin) of p * freq_i, i < head_dim/2. neox=False (LLAMA): pairs
     (x[2i], x[2i+1]); neox=True (FALCON/NeoX, Qwen3): pairs (x[i], x[i + head_dim/2]).
@@ -713,11 +721,10 @@ def rope(x, positions, table, int head_dim, bint neox, k=None):
     cdef float *kp = NULL if k is None else <float *>_data(k)
     cdef int64_t xn = _dim(x, 1), kn = 0 if k is None else _dim(k, 1)
     cdef float *xp = <float *>_data(x)
-    cdef bint ref = dl_exp_mode_g == DL_EXP_DLLAMA
     with nogil:
-        _rope_rows(xp, xn, pos, B, tab, head_dim, neox, ref)
+        _rope_rows(xp, xn, pos, B, tab, head_dim, neox, dllama)
         if kp != NULL:
-            _rope_rows(kp, kn, pos, B, tab, head_dim, neox, ref)
+            _rope_rows(kp, kn, pos, B, tab, head_dim, neox, dllama)
 
 
 cdef int _check_rope_rows(object x, str name, object positions, int head_dim) except -1:
@@ -730,9 +737,9 @@ cdef int _check_rope_rows(object x, str name, object positions, int head_dim) ex
 
 
 cdef void _rope_rows(float *x, int64_t n, const int32_t *pos, int64_t B, const float *table,
-                     int64_t hd, bint neox, bint ref) noexcept nogil:
-    """Rows of n values (n / hd heads), row b rotated by table row pos[b] (ref: exp mode "dllama",
-    rounded like the reference, csrc/dl_dllama.h)."""
+                     int64_t hd, bint neox, bint dllama) noexcept nogil:
+    """Rows of n values (n / hd heads), row b rotated by table row pos[b] (dllama: rounded like the
+    reference, csrc/dl_dllama.h)."""
     cdef int64_t half = hd // 2, b, h, o, i, i0, i1
     cdef const float *t
     cdef float c, s, a0, a1
@@ -745,7 +752,7 @@ cdef void _rope_rows(float *x, int64_t n, const int32_t *pos, int64_t B, const f
                 s = t[2 * i + 1]
                 i0 = o + (i if neox else 2 * i)
                 i1 = i0 + (half if neox else 1)
-                if ref:
+                if dllama:
                     dl_rope_pair_dllama(&x[b * n + i0], &x[b * n + i1], c, s, neox)
                     continue
                 a0 = x[b * n + i0]
@@ -756,9 +763,11 @@ cdef void _rope_rows(float *x, int64_t n, const int32_t *pos, int64_t B, const f
 
 # ============================================================================ attention
 
-def attention(out, q, k_cache, v_cache, positions, int n_heads, int n_kv_heads, int head_dim, n_threads=None):
+def attention(out, q, k_cache, v_cache, positions, int n_heads, int n_kv_heads, int head_dim, n_threads=None,
+              bint dllama=False):
     """Causal GQA attention: row b, head h attends to cache rows 0..positions[b] of kv head
-    h // (n_heads // n_kv_heads), scores scaled by 1/sqrt(head_dim)."""
+    h // (n_heads // n_kv_heads), scores scaled by 1/sqrt(head_dim) (dllama: the reference's
+    exp and float orders)."""
     _out(out, "out", _F32, 2)
     _arr(q, "q", _F32, 2)
     _arr(k_cache, "k_cache", _F32, 2)
@@ -788,8 +797,9 @@ def attention(out, q, k_cache, v_cache, positions, int n_heads, int n_kv_heads, 
     cdef const float *qp = <const float *>_data(q)
     cdef const float *kp = <const float *>_data(k_cache)
     cdef const float *vp = <const float *>_data(v_cache)
+    cdef _head_fn head = dl_attention_head_ref if dllama else dl_attention_head
     with nogil:
-        _attention(o, qp, kp, vp, pos, B, n_heads, n_heads // n_kv_heads, head_dim, kvd, scratch, S, nt)
+        _attention(head, o, qp, kp, vp, pos, B, n_heads, n_heads // n_kv_heads, head_dim, kvd, scratch, S, nt)
     free(scratch)
 
 
@@ -813,24 +823,29 @@ def rope_table_dllama(int seq_len, int head_dim, float theta, bint falcon, float
                              high_freq_factor, orig_max_seq_len)
     return table
 
-cdef void _attention(float *out, const float *q, const float *k, const float *v, const int32_t *pos,
-                     int64_t B, int H, int kv_mul, int hd, int64_t kvd, float *scratch, int64_t S,
-                     int nt) noexcept nogil:
+# one head: dl_attention_head ("exact") or dl_attention_head_ref ("dllama")
+ctypedef void (*_head_fn)(float *out, const float *q, const float *k, const float *v, int64_t stride,
+                          int64_t T, int64_t hd, float *att) noexcept nogil
+
+
+cdef void _attention(_head_fn head, float *out, const float *q, const float *k, const float *v,
+                     const int32_t *pos, int64_t B, int H, int kv_mul, int hd, int64_t kvd, float *scratch,
+                     int64_t S, int nt) noexcept nogil:
     cdef Py_ssize_t task
     if nt == 1:
         for task in range(B * H):
-            _attention_task(out, q, k, v, pos, task, H, kv_mul, hd, kvd, scratch)
+            _attention_task(head, out, q, k, v, pos, task, H, kv_mul, hd, kvd, scratch)
         return
     for task in prange(B * H, schedule="static", num_threads=nt):
-        _attention_task(out, q, k, v, pos, task, H, kv_mul, hd, kvd, scratch + dl_omp_thread_num() * S)
+        _attention_task(head, out, q, k, v, pos, task, H, kv_mul, hd, kvd, scratch + dl_omp_thread_num() * S)
 
 
-cdef inline void _attention_task(float *out, const float *q, const float *k, const float *v,
+cdef inline void _attention_task(_head_fn head, float *out, const float *q, const float *k, const float *v,
                                  const int32_t *pos, int64_t task, int H, int kv_mul, int hd, int64_t kvd,
                                  float *att) noexcept nogil:
     """Head task % H of row task // H."""
     cdef int64_t b = task // H, h = task % H, qo = b * H * hd + h * hd, kvo = (h // kv_mul) * hd
-    dl_attention_head(out + qo, q + qo, k + kvo, v + kvo, kvd, pos[b] + 1, hd, att)
+    head(out + qo, q + qo, k + kvo, v + kvo, kvd, pos[b] + 1, hd, att)
 
 
 # ============================================================================ elementwise
@@ -854,12 +869,12 @@ cdef object _pair(object x, object y):
 DEF PAR_MIN = 65536   # elementwise kernels go parallel above this many values
 
 
-def silu(x, n_threads=None):
-    """x = x / (1 + exp(-x)) in place (exp mode "dllama": per row of the last axis)."""
+def silu(x, n_threads=None, bint dllama=False):
+    """x = x / (1 + exp(-x)) in place (dllama: the reference's exp, per row of the last axis)."""
     cdef float[::1] v = _flat(x, "x", True)
     cdef Py_ssize_t i, n = v.shape[0]
     cdef int nt = _n_threads if n >= PAR_MIN else 1
-    if dl_exp_mode_g == DL_EXP_DLLAMA:
+    if dllama:
         _silu_dllama(v, None, x.shape[x.ndim - 1] if x.ndim else n, nt)
         return
     if n:
@@ -878,14 +893,14 @@ def gelu(x, n_threads=None):
         v[i] = 0.5 * a * (1.0 + tanhf(0.7978845608 * a * (1.0 + 0.044715 * a * a)))
 
 
-def silu_mul(x, y, n_threads=None):
-    """x = silu(x) * y in place (exp mode "dllama": per row of the last axis)."""
+def silu_mul(x, y, n_threads=None, bint dllama=False):
+    """x = silu(x) * y in place (dllama: the reference's exp, per row of the last axis)."""
     xf, yf = _pair(x, y)
     cdef float[::1] a = xf
     cdef const float[::1] b = yf
     cdef Py_ssize_t i, n = a.shape[0]
     cdef int nt = _n_threads if n >= PAR_MIN else 1
-    if dl_exp_mode_g == DL_EXP_DLLAMA:
+    if dllama:
         _silu_dllama(a, b, x.shape[x.ndim - 1] if x.ndim else n, nt)
         return
     if n:
@@ -950,9 +965,9 @@ def scale_add(x, y, float s):
             a[i] = a[i] + s * b[i]
 
 
-def softmax(x):
-    """Row-wise softmax in place over the last axis (max-subtracted, f64 sum; exp mode "dllama":
-    the reference's AVX2 softmax, see csrc/dl_dllama.h)."""
+def softmax(x, bint dllama=False):
+    """Row-wise softmax in place over the last axis (max-subtracted, f64 sum; dllama: the
+    reference's AVX2 softmax, see csrc/dl_dllama.h)."""
     xr = _rows(x, "x", _F32, True)
     cdef float[:, ::1] v = xr
     cdef Py_ssize_t R = v.shape[0], n = v.shape[1], r, j
@@ -960,7 +975,7 @@ def softmax(x):
     cdef double s
     if n == 0:
         return
-    if dl_exp_mode_g == DL_EXP_DLLAMA:
+    if dllama:
         with nogil:
             for r in range(R):
                 dl_softmax_row_dllama(&v[r, 0], n)
@@ -979,8 +994,9 @@ def softmax(x):
                 v[r, j] = <float>(v[r, j] / s)
 
 
-def moe_route(out_idx, out_w, gate_logits, int k):
-    """Top-k experts of softmax(gate_logits[b]) (ties: lower index first), weights renormalised to 1."""
+def moe_route(out_idx, out_w, gate_logits, int k, bint dllama=False):
+    """Top-k experts of softmax(gate_logits[b]) (ties: lower index first), weights renormalised to 1
+    (dllama: the reference's softmax and f32 sums)."""
     _out(out_idx, "out_idx", _I32, 2)
     _out(out_w, "out_w", _F32, 2)
     _arr(gate_logits, "gate_logits", _F32, 2)
@@ -994,7 +1010,7 @@ def moe_route(out_idx, out_w, gate_logits, int k):
     cdef const float[:, ::1] g = gate_logits
     cdef Py_ssize_t b, e, j, best
     cdef double m, s, sel
-    if dl_exp_mode_g == DL_EXP_DLLAMA:
+    if dllama:
         _moe_route_dllama(oi, ow, g, k)
         return
     cdef unsigned char *taken = <unsigned char *>malloc(E)

@@ -1,13 +1,14 @@
-/* dl_dllama.h: distributed-llama's float arithmetic, bit for bit ("exp mode" dllama).
+/* dl_dllama.h: distributed-llama's float arithmetic, bit for bit ("dllama" arithmetic).
  *
- * "exact" (DL_EXP_EXACT, default): libm exp (an 8-wide exp within 2 ulp of it in the AVX2 silu and
- * attention) and the kernels' own fast summation orders.
- * "dllama" (DL_EXP_DLLAMA): the kernels compute what the reference's x86 AVX2 build (g++ -O3
- * -march=native) computes, on every platform. The C++ cluster's tokens on Q40 models depend on it:
- * one last-bit difference can flip a Q80 rounding that then spreads through the KV cache. Checked
- * against the golden data: the engine reproduces every logit of the five single-node runs and the
- * four multi-node runs exactly, and C++ roots with dairllm workers give the all-C++ tokens.
- * A compatibility mode, written as plain scalar C for clarity rather than speed:
+ * dairllm's own kernels ("exact" arithmetic) use libm exp (an 8-wide exp within 2 ulp of it in the
+ * AVX2 silu and attention) and their own fast summation orders. The functions here compute what
+ * the reference's x86 AVX2 build (g++ -O3 -march=native) computes, on every platform; callers pick
+ * them per call (_ops: the keyword dllama=True). The C++ cluster's tokens on Q40 models depend on
+ * it: one last-bit difference can flip a Q80 rounding that then spreads through the KV cache.
+ * Checked against the golden data: the engine reproduces every logit of the five single-node runs
+ * and the four multi-node runs exactly, and C++ roots with dairllm workers give the all-C++ tokens.
+ * Written as plain scalar C for clarity rather than speed; the spec of the AVX2 versions of the
+ * matmuls and attention in dl_x86.c (dl_matmul_q40_ref, dl_matmul_f32_ref, dl_attention_head_ref):
  *   exp(x) ~ 2^n * p(f): x clamped to [-88, 88] (NaN -> -88, like max_ps/min_ps), y = x * f32(log2 e),
  *   n = round-half-even(y), f = y - n, p = c4..c0 evaluated by four fused multiply-adds, 2^n built
  *   from exponent bits (n = -127 gives +0, not a denormal).
@@ -20,7 +21,6 @@
  *   d_w * d_x, sum); several rows at once (prompt batches): llamafile's sgemm order (8 lanes).
  *   Rope: GCC's contraction pattern (FALCON fused, LLAMA not); the table from libm powf/cosf/sinf.
  *   Attention values: out[i] = fma(att[t], v[t][i], out[i]), t ascending.
- * The mode is one process-global int, read once per kernel call (never in inner loops).
  * Bit-exactness needs every a * b + c here to be fused only where written with fmaf: GCC contracts
  * by default in GNU C mode on targets with FMA (aarch64), hence fp-contract=off on these functions.
  */
@@ -33,16 +33,11 @@
 
 #include "dl_kernels.h"
 
-#define DL_EXP_EXACT 0
-#define DL_EXP_DLLAMA 1
-
 #if defined(__GNUC__) && !defined(__clang__)
 #define DL_EXP_FN static inline __attribute__((optimize("fp-contract=off")))
 #else
 #define DL_EXP_FN static inline   /* clang contracts only within one expression; none here */
 #endif
-
-extern int dl_exp_mode_g;   /* defined in dl_kernels.c; set by _ops.set_exp_mode */
 
 /* One lane of the reference's expf_avx2 (fmaf is correctly rounded, like vfmadd). */
 DL_EXP_FN float dl_exp_dllama(float x) {
@@ -144,19 +139,17 @@ DL_EXP_FN void dl_matmul_f32_dllama(float *out, const float *w, const float *x,
  * sgemm = 1, its batched path (llamafile sgemm, AVX2 Q0 kernel), used when a matmul has more than
  *   one row and one expert slot: 8 f32 lanes per output, lane l = fmaf((float)int of elements
  *   4l..4l+3, s, lane), blocks in order, then the horizontal sum above. */
-DL_EXP_FN void dl_matmul_q40_dllama(float *out, const uint8_t *w, const uint8_t *xq, const float *dx,
+DL_EXP_FN void dl_matmul_q40_dllama(float *out, const dl_block_q40 *w, const dl_block_q80 *xq, const float *dx,
                                     int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r1, int sgemm) {
     for (int64_t r = r0; r < r1; r++) {
-        const uint8_t *wr = w + r * nb * DL_Q40_BYTES;
+        const dl_block_q40 *wr = w + r * nb;
         for (int64_t t = 0; t < B; t++) {
-            const uint8_t *xr = xq + t * nb * DL_Q80_BYTES;
+            const dl_block_q80 *xr = xq + t * nb;
             float lane[8] = {0, 0, 0, 0, 0, 0, 0, 0}, sum = 0.0f;
             for (int64_t b = 0; b < nb; b++) {
-                const uint8_t *q = wr + b * DL_Q40_BYTES + 2;
-                const int8_t *xs = (const int8_t *)(xr + b * DL_Q80_BYTES + 2);
-                uint16_t h;
-                memcpy(&h, wr + b * DL_Q40_BYTES, 2);
-                const float s = dl_f16_to_f32(h) * dx[t * nb + b];
+                const uint8_t *q = wr[b].qs;
+                const int8_t *xs = xr[b].qs;
+                const float s = dl_f16_to_f32(wr[b].d) * dx[t * nb + b];
                 int32_t part[8] = {0, 0, 0, 0, 0, 0, 0, 0}, isum = 0;
                 for (int j = 0; j < 32; j++)
                     part[j / 4] += (j < 16 ? (q[j] & 15) - 8 : (q[j - 16] >> 4) - 8) * xs[j];

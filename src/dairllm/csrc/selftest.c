@@ -1,7 +1,7 @@
-/* selftest.c: every SIMD path of dl_kernels.c against the scalar path, without Python.
+/* selftest.c: every SIMD path of the kernel library against the scalar path, without Python.
  * Not part of the extension build; used to check a cross-compiled aarch64 build under qemu:
- *   aarch64-linux-gnu-gcc -O3 -c dl_kernels.c -o dl_kernels.o
- *   aarch64-linux-gnu-gcc -O1 -static -o selftest selftest.c dl_kernels.o -lm
+ *   aarch64-linux-gnu-gcc -O3 -c dl_scalar.c dl_arm.c dl_x86.c dl_dispatch.c
+ *   aarch64-linux-gnu-gcc -O1 -static -o selftest selftest.c dl_*.o -lm
  *   (-O1 for this harness only: gcc 12's aarch64 vectorizer crashes on its main at -O3)
  *   qemu-aarch64-static -cpu max ./selftest          (neon + neon-dotprod)
  *   qemu-aarch64-static -cpu cortex-a53 ./selftest   (neon only: no dotprod)
@@ -40,18 +40,17 @@ int main(void) {
     static float x[B * N], wf[D * N], out[B * D], ref[B * D], dx[B * NB];
     static int32_t sx[B * NB];
     static uint8_t xr[B * NB * DL_QK];
-    static uint8_t xq[B * NB * DL_Q80_BYTES], xq_ref[B * NB * DL_Q80_BYTES];
-    static uint8_t w4[D * NB * DL_Q40_BYTES], w8[D * NB * DL_Q80_BYTES];
+    static dl_block_q80 xq[B * NB], xq_ref[B * NB], w8[D * NB];
+    static dl_block_q40 w4[D * NB];
     static uint16_t wh[D * N];
     for (int64_t i = 0; i < B * N; i++) x[i] = frand() * 3.0f;
     for (int j = 0; j < 32; j++) x[j] = (float)(j - 16) + 0.5f;        /* ties in the first block */
     x[5] = 127.0f;
     for (int j = 32; j < 64; j++) x[j] = (j % 3 == 0) ? 0.0f : (j % 2 ? 1e-39f : -1e-38f);   /* 1/d overflows */
     for (int64_t i = 0; i < D * N; i++) { wf[i] = frand(); wh[i] = dl_f32_to_f16(wf[i]); }
-    for (int64_t i = 0; i < D * NB * DL_Q40_BYTES; i++) w4[i] = (uint8_t)(rng_state = rng_state * 1664525u + 1013904223u) >> 3;
     for (int64_t b = 0; b < D * NB; b++) {
-        uint16_t h = dl_f32_to_f16(0.01f + 0.001f * (float)(b % 7));
-        memcpy(w4 + b * DL_Q40_BYTES, &h, 2);
+        w4[b].d = dl_f32_to_f16(0.01f + 0.001f * (float)(b % 7));
+        for (int j = 0; j < DL_QK / 2; j++) w4[b].qs[j] = (uint8_t)((rng_state = rng_state * 1664525u + 1013904223u) >> 3);
     }
     int orig = dl_path();
     dl_set_path(DL_PATH_SCALAR);

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
-from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import numpy as np
@@ -40,33 +39,20 @@ def default_kernels():
     return _ops
 
 
-_exp_lock = threading.Lock()
-_exp_users = 0
-_exp_before: str | None = None
+class DllamaKernels:
+    """The executor's kernels with the reference's arithmetic bound: each kernel of REQUIRED_KERNELS
+    as an attribute, with dllama=True for those the module lists in DLLAMA_KERNELS (dairllm._ops: its
+    x86 AVX2 exp and float32 summation orders, which the C++ cluster's tokens on Q40 models depend
+    on, golden README quirk d). A module without that list (the NumPy oracle of the tests, which
+    computes the reference's arithmetic already) is used as it is. Nothing process-global changes:
+    other sessions in the same process keep their own arithmetic."""
 
-
-@contextmanager
-def dllama_exp(kernels):
-    """Run kernels with the reference's x86 AVX2 exp (`set_exp_mode("dllama")`, process-global)
-    while any dllama forward is running, then restore the previous mode. The C++ cluster's
-    tokens on Q40 models depend on it (golden README quirk d). Kernel modules without an exp
-    mode (the NumPy reference already uses the AVX2 exp) are left alone."""
-    global _exp_users, _exp_before
-    if not hasattr(kernels, "set_exp_mode"):
-        yield
-        return
-    with _exp_lock:
-        if _exp_users == 0:
-            _exp_before = kernels.get_exp_mode()
-            kernels.set_exp_mode("dllama")
-        _exp_users += 1
-    try:
-        yield
-    finally:
-        with _exp_lock:
-            _exp_users -= 1
-            if _exp_users == 0:
-                kernels.set_exp_mode(_exp_before)
+    def __init__(self, module) -> None:
+        self.module = module
+        takes_mode = getattr(module, "DLLAMA_KERNELS", frozenset())
+        for name in REQUIRED_KERNELS:
+            kernel = getattr(module, name)
+            setattr(self, name, partial(kernel, dllama=True) if name in takes_mode else kernel)
 
 
 def memory_cap() -> int:
@@ -109,7 +95,7 @@ class Executor:
     """One node's graph state; `forward(position, batch, links)` runs every step."""
 
     def __init__(self, net: NetConfig, node: NodeConfig, kernels=None, max_bytes: int | None = None) -> None:
-        self.K = kernels if kernels is not None else default_kernels()
+        self.K = DllamaKernels(kernels if kernels is not None else default_kernels())
         self.net, self.node = net, node
         self.nb, self.N, self.k = net.n_batches, net.n_nodes, node.node_index
         if self.k >= self.N:
@@ -228,9 +214,8 @@ class Executor:
         self.links = links
         pos = self.pipes[0].view(np.float32)
         pos[:batch] = np.arange(position, position + batch, dtype=np.float64).astype(np.float32)
-        with dllama_exp(self.K):
-            for step in self.steps:
-                step(batch)
+        for step in self.steps:
+            step(batch)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -385,7 +370,7 @@ def _matmul(ex, op, vi, vo, w):
         return np.ascontiguousarray(vi.f32(z, b) if vi.ft == FT.F32 else vi.raw(z, b))
 
     # The reference runs a one-expert matmul over contiguous rows as one batched GEMM and everything
-    # else row by row; the two sum in different float orders (only exp mode "dllama" tells them apart).
+    # else row by row; the two sum in different float orders (only "dllama" arithmetic tells them apart).
     batched = {"batched": True} if ws.ft == FT.Q40 else {}
     rowwise = {"batched": False} if ws.ft == FT.Q40 else {}
     if n_act == 0:

@@ -6,6 +6,8 @@ runs its own range, the layer streamer swaps the weight provider) and `head` (x 
 Buffer names are defined in state.py. Math follows distributed-llama's single-node graph:
 with Q40/Q80 weights every matmul input is quantized to Q80 first, and so is each block's
 output before it joins the residual stream; F32/F16 weights keep F32 activations.
+Every kernel whose float arithmetic has a "dllama" variant gets `dllama=m.dllama` (the Net's
+arithmetic; its matmuls are bound to it already).
 """
 from __future__ import annotations
 
@@ -32,9 +34,9 @@ def q80(m: "Compute", out_q: np.ndarray, x: np.ndarray) -> np.ndarray:
 def normed_q80(m: "Compute", r: "Rows", weight: np.ndarray) -> np.ndarray:
     """xb = rmsnorm(x) * weight; returns the matmul input for xb (as q80 does), in one kernel call."""
     if m.quantized:
-        ops.rmsnorm_q80(r.xq, r.xb, r.x, weight, m.eps)
+        ops.rmsnorm_q80(r.xq, r.xb, r.x, weight, m.eps, dllama=m.dllama)
         return r.xq
-    ops.rmsnorm(r.xb, r.x, weight, m.eps)
+    ops.rmsnorm(r.xb, r.x, weight, m.eps, dllama=m.dllama)
     return r.xb
 
 
@@ -60,11 +62,11 @@ def attention_block(m: "Compute", s: "RunState", r: "Rows", w: "LayerWeights", p
     if m.qk_norm:                                       # Qwen3: rmsnorm of every head
         qh = r.q.reshape(n * m.n_heads, m.head_dim)
         kh = k.reshape(n * m.n_kv_heads, m.head_dim)
-        ops.rmsnorm(qh, qh, w.q_norm, m.eps)
-        ops.rmsnorm(kh, kh, w.k_norm, m.eps)
-    ops.rope(r.q, r.pos, s.rope, m.head_dim, s.rope_neox, k)    # rotate q and k by position
-    ops.attention(r.att, r.q, s.k_cache[l], s.v_cache[l], r.pos,
-                  m.n_heads, m.n_kv_heads, m.head_dim)  # att: (n, q_dim), causal over 0..pos
+        ops.rmsnorm(qh, qh, w.q_norm, m.eps, dllama=m.dllama)
+        ops.rmsnorm(kh, kh, w.k_norm, m.eps, dllama=m.dllama)
+    ops.rope(r.q, r.pos, s.rope, m.head_dim, s.rope_neox, k, dllama=m.dllama)   # rotate q and k
+    ops.attention(r.att, r.q, s.k_cache[l], s.v_cache[l], r.pos, m.n_heads, m.n_kv_heads,
+                  m.head_dim, dllama=m.dllama)          # att: (n, q_dim), causal over 0..pos
     ain = q80(m, r.attq, r.att)
     m.matmul(r.dx, w.wo, ain)                           # dx = Wo att      (n, dim)
     residual(m, r)
@@ -76,7 +78,7 @@ def ffn_block(m: "Compute", s: "RunState", r: "Rows", w: "LayerWeights") -> None
         moe_ffn(m, s, r, w, xin)
     else:
         m.matmul_many((r.hb, r.hb2), (w.w1, w.w3), xin)     # hb = W1 xb, hb2 = W3 xb  (n, hidden)
-        ops.silu_mul(r.hb, r.hb2)                       # hb  = silu(hb) * hb2
+        ops.silu_mul(r.hb, r.hb2, dllama=m.dllama)      # hb  = silu(hb) * hb2
         hin = q80(m, r.hbq, r.hb)
         m.matmul(r.dx, w.w2, hin)                       # dx = W2 hb       (n, dim)
     residual(m, r)
@@ -85,8 +87,8 @@ def ffn_block(m: "Compute", s: "RunState", r: "Rows", w: "LayerWeights") -> None
 def moe_ffn(m: "Compute", s: "RunState", r: "Rows", w: "LayerWeights", xin: np.ndarray) -> None:
     """dx = sum over each row's top-k experts of weight * expert_ffn(xb), xin: the matmul input for
     xb; rows grouped by expert so one pass over an expert's weights serves every row routed to it."""
-    ops.matmul_f32(r.gate, w.moe_gate, r.xb)            # gate = Wg xb (unquantized)  (n, E)
-    ops.moe_route(r.route_idx, r.route_w, r.gate, m.k_active)   # top-k, renormalised
+    ops.matmul_f32(r.gate, w.moe_gate, r.xb, dllama=m.dllama)   # gate = Wg xb (unquantized) (n, E)
+    ops.moe_route(r.route_idx, r.route_w, r.gate, m.k_active, dllama=m.dllama)   # top-k, renormalised
     r.dx.fill(0.0)
     for e, rows, wts in route_groups(r.route_idx, r.route_w):
         ew = w.experts[e]
@@ -94,7 +96,7 @@ def moe_ffn(m: "Compute", s: "RunState", r: "Rows", w: "LayerWeights", xin: np.n
         ein, h1, h2, hq, eout = s.ein[:c], s.hb[:c], s.hb2[:c], s.hbq, s.eout[:c]
         np.take(xin, rows, axis=0, out=ein)             # the rows routed to expert e
         m.expert_matmul_many((h1, h2), (ew.w1, ew.w3), ein)   # (c, moe_hidden) each
-        ops.silu_mul(h1, h2)
+        ops.silu_mul(h1, h2, dllama=m.dllama)
         hin = q80(m, None if hq is None else hq[:c], h1)
         m.expert_matmul(eout, ew.w2, hin)               # (c, dim)
         if c == 1:

@@ -25,7 +25,7 @@ from .state import RunState
 from .weights import WeightProvider
 
 DEFAULT_MAX_BATCH = 64
-
+ARITHMETICS = ("exact", "dllama")
 
 _MATMUL_BY_TYPE = {
     FloatType.Q40: "matmul_q40",
@@ -35,32 +35,48 @@ _MATMUL_BY_TYPE = {
 }
 
 
+def check_arithmetic(arithmetic: str) -> str:
+    if arithmetic not in ARITHMETICS:
+        raise ConfigError(f"arithmetic must be one of {', '.join(ARITHMETICS)}, got {arithmetic!r}")
+    return arithmetic
+
+
 class Compute:
     """What the forward functions need, resolved once: dimensions, flags, the matmul kernel for
-    the file's weight type and the weight provider."""
+    the file's weight type, the weight provider and the arithmetic: "exact" (dairllm's kernels)
+    or "dllama" (distributed-llama's float arithmetic bit for bit, `dllama` passed to every kernel
+    that has it)."""
 
-    def __init__(self, h: Header, weights: WeightProvider) -> None:
+    def __init__(self, h: Header, weights: WeightProvider, arithmetic: str = "exact") -> None:
         if h.weight_type not in _MATMUL_BY_TYPE:
             raise ConfigError(f"no matmul kernel for {h.weight_type.name} weights")
         self.header = h
         self.weights = weights
+        self.dllama = check_arithmetic(arithmetic) == "dllama"
         self.eps = float(h.norm_epsilon)
         self.n_heads, self.n_kv_heads, self.head_dim = h.n_heads, h.n_kv_heads, h.head_dim
         self.qk_norm = h.has_qk_norm
         self.moe = h.arch is Arch.QWEN3_MOE
         self.k_active = h.n_active_experts
         self.quantized = h.weight_type.is_block          # Q40/Q80 weights take Q80 activations
-        self.matmul: Callable = getattr(ops, _MATMUL_BY_TYPE[h.weight_type])
+        name = _MATMUL_BY_TYPE[h.weight_type]
+        self.matmul: Callable = getattr(ops, name)
         q40 = h.weight_type is FloatType.Q40
         # matmul_many(outs, ws, x): several matrices on one input (one parallel region for Q40)
-        self.matmul_many: Callable = ops.matmul_q40_multi if q40 else self._matmul_each
+        q40_multi: Callable = ops.matmul_q40_multi
+        if self.dllama:
+            q40_multi = partial(q40_multi, dllama=True)
+            if name in ops.DLLAMA_KERNELS:
+                self.matmul = partial(self.matmul, dllama=True)
+        self.matmul_many: Callable = q40_multi if q40 else self._matmul_each
         if getattr(weights, "repacked", False):     # dense Q40 matrices in the Q40x8 layout
+            if self.dllama:
+                raise ConfigError("Q40x8 (repacked) weights compute in exact arithmetic only")
             self.matmul, self.matmul_many = ops.matmul_q40x8, ops.matmul_q40x8_multi
         # Expert rows are independent matvecs in the reference (its batched GEMM never sees them);
-        # that changes the float summation order only in exp mode "dllama".
+        # that changes the float summation order only in "dllama" arithmetic.
         self.expert_matmul: Callable = partial(self.matmul, batched=False) if q40 else self.matmul
-        self.expert_matmul_many: Callable = (partial(ops.matmul_q40_multi, batched=False) if q40
-                                             else self._matmul_each)
+        self.expert_matmul_many: Callable = partial(q40_multi, batched=False) if q40 else self._matmul_each
 
     def _matmul_each(self, outs, ws, x) -> None:
         for out, w in zip(outs, ws):
@@ -71,10 +87,10 @@ class Model(Generates):
     """A model opened for single-node inference; holds one sequence's KV cache."""
 
     def __init__(self, file: ModelFile, weights: WeightProvider, max_batch: int,
-                 state: "RunState | None" = None) -> None:
+                 state: "RunState | None" = None, arithmetic: str = "exact") -> None:
         self.file = file
         self.header: Header = file.header
-        self.compute = Compute(self.header, weights)
+        self.compute = Compute(self.header, weights, arithmetic)
         self.state = state or RunState(self.header, max_batch, self.compute.quantized)
         self._logits1 = np.zeros((1, self.header.vocab_size), dtype=np.float32)
         self.n_past = 0                       # positions 0..n_past-1 hold valid K/V

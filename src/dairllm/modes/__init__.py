@@ -17,7 +17,7 @@ from typing import Sequence
 
 from .. import _ops
 from ..engine.threads import set_nthreads
-from ..engine.model import DEFAULT_MAX_BATCH, Model as EngineModel
+from ..engine.model import DEFAULT_MAX_BATCH, Model as EngineModel, check_arithmetic
 from ..engine.state import RunState
 from ..engine.weights import RepackedWeights, ResidentWeights, WeightProvider
 from ..cluster.root import ClusterModel
@@ -36,7 +36,7 @@ def open_model(path, max_seq_len: "int | None" = None, nthreads: "int | None" = 
                max_batch: int = DEFAULT_MAX_BATCH, ram_budget: "str | int | None" = None,
                stream_options: "dict | None" = None, repack: bool = False,
                workers: "Sequence[str] | None" = None, protocol: str = "native",
-               **cluster_options):
+               arithmetic: str = "exact", **cluster_options):
     """Open `path` in the mode the options select (see the module docstring).
 
     max_seq_len caps the context (and the KV cache) below the file's seq_len; nthreads sets the
@@ -45,9 +45,12 @@ def open_model(path, max_seq_len: "int | None" = None, nthreads: "int | None" = 
     fit are streamed from disk by a dairllm.store.LayerStore (stream_options: its mode /
     drop_cache / prefetch). repack: read the Q40 matrices from a Q40x8 sidecar file (built once
     under $DAIRLLM_CACHE) for a faster matvec on AVX2; where it cannot help it is logged and
-    ignored. workers: a cluster; cluster_options go to its root (cluster.root.ClusterModel.open,
-    or dllama.root.DllamaRoot.open with protocol="dllama").
+    ignored. arithmetic: "exact" (dairllm's kernels) or "dllama" (distributed-llama's float
+    arithmetic bit for bit: the golden C++ logits), one node only. workers: a cluster;
+    cluster_options go to its root (cluster.root.ClusterModel.open, or
+    dllama.root.DllamaRoot.open with protocol="dllama").
     """
+    check_arithmetic(arithmetic)
     if max_seq_len is not None and max_seq_len <= 0:
         raise ConfigError(f"max_seq_len must be positive, got {max_seq_len}")
     if max_batch <= 0:
@@ -58,6 +61,8 @@ def open_model(path, max_seq_len: "int | None" = None, nthreads: "int | None" = 
     if repack and (workers or ram_budget is not None):
         raise ConfigError("repack works with resident weights on one node, not with "
                           "workers or ram_budget")
+    if arithmetic != "exact" and workers:
+        raise ConfigError(f"arithmetic {arithmetic!r} works on one node, not with workers")
     if workers:
         return _open_cluster(path, list(workers), protocol, max_seq_len, max_batch, ram_budget,
                              cluster_options)
@@ -65,12 +70,13 @@ def open_model(path, max_seq_len: "int | None" = None, nthreads: "int | None" = 
         raise ConfigError("protocol dllama needs workers")
     if cluster_options:
         raise ConfigError(f"{', '.join(sorted(cluster_options))} need workers=[...]")
-    return open_local(path, max_seq_len, max_batch, ram_budget, stream_options, repack)
+    return open_local(path, max_seq_len, max_batch, ram_budget, stream_options, repack,
+                      arithmetic)
 
 
 def open_local(path, max_seq_len: "int | None" = None, max_batch: int = DEFAULT_MAX_BATCH,
                ram_budget: "str | int | None" = None, stream_options: "dict | None" = None,
-               repack: bool = False) -> EngineModel:
+               repack: bool = False, arithmetic: str = "exact") -> EngineModel:
     """One node: resident, repacked or streamed under a RAM budget."""
     mf = ModelFile(path, max_seq_len=max_seq_len)
     try:
@@ -82,8 +88,9 @@ def open_local(path, max_seq_len: "int | None" = None, max_batch: int = DEFAULT_
             weights = open_store(mf, ram_budget, state.nbytes + logits_bytes,
                                  **(stream_options or {}))
         else:
-            weights = (_repacked_weights(mf) if repack else None) or ResidentWeights(mf)
-        model = EngineModel(mf, weights, max_batch, state=state)
+            weights = (_repacked_weights(mf, arithmetic) if repack else None) \
+                or ResidentWeights(mf)
+        model = EngineModel(mf, weights, max_batch, state=state, arithmetic=arithmetic)
     except BaseException:
         mf.close()
         raise
@@ -103,12 +110,14 @@ def _open_cluster(path, workers: list, protocol: str, max_seq_len, max_batch, ra
                              ram_budget=ram_budget, **options)
 
 
-def _repacked_weights(mf: ModelFile) -> "RepackedWeights | None":
+def _repacked_weights(mf: ModelFile, arithmetic: str) -> "RepackedWeights | None":
     """The Q40x8 sidecar's weights, or None (logged) where it would not help or cannot be used."""
     reason = unsupported_reason(mf)
     simd = _ops.build_info()["simd_selected"]
     if reason is None and simd != "avx2":
         reason = f"no fast Q40x8 kernel on the {simd} path"
+    if reason is None and arithmetic != "exact":
+        reason = f"{arithmetic} arithmetic needs the file's Q40 layout"
     if reason:
         log.warning("repack ignored: %s", reason)
         return None

@@ -1,0 +1,93 @@
+/* dl_table.h: inside the kernel library (not part of its API): the dispatch table, the functions
+ * that fill it for each path, and the scalar block arithmetic the SIMD files reuse for tails.
+ *
+ * dl_dispatch.c owns the one table, `dl_k`: dl_fill_scalar() first (every entry), then the chosen
+ * path's fill function replaces the entries it has faster code for.
+ */
+#ifndef DL_TABLE_H
+#define DL_TABLE_H
+
+#include "dl_kernels.h"
+
+typedef struct {
+    void (*quantize_q80)(dl_block_q80 *out, const float *x, int64_t nb);
+    void (*matmul_q40)(float *out, const dl_block_q40 *w, const dl_block_q80 *xq, const float *dx,
+                       const int32_t *sx, const uint8_t *xr, int64_t B, int64_t d, int64_t nb, int64_t r0,
+                       int64_t r1);
+    void (*matmul_q40x8)(float *out, const dl_block_q40x8 *wx, const dl_block_q80 *xq, const float *dx,
+                         const int32_t *sx, int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r1);
+    void (*matmul_q80)(float *out, const dl_block_q80 *w, const dl_block_q80 *xq, const float *dx,
+                       int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r1);
+    void (*matmul_f32)(float *out, const float *w, const float *x, int64_t B, int64_t d, int64_t n,
+                       int64_t r0, int64_t r1);
+    void (*matmul_f16)(float *out, const uint16_t *w, const float *x, int64_t B, int64_t d, int64_t n,
+                       int64_t r0, int64_t r1);
+    float (*dot_f32)(const float *a, const float *b, int64_t n);
+    void (*axpy_f32)(float *y, const float *x, float a, int64_t n);
+    void (*attention_head)(float *out, const float *q, const float *k, const float *v, int64_t stride,
+                           int64_t T, int64_t hd, float *att);
+    void (*silu_mul)(float *x, const float *y, int64_t n);
+    void (*rmsnorm)(float *out, const float *x, const float *w, int64_t n, float eps);
+    double (*sum_f64)(const double *x, int64_t n);
+    /* "dllama" arithmetic */
+    void (*matmul_q40_ref)(float *out, const dl_block_q40 *w, const dl_block_q80 *xq, const float *dx,
+                           int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r1, int sgemm);
+    void (*matmul_f32_ref)(float *out, const float *w, const float *x, int64_t B, int64_t d, int64_t n,
+                           int64_t r0, int64_t r1);
+    void (*attention_head_ref)(float *out, const float *q, const float *k, const float *v, int64_t stride,
+                               int64_t T, int64_t hd, float *att);
+} dl_table;
+
+extern dl_table dl_k;                          /* the selected path's kernels (dl_dispatch.c) */
+
+void dl_fill_scalar(dl_table *t);              /* dl_scalar.c: every entry */
+#if defined(__x86_64__) || defined(_M_X64)
+#define DL_X86 1
+void dl_fill_avx2(dl_table *t);                /* dl_x86.c */
+double dl_sum_f64_avx2(const double *x, int64_t n);
+#endif
+#if defined(__aarch64__)
+#define DL_ARM 1
+void dl_fill_neon(dl_table *t, int dotprod);   /* dl_arm.c */
+#endif
+
+/* Attention from the table's dot_f32 and axpy_f32 (any hd; dl_scalar.c). */
+void dl_attention_head_generic(float *out, const float *q, const float *k, const float *v, int64_t stride,
+                               int64_t T, int64_t hd, float *att);
+void dl_silu_mul_scalar(float *x, const float *y, int64_t n);
+
+static inline int64_t dl_min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+/* The exact integer sum_j (w_j - 8) * x_j of one Q40 block against one Q80 block. */
+static inline int32_t dl_block_dot_q40(const dl_block_q40 *w, const dl_block_q80 *x) {
+    int32_t s = 0;
+    for (int j = 0; j < 16; j++)
+        s += ((int)(w->qs[j] & 15) - 8) * x->qs[j] + ((int)(w->qs[j] >> 4) - 8) * x->qs[j + 16];
+    return s;
+}
+
+static inline int32_t dl_block_dot_q80(const dl_block_q80 *w, const dl_block_q80 *x) {
+    int32_t s = 0;
+    for (int j = 0; j < DL_QK; j++) s += w->qs[j] * x->qs[j];
+    return s;
+}
+
+/* Blocks [b0, nb) of one row against one activation row, summed in block order (the spec of every
+ * path's per-block arithmetic, and the tail of the SIMD dots). */
+static inline float dl_dot_q40_blocks(const dl_block_q40 *w, const dl_block_q80 *x, const float *dx,
+                                      int64_t b0, int64_t nb) {
+    float sum = 0.0f;
+    for (int64_t b = b0; b < nb; b++)
+        sum += (float)dl_block_dot_q40(&w[b], &x[b]) * (dl_f16_to_f32(w[b].d) * dx[b]);
+    return sum;
+}
+
+static inline float dl_dot_q80_blocks(const dl_block_q80 *w, const dl_block_q80 *x, const float *dx,
+                                      int64_t b0, int64_t nb) {
+    float sum = 0.0f;
+    for (int64_t b = b0; b < nb; b++)
+        sum += (float)dl_block_dot_q80(&w[b], &x[b]) * (dl_f16_to_f32(w[b].d) * dx[b]);
+    return sum;
+}
+
+#endif
