@@ -74,3 +74,20 @@ def test_rope_table_bad_args():
         rope_table(8, 63, 10000.0)
     with pytest.raises(ValueError):
         rope_table(8, 64, 10000.0, "llama3_1", 8.0, 4.0, 1.0, 8192)    # low > high
+
+
+@pytest.mark.parametrize("falcon,factor", [(False, 1.0), (False, 32.0), (True, 32.0)])
+def test_kernel_rope_frequencies_follow_meta_and_fill_the_table(falcon, factor):
+    """The product's one RoPE (C, _ops.rope_frequencies / rope_table_dllama) against Meta's
+    formula in float64: float32 rounding only, no scaling for FALCON, and the table's angles at
+    position 1 are those frequencies."""
+    from dairllm import _ops
+
+    hd, theta = 64, 500000.0
+    got = _ops.rope_frequencies(hd, theta, falcon, factor, 1.0, 4.0, 8192)
+    want = llama3_reference(hd, theta, 1.0 if falcon else factor, 1.0, 4.0, 8192)
+    np.testing.assert_allclose(got, want, rtol=3e-7)
+    table = _ops.rope_table_dllama(2, hd, theta, falcon, factor, 1.0, 4.0, 8192)
+    np.testing.assert_allclose(table[1, :, 0], np.cos(got.astype(np.float64)), atol=1e-7)
+    with pytest.raises(ValueError, match="rope scaling needs"):
+        _ops.rope_frequencies(hd, theta, False, 8.0, 4.0, 1.0, 8192)     # low > high

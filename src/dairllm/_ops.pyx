@@ -89,6 +89,8 @@ cdef extern from "dl_dllama.h" nogil:
     void dl_softmax_row_dllama(float *x, int64_t n)
     void dl_rope_table_dllama(float *table, int64_t seq_len, int64_t head_dim, float theta, int falcon,
                               float factor, float low, float high, uint32_t orig)
+    float dl_rope_freq_dllama(int64_t j, int64_t head_dim, float theta, int falcon,
+                              float factor, float low, float high, uint32_t orig)
     void dl_rope_pair_dllama(float *x0, float *x1, float c, float s, int falcon)
 
 cdef extern from "dl_omp.h" nogil:
@@ -807,21 +809,39 @@ def rope_table_dllama(int seq_len, int head_dim, float theta, bint falcon, float
                       float low_freq_factor=1.0, float high_freq_factor=4.0, int orig_max_seq_len=8192):
     """cos/sin table f32[seq_len, head_dim/2, 2] computed exactly as the reference fills its rope
     cache (float32 powf/cosf/sinf of the C library; Llama-3.1 scaling unless falcon)."""
-    if seq_len <= 0 or head_dim <= 0 or head_dim % 2:
-        raise ValueError(f"seq_len {seq_len} must be > 0 and head_dim {head_dim} even and > 0")
+    if seq_len <= 0:
+        raise ValueError(f"seq_len {seq_len} must be > 0")
     if seq_len * head_dim > (1 << 34):
         raise ValueError(f"rope table of {seq_len} x {head_dim} values is too large")
-    if not theta > 0:
-        raise ValueError(f"rope theta must be positive, got {theta}")
-    if not falcon and factor != 1.0 and not (0 < low_freq_factor < high_freq_factor and orig_max_seq_len > 0):
-        raise ValueError(f"rope scaling needs 0 < low ({low_freq_factor}) < high ({high_freq_factor}) "
-                         f"frequency factors and an original length ({orig_max_seq_len}) > 0")
+    _check_rope(head_dim, theta, falcon, factor, low_freq_factor, high_freq_factor, orig_max_seq_len)
     table = np.empty((seq_len, head_dim // 2, 2), np.float32)
     cdef float[:, :, ::1] t = table
     with nogil:
         dl_rope_table_dllama(&t[0, 0, 0], seq_len, head_dim, theta, falcon, factor, low_freq_factor,
                              high_freq_factor, orig_max_seq_len)
     return table
+
+def rope_frequencies(int head_dim, float theta, bint falcon, float factor=1.0,
+                     float low_freq_factor=1.0, float high_freq_factor=4.0, int orig_max_seq_len=8192):
+    """f32[head_dim/2]: the rotation frequency of each pair, as rope_table_dllama uses it."""
+    _check_rope(head_dim, theta, falcon, factor, low_freq_factor, high_freq_factor, orig_max_seq_len)
+    out = np.empty(head_dim // 2, np.float32)
+    cdef Py_ssize_t j
+    for j in range(head_dim // 2):
+        out[j] = dl_rope_freq_dllama(j, head_dim, theta, falcon, factor, low_freq_factor,
+                                     high_freq_factor, orig_max_seq_len)
+    return out
+
+
+def _check_rope(int head_dim, float theta, bint falcon, float factor, float low, float high,
+                int orig) -> None:
+    if head_dim <= 0 or head_dim % 2:
+        raise ValueError(f"head_dim {head_dim} must be even and > 0")
+    if not theta > 0:
+        raise ValueError(f"rope theta must be positive, got {theta}")
+    if not falcon and factor != 1.0 and not (0 < low < high and orig > 0):
+        raise ValueError(f"rope scaling needs 0 < low ({low}) < high ({high}) frequency factors "
+                         f"and an original length ({orig}) > 0")
 
 # one head: dl_attention_head ("exact") or dl_attention_head_ref ("dllama")
 ctypedef void (*_head_fn)(float *out, const float *q, const float *k, const float *v, int64_t stride,

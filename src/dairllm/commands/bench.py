@@ -66,7 +66,8 @@ def write_gguf(model_path: Path, out: Path) -> Path:
     """Re-wrap a LLAMA Q40 .m file as GGUF (llama architecture, Q4_0), reusing the blocks as-is."""
     import gguf
 
-    from ..engine.state import rope_frequencies
+    from .. import _ops
+    from ..engine.state import rope_args
     from ..formats.modelfile import Arch, ModelFile, RopeType
     from ..formats.quant import FloatType
 
@@ -95,8 +96,9 @@ def write_gguf(model_path: Path, out: Path) -> Path:
     w.add_tensor("token_embd.weight", mf.f32("embedding"))
     if h.rope_scaling_factor != 1.0 and h.effective_rope_type is not RopeType.FALCON:
         # llama.cpp takes Llama-3.1 scaling as per-frequency divisors
-        plain = rope_frequencies(_unscaled(h))
-        w.add_tensor("rope_freqs.weight", (plain / rope_frequencies(h)).astype(np.float32))
+        plain = _ops.rope_frequencies(h.head_dim, *rope_args(_unscaled(h)))
+        scaled = _ops.rope_frequencies(h.head_dim, *rope_args(h))
+        w.add_tensor("rope_freqs.weight", (plain / scaled).astype(np.float32))
     names = dict(q="attn_q", k="attn_k", v="attn_v", wo="attn_output", w1="ffn_gate",
                  w2="ffn_down", w3="ffn_up")
     for l in range(h.n_layers):

@@ -188,17 +188,23 @@ DL_EXP_FN float dl_llama3_scale_dllama(float freq, float factor, float low, floa
     return fmaf(smooth, freq, (1 - smooth) * freq / factor);
 }
 
-/* cos/sin table [seq_len][head_dim / 2][2] exactly as the reference fills its rope cache: float32
- * freq = 1 / powf(theta, 2j / head_dim) (Llama-3.1 scaled when factor != 1 and not falcon), angle =
+/* The rotation frequency of pair j as the reference computes it: float32
+ * 1 / powf(theta, 2j / head_dim), Llama-3.1 scaled when factor != 1 and not falcon. */
+DL_EXP_FN float dl_rope_freq_dllama(int64_t j, int64_t head_dim, float theta, int falcon,
+                                    float factor, float low, float high, uint32_t orig) {
+    const float exponent = falcon ? 2.0f * ((float)j / (float)head_dim) : (float)(2 * j) / (float)head_dim;
+    const float freq = 1.0f / powf(theta, exponent);
+    return !falcon && factor != 1.0f ? dl_llama3_scale_dllama(freq, factor, low, high, orig) : freq;
+}
+
+/* cos/sin table [seq_len][head_dim / 2][2] exactly as the reference fills its rope cache: angle =
  * (float)pos * freq, then the C library's cosf / sinf (so it matches a reference built on the
  * same platform). */
 DL_EXP_FN void dl_rope_table_dllama(float *table, int64_t seq_len, int64_t head_dim, float theta, int falcon,
                                     float factor, float low, float high, uint32_t orig) {
     const int64_t half = head_dim / 2;
     for (int64_t j = 0; j < half; j++) {
-        const float exponent = falcon ? 2.0f * ((float)j / (float)head_dim) : (float)(2 * j) / (float)head_dim;
-        float freq = 1.0f / powf(theta, exponent);
-        if (!falcon && factor != 1.0f) freq = dl_llama3_scale_dllama(freq, factor, low, high, orig);
+        const float freq = dl_rope_freq_dllama(j, head_dim, theta, falcon, factor, low, high, orig);
         for (int64_t p = 0; p < seq_len; p++) {
             const float angle = (float)p * freq;
             table[(p * half + j) * 2] = cosf(angle);

@@ -50,18 +50,7 @@ class Sync(IntEnum):
     NODE_SLICES_EXCEPT_ROOT = 2
 
 
-class FT(IntEnum):
-    UNK = -1
-    F32 = 0
-    F16 = 1
-    Q40 = 2
-    Q80 = 3
-
-
-class Rope(IntEnum):
-    LLAMA = 0
-    FALCON = 1
-    LLAMA3_1 = 2
+NO_TYPE = -1          # the float type of an empty Size3D (the reference's F_UNK)
 
 
 @dataclass(frozen=True)
@@ -75,7 +64,7 @@ class Size3D:
 
     @classmethod
     def empty(cls) -> "Size3D":
-        return cls(-1, 0, 0, 0)
+        return cls(NO_TYPE, 0, 0, 0)
 
     @property
     def is_empty(self) -> bool:

@@ -18,9 +18,10 @@ from typing import Callable
 import numpy as np
 
 from ..errors import ProtocolError
-from ..formats.quant import BLOCK_Q80
+from ..formats.modelfile import RopeType
+from ..formats.quant import BLOCK_Q80, FloatType
 from ..store.budget import physical_ram
-from .configs import FT, NetConfig, NodeConfig, Op, OpConfig, Pointer, Ptr, Rope, Size3D, Src, Sync
+from .configs import NetConfig, NodeConfig, Op, OpConfig, Pointer, Ptr, Size3D, Src, Sync
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ class View:
     def __post_init__(self) -> None:
         # typed views of every plane, made once (ops slice rows [:b] per call)
         self._f32 = [self.data[z].view(np.float32) for z in range(self.data.shape[0])] \
-            if self.ft == FT.F32 else None
+            if self.ft == FloatType.F32 else None
 
     def f32(self, z: int, b: int) -> np.ndarray:
         return self._f32[z][:b]
@@ -172,12 +173,12 @@ class Executor:
         if index >= len(self.node.buffers):
             raise ProtocolError(f"{what}: buffer {index} does not exist")
         s = self.node.buffers[index][1]
-        if s.ft != FT.F32 or s.length < min_len:
+        if s.ft != FloatType.F32 or s.length < min_len:
             raise ProtocolError(f"{what}: buffer {index} must be F32 with at least {min_len} values")
         return self.buffers[index].view(np.float32)
 
     def f32_pipe(self, index: int, what: str) -> np.ndarray:
-        if index >= len(self.net.pipes) or self.net.pipes[index][1].ft != FT.F32:
+        if index >= len(self.net.pipes) or self.net.pipes[index][1].ft != FloatType.F32:
             raise ProtocolError(f"{what}: pipe {index} is not an F32 pipe")
         s = self.net.pipes[index][1]
         if s.y != self.nb:
@@ -249,7 +250,7 @@ def _positions(ex: Executor, pipe: int, what: str, limit: int) -> Callable[[int]
 def _f32_rows(ex, vi):
     """A function b -> the first b rows of input view `vi` as F32 (Q80 rows dequantized into a
     scratch buffer allocated once here)."""
-    if vi.ft != FT.Q80:
+    if vi.ft != FloatType.Q80:
         return lambda b: vi.f32(0, b)
     tmp = np.empty((ex.nb, vi.x), np.float32)
 
@@ -260,9 +261,9 @@ def _f32_rows(ex, vi):
 
 
 def _merge_add(ex, op, vi, vo, w):
-    _need(vo.ft == FT.F32 and vi.ft in (FT.F32, FT.Q80), str(_unsupported(op, vi, vo)))
+    _need(vo.ft == FloatType.F32 and vi.ft in (FloatType.F32, FloatType.Q80), str(_unsupported(op, vi, vo)))
     _need(vi.z == 1 and vo.z == 1 and vi.x % vo.x == 0, f"cannot merge {vi.x} columns into {vo.x}")
-    _need(vi.ft == FT.F32 or vo.x % 32 == 0, f"Q80 slices of {vo.x} values are not whole blocks")
+    _need(vi.ft == FloatType.F32 or vo.x % 32 == 0, f"Q80 slices of {vo.x} values are not whole blocks")
     parts, xo = vi.x // vo.x, vo.x
     rows_f32 = _f32_rows(ex, vi)
 
@@ -275,7 +276,7 @@ def _merge_add(ex, op, vi, vo, w):
 
 
 def _merge_sum(ex, op, vi, vo, w):
-    _need(vi.ft == FT.F32 and vo.ft == FT.F32, str(_unsupported(op, vi, vo)))
+    _need(vi.ft == FloatType.F32 and vo.ft == FloatType.F32, str(_unsupported(op, vi, vo)))
     _need(vo.z == 1 and vi.x == vo.x, "MERGE_SUM shapes")
 
     def run(b):
@@ -287,7 +288,7 @@ def _merge_sum(ex, op, vi, vo, w):
 
 
 def _embedding(ex, op, vi, vo, w):
-    _need(vi.ft == FT.F32 and op.weight.ft == FT.F32 and vo.ft in (FT.F32, FT.Q80),
+    _need(vi.ft == FloatType.F32 and op.weight.ft == FloatType.F32 and vo.ft in (FloatType.F32, FloatType.Q80),
           str(_unsupported(op, vi, vo)))
     _need(vi.x == 1 and vo.z == 1 and op.weight.x == vo.x, "EMBEDDING shapes")
     table = w.view(np.float32).reshape(op.weight.y, op.weight.x)
@@ -297,7 +298,7 @@ def _embedding(ex, op, vi, vo, w):
         t = vi.f32(0, b)[:, 0].astype(np.int64)
         if t.min() < 0 or t.max() >= vocab:
             raise ProtocolError(f"token {int(t.max())} outside the vocabulary of {vocab}")
-        if vo.ft == FT.F32:
+        if vo.ft == FloatType.F32:
             vo.f32(0, b)[...] = table[t]
         else:
             out = np.empty((b, vo.data.shape[2]), np.uint8)
@@ -307,7 +308,7 @@ def _embedding(ex, op, vi, vo, w):
 
 
 def _inv_rms(ex, op, vi, vo, w):
-    _need(vi.ft == FT.F32 and vo.ft == FT.F32, str(_unsupported(op, vi, vo)))
+    _need(vi.ft == FloatType.F32 and vo.ft == FloatType.F32, str(_unsupported(op, vi, vo)))
     c, eps = op.config["nColumns"], op.config["epsilon"]
     _need(c >= 1 and vi.x % c == 0 and vo.x >= c and vi.z == 1, f"INV_RMS of {vi.x} values in {c} columns")
     _need(math.isfinite(eps) and eps >= 0, f"epsilon {eps}")
@@ -321,19 +322,19 @@ def _inv_rms(ex, op, vi, vo, w):
 
 
 def _rms_norm(ex, op, vi, vo, w):
-    _need(vi.ft in (FT.F32, FT.Q80) and op.weight.ft == FT.F32 and vo.ft == FT.F32,
+    _need(vi.ft in (FloatType.F32, FloatType.Q80) and op.weight.ft == FloatType.F32 and vo.ft == FloatType.F32,
           str(_unsupported(op, vi, vo)))
     c = op.config["nColumns"]
     _need(c >= 1 and vi.x == vo.x and vi.x % c == 0 and op.weight.x == vi.x // c and op.weight.y == 1
           and op.weight.z == 1, f"RMS_NORM: {vi.x} values, {c} columns, weight {op.weight.x}")
-    _need(vi.ft == FT.F32 or c == 1, "RMS_NORM of Q80 input needs nColumns = 1")
+    _need(vi.ft == FloatType.F32 or c == 1, "RMS_NORM of Q80 input needs nColumns = 1")
     rb = op.config["invRmsBufferIndex"]
     inv = ex.f32_buffer(rb, "RMS_NORM inv_rms")
     inv_size = ex.node.buffers[rb][1]
     _need(inv_size.y == ex.nb and inv_size.x >= c, "RMS_NORM inv_rms buffer too small")
     inv = inv.reshape(inv_size.y, inv_size.x)
     wv, cs = w.view(np.float32), vi.x // c
-    if vi.ft == FT.Q80:
+    if vi.ft == FloatType.Q80:
         # The reference scales each block's int8 values by (inv_rms * d), then by the weight.
         def run_q80(b):
             blocks = np.ascontiguousarray(vi.raw(0, b)).view(BLOCK_Q80).reshape(b, -1)
@@ -359,7 +360,7 @@ def _matmul(ex, op, vi, vo, w):
     _need(ws.z == E and vi.z == A and vo.z == A and (n_act == 0 or n_act <= n_exp),
           f"expert planes: weight {ws.z}, input {vi.z}, output {vo.z}, experts {n_exp}/{n_act}")
     d, plane = ws.x, ws.nbytes_xy
-    if ws.ft == FT.F32:
+    if ws.ft == FloatType.F32:
         mats = [w[e * plane:(e + 1) * plane].view(np.float32).reshape(d, ws.y) for e in range(E)]
         kernel = K.matmul_f32
     else:
@@ -367,12 +368,12 @@ def _matmul(ex, op, vi, vo, w):
         kernel = K.matmul_q40
 
     def rows_in(z, b):
-        return np.ascontiguousarray(vi.f32(z, b) if vi.ft == FT.F32 else vi.raw(z, b))
+        return np.ascontiguousarray(vi.f32(z, b) if vi.ft == FloatType.F32 else vi.raw(z, b))
 
     # The reference runs a one-expert matmul over contiguous rows as one batched GEMM and everything
     # else row by row; the two sum in different float orders (only "dllama" arithmetic tells them apart).
-    batched = {"batched": True} if ws.ft == FT.Q40 else {}
-    rowwise = {"batched": False} if ws.ft == FT.Q40 else {}
+    batched = {"batched": True} if ws.ft == FloatType.Q40 else {}
+    rowwise = {"batched": False} if ws.ft == FloatType.Q40 else {}
     if n_act == 0:
         contiguous = vo.contiguous
         order = batched if contiguous and vi.contiguous else rowwise
@@ -396,7 +397,7 @@ def _matmul(ex, op, vi, vo, w):
             return
         for ex_id in np.unique(ix):
             ys, slots = np.nonzero(ix == ex_id)
-            xin = np.ascontiguousarray(np.stack([vi.f32(s, b)[y] if vi.ft == FT.F32 else vi.raw(s, b)[y]
+            xin = np.ascontiguousarray(np.stack([vi.f32(s, b)[y] if vi.ft == FloatType.F32 else vi.raw(s, b)[y]
                                                  for y, s in zip(ys, slots)]))
             out = np.empty((len(ys), d), np.float32)
             kernel(out, mats[ex_id], xin, **rowwise)
@@ -407,37 +408,37 @@ def _matmul(ex, op, vi, vo, w):
 
 def rope_table(ex, cfg: dict) -> np.ndarray:
     """cos/sin table [seqLen, headDim/2, 2] as the reference's rope cache computes it (f32)."""
-    return ex.K.rope_table_dllama(cfg["seqLen"], cfg["headDim"], cfg["ropeTheta"], cfg["type"] == Rope.FALCON,
+    return ex.K.rope_table_dllama(cfg["seqLen"], cfg["headDim"], cfg["ropeTheta"], cfg["type"] == RopeType.FALCON,
                                   cfg["ropeScalingFactor"], cfg["ropeScalingLowFreqFactor"],
                                   cfg["ropeScalingHighFreqFactor"], cfg["ropeScalingOrigMaxSeqLen"])
 
 
 def _rope(ex, op, vi, vo, w):
-    _need(vi.ft == FT.F32 and vi.z == 1, str(_unsupported(op, vi, vo)))
+    _need(vi.ft == FloatType.F32 and vi.z == 1, str(_unsupported(op, vi, vo)))
     cfg = op.config
     _need(cfg["type"] in (0, 1, 2), f"rope type {cfg['type']}")
     hd, seq = cfg["headDim"], cfg["seqLen"]
     _need(hd >= 2 and hd % 2 == 0 and 1 <= seq <= (1 << 24), f"head dim {hd}, seq len {seq}")
     n = cfg["qDim0"] if cfg["isQ"] else cfg["kvDim0"]
     _need(vi.x == n and n % hd == 0, f"rope over {vi.x} values, config says {n} (head dim {hd})")
-    if cfg["type"] != Rope.FALCON:
+    if cfg["type"] != RopeType.FALCON:
         start = cfg["qDimStart"] if cfg["isQ"] else cfg["kvDimStart"]
         _need(start % hd == 0, "rope slice does not start at a head boundary")
     _need(cfg["ropeCacheBufferIndex"] < len(ex.node.buffers), "rope cache buffer does not exist")
     theta, factor = cfg["ropeTheta"], cfg["ropeScalingFactor"]
     _need(math.isfinite(theta) and theta > 0, f"rope theta {theta}")
-    if cfg["type"] != Rope.FALCON and factor != 1.0:
+    if cfg["type"] != RopeType.FALCON and factor != 1.0:
         low, high = cfg["ropeScalingLowFreqFactor"], cfg["ropeScalingHighFreqFactor"]
         _need(math.isfinite(factor) and factor > 0 and 0 < low < high < math.inf
               and cfg["ropeScalingOrigMaxSeqLen"] > 0,
               f"rope scaling factor {factor}, frequency factors {low}..{high}, "
               f"original length {cfg['ropeScalingOrigMaxSeqLen']}")
-    key = (hd, seq, cfg["ropeTheta"], cfg["type"] == Rope.FALCON, cfg["ropeScalingFactor"],
+    key = (hd, seq, cfg["ropeTheta"], cfg["type"] == RopeType.FALCON, cfg["ropeScalingFactor"],
            cfg["ropeScalingLowFreqFactor"], cfg["ropeScalingHighFreqFactor"], cfg["ropeScalingOrigMaxSeqLen"])
     tables = ex.__dict__.setdefault("_rope_tables", {})
     if key not in tables:
         tables[key] = rope_table(ex, cfg)
-    table, neox = tables[key], cfg["type"] == Rope.FALCON
+    table, neox = tables[key], cfg["type"] == RopeType.FALCON
     positions = _positions(ex, cfg["positionPipeIndex"], op.label, seq)
     K = ex.K
 
@@ -448,7 +449,7 @@ def _rope(ex, op, vi, vo, w):
 
 
 def _shift(ex, op, vi, vo, w):
-    _need(vi.ft == FT.F32 and vo.ft == FT.F32 and op.output.type is Ptr.RAW and vi.z == 1,
+    _need(vi.ft == FloatType.F32 and vo.ft == FloatType.F32 and op.output.type is Ptr.RAW and vi.z == 1,
           str(_unsupported(op, vi, vo)))
     xi, total = vi.x, vo.x
     _need(total % xi == 0, f"SHIFT of {xi}-value rows into {total} values")
@@ -462,7 +463,7 @@ def _shift(ex, op, vi, vo, w):
 
 def _multihead_att(ex, op, vi, vo, w):
     cfg = op.config
-    _need(vo.ft == FT.F32 and vo.z == 1, str(_unsupported(op, vi, vo)))
+    _need(vo.ft == FloatType.F32 and vo.z == 1, str(_unsupported(op, vi, vo)))
     nh, nh0, nkv, hd, seq = cfg["nHeads"], cfg["nHeads0"], cfg["nKvHeads"], cfg["headDim"], cfg["seqLen"]
     q0, kv0 = cfg["qSliceD0"], cfg["kvDim0"]
     _need(hd > 0 and nkv > 0 and nh % nkv == 0 and nh0 * hd == q0 and kv0 % hd == 0 and vo.x == q0
@@ -485,7 +486,7 @@ def _multihead_att(ex, op, vi, vo, w):
 
 def _activation(name):
     def build(ex, op, vi, vo, w):
-        _need(vo.ft == FT.F32, str(_unsupported(op, vi, vo)))
+        _need(vo.ft == FloatType.F32, str(_unsupported(op, vi, vo)))
         planes = vo.z if name == "silu" else 1
         kernel = getattr(ex.K, name)
 
@@ -497,7 +498,7 @@ def _activation(name):
 
 
 def _mul(ex, op, vi, vo, w):
-    _need(vi.ft == FT.F32 and vo.ft == FT.F32 and vi.x == vo.x and vi.z == vo.z, str(_unsupported(op, vi, vo)))
+    _need(vi.ft == FloatType.F32 and vo.ft == FloatType.F32 and vi.x == vo.x and vi.z == vo.z, str(_unsupported(op, vi, vo)))
     m = ex.f32_buffer(op.config["multiplierBufferIndex"], "MUL multiplier", vi.z * vi.y * vo.x)
     m = m[:vi.z * vi.y * vo.x].reshape(vi.z, vi.y, vo.x)
     same, K = vi.data is vo.data or np.shares_memory(vi.data, vo.data), ex.K
@@ -512,7 +513,7 @@ def _mul(ex, op, vi, vo, w):
 
 
 def _scale(ex, op, vi, vo, w):
-    _need(vi.ft == FT.F32 and vo.ft == FT.F32 and vi.x == vo.x and vi.z == vo.z, str(_unsupported(op, vi, vo)))
+    _need(vi.ft == FloatType.F32 and vo.ft == FloatType.F32 and vi.x == vo.x and vi.z == vo.z, str(_unsupported(op, vi, vo)))
     s = ex.f32_buffer(op.config["scaleBufferIndex"], "SCALE factors", vi.z * vi.y)
     s = s[:vi.z * vi.y].reshape(vi.z, vi.y)
 
@@ -524,7 +525,7 @@ def _scale(ex, op, vi, vo, w):
 
 def _cast(ex, op, vi, vo, w):
     combo = (vi.ft, vo.ft)
-    _need(combo in ((FT.F32, FT.F32), (FT.F32, FT.Q80), (FT.Q80, FT.Q80), (FT.Q80, FT.F32)),
+    _need(combo in ((FloatType.F32, FloatType.F32), (FloatType.F32, FloatType.Q80), (FloatType.Q80, FloatType.Q80), (FloatType.Q80, FloatType.F32)),
           str(_unsupported(op, vi, vo)))
     _need(vi.x == vo.x and vi.z == vo.z, f"CAST of {vi.z}x{vi.x} into {vo.z}x{vo.x}")
     K = ex.K
@@ -533,7 +534,7 @@ def _cast(ex, op, vi, vo, w):
         for z in range(vi.z):
             if vi.ft == vo.ft:
                 vo.raw(z, b)[...] = vi.raw(z, b)
-            elif vo.ft == FT.Q80:
+            elif vo.ft == FloatType.Q80:
                 x = np.ascontiguousarray(vi.f32(z, b))
                 if vo.contiguous:
                     K.quantize_q80(vo.raw(z, b), x)
@@ -549,7 +550,7 @@ def _cast(ex, op, vi, vo, w):
 
 
 def _repeat_z(ex, op, vi, vo, w):
-    _need(vi.ft == FT.F32 and vo.ft == FT.Q80 and vi.z == 1 and vi.x == vo.x, str(_unsupported(op, vi, vo)))
+    _need(vi.ft == FloatType.F32 and vo.ft == FloatType.Q80 and vi.z == 1 and vi.x == vo.x, str(_unsupported(op, vi, vo)))
     K = ex.K
 
     def run(b):
@@ -561,7 +562,7 @@ def _repeat_z(ex, op, vi, vo, w):
 
 
 def _softmax(ex, op, vi, vo, w):
-    _need(vo.ft == FT.F32 and vo.z == 1, str(_unsupported(op, vi, vo)))
+    _need(vo.ft == FloatType.F32 and vo.z == 1, str(_unsupported(op, vi, vo)))
     K = ex.K
 
     def run(b):
@@ -572,7 +573,7 @@ def _softmax(ex, op, vi, vo, w):
 def _moe_gate(ex, op, vi, vo, w):
     cfg = op.config
     k = cfg["k"]
-    _need(vi.ft == FT.F32 and vo.ft == FT.F32 and vi.z == 1, str(_unsupported(op, vi, vo)))
+    _need(vi.ft == FloatType.F32 and vo.ft == FloatType.F32 and vi.z == 1, str(_unsupported(op, vi, vo)))
     _need(1 <= k <= vi.x and vo.z == k, f"MOE_GATE top-{k} of {vi.x} into {vo.z} planes")
     idx = ex.f32_buffer(cfg["indexesBufferIndex"], "MOE_GATE indexes", ex.nb * k)
     norm = cfg["normTopk"] == 1

@@ -14,7 +14,7 @@ import numpy as np
 from ..errors import ConfigError
 from ..formats.modelfile import Arch, Header, ModelFile, RopeType
 from ..formats.quant import FloatType
-from .configs import (FT, NetConfig, NodeConfig, Op, OpConfig, Pointer, Ptr, Segment, Size3D,
+from .configs import (NetConfig, NodeConfig, Op, OpConfig, Pointer, Ptr, Segment, Size3D,
                       Src, Sync)
 
 N_BATCHES = 32   # the reference's fixed batch size (rows of every pipe and buffer)
@@ -52,8 +52,8 @@ def check_cluster(h: Header, n_nodes: int, sync_type: FloatType) -> None:
 
 
 def build_net_config(h: Header, n_nodes: int, sync_type: FloatType, n_batches: int = N_BATCHES) -> NetConfig:
-    pipes = [("POS", _s2(FT.F32, n_batches, 1)), ("TOK", _s2(FT.F32, n_batches, 1)),
-             ("X", _s2(FT.F32, n_batches, h.dim)), ("LG", _s2(FT.F32, n_batches, h.vocab_size)),
+    pipes = [("POS", _s2(FloatType.F32, n_batches, 1)), ("TOK", _s2(FloatType.F32, n_batches, 1)),
+             ("X", _s2(FloatType.F32, n_batches, h.dim)), ("LG", _s2(FloatType.F32, n_batches, h.vocab_size)),
              ("ZQ", _s2(sync_type, n_batches, h.dim * n_nodes))]
     return NetConfig(n_batches, n_nodes, pipes, [PIPE_POS])
 
@@ -92,13 +92,13 @@ def rope_config(h: Header, n_nodes: int, k: int, is_q: bool, cache_buffer: int) 
                nKvHeads=h.n_kv_heads, ropeTheta=h.rope_theta)
     if rope is RopeType.FALCON:
         cfg.update(qDimStart=0, qDimEnd=0, qShift=0, kvDimStart=0, sliceDim=0,
-                   cacheSize=(int(FT.F32), 1, h.seq_len, h.head_dim))
+                   cacheSize=(int(FloatType.F32), 1, h.seq_len, h.head_dim))
     else:
         q_start, kv_start = q0 * k, kv0 * k
         slice_dim = q_start + q0 - kv_start
         cfg.update(qDimStart=q_start, qDimEnd=q_start + q0, qShift=q_start - kv_start,
                    kvDimStart=kv_start, sliceDim=slice_dim,
-                   cacheSize=(int(FT.F32), 1, h.seq_len, slice_dim))
+                   cacheSize=(int(FloatType.F32), 1, h.seq_len, slice_dim))
     return cfg
 
 
@@ -106,7 +106,7 @@ def build_node_config(h: Header, n_nodes: int, k: int, sync_type: FloatType,
                       n_batches: int = N_BATCHES) -> NodeConfig:
     """Node k's buffers and segments, exactly as the reference's buildLlmNet makes them."""
     N, nb, S, W = n_nodes, n_batches, int(sync_type), int(h.weight_type)
-    F32 = int(FT.F32)
+    F32 = int(FloatType.F32)
     q_sync = sync_type is not FloatType.F32
     q0, kv0, ff0, h0 = h.q_dim // N, h.kv_dim // N, h.ff_dim // N, h.n_heads // N
     E1, A = max(h.n_experts, 1), max(h.n_active_experts, 1)

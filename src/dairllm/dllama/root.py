@@ -140,20 +140,6 @@ class DllamaRoot(Generates):
         self.socks = []
         self.file.close()
 
-    def __enter__(self) -> "DllamaRoot":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    @property
-    def seq_len(self) -> int:
-        return self.header.seq_len
-
-    @property
-    def vocab_size(self) -> int:
-        return self.header.vocab_size
-
     # -- forward ---------------------------------------------------------------------------------
 
     def forward(self, token_ids: "Sequence[int] | np.ndarray", position: int) -> np.ndarray:

@@ -9,11 +9,14 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 
 from ..errors import DairError
+
+if TYPE_CHECKING:
+    from ..formats.modelfile import Header
 
 
 class InputError(DairError, ValueError):
@@ -73,12 +76,31 @@ def check_prompt(model: LogitsSource, prompt_tokens: "Sequence[int]", steps: int
 
 
 class Generates:
-    """`generate()` for a LogitsSource that can also forget its sequence (`reset()`)."""
+    """What every opened model offers on top of `last_logits`, `reset` and `close`: generate(),
+    its statistics, its sizes (from the header it was opened with) and `with` support."""
 
     stats: GenerateStats
+    header: "Header"
 
     def reset(self) -> None:
         raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def seq_len(self) -> int:
+        return self.header.seq_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.header.vocab_size
 
     def generate(self, prompt_tokens: "Sequence[int]", steps: int, sampler=None,
                  stop_ids: Iterable[int] = (), vocab_limit: "int | None" = None) -> Iterator[int]:

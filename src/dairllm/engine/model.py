@@ -104,23 +104,9 @@ class Model(Generates):
             close_weights()                   # a LayerStore stops its prefetch thread
         self.file.close()
 
-    def __enter__(self) -> "Model":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     @property
     def weights(self) -> WeightProvider:
         return self.compute.weights
-
-    @property
-    def seq_len(self) -> int:
-        return self.state.seq_len
-
-    @property
-    def vocab_size(self) -> int:
-        return self.header.vocab_size
 
     def reset(self) -> None:
         """Forget the sequence: the next forward must start at position 0."""

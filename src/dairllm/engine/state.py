@@ -21,11 +21,10 @@ MoE (Qwen3-MoE) only:
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from .. import _ops as ops
+from ..errors import ModelFormatError
 from ..formats.modelfile import Header, RopeType
 from ..formats.quant import FloatType
 
@@ -130,45 +129,17 @@ def run_state_bytes(h: Header, max_batch: int, layers: "range | None" = None) ->
     return buffers + kv + rope + index + max_batch * h.vocab_size * 4
 
 
-def rope_frequencies(h: Header) -> np.ndarray:
-    """f32 [head_dim/2]: rotation frequency of pair i, computed in float32 as the reference does.
-
-    LLAMA pairs (x[2i], x[2i+1]); FALCON pairs (x[i], x[i + head_dim/2]); both use
-    theta^(-2i/head_dim). Llama-3.1 scaling applies to LLAMA whenever the factor is not 1.
-    """
-    hd = h.head_dim
-    i2 = np.arange(0, hd, 2, dtype=np.float32)
-    exponent = (i2 / np.float32(hd)).astype(np.float32)
-    power = np.power(np.float64(np.float32(h.rope_theta)), exponent.astype(np.float64))
-    freq = (np.float32(1) / power.astype(np.float32)).astype(np.float32)
-    if h.effective_rope_type is not RopeType.FALCON and h.rope_scaling_factor != 1.0:
-        freq = _llama31_scaling(freq, h)
-    return freq
-
-
-def _llama31_scaling(freq: np.ndarray, h: Header) -> np.ndarray:
-    """Llama 3.1: keep high frequencies, divide low ones by the factor, blend in between."""
-    factor, low, high = h.rope_scaling_factor, h.rope_scaling_low_freq_factor, \
-        h.rope_scaling_high_freq_factor
-    orig = float(h.rope_scaling_orig_max_seq_len)
-    if low <= 0 or high <= low or orig <= 0:
-        # degenerate settings: the reference divides by these; refuse rather than emit inf/nan
-        from ..errors import ModelFormatError
-        raise ModelFormatError(h, f"rope scaling needs 0 < low ({low}) < high ({high}) frequency "
-                               f"factors and an original length ({orig:g})")
-    f = freq.astype(np.float64)
-    wavelen = 2 * math.pi / f
-    smooth = (orig / wavelen - low) / (high - low)
-    out = np.where(wavelen < orig / high, f,
-                   np.where(wavelen > orig / low, f / factor, (1 - smooth) * f / factor + smooth * f))
-    return out.astype(np.float32)
+def rope_args(h: Header) -> tuple:
+    """The header's rope settings in the order the rope kernels take them (after head_dim)."""
+    return (h.rope_theta, h.effective_rope_type is RopeType.FALCON, h.rope_scaling_factor,
+            h.rope_scaling_low_freq_factor, h.rope_scaling_high_freq_factor,
+            int(h.rope_scaling_orig_max_seq_len))
 
 
 def rope_table(h: Header, seq_len: int) -> np.ndarray:
     """f32 [seq_len, head_dim/2, 2]: (cos, sin) of angle pos * freq[i], computed as the reference
     fills its rope cache (float32 powf / cosf / sinf of the C library, angle in float32)."""
-    rope_frequencies(h)                                # validates the scaling settings
-    return ops.rope_table_dllama(seq_len, h.head_dim, h.rope_theta,
-                                 h.effective_rope_type is RopeType.FALCON, h.rope_scaling_factor,
-                                 h.rope_scaling_low_freq_factor, h.rope_scaling_high_freq_factor,
-                                 int(h.rope_scaling_orig_max_seq_len))
+    try:
+        return ops.rope_table_dllama(seq_len, h.head_dim, *rope_args(h))
+    except ValueError as e:              # settings the file should not hold (theta, scaling)
+        raise ModelFormatError("model header", str(e)) from None
