@@ -93,15 +93,10 @@ def test_q40x8_bad_input(rng):
         _ops.matmul_q40x8(np.empty((1, 16), np.float32), wx.astype(np.int16), xq)
 
 
-def test_q40x8_has_no_dllama_arithmetic(rng, tmp_path, monkeypatch, caplog):
+def test_q40x8_has_no_dllama_arithmetic(rng):
     w = random_q40(rng, 8, 64)
     with pytest.raises(TypeError):
         _ops.matmul_q40x8(np.empty((1, 8), np.float32), repacked(w), random_q80(rng, 1, 64), dllama=True)
-    monkeypatch.setenv("DAIRLLM_CACHE", str(tmp_path))
-    path = golden.model("tiny_q40")
-    with caplog.at_level(logging.WARNING), Model.open(path, repack=True, arithmetic="dllama") as m:
-        assert type(m.weights) is ResidentWeights
-    assert "dllama arithmetic needs the file's Q40 layout" in caplog.text
 
 
 # ---------------------------------------------------------------- the sidecar file
@@ -178,6 +173,15 @@ def test_unwritable_cache_is_a_clear_error(model_copy, monkeypatch):
     monkeypatch.setenv("DAIRLLM_CACHE", str(blocker))
     with pytest.raises(ConfigError, match="cannot write the repacked file .*DAIRLLM_CACHE"):
         Model.open(model_copy, repack=True)
+
+
+@needs_avx2
+def test_repack_is_ignored_with_dllama_arithmetic(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("DAIRLLM_CACHE", str(tmp_path))
+    path = golden.model("tiny_q40")
+    with caplog.at_level(logging.WARNING), Model.open(path, repack=True, arithmetic="dllama") as m:
+        assert type(m.weights) is ResidentWeights
+    assert "repack ignored: dllama arithmetic needs the file's Q40 layout" in caplog.text
 
 
 def test_repack_is_ignored_where_it_cannot_apply(tmp_path, monkeypatch, caplog):
