@@ -546,38 +546,7 @@ cdef object _check_float_matmul(object out, object w, object x):
 def matmul_f32(out, w, x, n_threads=None, bint dllama=False):
     """out[b, r] = sum_i W[r, i] x[b, i] with f32 weights W[d, n] (dllama: the reference's order)."""
     _arr(w, "w", _F32, 2)
-    cdef int64_t B, d, n
-    B, d, n = _check_float_matmul(out, w, x)
-    if B == 0 or d == 0 or n == 0:
-        if B and d:
-            out[...] = 0
-        return
-    cdef float[:, ::1] o = out
-    cdef const float[:, ::1] wv = w
-    cdef const float[:, ::1] xv = x
-    cdef int nt = _threads(n_threads, <double>B * d * n / QK)
-    with nogil:
-        _mm_f32(&o[0, 0], &wv[0, 0], &xv[0, 0], B, d, n, nt, dllama)
-
-
-cdef inline void _f32_rows(float *out, const float *w, const float *x, int64_t B, int64_t d, int64_t n,
-                           int64_t r0, int64_t r1, bint dllama) noexcept nogil:
-    if dllama:
-        dl_matmul_f32_ref(out, w, x, B, d, n, r0, r1)
-    else:
-        dl_matmul_f32(out, w, x, B, d, n, r0, r1)
-
-
-cdef void _mm_f32(float *out, const float *w, const float *x, int64_t B, int64_t d, int64_t n,
-                  int nt, bint dllama) noexcept nogil:
-    if nt == 1:                      # no parallel region for small work
-        _f32_rows(out, w, x, B, d, n, 0, d, dllama)
-        return
-    cdef Py_ssize_t i
-    cdef int64_t c = _chunk(d, nt)
-    for i in prange(nt, schedule="static", num_threads=nt):
-        if i * c < d:
-            _f32_rows(out, w, x, B, d, n, i * c, min(d, (i + 1) * c), dllama)
+    _matmul_float(out, w, x, n_threads, _rows_f32_dllama if dllama else _rows_f32)
 
 
 def matmul_f16(out, w, x, n_threads=None):
@@ -585,30 +554,47 @@ def matmul_f16(out, w, x, n_threads=None):
     if isinstance(w, np.ndarray) and w.dtype == _F16:
         w = w.view(np.uint16)
     _arr(w, "w", _U16, 2)
+    _matmul_float(out, w, x, n_threads, _rows_f16)
+
+
+# rows r0..r1 of a matmul whose weights are floats of some width, on f32 activations
+ctypedef void (*_float_rows_fn)(float *out, const void *w, const float *x, int64_t B, int64_t d,
+                                int64_t n, int64_t r0, int64_t r1) noexcept nogil
+
+cdef void _rows_f32(float *out, const void *w, const float *x, int64_t B, int64_t d, int64_t n,
+                    int64_t r0, int64_t r1) noexcept nogil:
+    dl_matmul_f32(out, <const float *>w, x, B, d, n, r0, r1)
+
+cdef void _rows_f32_dllama(float *out, const void *w, const float *x, int64_t B, int64_t d,
+                           int64_t n, int64_t r0, int64_t r1) noexcept nogil:
+    dl_matmul_f32_ref(out, <const float *>w, x, B, d, n, r0, r1)
+
+cdef void _rows_f16(float *out, const void *w, const float *x, int64_t B, int64_t d, int64_t n,
+                    int64_t r0, int64_t r1) noexcept nogil:
+    dl_matmul_f16(out, <const uint16_t *>w, x, B, d, n, r0, r1)
+
+
+cdef _matmul_float(object out, object w, object x, object n_threads, _float_rows_fn rows):
+    """Checks shared by the float matmuls, then rows split over threads in contiguous chunks."""
     cdef int64_t B, d, n
     B, d, n = _check_float_matmul(out, w, x)
     if B == 0 or d == 0 or n == 0:
         if B and d:
             out[...] = 0
         return
-    cdef float[:, ::1] o = out
-    cdef const uint16_t[:, ::1] wv = w
-    cdef const float[:, ::1] xv = x
+    cdef float *o = <float *>_data(out)
+    cdef const void *wp = _data(w)
+    cdef const float *xp = <const float *>_data(x)
     cdef int nt = _threads(n_threads, <double>B * d * n / QK)
-    with nogil:
-        _mm_f16(&o[0, 0], &wv[0, 0], &xv[0, 0], B, d, n, nt)
-
-
-cdef void _mm_f16(float *out, const uint16_t *w, const float *x, int64_t B, int64_t d, int64_t n,
-                  int nt) noexcept nogil:
-    if nt == 1:                      # no parallel region for small work
-        dl_matmul_f16(out, w, x, B, d, n, 0, d)
-        return
     cdef Py_ssize_t i
     cdef int64_t c = _chunk(d, nt)
-    for i in prange(nt, schedule="static", num_threads=nt):
-        if i * c < d:
-            dl_matmul_f16(out, w, x, B, d, n, i * c, min(d, (i + 1) * c))
+    with nogil:
+        if nt == 1:                  # no parallel region for small work
+            rows(o, wp, xp, B, d, n, 0, d)
+        else:
+            for i in prange(nt, schedule="static", num_threads=nt):
+                if i * c < d:
+                    rows(o, wp, xp, B, d, n, i * c, min(d, (i + 1) * c))
 
 # ============================================================================ norms, rope
 
@@ -891,15 +877,7 @@ DEF PAR_MIN = 65536   # elementwise kernels go parallel above this many values
 
 def silu(x, n_threads=None, bint dllama=False):
     """x = x / (1 + exp(-x)) in place (dllama: the reference's exp, per row of the last axis)."""
-    cdef float[::1] v = _flat(x, "x", True)
-    cdef Py_ssize_t i, n = v.shape[0]
-    cdef int nt = _n_threads if n >= PAR_MIN else 1
-    if dllama:
-        _silu_dllama(v, None, x.shape[x.ndim - 1] if x.ndim else n, nt)
-        return
-    if n:
-        with nogil:
-            _silu_exact(&v[0], NULL, n, nt)
+    _silu(_flat(x, "x", True), None, x, dllama)
 
 
 def gelu(x, n_threads=None):
@@ -916,16 +894,21 @@ def gelu(x, n_threads=None):
 def silu_mul(x, y, n_threads=None, bint dllama=False):
     """x = silu(x) * y in place (dllama: the reference's exp, per row of the last axis)."""
     xf, yf = _pair(x, y)
-    cdef float[::1] a = xf
-    cdef const float[::1] b = yf
-    cdef Py_ssize_t i, n = a.shape[0]
+    _silu(xf, yf, x, dllama)
+
+
+cdef _silu(float[::1] a, const float[::1] b, object x, bint dllama):
+    """a = silu(a) (* b when given); x: the caller's array, whose last axis is a dllama row."""
+    cdef Py_ssize_t n = a.shape[0]
     cdef int nt = _n_threads if n >= PAR_MIN else 1
+    cdef const float *pb = NULL
     if dllama:
         _silu_dllama(a, b, x.shape[x.ndim - 1] if x.ndim else n, nt)
-        return
-    if n:
+    elif n:
+        if b is not None:
+            pb = &b[0]
         with nogil:
-            _silu_exact(&a[0], &b[0], n, nt)
+            _silu_exact(&a[0], pb, n, nt)
 
 
 cdef void _silu_exact(float *x, const float *y, int64_t n, int nt) noexcept nogil:
@@ -954,35 +937,32 @@ cdef void _silu_dllama(float[::1] a, const float[::1] b, Py_ssize_t row, int nt)
 
 def mul(x, y):
     """x *= y."""
-    xf, yf = _pair(x, y)
-    cdef float[::1] a = xf
-    cdef const float[::1] b = yf
-    cdef Py_ssize_t i
-    with nogil:
-        for i in range(a.shape[0]):
-            a[i] = a[i] * b[i]
+    _elementwise(x, y, True, 0.0)
 
 
 def add(x, y):
     """x += y."""
-    xf, yf = _pair(x, y)
-    cdef float[::1] a = xf
-    cdef const float[::1] b = yf
-    cdef Py_ssize_t i
-    with nogil:
-        for i in range(a.shape[0]):
-            a[i] = a[i] + b[i]
+    _elementwise(x, y, False, 1.0)
 
 
 def scale_add(x, y, float s):
     """x += s * y."""
+    _elementwise(x, y, False, s)
+
+
+cdef _elementwise(object x, object y, bint multiply, float s):
+    """x *= y, or x += s * y (s * y is exact for s = 1, so add is bit-identical to x + y)."""
     xf, yf = _pair(x, y)
     cdef float[::1] a = xf
     cdef const float[::1] b = yf
     cdef Py_ssize_t i
     with nogil:
-        for i in range(a.shape[0]):
-            a[i] = a[i] + s * b[i]
+        if multiply:
+            for i in range(a.shape[0]):
+                a[i] = a[i] * b[i]
+        else:
+            for i in range(a.shape[0]):
+                a[i] = a[i] + s * b[i]
 
 
 def softmax(x, bint dllama=False):

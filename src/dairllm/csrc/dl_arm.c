@@ -193,17 +193,8 @@ static void axpy_neon(float *y, const float *x, float a, int64_t n) {
     for (; i < n; i++) y[i] += a * x[i];
 }
 
-static void matmul_f32_neon(float *out, const float *w, const float *x,
-                            int64_t B, int64_t d, int64_t n, int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; r++)
-        for (int64_t t = 0; t < B; t++) out[t * d + r] = dot_f32_neon(w + r * n, x + t * n, n);
-}
-
-static void matmul_f16_neon(float *out, const uint16_t *w, const float *x,
-                            int64_t B, int64_t d, int64_t n, int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; r++)
-        for (int64_t t = 0; t < B; t++) out[t * d + r] = dot_f16_neon(w + r * n, x + t * n, n);
-}
+DL_DEFINE_MATMUL_FROM_DOT(matmul_f32_neon, float, dot_f32_neon)
+DL_DEFINE_MATMUL_FROM_DOT(matmul_f16_neon, uint16_t, dot_f16_neon)
 
 void dl_fill_neon(dl_table *t, int dotprod) {
     t->quantize_q80 = quantize_q80_neon;

@@ -189,17 +189,8 @@ static float dot_f16_scalar(const uint16_t *a, const float *b, int64_t n) {
     return s;
 }
 
-static void matmul_f32_scalar(float *out, const float *w, const float *x,
-                              int64_t B, int64_t d, int64_t n, int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; r++)
-        for (int64_t t = 0; t < B; t++) out[t * d + r] = dot_f32_scalar(w + r * n, x + t * n, n);
-}
-
-static void matmul_f16_scalar(float *out, const uint16_t *w, const float *x,
-                              int64_t B, int64_t d, int64_t n, int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; r++)
-        for (int64_t t = 0; t < B; t++) out[t * d + r] = dot_f16_scalar(w + r * n, x + t * n, n);
-}
+DL_DEFINE_MATMUL_FROM_DOT(matmul_f32_scalar, float, dot_f32_scalar)
+DL_DEFINE_MATMUL_FROM_DOT(matmul_f16_scalar, uint16_t, dot_f16_scalar)
 
 /* ======================================================================== row kernels */
 

@@ -74,20 +74,23 @@ static inline int32_t dl_block_dot_q80(const dl_block_q80 *w, const dl_block_q80
 
 /* Blocks [b0, nb) of one row against one activation row, summed in block order (the spec of every
  * path's per-block arithmetic, and the tail of the SIMD dots). */
-static inline float dl_dot_q40_blocks(const dl_block_q40 *w, const dl_block_q80 *x, const float *dx,
-                                      int64_t b0, int64_t nb) {
-    float sum = 0.0f;
-    for (int64_t b = b0; b < nb; b++)
-        sum += (float)dl_block_dot_q40(&w[b], &x[b]) * (dl_f16_to_f32(w[b].d) * dx[b]);
-    return sum;
-}
+#define DL_DEFINE_DOT_BLOCKS(NAME, WBLOCK, BLOCK_DOT)                                               \
+    static inline float NAME(const WBLOCK *w, const dl_block_q80 *x, const float *dx,              \
+                             int64_t b0, int64_t nb) {                                              \
+        float sum = 0.0f;                                                                           \
+        for (int64_t b = b0; b < nb; b++)                                                           \
+            sum += (float)BLOCK_DOT(&w[b], &x[b]) * (dl_f16_to_f32(w[b].d) * dx[b]);                \
+        return sum;                                                                                 \
+    }
+DL_DEFINE_DOT_BLOCKS(dl_dot_q40_blocks, dl_block_q40, dl_block_dot_q40)
+DL_DEFINE_DOT_BLOCKS(dl_dot_q80_blocks, dl_block_q80, dl_block_dot_q80)
 
-static inline float dl_dot_q80_blocks(const dl_block_q80 *w, const dl_block_q80 *x, const float *dx,
-                                      int64_t b0, int64_t nb) {
-    float sum = 0.0f;
-    for (int64_t b = b0; b < nb; b++)
-        sum += (float)dl_block_dot_q80(&w[b], &x[b]) * (dl_f16_to_f32(w[b].d) * dx[b]);
-    return sum;
-}
+/* A float matmul's rows r0..r1 from a path's dot product: out[t][r] = dot(w[r], x[t]). */
+#define DL_DEFINE_MATMUL_FROM_DOT(NAME, WTYPE, DOT)                                                 \
+    static void NAME(float *out, const WTYPE *w, const float *x,                                    \
+                     int64_t B, int64_t d, int64_t n, int64_t r0, int64_t r1) {                     \
+        for (int64_t r = r0; r < r1; r++)                                                           \
+            for (int64_t t = 0; t < B; t++) out[t * d + r] = DOT(w + r * n, x + t * n, n);          \
+    }
 
 #endif

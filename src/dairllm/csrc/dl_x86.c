@@ -340,35 +340,28 @@ DL_AVX2 static void matmul_q80_avx2(float *out, const dl_block_q80 *w, const dl_
         for (int64_t t = 0; t < B; t++) out[t * d + r] = dot_q80_avx2(w + r * nb, xq + t * nb, dx + t * nb, nb);
 }
 
-DL_AVX2 static float dot_f32_avx2(const float *a, const float *b, int64_t n) {
-    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
-        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
-    }
-    for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
-    float s = hsum_ps(_mm256_add_ps(s0, s1));
-    for (; i < n; i++) s += a[i] * b[i];
-    return s;
-}
-
 DL_AVX2 static inline __m256 load_f16x8(const uint16_t *p) {
     return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
 }
 
-DL_AVX2 static float dot_f16_avx2(const uint16_t *a, const float *b, int64_t n) {
-    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-        s0 = _mm256_fmadd_ps(load_f16x8(a + i), _mm256_loadu_ps(b + i), s0);
-        s1 = _mm256_fmadd_ps(load_f16x8(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+/* dot(a, b) of n weights of type WTYPE (LOAD8: 8 of them as f32 lanes, CVT: one) and f32 b */
+#define DEFINE_DOT_FLOAT_AVX2(NAME, WTYPE, LOAD8, CVT)                                              \
+    DL_AVX2 static float NAME(const WTYPE *a, const float *b, int64_t n) {                         \
+        __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();                                  \
+        int64_t i = 0;                                                                              \
+        for (; i + 16 <= n; i += 16) {                                                              \
+            s0 = _mm256_fmadd_ps(LOAD8(a + i), _mm256_loadu_ps(b + i), s0);                         \
+            s1 = _mm256_fmadd_ps(LOAD8(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);                 \
+        }                                                                                           \
+        for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(LOAD8(a + i), _mm256_loadu_ps(b + i), s0);  \
+        float s = hsum_ps(_mm256_add_ps(s0, s1));                                                   \
+        for (; i < n; i++) s += CVT(a[i]) * b[i];                                                   \
+        return s;                                                                                   \
     }
-    for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(load_f16x8(a + i), _mm256_loadu_ps(b + i), s0);
-    float s = hsum_ps(_mm256_add_ps(s0, s1));
-    for (; i < n; i++) s += _cvtsh_ss(a[i]) * b[i];
-    return s;
-}
+#define F32_ID(v) (v)
+#define F16_CVT(v) _cvtsh_ss(v)
+DEFINE_DOT_FLOAT_AVX2(dot_f32_avx2, float, _mm256_loadu_ps, F32_ID)
+DEFINE_DOT_FLOAT_AVX2(dot_f16_avx2, uint16_t, load_f16x8, F16_CVT)
 
 /* F32/F16 weights, 4 tokens per pass over a weight row (each weight vector loaded once). */
 #define DEFINE_MATMUL_FLOAT_AVX2(NAME, WT, LOADW, DOT, CVT1)                                          \
@@ -400,8 +393,6 @@ DL_AVX2 static float dot_f16_avx2(const uint16_t *a, const float *b, int64_t n) 
         }                                                                                              \
     }
 
-#define F32_ID(v) (v)
-#define F16_CVT(v) _cvtsh_ss(v)
 DEFINE_MATMUL_FLOAT_AVX2(matmul_f32_avx2, float, _mm256_loadu_ps, dot_f32_avx2, F32_ID)
 DEFINE_MATMUL_FLOAT_AVX2(matmul_f16_avx2, uint16_t, load_f16x8, dot_f16_avx2, F16_CVT)
 
