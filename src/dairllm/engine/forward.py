@@ -4,8 +4,10 @@ A batch of n tokens at positions p0..p0+n-1 goes through three stages that the e
 compose: `embed` (tokens -> x), `run_layers` (a range of transformer blocks over x; a cluster node
 runs its own range, the layer streamer swaps the weight provider) and `head` (x -> logits).
 Buffer names are defined in state.py. Math follows distributed-llama's single-node graph:
-with Q40/Q80 weights every matmul input is quantized to Q80 first, and so is each block's
-output before it joins the residual stream; F32/F16 weights keep F32 activations.
+with Q40/Q80 weights every matmul input is quantized to Q80 first; F32/F16 weights keep F32
+activations. The residual stream stays F32, except in the "dllama" arithmetic, which also
+rounds each block's output through Q80 before it joins the residual (as distributed-llama does;
+the exact arithmetic skips that extra rounding, which only adds error).
 Every kernel whose float arithmetic has a "dllama" variant gets `dllama=m.dllama` (the Net's
 arithmetic; its matmuls are bound to it already).
 """
@@ -41,8 +43,8 @@ def normed_q80(m: "Compute", r: "Rows", weight: np.ndarray) -> np.ndarray:
 
 
 def residual(m: "Compute", r: "Rows") -> None:
-    """x += dx, with dx rounded through Q80 first when activations are Q80 (as the reference)."""
-    if m.quantized:
+    """x += dx; in the dllama arithmetic with Q80 activations dx is rounded through Q80 first."""
+    if m.quantized and m.dllama:
         ops.residual_q80(r.x, r.dx, r.dxq)              # x: (n, dim)
     else:
         ops.add(r.x, r.dx)
