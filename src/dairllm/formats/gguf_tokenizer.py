@@ -1,0 +1,370 @@
+"""The tokenizer a GGUF file describes in its metadata, built with Hugging Face `tokenizers`.
+
+Keys read (llama.cpp's names): tokenizer.ggml.model, .pre, .tokens, .token_type, .merges,
+.bos_token_id, .eos_token_id, .eot_token_id, .eom_token_id, .padding_token_id, .add_bos_token,
+.add_eos_token, and tokenizer.chat_template.
+
+Supported models:
+- `gpt2`: byte-level BPE. Tokens are spelled in GPT-2's byte alphabet (a printable character
+  per byte); the merges rank pairs. Text is split by the pre-tokenizer regexes that
+  `tokenizer.ggml.pre` names (PRE_TOKENIZERS), each piece turned into byte-alphabet characters,
+  then merged. CONTROL and USER_DEFINED tokens written in the text are matched whole first.
+
+`tokenizer.ggml.model` `llama` (SentencePiece) and unknown pre-tokenizer names are refused with a
+TokenizerFormatError naming them: a guessed pre-tokenizer would give other ids than the model was
+trained on, which degrades its output silently. A file without `.pre` (written before llama.cpp
+recorded it) gets the GPT-2 split with a logged warning, as llama.cpp does.
+
+Bytes that the vocabulary has no token for (SmolLM2 has none for some control characters) are
+dropped with a warning, as both llama.cpp and `tokenizers` do.
+"""
+from __future__ import annotations
+
+import codecs
+import logging
+import os
+from dataclasses import dataclass
+from enum import IntEnum
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from ..errors import ConfigError, TokenizerFormatError
+from .tokenizer import UnencodableTextError
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = "pip install 'dairllm[gguf]'"
+MAX_VOCAB_SIZE = 1 << 22
+
+
+class TokenType(IntEnum):
+    """tokenizer.ggml.token_type values."""
+
+    NORMAL = 1
+    UNKNOWN = 2
+    CONTROL = 3
+    USER_DEFINED = 4
+    UNUSED = 5
+    BYTE = 6
+
+
+# Matched whole in the text before any splitting; their text is their own (not byte-spelled).
+ADDED_TYPES = (TokenType.CONTROL, TokenType.USER_DEFINED)
+RAW_TEXT_TYPES = frozenset(t for t in TokenType if t is not TokenType.NORMAL)
+
+# Control tokens that end a turn although the file names another EOS (llama.cpp treats these
+# as end of generation too).
+END_OF_TURN_TEXTS = frozenset({"<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>",
+                               "<end_of_turn>", "<|endoftext|>", "<EOT>"})
+
+# Pre-tokenizer regexes (data: the documented splits of each model family).
+_CONTRACTIONS_ANY_CASE = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
+GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+LLAMA3_SPLIT = (_CONTRACTIONS_ANY_CASE + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT = (_CONTRACTIONS_ANY_CASE + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+               r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+DIGITS_SPLIT = r"\p{N}"
+
+
+@dataclass(frozen=True)
+class PreTokenizer:
+    splits: tuple          # regexes applied in turn, each splitting the pieces of the one before
+    ignore_merges: bool = False   # a whole piece found in the vocabulary is one token (Llama 3)
+
+
+_GPT2 = PreTokenizer((GPT2_SPLIT,))
+_LLAMA3 = PreTokenizer((LLAMA3_SPLIT,), ignore_merges=True)
+_QWEN2 = PreTokenizer((QWEN2_SPLIT,))
+_DIGITS_THEN_GPT2 = PreTokenizer((DIGITS_SPLIT, GPT2_SPLIT))
+
+PRE_TOKENIZERS: dict[str, PreTokenizer] = {
+    "gpt2": _GPT2, "gpt-2": _GPT2, "phi-2": _GPT2,
+    "llama-bpe": _LLAMA3, "llama3": _LLAMA3, "llama-v3": _LLAMA3, "falcon3": _LLAMA3,
+    "qwen2": _QWEN2, "deepseek-r1-qwen": _QWEN2,
+    "smollm": _DIGITS_THEN_GPT2, "starcoder": _DIGITS_THEN_GPT2, "refact": _DIGITS_THEN_GPT2,
+}
+
+
+def byte_alphabet() -> dict[int, str]:
+    """GPT-2's byte -> character table: printable Latin-1 bytes stand for themselves, the other
+    68 bytes take the characters from U+0100 on, in byte order."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    table = {b: chr(b) for b in printable}
+    others = (b for b in range(256) if b not in table)
+    table.update((b, chr(0x100 + i)) for i, b in enumerate(others))
+    return table
+
+
+_CHAR_TO_BYTE = {c: b for b, c in byte_alphabet().items()}
+
+
+def _unspell(token: str) -> bytes:
+    """The bytes a byte-alphabet token stands for."""
+    try:
+        return bytes(_CHAR_TO_BYTE[c] for c in token)
+    except KeyError:                 # not byte-spelled (a mislabelled added token): its text
+        return token.encode("utf-8")
+
+
+# ---------------------------------------------------------------------------------------------
+# Metadata
+
+
+def _read_metadata(path: "str | os.PathLike") -> dict[str, Any]:
+    # TEMPORARY: until dairllm.formats.gguf.read_metadata exists; same contract (scalars as
+    # Python values, string arrays as list[str], numeric arrays as numpy arrays).
+    import numpy as np
+    try:
+        import gguf
+    except ImportError:
+        raise ConfigError(f"reading {path} needs the gguf package: {INSTALL_HINT}") from None
+    try:
+        reader = gguf.GGUFReader(os.fspath(path))
+    except (OSError, ValueError, IndexError) as e:
+        raise TokenizerFormatError(path, f"cannot read the GGUF metadata: {e}") from None
+    out: dict[str, Any] = {}
+    for key, field in reader.fields.items():
+        value = field.contents()
+        is_numeric_array = (field.types and field.types[0] == gguf.GGUFValueType.ARRAY
+                            and field.types[-1] != gguf.GGUFValueType.STRING)
+        out[key] = np.asarray(value) if is_numeric_array else value
+    return out
+
+
+def _get(md: dict, key: str, kind: type, path: object, default: Any = None) -> Any:
+    value = md.get(key, default)
+    if value is None or isinstance(value, kind):
+        return value
+    if kind is int and hasattr(value, "__index__") and not isinstance(value, bool):
+        return int(value)
+    raise TokenizerFormatError(path, f"{key} is a {type(value).__name__}, expected "
+                                     f"{kind.__name__}")
+
+
+def _string_list(md: dict, key: str, path: object) -> list[str] | None:
+    value = md.get(key)
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not all(isinstance(s, str) for s in value):
+        raise TokenizerFormatError(path, f"{key} must be an array of strings")
+    return list(value)
+
+
+def _token_types(md: dict, n_tokens: int, path: object) -> list[int]:
+    value = md.get("tokenizer.ggml.token_type")
+    if value is None:
+        return [TokenType.NORMAL] * n_tokens
+    types = [int(t) for t in value]
+    if len(types) != n_tokens:
+        raise TokenizerFormatError(path, f"tokenizer.ggml.token_type has {len(types)} entries "
+                                         f"for {n_tokens} tokens")
+    return types
+
+
+def _token_id(md: dict, key: str, n_tokens: int, path: object) -> int | None:
+    value = _get(md, key, int, path)
+    if value is not None and not 0 <= value < n_tokens:
+        raise TokenizerFormatError(path, f"{key} {value} is outside the vocabulary of "
+                                         f"{n_tokens}")
+    return value
+
+
+def _pre_tokenizer(md: dict, path: object) -> PreTokenizer:
+    name = _get(md, "tokenizer.ggml.pre", str, path)
+    if name is None or name == "default":
+        log.warning("%s: no tokenizer.ggml.pre; splitting text as GPT-2 does (ids may differ "
+                    "from the model's own tokenizer)", path)
+        return _GPT2
+    if name not in PRE_TOKENIZERS:
+        raise TokenizerFormatError(path, f"pre-tokenizer {name!r} is not supported "
+                                         f"(known: {', '.join(sorted(PRE_TOKENIZERS))})")
+    return PRE_TOKENIZERS[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+class GGUFTokenizer:
+    """A GGUF file's tokenizer, with the interface of the `.t` Tokenizer that generate, chat and
+    serve use: vocab_size, bos_id (None if the file names none), eos_ids, add_bos, add_eos,
+    pad_id, chat_template, special_ids, encode, decode, decoder, piece, is_eos.
+    """
+
+    def __init__(self, tokens: Sequence[str], token_types: Sequence[int],
+                 merges: Sequence[str], pre: PreTokenizer, *, bos_id: int | None,
+                 eos_ids: Sequence[int], add_bos: bool, add_eos: bool, pad_id: int | None,
+                 chat_template: str | None, path: object = "<metadata>") -> None:
+        self.path = path
+        self.tokens = list(tokens)
+        self.token_types = list(token_types)
+        self.vocab_size = len(self.tokens)
+        self.bos_id, self.eos_ids, self.pad_id = bos_id, list(eos_ids), pad_id
+        self.add_bos, self.add_eos = bool(add_bos), bool(add_eos)
+        self.chat_template = chat_template
+        self.special_ids = [i for i, t in enumerate(self.token_types) if t in ADDED_TYPES]
+        self._eos_set = frozenset(self.eos_ids)
+        self._pieces = [t.encode("utf-8") if y in RAW_TEXT_TYPES else _unspell(t)
+                        for t, y in zip(self.tokens, self.token_types)]
+        self._missing_bytes = _missing_bytes(self.tokens)
+        self._hf = _build_bpe(self.tokens, self.token_types, merges, pre, path)
+
+    @classmethod
+    def open(cls, path: "str | os.PathLike") -> "GGUFTokenizer":
+        """The tokenizer of a GGUF file (TokenizerFormatError if it has none we support)."""
+        return cls.from_metadata(_read_metadata(path), path=Path(path))
+
+    @classmethod
+    def from_metadata(cls, md: dict, path: object = "<metadata>") -> "GGUFTokenizer":
+        """Build from GGUF metadata (gguf.read_metadata's dict: key -> value)."""
+        model = _get(md, "tokenizer.ggml.model", str, path)
+        if model is None:
+            raise TokenizerFormatError(path, "no tokenizer in this GGUF (no tokenizer.ggml.model)")
+        if model != "gpt2":
+            raise TokenizerFormatError(path, f"tokenizer model {model!r} is not supported "
+                                             f"(supported: 'gpt2', byte-level BPE)")
+        tokens = _string_list(md, "tokenizer.ggml.tokens", path)
+        if not tokens or len(tokens) > MAX_VOCAB_SIZE:
+            raise TokenizerFormatError(path, "tokenizer.ggml.tokens must hold 1.."
+                                             f"{MAX_VOCAB_SIZE} tokens")
+        merges = _string_list(md, "tokenizer.ggml.merges", path)
+        if merges is None:
+            raise TokenizerFormatError(path, "a gpt2 tokenizer needs tokenizer.ggml.merges")
+        types = _token_types(md, len(tokens), path)
+        n = len(tokens)
+        bos = _token_id(md, "tokenizer.ggml.bos_token_id", n, path)
+        add_bos = _get(md, "tokenizer.ggml.add_bos_token", bool, path, False)
+        if add_bos and bos is None:
+            raise TokenizerFormatError(path, "tokenizer.ggml.add_bos_token is set but there is "
+                                             "no tokenizer.ggml.bos_token_id")
+        return cls(tokens, types, merges, _pre_tokenizer(md, path), bos_id=bos,
+                   eos_ids=_eos_ids(md, tokens, types, path), add_bos=add_bos,
+                   add_eos=_get(md, "tokenizer.ggml.add_eos_token", bool, path, False),
+                   pad_id=_token_id(md, "tokenizer.ggml.padding_token_id", n, path),
+                   chat_template=_get(md, "tokenizer.chat_template", str, path), path=path)
+
+    def __repr__(self) -> str:
+        return (f"GGUFTokenizer({str(self.path)!r}, vocab_size={self.vocab_size}, "
+                f"bos_id={self.bos_id}, eos_ids={self.eos_ids}, add_bos={self.add_bos})")
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        """Token ids of `text`, special tokens written in it matched whole. add_bos: add what the
+        file asks for around a sequence (BOS if add_bos_token, EOS if add_eos_token), as
+        llama.cpp's add_special and transformers' add_special_tokens do."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be str, not {type(text).__name__}")
+        self._utf8(text)
+        ids = self._hf.encode(text, add_special_tokens=False).ids
+        if add_bos and self.add_bos:
+            ids.insert(0, self.bos_id)
+        if add_bos and self.add_eos and self.eos_ids:
+            ids.append(self.eos_ids[0])
+        return ids
+
+    def _utf8(self, text: str) -> bytes:
+        """The text's bytes; warns about the ones no token covers (they will be dropped)."""
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise UnencodableTextError(f"the text is not valid Unicode at offset {e.start} "
+                                       f"({e.reason})") from None
+        lost = self._missing_bytes.intersection(data) if self._missing_bytes else ()
+        if lost:
+            log.warning("%s: no token for the bytes %s; they are dropped", self.path,
+                        " ".join(f"0x{b:02x}" for b in sorted(lost)))
+        return data
+
+    def piece(self, token: int) -> bytes:
+        """The bytes of one token (special tokens: their text)."""
+        if not 0 <= token < self.vocab_size:
+            raise ValueError(f"token id {token} outside the vocabulary of {self.vocab_size}")
+        return self._pieces[token]
+
+    def is_eos(self, token: int) -> bool:
+        return token in self._eos_set
+
+    def decoder(self) -> "StreamDecoder":
+        """A streaming decoder: feed ids one by one, get the text that became complete."""
+        return StreamDecoder(self)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """The text of `ids`, special tokens included; invalid UTF-8 becomes U+FFFD."""
+        return b"".join(self.piece(int(t)) for t in ids).decode("utf-8", errors="replace")
+
+
+class StreamDecoder:
+    """Complete UTF-8 goes out as tokens arrive; a character split over tokens is held until
+    its last byte comes (at most 3 bytes held), invalid bytes become U+FFFD."""
+
+    def __init__(self, tok: GGUFTokenizer) -> None:
+        self._tok = tok
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def feed(self, token: int) -> str:
+        return self._utf8.decode(self._tok.piece(token))
+
+    def flush(self) -> str:
+        """What is held, an incomplete character as U+FFFD; the decoder starts over."""
+        out = self._utf8.decode(b"", final=True)
+        self._utf8.reset()
+        return out
+
+    def reset(self) -> None:
+        self._utf8.reset()
+
+
+def _eos_ids(md: dict, tokens: list[str], types: list[int], path: object) -> list[int]:
+    """The file's EOS, EOT and EOM ids, then control tokens that end a turn by their text."""
+    n = len(tokens)
+    ids = [_token_id(md, f"tokenizer.ggml.{k}_token_id", n, path) for k in ("eos", "eot", "eom")]
+    ids += [i for i, (t, y) in enumerate(zip(tokens, types))
+            if y == TokenType.CONTROL and t in END_OF_TURN_TEXTS]
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+def _missing_bytes(tokens: list[str]) -> frozenset:
+    present = set(tokens)
+    return frozenset(b for b, c in byte_alphabet().items() if c not in present)
+
+
+def _split_merge(merge: str, index: int, path: object) -> tuple[str, str]:
+    # Byte-spelled tokens hold no space; the first space after the first character separates.
+    cut = merge.find(" ", 1)
+    if cut < 0:
+        raise TokenizerFormatError(path, f"merge {index} {merge!r} is not two tokens "
+                                         f"separated by a space")
+    return merge[:cut], merge[cut + 1:]
+
+
+def _build_bpe(tokens: list[str], types: list[int], merges: Sequence[str], pre: PreTokenizer,
+               path: object):
+    """The `tokenizers` pipeline: added tokens matched whole, the regex splits, bytes to the
+    byte alphabet, BPE with the file's merges."""
+    try:
+        from tokenizers import AddedToken, Regex, Tokenizer, models, pre_tokenizers
+    except ImportError:
+        raise ConfigError(f"the tokenizer of a GGUF file needs the tokenizers package: "
+                          f"{INSTALL_HINT}") from None
+    vocab: dict[str, int] = {}
+    for i, t in enumerate(tokens):
+        vocab.setdefault(t, i)
+    pairs = [_split_merge(m, i, path) for i, m in enumerate(merges)]
+    unknown = next((p for p in pairs if p[0] not in vocab or p[1] not in vocab
+                    or p[0] + p[1] not in vocab), None)
+    if unknown is not None:
+        raise TokenizerFormatError(path, f"merge {' '.join(unknown)!r} uses or makes a token "
+                                         f"missing from the vocabulary")
+    hf = Tokenizer(models.BPE(vocab=vocab, merges=pairs, ignore_merges=pre.ignore_merges))
+    hf.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in pre.splits]
+        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    for kind, add in ((TokenType.CONTROL, hf.add_special_tokens),
+                      (TokenType.USER_DEFINED, hf.add_tokens)):
+        add([AddedToken(t, special=kind is TokenType.CONTROL, normalized=False)
+             for t, y in zip(tokens, types) if y == kind])
+    return hf
+
+
+__all__ = ["GGUFTokenizer", "StreamDecoder", "TokenType", "PreTokenizer", "PRE_TOKENIZERS",
+           "byte_alphabet", "INSTALL_HINT"]
