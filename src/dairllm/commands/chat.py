@@ -7,9 +7,8 @@ import threading
 
 from ..chat import Chat, GenerationConfig, Result, Session
 from ..convert.chat_template import ChatTemplate
-from ..formats.tokenizer import Tokenizer
 from .options import (add_cluster_arguments, add_model_arguments, add_runtime_arguments,
-                      add_sampling_arguments, open_model)
+                      add_sampling_arguments, open_model, open_tokenizer)
 
 HELP = "chat with a model in the terminal (the model's own chat template, streaming replies)"
 
@@ -32,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def open_session(args: argparse.Namespace) -> Session:
     """Model, tokenizer and template from the shared options -> a chat.Session."""
-    tok = Tokenizer.open(args.tokenizer)
+    tok = open_tokenizer(args)
     specials = [_piece(tok, i) for i in tok.special_ids]
     template = ChatTemplate.choose(tok.chat_template, args.chat_template,
                                    bos_token=_piece(tok, tok.bos_id),
@@ -74,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
             line = sys.stdin.readline()
             if not line:
                 break
-            text = line.rstrip("\n")
+            text = line.rstrip("\r\n")
             if text.strip() == "/exit":
                 break
             if text.strip() == "/reset":

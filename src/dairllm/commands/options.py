@@ -22,7 +22,21 @@ DEFAULT_TOPP = 0.9
 def add_model_arguments(p: argparse.ArgumentParser, tokenizer: bool = True) -> None:
     p.add_argument("--model", required=True, help="the .m model file")
     if tokenizer:
-        p.add_argument("--tokenizer", required=True, help="the .t tokenizer file")
+        p.add_argument("--tokenizer", default=None,
+                       help="the .t tokenizer file (or a GGUF); default for a GGUF model: its own")
+
+
+def open_tokenizer(args: argparse.Namespace):
+    """--tokenizer, or the tokenizer inside a GGUF --model (dairllm.Tokenizer.open)."""
+    from ..tokenizer import Tokenizer, is_gguf
+
+    path = args.tokenizer
+    if path is None:
+        if not is_gguf(args.model):
+            raise ConfigError(f"--tokenizer is needed: {args.model} is not a GGUF file, so it "
+                              f"carries no tokenizer")
+        path = args.model
+    return Tokenizer.open(path)
 
 
 def add_threads_argument(p: argparse.ArgumentParser) -> None:

@@ -11,9 +11,9 @@ Supported models:
   then merged. CONTROL and USER_DEFINED tokens written in the text are matched whole first.
 
 `tokenizer.ggml.model` `llama` (SentencePiece) and unknown pre-tokenizer names are refused with a
-TokenizerFormatError naming them: a guessed pre-tokenizer would give other ids than the model was
-trained on, which degrades its output silently. A file without `.pre` (written before llama.cpp
-recorded it) gets the GPT-2 split with a logged warning, as llama.cpp does.
+TokenizerFormatError naming them, as llama.cpp refuses them: a guessed pre-tokenizer would give
+other ids than the model was trained on, which degrades its output silently. A file without
+`.pre` (written before llama.cpp recorded it) gets llama.cpp's default split and a warning.
 
 Bytes that the vocabulary has no token for (SmolLM2 has none for some control characters) are
 dropped with a warning, as both llama.cpp and `tokenizers` do.
@@ -65,24 +65,33 @@ LLAMA3_SPLIT = (_CONTRACTIONS_ANY_CASE + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
 QWEN2_SPLIT = (_CONTRACTIONS_ANY_CASE + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 DIGITS_SPLIT = r"\p{N}"
+# llama.cpp's split for files that name no pre-tokenizer (punctuation runs, GPT-2, digit runs,
+# then groups of three ASCII digits).
+DEFAULT_SPLITS = (r"[\p{P}\$\+<=>\^~\|]+", GPT2_SPLIT, r"\p{N}+", r"[0-9][0-9][0-9]")
 
 
 @dataclass(frozen=True)
 class PreTokenizer:
     splits: tuple          # regexes applied in turn, each splitting the pieces of the one before
     ignore_merges: bool = False   # a whole piece found in the vocabulary is one token (Llama 3)
+    add_bos: bool = False         # BOS when the file has no add_bos_token (llama.cpp's default)
 
 
 _GPT2 = PreTokenizer((GPT2_SPLIT,))
-_LLAMA3 = PreTokenizer((LLAMA3_SPLIT,), ignore_merges=True)
+_LLAMA3 = PreTokenizer((LLAMA3_SPLIT,), ignore_merges=True, add_bos=True)
+_LLAMA3_SPLIT_ONLY = PreTokenizer((LLAMA3_SPLIT,))
 _QWEN2 = PreTokenizer((QWEN2_SPLIT,))
 _DIGITS_THEN_GPT2 = PreTokenizer((DIGITS_SPLIT, GPT2_SPLIT))
 
+# tokenizer.ggml.pre -> split, under llama.cpp's names (each checked against it in the tests).
 PRE_TOKENIZERS: dict[str, PreTokenizer] = {
-    "gpt2": _GPT2, "gpt-2": _GPT2, "phi-2": _GPT2,
+    "default": PreTokenizer(DEFAULT_SPLITS),
+    "gpt-2": _GPT2, "phi-2": _GPT2,
     "llama-bpe": _LLAMA3, "llama3": _LLAMA3, "llama-v3": _LLAMA3, "falcon3": _LLAMA3,
+    "dbrx": _LLAMA3_SPLIT_ONLY, "smaug-bpe": _LLAMA3_SPLIT_ONLY,
     "qwen2": _QWEN2, "deepseek-r1-qwen": _QWEN2,
     "smollm": _DIGITS_THEN_GPT2, "starcoder": _DIGITS_THEN_GPT2, "refact": _DIGITS_THEN_GPT2,
+    "command-r": _DIGITS_THEN_GPT2,
 }
 
 
@@ -118,7 +127,7 @@ def _read_metadata(path: "str | os.PathLike") -> dict[str, Any]:
     try:
         import gguf
     except ImportError:
-        raise ConfigError(f"reading {path} needs the gguf package: {INSTALL_HINT}") from None
+        raise ConfigError(f"reading {path} needs the gguf package: pip install gguf") from None
     try:
         reader = gguf.GGUFReader(os.fspath(path))
     except (OSError, ValueError, IndexError) as e:
@@ -171,11 +180,10 @@ def _token_id(md: dict, key: str, n_tokens: int, path: object) -> int | None:
 
 
 def _pre_tokenizer(md: dict, path: object) -> PreTokenizer:
-    name = _get(md, "tokenizer.ggml.pre", str, path)
-    if name is None or name == "default":
-        log.warning("%s: no tokenizer.ggml.pre; splitting text as GPT-2 does (ids may differ "
-                    "from the model's own tokenizer)", path)
-        return _GPT2
+    name = _get(md, "tokenizer.ggml.pre", str, path, "default")
+    if name == "default":
+        log.warning("%s: no pre-tokenizer named (tokenizer.ggml.pre); splitting as llama.cpp "
+                    "does then, which may not be how the model was trained", path)
     if name not in PRE_TOKENIZERS:
         raise TokenizerFormatError(path, f"pre-tokenizer {name!r} is not supported "
                                          f"(known: {', '.join(sorted(PRE_TOKENIZERS))})")
@@ -234,11 +242,12 @@ class GGUFTokenizer:
         types = _token_types(md, len(tokens), path)
         n = len(tokens)
         bos = _token_id(md, "tokenizer.ggml.bos_token_id", n, path)
-        add_bos = _get(md, "tokenizer.ggml.add_bos_token", bool, path, False)
+        pre = _pre_tokenizer(md, path)
+        add_bos = _get(md, "tokenizer.ggml.add_bos_token", bool, path, pre.add_bos)
         if add_bos and bos is None:
             raise TokenizerFormatError(path, "tokenizer.ggml.add_bos_token is set but there is "
                                              "no tokenizer.ggml.bos_token_id")
-        return cls(tokens, types, merges, _pre_tokenizer(md, path), bos_id=bos,
+        return cls(tokens, types, merges, pre, bos_id=bos,
                    eos_ids=_eos_ids(md, tokens, types, path), add_bos=add_bos,
                    add_eos=_get(md, "tokenizer.ggml.add_eos_token", bool, path, False),
                    pad_id=_token_id(md, "tokenizer.ggml.padding_token_id", n, path),

