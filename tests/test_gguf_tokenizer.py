@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
-import json
 import logging
 import os
 import sys
@@ -18,14 +17,13 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-gguf = pytest.importorskip("gguf")
-pytest.importorskip("tokenizers")
 
 import dairllm  # noqa: E402
 from dairllm.convert.chat_template import ChatTemplate  # noqa: E402
 from dairllm.errors import ConfigError, DairError, TokenizerFormatError  # noqa: E402
-from dairllm.formats.gguf_tokenizer import PRE_TOKENIZERS, GGUFTokenizer, TokenType  # noqa: E402
+from dairllm.formats.gguf_tokenizer import PRE_TOKENIZERS, GGUFTokenizer  # noqa: E402
 from dairllm.formats.tokenizer import UnencodableTextError  # noqa: E402
+from helpers.gguf_vocab import SPECIALS, TEMPLATE, train_vocab, write_vocab_gguf  # noqa: E402
 
 SMOLLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -185,72 +183,16 @@ def test_smollm_bytes_without_a_token_are_dropped_as_llama_cpp_does(ours, llama,
 # ---------------------------------------------------------------------------------------------
 # Synthetic files: one vocabulary, every pre-tokenizer name
 
-CORPUS = ["Hello world! The quick brown fox jumps over the lazy dog. It's HE'S we'll they'RE",
-          "1234567 numbers 1234567 and 3.14159, 2024-01-01, 1234567 again.\n1234567",
-          "def f(x):\n    return x ** 2  # comment\n\n\tindent\n",
-          "東京は日本の首都です。Café naïve 😀 emoji", "   spaces   and\n\n\nnewlines  \r\n",
-          "x+=1; y<=2 || z^3 $5 ~a ...!!! ,,,"] * 30
-SPECIALS = [("<|begin_of_text|>", TokenType.CONTROL), ("<|eot_id|>", TokenType.CONTROL),
-            ("<|im_start|>", TokenType.CONTROL), ("<|im_end|>", TokenType.CONTROL),
-            ("<think>", TokenType.USER_DEFINED)]
 SYNTH_STRINGS = ["1234567 It'S HE'S we'll THEY'RE", "def f(x):\n    return x ** 2  # comment\n",
                  "   spaces   and\n\n\nnewlines  \r\n", "東京は日本の首都です。Café naïve 😀",
                  "<|im_start|>hi<think>x</think><|im_end|>", "a\n\n  b   \n c",
                  "x+=1; y<=2 || z^3 $5 ~a 12345678901", "...!!! ,,, 'tis", "", "a zqx",
                  "9876543210 ٣٤٥ ²³"]
-UNREACHABLE = "Ġzqx"           # in the vocabulary, but no merge makes it (Llama 3 takes it whole)
 
 
 @pytest.fixture(scope="module")
 def trained_vocab() -> tuple[list[str], list[str]]:
-    """(tokens, merges) of a byte-level BPE trained on CORPUS, in the byte alphabet."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=500, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CORPUS, trainer)
-    model = json.loads(tok.to_str())["model"]
-    tokens = sorted(model["vocab"], key=model["vocab"].get)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
-    return tokens + [UNREACHABLE], merges
-
-
-def write_vocab_gguf(path: Path, tokens: list[str], merges: list[str], pre: "str | None",
-                     add_bos: "bool | None" = True, add_eos: "bool | None" = False) -> Path:
-    """A vocabulary-only GGUF (llama hyperparameters so llama.cpp loads it, no tensors);
-    SPECIALS follow `tokens`; BOS is the first of them, EOS the second."""
-    types = [TokenType.NORMAL] * len(tokens) + [t for _, t in SPECIALS]
-    tokens = tokens + [s for s, _ in SPECIALS]
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_context_length(64)
-    w.add_embedding_length(8)
-    w.add_block_count(1)
-    w.add_feed_forward_length(16)
-    w.add_head_count(2)
-    w.add_head_count_kv(2)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_vocab_size(len(tokens))
-    w.add_tokenizer_model("gpt2")
-    if pre is not None:
-        w.add_tokenizer_pre(pre)
-    w.add_token_list(tokens)
-    w.add_token_types([int(t) for t in types])
-    w.add_token_merges(merges)
-    n = len(tokens) - len(SPECIALS)
-    w.add_bos_token_id(n)
-    w.add_eos_token_id(n + 1)
-    if add_bos is not None:
-        w.add_add_bos_token(add_bos)
-    if add_eos is not None:
-        w.add_add_eos_token(add_eos)
-    w.add_chat_template("{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>"
-                        "{% endfor %}")
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return train_vocab()
 
 
 @pytest.fixture(scope="module")
@@ -347,7 +289,7 @@ def test_synthetic_specials_chat_template_and_decoding(synth_file):
     assert tok.special_ids == list(range(n, n + len(SPECIALS)))
     assert tok.encode("<think>", add_bos=False) == [n + 4]
     assert tok.piece(n + 4) == b"<think>"
-    assert tok.chat_template.startswith("{% for m in messages %}")
+    assert tok.chat_template == TEMPLATE
     assert tok.eos_ids == [n + 1, n + 3]       # the file's EOS, then <|im_end|> ends a turn
     for text in SYNTH_STRINGS:
         assert tok.decode(tok.encode(text, add_bos=False)) == text
