@@ -23,7 +23,8 @@ from dairllm.convert.chat_template import ChatTemplate  # noqa: E402
 from dairllm.errors import ConfigError, DairError, TokenizerFormatError  # noqa: E402
 from dairllm.formats.gguf_tokenizer import PRE_TOKENIZERS, GGUFTokenizer  # noqa: E402
 from dairllm.formats.tokenizer import UnencodableTextError  # noqa: E402
-from helpers.gguf_vocab import SPECIALS, TEMPLATE, train_vocab, write_vocab_gguf  # noqa: E402
+from helpers.gguf_vocab import (SPECIALS, TEMPLATE, train_spm_pieces, train_vocab,  # noqa: E402
+                                write_spm_gguf, write_vocab_gguf)
 
 SMOLLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -296,6 +297,58 @@ def test_synthetic_specials_chat_template_and_decoding(synth_file):
 
 
 # ---------------------------------------------------------------------------------------------
+# SentencePiece (`llama`) files
+
+SPM_STRINGS = SYNTH_STRINGS + ["Hello world", "<unk>x <0x41> <s>hi</s> yo<think>x",
+                               "東京 😀 zq∑", "  two", " ", "\t", "<s> <s>  x</s>"]
+
+
+@pytest.fixture(scope="module")
+def spm_file(tmp_path_factory):
+    """spm_file(add_space_prefix) -> a `llama` tokenizer GGUF (None: the key left out)."""
+    folder = tmp_path_factory.mktemp("gguf_spm")
+    pieces = train_spm_pieces()
+    return lambda prefix=None: write_spm_gguf(folder / f"spm-{prefix}.gguf", pieces, prefix)
+
+
+@pytest.mark.parametrize("prefix", [None, False])
+def test_sentencepiece_as_llama_cpp(spm_file, prefix):
+    """Merges by score, byte fallback, a space before every stretch of text (after special
+    tokens too), <unk> and <think> written in the text: llama.cpp's ids."""
+    path = spm_file(prefix)
+    ours, llama = GGUFTokenizer.open(path), llama_vocab(path)
+    for text in SPM_STRINGS:
+        for special in (False, True):
+            assert ours.encode(text, add_bos=special) == llama_ids(llama, text, special), text
+
+
+def test_sentencepiece_as_transformers(spm_file):
+    """transformers' converter (Metaspace) adds no space before a text that starts with one or
+    after a special token; elsewhere it must agree."""
+    transformers = pytest.importorskip("transformers")
+    path = spm_file()
+    hf = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    ours = GGUFTokenizer.open(path)
+    plain = [t for t in SPM_STRINGS if not t.startswith((" ", "\t")) and "<" not in t]
+    assert len(plain) >= 8
+    for text in plain:
+        assert ours.encode(text) == hf.encode(text), text
+
+
+def test_sentencepiece_decoding(spm_file):
+    tok = GGUFTokenizer.open(spm_file())
+    assert (tok.bos_id, tok.eos_ids, tok.add_bos) == (1, [2], True)
+    fallback = tok.encode("zq∑", add_bos=False)[-3:]       # no token has ∑: its UTF-8 bytes
+    assert fallback == [3 + b for b in "∑".encode()]       # <0xXX> is token 3 + XX here
+    assert b"".join(tok.piece(i) for i in fallback) == "∑".encode()
+    for text in SPM_STRINGS:
+        if "<" not in text:
+            assert tok.decode(tok.encode(text, add_bos=False)) == text, text
+    d = tok.decoder()                         # the stream drops the space put before the text
+    assert "".join(d.feed(i) for i in tok.encode("Hello world", add_bos=False)) == "Hello world"
+
+
+# ---------------------------------------------------------------------------------------------
 # Opening files, bad metadata
 
 
@@ -345,7 +398,8 @@ def test_hand_made_metadata():
 
 BAD_METADATA = [
     ({"tokenizer.ggml.model": None}, "no tokenizer"),
-    ({"tokenizer.ggml.model": "llama"}, "'llama' is not supported"),
+    ({"tokenizer.ggml.model": "llama"}, "needs tokenizer.ggml.scores"),
+    ({"tokenizer.ggml.model": "llama", "tokenizer.ggml.scores": [0.0]}, "one per token"),
     ({"tokenizer.ggml.model": "bert"}, "'bert' is not supported"),
     ({"tokenizer.ggml.model": 7}, "tokenizer.ggml.model is a int"),
     ({"tokenizer.ggml.pre": "mystery"}, "'mystery' is not supported"),

@@ -1,22 +1,28 @@
 """The tokenizer a GGUF file describes in its metadata, built with Hugging Face `tokenizers`.
 
 Keys read (llama.cpp's names): tokenizer.ggml.model, .pre, .tokens, .token_type, .merges,
-.bos_token_id, .eos_token_id, .eot_token_id, .eom_token_id, .padding_token_id, .add_bos_token,
-.add_eos_token, and tokenizer.chat_template.
+.scores, .bos_token_id, .eos_token_id, .eot_token_id, .eom_token_id, .unknown_token_id,
+.padding_token_id, .add_bos_token, .add_eos_token, .add_space_prefix, tokenizer.chat_template.
 
-Supported models:
+Supported models (tokenizer.ggml.model):
 - `gpt2`: byte-level BPE. Tokens are spelled in GPT-2's byte alphabet (a printable character
   per byte); the merges rank pairs. Text is split by the pre-tokenizer regexes that
   `tokenizer.ggml.pre` names (PRE_TOKENIZERS), each piece turned into byte-alphabet characters,
-  then merged. CONTROL and USER_DEFINED tokens written in the text are matched whole first.
+  then merged.
+- `llama`: SentencePiece BPE (Llama 2, Mistral). Spaces become U+2581 and one is put before
+  every stretch of text (add_space_prefix); the characters are merged, best-scoring result
+  first; characters without a token fall back to the <0xXX> byte tokens. The merges are the
+  vocabulary's own: every split of a token into two tokens, ranked by the token's score.
+In both, CONTROL, UNKNOWN and USER_DEFINED tokens written in the text are matched whole
+first.
 
-`tokenizer.ggml.model` `llama` (SentencePiece) and unknown pre-tokenizer names are refused with a
-TokenizerFormatError naming them, as llama.cpp refuses them: a guessed pre-tokenizer would give
-other ids than the model was trained on, which degrades its output silently. A file without
-`.pre` (written before llama.cpp recorded it) gets llama.cpp's default split and a warning.
+Other models and unknown pre-tokenizer names are refused with a TokenizerFormatError naming
+them, as llama.cpp refuses them: a guessed pre-tokenizer would give other ids than the model was
+trained on, which degrades its output silently. A file without `.pre` (written before llama.cpp
+recorded it) gets llama.cpp's default split and a warning.
 
-Bytes that the vocabulary has no token for (SmolLM2 has none for some control characters) are
-dropped with a warning, as both llama.cpp and `tokenizers` do.
+Bytes that a byte-level vocabulary has no token for (SmolLM2 has none for some control
+characters) are dropped with a warning, as both llama.cpp and `tokenizers` do.
 """
 from __future__ import annotations
 
@@ -35,6 +41,7 @@ log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'dairllm[gguf]'"
 MAX_VOCAB_SIZE = 1 << 22
+SPACE = "\u2581"               # SentencePiece's visible space
 
 
 class TokenType(IntEnum):
@@ -48,8 +55,9 @@ class TokenType(IntEnum):
     BYTE = 6
 
 
-# Matched whole in the text before any splitting; their text is their own (not byte-spelled).
-ADDED_TYPES = (TokenType.CONTROL, TokenType.USER_DEFINED)
+# Matched whole in the text before any splitting (as llama.cpp does with parse_special).
+ADDED_TYPES = (TokenType.CONTROL, TokenType.UNKNOWN, TokenType.USER_DEFINED)
+# Their text is their own (not byte-spelled).
 RAW_TEXT_TYPES = frozenset(t for t in TokenType if t is not TokenType.NORMAL)
 
 # Control tokens that end a turn although the file names another EOS (llama.cpp treats these
@@ -194,29 +202,43 @@ def _pre_tokenizer(md: dict, path: object) -> PreTokenizer:
 # Tokenizer
 
 
+@dataclass
+class _Model:
+    """What a tokenizer.ggml.model contributes: the pipeline and each token's bytes."""
+
+    hf: Any                          # tokenizers.Tokenizer
+    pieces: list                     # bytes of each token
+    add_bos: bool                    # BOS when the file has no add_bos_token
+    missing_bytes: frozenset = frozenset()   # bytes no token covers (dropped when encoding)
+    strip_leading_space: bool = False        # decoding drops the space put before the text
+
+
 class GGUFTokenizer:
     """A GGUF file's tokenizer, with the interface of the `.t` Tokenizer that generate, chat and
     serve use: vocab_size, bos_id (None if the file names none), eos_ids, add_bos, add_eos,
     pad_id, chat_template, special_ids, encode, decode, decoder, piece, is_eos.
     """
 
-    def __init__(self, tokens: Sequence[str], token_types: Sequence[int],
-                 merges: Sequence[str], pre: PreTokenizer, *, bos_id: int | None,
-                 eos_ids: Sequence[int], add_bos: bool, add_eos: bool, pad_id: int | None,
-                 chat_template: str | None, path: object = "<metadata>") -> None:
+    def __init__(self, tokens: Sequence[str], token_types: Sequence[int], model: _Model, *,
+                 bos_id: int | None, eos_ids: Sequence[int], add_bos: bool, add_eos: bool,
+                 pad_id: int | None, chat_template: str | None,
+                 path: object = "<metadata>") -> None:
         self.path = path
         self.tokens = list(tokens)
         self.token_types = list(token_types)
         self.vocab_size = len(self.tokens)
         self.bos_id, self.eos_ids, self.pad_id = bos_id, list(eos_ids), pad_id
         self.add_bos, self.add_eos = bool(add_bos), bool(add_eos)
+        if self.add_bos and bos_id is None:
+            raise TokenizerFormatError(path, "BOS is to be added but there is no "
+                                             "tokenizer.ggml.bos_token_id")
         self.chat_template = chat_template
         self.special_ids = [i for i, t in enumerate(self.token_types) if t in ADDED_TYPES]
+        self.strip_leading_space = model.strip_leading_space
         self._eos_set = frozenset(self.eos_ids)
-        self._pieces = [t.encode("utf-8") if y in RAW_TEXT_TYPES else _unspell(t)
-                        for t, y in zip(self.tokens, self.token_types)]
-        self._missing_bytes = _missing_bytes(self.tokens)
-        self._hf = _build_bpe(self.tokens, self.token_types, merges, pre, path)
+        self._pieces = model.pieces
+        self._missing_bytes = model.missing_bytes
+        self._hf = model.hf
 
     @classmethod
     def open(cls, path: "str | os.PathLike") -> "GGUFTokenizer":
@@ -226,29 +248,23 @@ class GGUFTokenizer:
     @classmethod
     def from_metadata(cls, md: dict, path: object = "<metadata>") -> "GGUFTokenizer":
         """Build from GGUF metadata (gguf.read_metadata's dict: key -> value)."""
-        model = _get(md, "tokenizer.ggml.model", str, path)
-        if model is None:
+        kind = _get(md, "tokenizer.ggml.model", str, path)
+        if kind is None:
             raise TokenizerFormatError(path, "no tokenizer in this GGUF (no tokenizer.ggml.model)")
-        if model != "gpt2":
-            raise TokenizerFormatError(path, f"tokenizer model {model!r} is not supported "
-                                             f"(supported: 'gpt2', byte-level BPE)")
+        if kind not in _MODELS:
+            raise TokenizerFormatError(path, f"tokenizer model {kind!r} is not supported "
+                                             f"(supported: {', '.join(map(repr, _MODELS))})")
         tokens = _string_list(md, "tokenizer.ggml.tokens", path)
         if not tokens or len(tokens) > MAX_VOCAB_SIZE:
             raise TokenizerFormatError(path, "tokenizer.ggml.tokens must hold 1.."
                                              f"{MAX_VOCAB_SIZE} tokens")
-        merges = _string_list(md, "tokenizer.ggml.merges", path)
-        if merges is None:
-            raise TokenizerFormatError(path, "a gpt2 tokenizer needs tokenizer.ggml.merges")
         types = _token_types(md, len(tokens), path)
+        model = _MODELS[kind](md, tokens, types, path)
         n = len(tokens)
-        bos = _token_id(md, "tokenizer.ggml.bos_token_id", n, path)
-        pre = _pre_tokenizer(md, path)
-        add_bos = _get(md, "tokenizer.ggml.add_bos_token", bool, path, pre.add_bos)
-        if add_bos and bos is None:
-            raise TokenizerFormatError(path, "tokenizer.ggml.add_bos_token is set but there is "
-                                             "no tokenizer.ggml.bos_token_id")
-        return cls(tokens, types, merges, pre, bos_id=bos,
-                   eos_ids=_eos_ids(md, tokens, types, path), add_bos=add_bos,
+        return cls(tokens, types, model,
+                   bos_id=_token_id(md, "tokenizer.ggml.bos_token_id", n, path),
+                   eos_ids=_eos_ids(md, tokens, types, path),
+                   add_bos=_get(md, "tokenizer.ggml.add_bos_token", bool, path, model.add_bos),
                    add_eos=_get(md, "tokenizer.ggml.add_eos_token", bool, path, False),
                    pad_id=_token_id(md, "tokenizer.ggml.padding_token_id", n, path),
                    chat_template=_get(md, "tokenizer.chat_template", str, path), path=path)
@@ -263,7 +279,7 @@ class GGUFTokenizer:
         llama.cpp's add_special and transformers' add_special_tokens do."""
         if not isinstance(text, str):
             raise TypeError(f"text must be str, not {type(text).__name__}")
-        self._utf8(text)
+        self._check_text(text)
         ids = self._hf.encode(text, add_special_tokens=False).ids
         if add_bos and self.add_bos:
             ids.insert(0, self.bos_id)
@@ -271,8 +287,8 @@ class GGUFTokenizer:
             ids.append(self.eos_ids[0])
         return ids
 
-    def _utf8(self, text: str) -> bytes:
-        """The text's bytes; warns about the ones no token covers (they will be dropped)."""
+    def _check_text(self, text: str) -> None:
+        """Refuses text that is not Unicode; warns about bytes no token covers (dropped)."""
         try:
             data = text.encode("utf-8")
         except UnicodeEncodeError as e:
@@ -282,7 +298,6 @@ class GGUFTokenizer:
         if lost:
             log.warning("%s: no token for the bytes %s; they are dropped", self.path,
                         " ".join(f"0x{b:02x}" for b in sorted(lost)))
-        return data
 
     def piece(self, token: int) -> bytes:
         """The bytes of one token (special tokens: their text)."""
@@ -298,8 +313,10 @@ class GGUFTokenizer:
         return StreamDecoder(self)
 
     def decode(self, ids: Iterable[int]) -> str:
-        """The text of `ids`, special tokens included; invalid UTF-8 becomes U+FFFD."""
-        return b"".join(self.piece(int(t)) for t in ids).decode("utf-8", errors="replace")
+        """The text of `ids`, special tokens included; invalid UTF-8 becomes U+FFFD. (A
+        SentencePiece text starts without the space encoding put before it.)"""
+        d = self.decoder()
+        return "".join(d.feed(int(t)) for t in ids) + d.flush()
 
 
 class StreamDecoder:
@@ -309,18 +326,26 @@ class StreamDecoder:
     def __init__(self, tok: GGUFTokenizer) -> None:
         self._tok = tok
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._at_start = tok.strip_leading_space
 
     def feed(self, token: int) -> str:
-        return self._utf8.decode(self._tok.piece(token))
+        return self._strip_start(self._utf8.decode(self._tok.piece(token)))
 
     def flush(self) -> str:
         """What is held, an incomplete character as U+FFFD; the decoder starts over."""
-        out = self._utf8.decode(b"", final=True)
-        self._utf8.reset()
+        out = self._strip_start(self._utf8.decode(b"", final=True))
+        self.reset()
         return out
 
     def reset(self) -> None:
         self._utf8.reset()
+        self._at_start = self._tok.strip_leading_space
+
+    def _strip_start(self, text: str) -> str:
+        if self._at_start and text:
+            self._at_start = False
+            return text[1:] if text[0] == " " else text
+        return text
 
 
 def _eos_ids(md: dict, tokens: list[str], types: list[int], path: object) -> list[int]:
@@ -332,9 +357,59 @@ def _eos_ids(md: dict, tokens: list[str], types: list[int], path: object) -> lis
     return list(dict.fromkeys(i for i in ids if i is not None))
 
 
-def _missing_bytes(tokens: list[str]) -> frozenset:
+def _tokenizers():
+    try:
+        import tokenizers
+    except ImportError:
+        raise ConfigError(f"the tokenizer of a GGUF file needs the tokenizers package: "
+                          f"{INSTALL_HINT}") from None
+    return tokenizers
+
+
+def _add_special_tokens(hf, tokens: list[str], types: list[int]) -> None:
+    """ADDED_TYPES tokens are matched whole in the text, before anything else."""
+    AddedToken = _tokenizers().AddedToken
+    special = [AddedToken(t, special=True, normalized=False) for t, y in zip(tokens, types)
+               if y in ADDED_TYPES and y != TokenType.USER_DEFINED]
+    plain = [AddedToken(t, special=False, normalized=False) for t, y in zip(tokens, types)
+             if y == TokenType.USER_DEFINED]
+    hf.add_special_tokens(special)
+    hf.add_tokens(plain)
+
+
+def _first_ids(tokens: list[str]) -> dict[str, int]:
+    vocab: dict[str, int] = {}
+    for i, t in enumerate(tokens):
+        vocab.setdefault(t, i)
+    return vocab
+
+
+# -- gpt2: byte-level BPE ---------------------------------------------------------------------
+
+
+def _gpt2_model(md: dict, tokens: list[str], types: list[int], path: object) -> _Model:
+    merges = _string_list(md, "tokenizer.ggml.merges", path)
+    if merges is None:
+        raise TokenizerFormatError(path, "a gpt2 tokenizer needs tokenizer.ggml.merges")
+    pre = _pre_tokenizer(md, path)
+    tk = _tokenizers()
+    vocab = _first_ids(tokens)
+    pairs = [_split_merge(m, i, path) for i, m in enumerate(merges)]
+    unknown = next((p for p in pairs if p[0] not in vocab or p[1] not in vocab
+                    or p[0] + p[1] not in vocab), None)
+    if unknown is not None:
+        raise TokenizerFormatError(path, f"merge {' '.join(unknown)!r} uses or makes a token "
+                                         f"missing from the vocabulary")
+    hf = tk.Tokenizer(tk.models.BPE(vocab=vocab, merges=pairs, ignore_merges=pre.ignore_merges))
+    hf.pre_tokenizer = tk.pre_tokenizers.Sequence(
+        [tk.pre_tokenizers.Split(tk.Regex(r), behavior="isolated") for r in pre.splits]
+        + [tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    _add_special_tokens(hf, tokens, types)
+    pieces = [t.encode("utf-8") if y in RAW_TEXT_TYPES else _unspell(t)
+              for t, y in zip(tokens, types)]
     present = set(tokens)
-    return frozenset(b for b, c in byte_alphabet().items() if c not in present)
+    missing = frozenset(b for b, c in byte_alphabet().items() if c not in present)
+    return _Model(hf, pieces, pre.add_bos, missing_bytes=missing)
 
 
 def _split_merge(merge: str, index: int, path: object) -> tuple[str, str]:
@@ -346,33 +421,55 @@ def _split_merge(merge: str, index: int, path: object) -> tuple[str, str]:
     return merge[:cut], merge[cut + 1:]
 
 
-def _build_bpe(tokens: list[str], types: list[int], merges: Sequence[str], pre: PreTokenizer,
-               path: object):
-    """The `tokenizers` pipeline: added tokens matched whole, the regex splits, bytes to the
-    byte alphabet, BPE with the file's merges."""
-    try:
-        from tokenizers import AddedToken, Regex, Tokenizer, models, pre_tokenizers
-    except ImportError:
-        raise ConfigError(f"the tokenizer of a GGUF file needs the tokenizers package: "
-                          f"{INSTALL_HINT}") from None
-    vocab: dict[str, int] = {}
-    for i, t in enumerate(tokens):
-        vocab.setdefault(t, i)
-    pairs = [_split_merge(m, i, path) for i, m in enumerate(merges)]
-    unknown = next((p for p in pairs if p[0] not in vocab or p[1] not in vocab
-                    or p[0] + p[1] not in vocab), None)
-    if unknown is not None:
-        raise TokenizerFormatError(path, f"merge {' '.join(unknown)!r} uses or makes a token "
-                                         f"missing from the vocabulary")
-    hf = Tokenizer(models.BPE(vocab=vocab, merges=pairs, ignore_merges=pre.ignore_merges))
-    hf.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in pre.splits]
-        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    for kind, add in ((TokenType.CONTROL, hf.add_special_tokens),
-                      (TokenType.USER_DEFINED, hf.add_tokens)):
-        add([AddedToken(t, special=kind is TokenType.CONTROL, normalized=False)
-             for t, y in zip(tokens, types) if y == kind])
-    return hf
+# -- llama: SentencePiece BPE -----------------------------------------------------------------
+
+
+def _spm_model(md: dict, tokens: list[str], types: list[int], path: object) -> _Model:
+    scores = md.get("tokenizer.ggml.scores")
+    if scores is None or len(scores) != len(tokens):
+        raise TokenizerFormatError(path, f"a llama tokenizer needs tokenizer.ggml.scores, one "
+                                         f"per token ({len(tokens)})")
+    prefix = _get(md, "tokenizer.ggml.add_space_prefix", bool, path, True)
+    unk = _token_id(md, "tokenizer.ggml.unknown_token_id", len(tokens), path)
+    tk = _tokenizers()
+    vocab = _first_ids(tokens)
+    hf = tk.Tokenizer(tk.models.BPE(
+        vocab=vocab, merges=_merges_by_score(tokens, types, [float(x) for x in scores]),
+        byte_fallback=True, unk_token=None if unk is None else tokens[unk], fuse_unk=True))
+    # Prepend runs on each stretch of text between special tokens, as llama.cpp puts a space
+    # before each (Metaspace would skip one that starts with a space already).
+    steps = [tk.normalizers.Prepend(SPACE)] if prefix else []
+    hf.normalizer = tk.normalizers.Sequence(steps + [tk.normalizers.Replace(" ", SPACE)])
+    _add_special_tokens(hf, tokens, types)
+    pieces = [_spm_piece(t, y) for t, y in zip(tokens, types)]
+    return _Model(hf, pieces, add_bos=True, strip_leading_space=prefix)
+
+
+def _merges_by_score(tokens: list[str], types: list[int],
+                     scores: list[float]) -> list[tuple[str, str]]:
+    """Every (left, right) pair of tokens that makes a normal token, the best-scoring result
+    first: SentencePiece merges the adjacent pair whose result scores best."""
+    vocab = _first_ids(tokens)
+    ranked = []
+    for i, (t, y) in enumerate(zip(tokens, types)):
+        if y != TokenType.NORMAL or vocab[t] != i:
+            continue
+        for cut in range(1, len(t)):
+            if t[:cut] in vocab and t[cut:] in vocab:
+                ranked.append((-scores[i], i, cut))
+    ranked.sort()
+    return [(tokens[i][:cut], tokens[i][cut:]) for _, i, cut in ranked]
+
+
+def _spm_piece(token: str, kind: int) -> bytes:
+    if kind == TokenType.BYTE and len(token) == 6 and token.startswith("<0x"):
+        return bytes([int(token[3:5], 16)])
+    if kind == TokenType.NORMAL:
+        return token.replace(SPACE, " ").encode("utf-8")
+    return token.encode("utf-8")
+
+
+_MODELS = {"gpt2": _gpt2_model, "llama": _spm_model}
 
 
 __all__ = ["GGUFTokenizer", "StreamDecoder", "TokenType", "PreTokenizer", "PRE_TOKENIZERS",
