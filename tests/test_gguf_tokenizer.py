@@ -335,6 +335,16 @@ def test_sentencepiece_as_transformers(spm_file):
         assert ours.encode(text) == hf.encode(text), text
 
 
+def test_sentencepiece_merges_the_best_scoring_pair_first(tmp_path):
+    """Pieces scored in order: ab (-4) beats bc (-5) beats ▁a (-6), so "abc" (text "▁abc")
+    merges a+b first and ends as ▁ ab c (worked out by hand), as llama.cpp does."""
+    path = write_spm_gguf(tmp_path / "order.gguf", ["▁", "a", "b", "c", "ab", "bc", "▁a"])
+    tok = GGUFTokenizer.open(path)
+    ids = tok.encode("abc", add_bos=False)
+    assert [tok.tokens[i] for i in ids] == ["▁", "ab", "c"]
+    assert ids == llama_ids(llama_vocab(path), "abc")
+
+
 def test_sentencepiece_decoding(spm_file):
     tok = GGUFTokenizer.open(spm_file())
     assert (tok.bos_id, tok.eos_ids, tok.add_bos) == (1, [2], True)
