@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -415,7 +417,7 @@ BAD_METADATA = [
     ({"tokenizer.ggml.pre": "mystery"}, "'mystery' is not supported"),
     ({"tokenizer.ggml.tokens": []}, "tokenizer.ggml.tokens"),
     ({"tokenizer.ggml.tokens": [1, 2]}, "array of strings"),
-    ({"tokenizer.ggml.tokens": "abc"}, "array of strings"),
+    ({"tokenizer.ggml.tokens": "abc"}, "must be an array, not a str"),
     ({"tokenizer.ggml.merges": None}, "needs tokenizer.ggml.merges"),
     ({"tokenizer.ggml.merges": ["a c"]}, "missing from the vocabulary"),
     ({"tokenizer.ggml.merges": ["ab"]}, "not two tokens"),
@@ -425,6 +427,13 @@ BAD_METADATA = [
     ({"tokenizer.ggml.bos_token_id": None, "tokenizer.ggml.add_bos_token": True},
      "no tokenizer.ggml.bos_token_id"),
     ({"tokenizer.ggml.add_bos_token": "yes"}, "expected bool"),
+    ({"tokenizer.ggml.bos_token_id": True}, "expected int"),
+    ({"tokenizer.ggml.tokens": 5}, "must be an array"),
+    ({"tokenizer.ggml.merges": "a b"}, "must be an array"),
+    ({"tokenizer.ggml.token_type": 3}, "must be an array"),
+    ({"tokenizer.ggml.token_type": ["x", 1, 1, 1]}, "array of integers"),
+    ({"tokenizer.ggml.model": "llama", "tokenizer.ggml.scores": ["x"] * 4}, "array of numbers"),
+    ({"tokenizer.chat_template": 5}, "expected str"),
 ]
 
 
@@ -434,6 +443,29 @@ def test_bad_metadata_gives_one_clear_error(change, message):
     md.update(change)
     with pytest.raises(TokenizerFormatError, match=message):
         GGUFTokenizer.from_metadata(md, path="x.gguf")
+
+
+VALUES = st.one_of(st.none(), st.booleans(), st.integers(-3, 10), st.floats(), st.text(max_size=6),
+                   st.lists(st.one_of(st.integers(-3, 10), st.text(max_size=4), st.floats()),
+                            max_size=6))
+
+
+@settings(max_examples=300, deadline=None)
+@given(changes=st.dictionaries(st.sampled_from(sorted(good_metadata()) + [
+    "tokenizer.ggml.scores", "tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_space_prefix",
+    "tokenizer.ggml.unknown_token_id", "tokenizer.chat_template"]), VALUES, max_size=4),
+       model=st.sampled_from(["gpt2", "llama"]))
+def test_hostile_metadata_builds_or_fails_clearly(changes, model):
+    """Any mix of wrong types, counts and ids: a tokenizer that encodes and decodes, or one
+    TokenizerFormatError; never another exception."""
+    md = dict(good_metadata(), **{"tokenizer.ggml.model": model,
+                                  "tokenizer.ggml.scores": [0.0, 0.0, -1.0, 0.0]})
+    md.update(changes)
+    try:
+        tok = GGUFTokenizer.from_metadata(md, path="x.gguf")
+    except TokenizerFormatError:
+        return
+    tok.decode(tok.encode("ab <|x|>b\n"))
 
 
 def test_text_that_is_not_unicode_is_refused():

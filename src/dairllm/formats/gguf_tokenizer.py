@@ -29,10 +29,13 @@ from __future__ import annotations
 import codecs
 import logging
 import os
+import re
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
 from typing import Any, Iterable, Sequence
+
+import numpy as np
 
 from ..errors import ConfigError, TokenizerFormatError
 from .tokenizer import UnencodableTextError
@@ -131,7 +134,6 @@ def _unspell(token: str) -> bytes:
 def _read_metadata(path: "str | os.PathLike") -> dict[str, Any]:
     # TEMPORARY: until dairllm.formats.gguf.read_metadata exists; same contract (scalars as
     # Python values, string arrays as list[str], numeric arrays as numpy arrays).
-    import numpy as np
     try:
         import gguf
     except ImportError:
@@ -150,29 +152,48 @@ def _read_metadata(path: "str | os.PathLike") -> dict[str, Any]:
 
 
 def _get(md: dict, key: str, kind: type, path: object, default: Any = None) -> Any:
+    """A scalar of the given type (ints also from integer-like numbers, never from bools)."""
     value = md.get(key, default)
-    if value is None or isinstance(value, kind):
+    is_bool = isinstance(value, bool)
+    if value is None or (isinstance(value, kind) and is_bool == (kind is bool)):
         return value
-    if kind is int and hasattr(value, "__index__") and not isinstance(value, bool):
+    if kind is int and hasattr(value, "__index__") and not is_bool:
         return int(value)
     raise TokenizerFormatError(path, f"{key} is a {type(value).__name__}, expected "
                                      f"{kind.__name__}")
 
 
-def _string_list(md: dict, key: str, path: object) -> list[str] | None:
+def _array(md: dict, key: str, item: type, path: object) -> list | None:
+    """An array whose items are all `item`s (for float: any number), or None."""
     value = md.get(key)
     if value is None:
         return None
-    if isinstance(value, (str, bytes)) or not all(isinstance(s, str) for s in value):
-        raise TokenizerFormatError(path, f"{key} must be an array of strings")
-    return list(value)
+    if not isinstance(value, (list, tuple, np.ndarray)):
+        raise TokenizerFormatError(path, f"{key} must be an array, not a "
+                                         f"{type(value).__name__}")
+    items = value.tolist() if isinstance(value, np.ndarray) else list(value)
+    if not all(_is_a(x, item) for x in items):
+        raise TokenizerFormatError(path, f"{key} must be an array of {_NAMES[item]}")
+    return [item(x) for x in items]
+
+
+_NAMES = {str: "strings", int: "integers", float: "numbers"}
+
+
+def _is_a(x: Any, item: type) -> bool:
+    if isinstance(x, bool):
+        return False
+    return isinstance(x, (int, float)) if item is float else isinstance(x, item)
+
+
+def _string_list(md: dict, key: str, path: object) -> list[str] | None:
+    return _array(md, key, str, path)
 
 
 def _token_types(md: dict, n_tokens: int, path: object) -> list[int]:
-    value = md.get("tokenizer.ggml.token_type")
-    if value is None:
+    types = _array(md, "tokenizer.ggml.token_type", int, path)
+    if types is None:
         return [TokenType.NORMAL] * n_tokens
-    types = [int(t) for t in value]
     if len(types) != n_tokens:
         raise TokenizerFormatError(path, f"tokenizer.ggml.token_type has {len(types)} entries "
                                          f"for {n_tokens} tokens")
@@ -425,7 +446,7 @@ def _split_merge(merge: str, index: int, path: object) -> tuple[str, str]:
 
 
 def _spm_model(md: dict, tokens: list[str], types: list[int], path: object) -> _Model:
-    scores = md.get("tokenizer.ggml.scores")
+    scores = _array(md, "tokenizer.ggml.scores", float, path)
     if scores is None or len(scores) != len(tokens):
         raise TokenizerFormatError(path, f"a llama tokenizer needs tokenizer.ggml.scores, one "
                                          f"per token ({len(tokens)})")
@@ -434,7 +455,7 @@ def _spm_model(md: dict, tokens: list[str], types: list[int], path: object) -> _
     tk = _tokenizers()
     vocab = _first_ids(tokens)
     hf = tk.Tokenizer(tk.models.BPE(
-        vocab=vocab, merges=_merges_by_score(tokens, types, [float(x) for x in scores]),
+        vocab=vocab, merges=_merges_by_score(tokens, types, scores),
         byte_fallback=True, unk_token=None if unk is None else tokens[unk], fuse_unk=True))
     # Prepend runs on each stretch of text between special tokens, as llama.cpp puts a space
     # before each (Metaspace would skip one that starts with a space already).
@@ -462,13 +483,15 @@ def _merges_by_score(tokens: list[str], types: list[int],
 
 
 def _spm_piece(token: str, kind: int) -> bytes:
-    if kind == TokenType.BYTE and len(token) == 6 and token.startswith("<0x"):
-        return bytes([int(token[3:5], 16)])
+    byte = _BYTE_TOKEN.fullmatch(token) if kind == TokenType.BYTE else None
+    if byte:
+        return bytes([int(byte[1], 16)])
     if kind == TokenType.NORMAL:
         return token.replace(SPACE, " ").encode("utf-8")
     return token.encode("utf-8")
 
 
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 _MODELS = {"gpt2": _gpt2_model, "llama": _spm_model}
 
 
