@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import json
 import logging
 import os
 import sys
@@ -358,6 +359,25 @@ def test_sentencepiece_decoding(spm_file):
             assert tok.decode(tok.encode(text, add_bos=False)) == text, text
     d = tok.decoder()                         # the stream drops the space put before the text
     assert "".join(d.feed(i) for i in tok.encode("Hello world", add_bos=False)) == "Hello world"
+
+
+def test_generate_command_with_a_gguf_tokenizer(synth_file, tmp_path):
+    """`generate --tokenizer x.gguf` on a .m model: the prompt ids are the GGUF tokenizer's
+    (BOS from the file's flag) and the text is its decoding of the generated ids."""
+    import subprocess
+    from dairllm.synth import make_model
+    model = make_model(tmp_path / "m.m", "llama", "tiny", weights="f32", n_layers=1)
+    vocab = synth_file("llama-bpe")
+    prompt = "def f(x):\n    return 東京 😀"
+    p = subprocess.run([sys.executable, "-m", "dairllm", "generate", "--model", str(model),
+                        "--tokenizer", str(vocab), "--prompt", prompt, "--steps", "6",
+                        "--temperature", "0", "--json"], capture_output=True, text=True,
+                       timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    tok = GGUFTokenizer.open(vocab)
+    assert out["prompt_tokens"] == tok.encode(prompt) and out["prompt_tokens"][0] == tok.bos_id
+    assert out["text"] == tok.decode(out["generated_tokens"])
 
 
 # ---------------------------------------------------------------------------------------------
