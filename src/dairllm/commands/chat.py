@@ -1,4 +1,9 @@
-"""`dairllm chat --model M.m --tokenizer T.t`: a multi-turn conversation in the terminal."""
+"""`dairllm chat --model M.m --tokenizer T.t`: a multi-turn conversation in the terminal.
+
+With input piped in (stdin not a terminal) each line is one user turn and only the replies go
+to stdout, one per turn; the program ends at the end of the input:
+`echo "What is the capital of France?" | dairllm chat --model x.gguf`.
+"""
 from __future__ import annotations
 
 import argparse
