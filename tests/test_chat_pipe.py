@@ -45,14 +45,15 @@ def run_chat(*args: str, stdin: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=TIMEOUT, env=env)
 
 
-def replies_in_process(model: Path, tokenizer: Path, template: str) -> list[str]:
-    """The greedy replies to TURNS, computed here (template: a built-in name or "auto")."""
+def replies_in_process(model: Path, tokenizer: Path, template: str, turns=TURNS,
+                       max_tokens: int = MAX_TOKENS) -> list[str]:
+    """The greedy replies to `turns`, computed here (template: a built-in name or "auto")."""
     tok = Tokenizer.open(tokenizer)
     session = Session(Model.open(model), tok, ChatTemplate.choose(tok.chat_template, template))
     try:
         chat = Chat(session)
-        cfg = GenerationConfig(max_tokens=MAX_TOKENS, temperature=0.0)
-        return ["".join(chat.send(turn, cfg)) for turn in TURNS]
+        cfg = GenerationConfig(max_tokens=max_tokens, temperature=0.0)
+        return ["".join(chat.send(turn, cfg)) for turn in turns]
     finally:
         session.model.close()
 
@@ -90,3 +91,15 @@ def test_a_model_without_its_own_tokenizer_needs_the_flag(tiny):
     p = run_chat("--model", str(model), stdin="Hello\n")
     assert p.returncode == 1 and p.stdout == ""
     assert p.stderr.strip().splitlines()[-1].startswith("dairllm chat: error: --tokenizer")
+
+
+def test_input_that_is_not_utf8_is_read_as_replacement_characters(tiny):
+    """A byte that is not UTF-8 becomes U+FFFD: the turn is answered, nothing crashes."""
+    model, tok = tiny
+    p = subprocess.run([sys.executable, "-m", "dairllm", "chat", "--model", str(model),
+                        "--tokenizer", str(tok), "--chat-template", "chatml", "--temperature",
+                        "0", "--max-tokens", "2"], input=b"Hi \xff there\n", capture_output=True,
+                       timeout=TIMEOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stderr.decode(errors="replace")
+    want = replies_in_process(model, tok, "chatml", ["Hi \ufffd there"], max_tokens=2)
+    assert p.stdout.decode() == want[0] + "\n"

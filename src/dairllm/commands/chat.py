@@ -69,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         chat = Chat(session, args.system)
         interactive = sys.stdin.isatty()
+        if hasattr(sys.stdin, "reconfigure"):    # bytes that are not text: U+FFFD, not an error
+            sys.stdin.reconfigure(errors="replace")
         if interactive:
             print("Type a message; /reset starts over, /exit or Ctrl-D quits.", file=sys.stderr)
         while True:
