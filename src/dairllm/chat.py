@@ -57,6 +57,7 @@ class Result:
     prompt_seconds: float = 0.0
     decode_seconds: float = 0.0
     token_ids: list = field(default_factory=list)
+    stats: "GenerateStats | None" = None     # the generation loop's own timings
 
 
 def _clock_seed() -> int:
@@ -69,6 +70,24 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     while i < n and a[i] == b[i]:
         i += 1
     return i
+
+
+def template_for(tok, override: "str | None" = "auto") -> ChatTemplate:
+    """The chat template for a tokenizer: its own, or the built-in `override` names."""
+    return ChatTemplate.choose(tok.chat_template, override,
+                               bos_token=_piece(tok, tok.bos_id),
+                               eos_token=_piece(tok, (list(tok.eos_ids) or [-1])[0]),
+                               special_tokens=[_piece(tok, i) for i in tok.special_ids])
+
+
+def _piece(tok, token_id: "int | None") -> str:
+    """A token's text (BOS/EOS strings for templates); '' if it has none."""
+    if token_id is None or token_id < 0:
+        return ""
+    try:
+        return tok.piece(token_id).decode("utf-8", errors="replace")
+    except (AttributeError, IndexError, ValueError):
+        return ""
 
 
 class Session:
@@ -162,6 +181,7 @@ class Session:
             fed = prompt + res.token_ids
             self.tokens = fed[:max(stats.positions, reuse)]
             res.prompt_seconds, res.decode_seconds = stats.prompt_seconds, stats.decode_seconds
+            res.stats = stats
         if res.finish_reason is None:
             res.finish_reason, res.stopped_by = _FINISH[stats.stop_reason]
         if res.stopped_by != "stop_string":

@@ -10,8 +10,7 @@ import argparse
 import sys
 import threading
 
-from ..chat import Chat, GenerationConfig, Result, Session
-from ..convert.chat_template import ChatTemplate
+from ..chat import Chat, GenerationConfig, Result, Session, template_for
 from .options import (add_cluster_arguments, add_model_arguments, add_runtime_arguments,
                       add_sampling_arguments, open_model, open_tokenizer)
 
@@ -37,27 +36,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def open_session(args: argparse.Namespace) -> Session:
     """Model, tokenizer and template from the shared options -> a chat.Session."""
     tok = open_tokenizer(args)
-    specials = [_piece(tok, i) for i in tok.special_ids]
-    template = ChatTemplate.choose(tok.chat_template, args.chat_template,
-                                   bos_token=_piece(tok, tok.bos_id),
-                                   eos_token=_piece(tok, (list(tok.eos_ids) or [-1])[0]),
-                                   special_tokens=specials)
+    template = template_for(tok, args.chat_template)
     model = open_model(args, announce=sys.stderr)
     try:
         return Session(model, tok, template)
     except BaseException:
         model.close()
         raise
-
-
-def _piece(tok, token_id: int) -> str:
-    """A token's text (BOS/EOS strings for templates); '' if it has none."""
-    if token_id is None or token_id < 0:
-        return ""
-    try:
-        return tok.piece(token_id).decode("utf-8", errors="replace")
-    except (AttributeError, IndexError, ValueError):
-        return ""
 
 
 def run(args: argparse.Namespace) -> int:
