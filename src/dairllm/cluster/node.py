@@ -215,7 +215,7 @@ class Stage:
         s.start, s.end, s.max_batch = start, end, max_batch
         s.dim, s.seq_len = h.dim, h.seq_len
         layers = range(start, end)
-        s.state = RunState(h, max_batch, h.weight_type.is_block, layers=layers)   # lazy zeros
+        s.state = RunState(h, max_batch, layers=layers)   # lazy zeros
         cap = worker.ram_budget or available_ram()
         if s.state.nbytes > cap:
             s.file.close()

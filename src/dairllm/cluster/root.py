@@ -287,8 +287,7 @@ class ClusterModel(Model):
         """Weights and KV caches of the layers the root runs (possibly several stages)."""
         local = [l for ps in self.pipe if ps.link is None for l in range(ps.start, ps.end)]
         close_weights(self.compute.weights)
-        self.state = RunState(self.header, self.state.max_batch, self.compute.quantized,
-                              layers=local)
+        self.state = RunState(self.header, self.state.max_batch, layers=local)
         self.compute.weights = weights_for_range(self.file, local, self.root_budget,
                                              self.state.nbytes, head=True)
 

@@ -81,7 +81,7 @@ def open_local(path, max_seq_len: "int | None" = None, max_batch: int = DEFAULT_
     mf = ModelFile(path, max_seq_len=max_seq_len)
     try:
         h = mf.header
-        state = RunState(h, max_batch, h.weight_type.is_block)
+        state = RunState(h, max_batch)
         weights: WeightProvider
         if ram_budget is not None:
             logits_bytes = max_batch * h.vocab_size * 4

@@ -42,7 +42,9 @@ from typing import Sequence
 
 import numpy as np
 
-from ..engine.weights import LayerWeights, layer_weights, matrix_view
+from ..engine.kernels import kernels_for
+from ..engine.weights import LayerWeights, check_kernels, layer_weights, matrix_view
+from ..formats.quant import GGMLType, as_ggml_type
 from ..errors import ConfigError
 from ..formats.modelfile import ModelFile
 from .residency import PAGE, Residency, Unit, make_residency
@@ -124,13 +126,16 @@ class StoreStats:
 # Embedding rows, read on demand
 
 class EmbeddingRows:
-    """The F32 embedding table as something np.take can read rows from, one pread per row."""
+    """The embedding table as something np.take can read rows from, one pread per row (rows of
+    other types than F32 decoded by their type's kernel)."""
 
-    def __init__(self, fd: int, offset: int, vocab: int, dim: int, stats: StoreStats) -> None:
-        self._fd, self._offset, self._stats = fd, offset, stats
-        self.shape = (vocab, dim)
+    def __init__(self, fd: int, info, stats: StoreStats, path: object) -> None:
+        self._fd, self._offset, self._stats = fd, info.offset, stats
+        self.shape = (info.rows, info.cols)
         self.dtype = np.dtype(np.float32)
-        self.row_bytes = dim * 4
+        self.row_bytes = info.nbytes // info.rows
+        f32 = as_ggml_type(info.ftype) is GGMLType.F32
+        self._decode = None if f32 else kernels_for(info, path).decode_rows
 
     def take(self, indices, axis=0, out=None, mode="raise") -> np.ndarray:
         if axis != 0:
@@ -143,8 +148,14 @@ class EmbeddingRows:
         if out.shape != (idx.size, self.shape[1]) or out.dtype != np.float32 \
                 or not out.flags.c_contiguous:
             raise ValueError(f"out must be C-contiguous float32 {(idx.size, self.shape[1])}")
-        for i, t in enumerate(idx):
-            _pread_into(self._fd, out[i].view(np.uint8), self._offset + int(t) * self.row_bytes)
+        if self._decode is None:
+            for i, t in enumerate(idx):
+                _pread_into(self._fd, out[i].view(np.uint8), self._offset + int(t) * self.row_bytes)
+        else:
+            raw = np.empty((idx.size, self.row_bytes), dtype=np.uint8)
+            for i, t in enumerate(idx):
+                _pread_into(self._fd, raw[i], self._offset + int(t) * self.row_bytes)
+            self._decode(out, raw)
         self._stats.tokens += idx.size
         self._stats.embedding_bytes += idx.size * self.row_bytes
         return out
@@ -198,7 +209,7 @@ class _SlotSource:
     f32 = ModelFile.f32
 
     def __init__(self, mf: ModelFile, buffer) -> None:
-        self.header, self.layout, self.buffer = mf.header, mf.layout, buffer
+        self.header, self.layout, self.buffer, self.path = mf.header, mf.layout, buffer, mf.path
 
 
 class PreadFiller:
@@ -314,12 +325,13 @@ class MmapFiller:
         u = slot.unit
         if u is None:
             return
-        # Only pages wholly inside the unit: the neighbours' boundary pages may be pinned.
-        a, b = -(-u.start // PAGE) * PAGE, u.end // PAGE * PAGE
-        if b > a:
-            self._madvise(a, b - a, mmap.MADV_DONTNEED)
-            if self.drop_cache:
-                _fadvise_dontneed(self.fd, a, b)
+        # Only pages wholly inside a span: the neighbours' boundary pages may be pinned.
+        for start, end in u.spans:
+            a, b = -(-start // PAGE) * PAGE, end // PAGE * PAGE
+            if b > a:
+                self._madvise(a, b - a, mmap.MADV_DONTNEED)
+                if self.drop_cache:
+                    _fadvise_dontneed(self.fd, a, b)
 
     def _madvise(self, offset: int, length: int, advice: int) -> int:
         # ctypes releases the GIL: the reader thread does not stall the forward pass.
@@ -367,8 +379,8 @@ class LayerStore:
         self.header = h = mf.header
         self.stats = StoreStats()
         self._fd = os.open(mf.path, os.O_RDONLY)
-        emb = mf.layout["embedding"]
-        self.embedding = EmbeddingRows(self._fd, emb.offset, h.vocab_size, h.dim, self.stats)
+        check_kernels(mf)
+        self.embedding = EmbeddingRows(self._fd, mf.layout["embedding"], self.stats, mf.path)
         self.final_norm = mf.f32("final_norm")
         self._units = residency.units
         self._head = h.n_layers
@@ -468,12 +480,12 @@ class LayerStore:
         """Ask the kernel to start reading the pinned bytes now (asynchronously)."""
         mm = self.file._mmap
         for i in self.residency.pinned:
-            u = self._units[i]
-            a = u.start - u.start % PAGE
-            try:
-                mm.madvise(mmap.MADV_WILLNEED, a, u.end - a)
-            except (OSError, ValueError):
-                break
+            for start, end in self._units[i].spans:
+                a = start - start % PAGE
+                try:
+                    mm.madvise(mmap.MADV_WILLNEED, a, end - a)
+                except (OSError, ValueError):
+                    return
 
     # -- streamed -------------------------------------------------------------------------------
 
@@ -578,17 +590,19 @@ class LayerStore:
 
     def _read_expert(self, slot: Slot, e: int) -> None:
         t0 = time.perf_counter()
-        s, end = slot.unit.experts[e]
-        self._filler.load(slot, s, end)
+        spans = slot.unit.experts[e]
+        for s, end in spans:
+            self._filler.load(slot, s, end)
         slot.experts.add(e)
         dt = time.perf_counter() - t0
+        nbytes = sum(end - s for s, end in spans)
         with self._cv:
             st = self.stats
             st.read_seconds += dt
             st.io_wait_seconds += dt
-            st.bytes_read += end - s
+            st.bytes_read += nbytes
             st.expert_reads += 1
-            st.expert_bytes += end - s
+            st.expert_bytes += nbytes
 
     def _reader(self) -> None:
         """Background thread: keep the slots filled with the next units of the cycle."""
