@@ -75,12 +75,13 @@ Q40X8 = TypeKernels(GGMLType.Q4_0, ops.matmul_q40x8, Q80, ops.dequantize_q40, "r
                     ops.matmul_q40x8_multi)
 
 
-def kernels_for(t, path: object = "model") -> TypeKernels:
-    """The kernels of tensor t (a TensorInfo); ModelFormatError naming it if there are none."""
+def kernels_for(t, path: object = "model", label: "str | None" = None) -> TypeKernels:
+    """The kernels of tensor t (a TensorInfo); ModelFormatError naming it (as `label`, its name
+    in the file, when given) if there are none."""
     ggml_type = as_ggml_type(t.ftype)
     k = KERNELS.get(ggml_type)
     if k is None:
-        raise ModelFormatError(path, f"tensor {t.name} is {ggml_type.name}: no kernel for "
+        raise ModelFormatError(path, f"tensor {label or t.name} is {ggml_type.name}: no kernel for "
                                      f"{ggml_type.name} weights (supported: "
                                      f"{', '.join(k.name for k in KERNELS)})")
     return k

@@ -37,9 +37,10 @@ def embedding_view(mf: ModelFile) -> "np.ndarray | EmbeddingTable":
 def check_kernels(mf: ModelFile) -> None:
     """Every matmul weight and the embedding have kernels (raise naming the first that has not),
     so a model fails when it opens, not when a streamed layer is first read."""
+    names = getattr(mf, "source_names", {})
     for t in mf.layout.tensors:
         if t.kind not in _F32_ONLY:
-            kernels_for(t, mf.path)
+            kernels_for(t, mf.path, names.get(t.name))
 
 
 @dataclass(frozen=True)

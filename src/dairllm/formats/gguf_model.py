@@ -193,6 +193,8 @@ class _LayoutBuilder:
     def __init__(self, g: GGUFFile, h: Header) -> None:
         self.g, self.h, self.used = g, h, {"rope_freqs.weight"}
         self.out: list[TensorInfo] = []
+        self.source = ""
+        self.source_names: dict[str, str] = {}      # .m name -> GGUF name
 
     def fail(self, problem: str) -> ModelFormatError:
         return ModelFormatError(self.g.path, problem)
@@ -204,12 +206,14 @@ class _LayoutBuilder:
         if t.shape != expected_shape:
             raise self.fail(f"tensor {gguf_name} has shape {t.shape}, expected {expected_shape}")
         self.used.add(gguf_name)
+        self.source = gguf_name
         return t
 
     def add(self, name: str, kind: Kind, layer: int, t: GGUFTensor, rows: int, cols: int,
             expert: int = -1, offset: "int | None" = None, nbytes: "int | None" = None) -> None:
         if kind in _VECTORS and t.type is not GGMLType.F32:
             raise self.fail(f"tensor {t.name} is {t.type.name}; norm weights must be F32")
+        self.source_names[name] = self.source
         self.out.append(TensorInfo(name, kind, layer, expert, rows, cols, t.type,
                                    t.offset if offset is None else offset,
                                    t.nbytes if nbytes is None else nbytes))
@@ -267,7 +271,9 @@ class GGUFModel:
         self.gguf = GGUFFile(self.path)
         try:
             h = _header(self.gguf, max_seq_len)
-            layout = _LayoutBuilder(self.gguf, h).build()
+            builder = _LayoutBuilder(self.gguf, h)
+            layout = builder.build()
+            self.source_names = builder.source_names
             counts = Counter(t.type.name for t in self.gguf.tensors.values())
             h = _with_layout(h, layout, tensor_types=tuple(counts.most_common()),
                              matrix_type_set=_matrix_types(layout))
