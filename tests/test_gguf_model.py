@@ -1,0 +1,127 @@
+"""GGUF models end to end: synthetic llama / qwen3 / qwen3moe files written with the `gguf`
+package in F32, F16, Q4_0 and Q8_0. Oracle: tests/oracles/forward.py (float64 NumPy) on the values
+the gguf package's own dequantizer gives for each tensor, in every mode (resident, streamed at
+the minimum RAM budget, a 3-node native cluster on 127.0.0.1)."""
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+
+from dairllm import Model
+from dairllm.engine.state import run_state_bytes
+from dairllm.errors import ConfigError, ModelFormatError
+from dairllm.formats.detect import open_model_file
+from dairllm.formats.gguf_model import GGUFModel
+from dairllm.store import make_residency
+from helpers.gguf_files import random_model, reference_m_file
+from oracles.forward import Reference
+
+T = gguf.GGMLQuantizationType
+TYPES = [T.F32, T.F16, T.Q8_0, T.Q4_0]
+ARCHS = ["llama", "qwen3", "qwen3moe"]
+TOKENS = [3, 17, 42, 5, 88, 1, 60]
+# Largest logit error relative to the largest logit: float32 arithmetic for F32 / F16 weights;
+# Q4_0 / Q8_0 weights take Q80 activations (8-bit blocks), which explain about 2-3% here.
+TOL = {T.F32: 1e-5, T.F16: 1e-5, T.Q8_0: 0.04, T.Q4_0: 0.04}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    made: dict = {}
+
+    def get(arch: str, qtype) -> tuple:
+        key = (arch, qtype)
+        if key not in made:
+            d = tmp_path_factory.mktemp(f"{arch}-{qtype.name}")
+            values = random_model(d / "m.gguf", arch, qtype, seed=len(made),
+                                  tied=(arch == "llama" and qtype is T.Q8_0))
+            ref = reference_m_file(d / "ref.m", d / "m.gguf", values)
+            made[key] = (d / "m.gguf", Reference.load(ref, q80_activations=False).forward(TOKENS, 0))
+        return made[key]
+    return get
+
+
+def check(logits: np.ndarray, expected: np.ndarray, qtype) -> None:
+    err = np.abs(logits.astype(np.float64) - expected).max() / np.abs(expected).max()
+    assert err < TOL[qtype], f"max abs error {err:.3g} of the largest logit"
+    if qtype in (T.F32, T.F16):
+        assert (logits.argmax(1) == expected.argmax(1)).all()
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_resident_logits_match_the_float64_oracle(files, arch, qtype):
+    path, expected = files(arch, qtype)
+    with Model.open(path) as m:
+        check(m.forward(TOKENS, 0), expected, qtype)
+        m.reset()                               # one token at a time: the KV cache path
+        rows = [m.forward([t], i)[0] for i, t in enumerate(TOKENS)]
+        check(np.stack(rows), expected, qtype)
+
+
+@pytest.mark.parametrize("qtype", [T.F16, T.Q4_0], ids=lambda t: t.name)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_streamed_at_the_minimum_budget(files, arch, qtype):
+    path, expected = files(arch, qtype)
+    with GGUFModel(path) as gm:
+        minimum = make_residency(gm.layout, "100%", run_state_bytes(gm.header, 64)).min_bytes
+    for mode in ("mmap", "pread"):
+        with Model.open(path, ram_budget=minimum, stream_options={"mode": mode}) as m:
+            assert m.weights.residency.streamed
+            check(m.forward(TOKENS, 0), expected, qtype)
+
+
+def test_open_model_file_goes_by_the_magic_not_the_name(files, tmp_path):
+    path, _ = files("llama", T.F32)
+    renamed = tmp_path / "model.m"
+    renamed.write_bytes(path.read_bytes())
+    with open_model_file(renamed) as mf:
+        assert isinstance(mf, GGUFModel)
+
+
+def test_experts_are_row_slices_of_the_fused_tensor(files):
+    path, _ = files("qwen3moe", T.Q8_0)
+    with GGUFModel(path) as gm:
+        fused = gm.gguf.tensors["blk.1.ffn_down_exps.weight"]
+        e0, e3 = gm.layout["layers.1.experts.0.w2"], gm.layout["layers.1.experts.3.w2"]
+        assert e0.offset == fused.offset and e3.end == fused.end
+        assert np.shares_memory(gm.raw(e3), gm.gguf.raw(fused))
+
+
+def test_unsupported_architecture_is_named(tmp_path):
+    w = gguf.GGUFWriter(str(tmp_path / "x.gguf"), "gemma3")
+    w.add_tensor("token_embd.weight", np.zeros((8, 32), np.float32))
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    with pytest.raises(ModelFormatError, match="architecture 'gemma3' is not supported"):
+        Model.open(tmp_path / "x.gguf")
+
+
+def test_dllama_protocol_refuses_gguf(files):
+    path, _ = files("llama", T.F32)
+    with pytest.raises(ConfigError, match="GGUF"):
+        Model.open(path, workers=["127.0.0.1:1"], protocol="dllama")
+
+
+@pytest.mark.parametrize("arch,qtype", [("llama", T.Q8_0), ("qwen3moe", T.Q4_0)],
+                         ids=["llama-Q8_0", "qwen3moe-Q4_0"])
+def test_three_node_native_cluster(tmp_path, arch, qtype):
+    """Root + 2 workers on 127.0.0.1, one layer each; every node maps its own copy."""
+    from test_cluster_e2e import WorkerProc
+    path = tmp_path / "m.gguf"
+    values = random_model(path, arch, qtype, seed=7, n_layers=3)
+    ref = reference_m_file(tmp_path / "ref.m", path, values)
+    expected = Reference.load(ref, q80_activations=False).forward(TOKENS, 0)
+    copies = []
+    for i in range(2):
+        copies.append(tmp_path / f"worker{i}.gguf")
+        copies[-1].write_bytes(path.read_bytes())
+    workers = [WorkerProc(c, log_dir=tmp_path) for c in copies]
+    try:
+        with Model.open(path, workers=[w.addr for w in workers], layers="0,1,2",
+                        timeout=20) as m:
+            assert len(m.pipe) == 3
+            check(m.forward(TOKENS, 0), expected, qtype)
+    finally:
+        for w in workers:
+            w.stop()
