@@ -60,6 +60,17 @@ def same_as_reference(path: Path) -> None:
             assert np.array_equal(g.raw(mine), np.asarray(t.data).reshape(-1).view(np.uint8))
 
 
+def test_custom_alignment_matches_gguf_reader(tmp_path):
+    w = gguf.GGUFWriter(str(tmp_path / "a.gguf"), "llama")
+    w.add_custom_alignment(256)
+    w.add_tensor("a", np.arange(5 * 32, dtype=np.float32).reshape(5, 32))
+    w.add_tensor("b", np.arange(3 * 32, dtype=np.float16).reshape(3, 32))
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    same_as_reference(tmp_path / "a.gguf")
+    with GGUFFile(tmp_path / "a.gguf") as g:
+        assert g.data_offset % 256 == 0 and g.tensors["b"].offset % 256 == 0
+
+
 def test_small_file_matches_gguf_reader(tmp_path):
     same_as_reference(small_file(tmp_path / "s.gguf"))
     assert has_gguf_magic(tmp_path / "s.gguf")

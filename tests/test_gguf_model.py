@@ -36,7 +36,7 @@ def files(tmp_path_factory):
             d = tmp_path_factory.mktemp(f"{arch}-{qtype.name}")
             values = random_model(d / "m.gguf", arch, qtype, seed=len(made),
                                   tied=(arch == "llama" and qtype is T.Q8_0))
-            ref = reference_m_file(d / "ref.m", d / "m.gguf", values)
+            ref = reference_m_file(d / "ref.m", arch, values)
             made[key] = (d / "m.gguf", Reference.load(ref, q80_activations=False).forward(TOKENS, 0))
         return made[key]
     return get
@@ -70,6 +70,26 @@ def test_streamed_at_the_minimum_budget(files, arch, qtype):
         with Model.open(path, ram_budget=minimum, stream_options={"mode": mode}) as m:
             assert m.weights.residency.streamed
             check(m.forward(TOKENS, 0), expected, qtype)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3moe"])
+def test_streamed_layers_scattered_over_the_file(tmp_path, arch):
+    """Tensors in random file order: every layer is many byte ranges; each streaming mode reads
+    exactly those (pread packs them into a slot) and the logits stay right."""
+    path = tmp_path / "m.gguf"
+    values = random_model(path, arch, T.Q8_0, seed=11, shuffle=True)
+    expected = Reference.load(reference_m_file(tmp_path / "ref.m", arch, values),
+                              q80_activations=False).forward(TOKENS, 0)
+    with GGUFModel(path) as gm:
+        plan = make_residency(gm.layout, "100%", run_state_bytes(gm.header, 64))
+        layer = plan.units[0]
+        assert len(layer.spans) > 3 and layer.nbytes < layer.end - layer.start
+        minimum = plan.min_bytes
+    for mode in ("mmap", "pread", "direct"):
+        with Model.open(path, ram_budget=minimum, stream_options={"mode": mode}) as m:
+            check(m.forward(TOKENS, 0), expected, T.Q8_0)
+            st = m.weights.stats
+            assert st.bytes_read <= sum(u.nbytes for u in plan.units) * 2
 
 
 def test_open_model_file_goes_by_the_magic_not_the_name(files, tmp_path):
@@ -110,7 +130,7 @@ def test_three_node_native_cluster(tmp_path, arch, qtype):
     from test_cluster_e2e import WorkerProc
     path = tmp_path / "m.gguf"
     values = random_model(path, arch, qtype, seed=7, n_layers=3)
-    ref = reference_m_file(tmp_path / "ref.m", path, values)
+    ref = reference_m_file(tmp_path / "ref.m", arch, values, n_layers=3)
     expected = Reference.load(ref, q80_activations=False).forward(TOKENS, 0)
     copies = []
     for i in range(2):
@@ -125,3 +145,36 @@ def test_three_node_native_cluster(tmp_path, arch, qtype):
     finally:
         for w in workers:
             w.stop()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_transformers_model_written_as_gguf(tmp_path, arch):
+    """A random Hugging Face Llama / Qwen3 written as llama.cpp's converter would (Llama q/k rows
+    permuted for the interleaved rope; Qwen3 head_dim != dim / n_heads): dairllm's logits on the
+    GGUF equal transformers' float64 logits on the original model."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from helpers.gguf_files import hf_to_gguf
+    from helpers.hf import hf_logits
+    common = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                  max_position_embeddings=64, tie_word_embeddings=False)
+    if arch == "llama":
+        cfg = transformers.LlamaConfig(rms_norm_eps=1e-5, rope_theta=50000.0, **common)
+        cls = transformers.LlamaForCausalLM
+    else:
+        cfg = transformers.Qwen3Config(rms_norm_eps=1e-6, head_dim=32, rope_theta=1e6, **common)
+        cls = transformers.Qwen3ForCausalLM
+    torch.manual_seed(3)
+    model = cls(cfg)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn(p.shape) if p.ndim == 1
+                    else torch.randn(p.shape) / p.shape[-1] ** 0.5)
+    model.save_pretrained(tmp_path / "hf")
+    expected = hf_logits(tmp_path / "hf", cls.__name__, TOKENS)
+    path = hf_to_gguf(model, tmp_path / "m.gguf", arch)
+    with Model.open(path) as m:
+        got = m.forward(TOKENS, 0).astype(np.float64)
+    assert np.abs(got - expected).max() < 1e-4 * np.abs(expected).max()
+    assert (got.argmax(1) == expected.argmax(1)).all()

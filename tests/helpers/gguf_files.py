@@ -75,8 +75,10 @@ ARCH_NAMES = {"llama": "llama", "qwen3": "qwen3", "qwen3moe": "qwen3moe"}
 
 def random_model(path: Path, arch: str, qtype, seed: int = 0, dim: int = 64, n_layers: int = 2,
                  n_heads: int = 4, n_kv_heads: int = 2, hidden: int = 96, vocab: int = 96,
-                 n_experts: int = 4, k_active: int = 2, tied: bool = False) -> dict:
-    """A random GGUF model; returns {dairllm .m tensor name: float64 values as stored}."""
+                 n_experts: int = 4, k_active: int = 2, tied: bool = False,
+                 shuffle: bool = False) -> dict:
+    """A random GGUF model; returns {dairllm .m tensor name: float64 values as stored}.
+    shuffle: tensors in random file order, so no layer is contiguous."""
     g = _gguf()
     rng = np.random.default_rng(seed)
     moe = arch == "qwen3moe"
@@ -96,6 +98,12 @@ def random_model(path: Path, arch: str, qtype, seed: int = 0, dim: int = 64, n_l
         w.add_expert_feed_forward_length(hidden)
     w.add_token_list([f"t{i}" for i in range(vocab)])
     values: dict = {}
+    pending: list = []                  # add_tensor arguments, written in order (or shuffled)
+
+    class _Deferred:
+        def add_tensor(self, *args, **kw):
+            pending.append((args, kw))
+    real, w = w, _Deferred()
 
     def mat(gname, mname, shape, scale=0.15):
         x = rng.normal(0, scale, size=shape).astype(np.float32)
@@ -142,6 +150,11 @@ def random_model(path: Path, arch: str, qtype, seed: int = 0, dim: int = 64, n_l
         values["wcls"] = values["embedding"]
     else:
         mat("output.weight", "wcls", (vocab, dim))
+    w = real
+    if shuffle:
+        rng.shuffle(pending)
+    for args, kw in pending:
+        w.add_tensor(*args, **kw)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -149,22 +162,86 @@ def random_model(path: Path, arch: str, qtype, seed: int = 0, dim: int = 64, n_l
     return values
 
 
-def reference_m_file(path: Path, gguf_path: Path, values: dict) -> Path:
-    """The same model as an F32 `.m` file holding exactly the values the GGUF tensors decode
-    to: what the float64 oracle (tests/oracles/forward.py) reads."""
-    from dairllm.formats.gguf_model import GGUFModel
-    from dairllm.formats.modelfile import ModelWriter
+def reference_m_file(path: Path, arch: str, values: dict, dim: int = 64, n_layers: int = 2,
+                     n_heads: int = 4, n_kv_heads: int = 2, hidden: int = 96, vocab: int = 96,
+                     n_experts: int = 4, k_active: int = 2, **_) -> Path:
+    """The model random_model wrote (same keyword arguments) as an F32 `.m` file holding exactly
+    the values its GGUF tensors decode to: what the float64 oracle (tests/oracles/forward.py)
+    reads. The header is built from the arguments, not read back from the GGUF file."""
+    from dairllm.formats.modelfile import Arch, Header, ModelWriter, RopeType
     from dairllm.formats.quant import FloatType
-    from dataclasses import fields
 
-    with GGUFModel(gguf_path) as gm:
-        h = gm.header
-    from dairllm.formats.modelfile import Header
-    base = {f.name: getattr(h, f.name) for f in fields(Header) if f.name not in ("extra",)}
-    base.update(weight_type=FloatType.F32, header_size=0,
-                norm_epsilon_code={1e-5: 5, 1e-6: 6}[round(h.norm_epsilon, 12)])
-    mh = Header(**base)
-    with ModelWriter(path, mh) as w:
+    arch_id = {"llama": Arch.LLAMA, "qwen3": Arch.QWEN3, "qwen3moe": Arch.QWEN3_MOE}[arch]
+    moe = arch == "qwen3moe"
+    h = Header(arch=arch_id, dim=dim, hidden_dim=0 if moe else hidden, n_layers=n_layers,
+               n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=vocab, seq_len=64,
+               weight_type=FloatType.F32, n_experts=n_experts if moe else 0,
+               n_active_experts=k_active if moe else 0, moe_hidden_dim=hidden if moe else 0,
+               rope_theta=10000.0 if arch == "llama" else 1e6,
+               rope_type=RopeType.LLAMA if arch == "llama" else RopeType.FALCON,
+               norm_epsilon_code=5 if arch == "llama" else 6)
+    with ModelWriter(path, h) as w:
         for info in w.expected():
             w.write(info.name, values[info.name].astype(np.float32))
+    return path
+
+
+def interleave_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Rows of a Hugging Face Llama q/k projection reordered as llama.cpp's converter stores them:
+    within each head, HF rotates row i with row i + head_dim/2 (halves); GGUF's llama rope
+    rotates adjacent rows 2i, 2i + 1, so row i of the first half goes to 2i, of the second to
+    2i + 1."""
+    rows, cols = w.shape
+    hd = rows // n_heads
+    return w.reshape(n_heads, 2, hd // 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+def hf_to_gguf(model, path: Path, arch: str) -> Path:
+    """A transformers Llama / Qwen3 model written as GGUF (F32) the way llama.cpp converts one."""
+    g = _gguf()
+    cfg = model.config
+    sd = {k: v.detach().to("cpu").float().numpy() for k, v in model.state_dict().items()}
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    w = g.GGUFWriter(str(path), arch)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(hd)
+    w.add_value_length(hd)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]) if getattr(
+        cfg, "rope_parameters", None) else float(cfg.rope_theta))
+    w.add_token_list([f"t{i}" for i in range(cfg.vocab_size)])
+    llama = arch == "llama"
+
+    def put(name, key, heads=None):
+        x = sd[key]
+        if heads is not None and llama:
+            x = interleave_rotary(x, heads)
+        w.add_tensor(name, np.ascontiguousarray(x, dtype=np.float32))
+
+    put("token_embd.weight", "model.embed_tokens.weight")
+    for l in range(cfg.num_hidden_layers):
+        b, p = f"blk.{l}.", f"model.layers.{l}."
+        put(b + "attn_norm.weight", p + "input_layernorm.weight")
+        put(b + "attn_q.weight", p + "self_attn.q_proj.weight", cfg.num_attention_heads)
+        put(b + "attn_k.weight", p + "self_attn.k_proj.weight", cfg.num_key_value_heads)
+        put(b + "attn_v.weight", p + "self_attn.v_proj.weight")
+        put(b + "attn_output.weight", p + "self_attn.o_proj.weight")
+        if not llama:
+            put(b + "attn_q_norm.weight", p + "self_attn.q_norm.weight")
+            put(b + "attn_k_norm.weight", p + "self_attn.k_norm.weight")
+        put(b + "ffn_norm.weight", p + "post_attention_layernorm.weight")
+        put(b + "ffn_gate.weight", p + "mlp.gate_proj.weight")
+        put(b + "ffn_up.weight", p + "mlp.up_proj.weight")
+        put(b + "ffn_down.weight", p + "mlp.down_proj.weight")
+    put("output_norm.weight", "model.norm.weight")
+    put("output.weight", "lm_head.weight")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
     return path

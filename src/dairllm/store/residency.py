@@ -51,6 +51,17 @@ class Unit:
     def core_bytes(self) -> int:
         return sum(e - s for s, e in self.core)
 
+    @property
+    def regions(self) -> tuple:
+        """The spans (core and experts) merged where they touch: what a slot buffer holds."""
+        return merge_spans(self.spans)
+
+    @property
+    def slot_bytes(self) -> int:
+        """Room for the regions packed in a slot, each from a page boundary at its offset within
+        a page (reads start page-aligned; see store.py): up to two pages more per region."""
+        return sum(e - s + 2 * PAGE for s, e in self.regions)
+
     def decode_read_bytes(self, k_active: int) -> int:
         """Bytes read for this unit by one decoded token (k_active routed experts for MoE)."""
         if not self.experts:
@@ -58,11 +69,14 @@ class Unit:
         return self.core_bytes + k_active * sum(e - s for s, e in self.experts[0])
 
 
+MERGE_GAP = 256       # GGUF pads tensors to 32 bytes: read the padding rather than split a span
+
+
 def merge_spans(ranges) -> tuple:
-    """Sorted (start, end) ranges with touching or overlapping ones merged."""
+    """Sorted (start, end) ranges, those overlapping or a few padding bytes apart merged."""
     out: list = []
     for s, e in sorted(ranges):
-        if out and s <= out[-1][1]:
+        if out and s <= out[-1][1] + MERGE_GAP:
             out[-1] = (out[-1][0], max(out[-1][1], e))
         else:
             out.append((s, e))
@@ -147,9 +161,7 @@ def spread(count: int, total: int) -> list[int]:
 
 
 def _slot_bytes(units: list[Unit]) -> int:
-    # Room for the unit's file range at its page offset (reads start page-aligned; see
-    # store.py); a unit whose spans are far apart in the file needs its whole range.
-    return max(u.end - u.start for u in units) + 2 * PAGE
+    return max(u.slot_bytes for u in units)
 
 
 def full_resident_bytes(layout: Layout, run_state_bytes: int) -> int:

@@ -188,18 +188,26 @@ class Slot:
         self.state = EMPTY
         self.experts: set = set()         # expert ids read into this fill
         self.weights: "LayerWeights | None" = None
-        self.base = 0                      # file offset of buf[0] (pread mode)
+        self.places: list = []             # (file start, end, buf position) per region (pread)
         self.buf: "np.ndarray | None" = None
+
+    def place(self, start: int, end: int) -> int:
+        """Buffer position of file bytes [start, end) (pread mode): inside one region."""
+        for s, e, pos in self.places:
+            if s <= start and end <= e:
+                return pos + start - s
+        raise AssertionError(f"bytes {start}..{end} are not in a region of {self.unit.name}")
 
 
 class _OffsetBuffer:
-    """Indexing by absolute file offsets into a buffer that holds the file from `base`."""
+    """Indexing by absolute file offsets into a slot buffer that packs the unit's spans."""
 
-    def __init__(self, buf: np.ndarray, base: int) -> None:
-        self.buf, self.base = buf, base
+    def __init__(self, slot: Slot) -> None:
+        self.slot = slot
 
     def __getitem__(self, s: slice) -> np.ndarray:
-        return self.buf[s.start - self.base:s.stop - self.base]
+        pos = self.slot.place(s.start, s.stop)
+        return self.slot.buf[pos:pos + s.stop - s.start]
 
 
 class _SlotSource:
@@ -231,18 +239,23 @@ class PreadFiller:
         slot.buf = np.frombuffer(m, dtype=np.uint8)
 
     def assign(self, slot: Slot, unit: Unit) -> None:
-        # Same offset within a page as in the file mapping, so views are aligned alike.
-        slot.base = unit.start - unit.start % PAGE
-        if unit.end - slot.base > slot.buf.size:
+        # Regions one after another, each starting on its own page at the same offset within
+        # a page as in the file mapping (views aligned alike; O_DIRECT reads whole pages).
+        slot.places, pos = [], 0
+        for s, e in unit.regions:
+            slot.places.append((s, e, pos + s % PAGE))
+            pos += -(-(s % PAGE + e - s) // PAGE) * PAGE
+        if pos > slot.buf.size:
             raise AssertionError(f"{unit.name} does not fit its slot")
 
     def load(self, slot: Slot, start: int, end: int) -> None:
-        _pread_into(self.fd, slot.buf[start - slot.base:end - slot.base], start)
+        pos = slot.place(start, end)
+        _pread_into(self.fd, slot.buf[pos:pos + end - start], start)
         if self.drop_cache:
             _fadvise_dontneed(self.fd, start, end)
 
     def source(self, slot: Slot):
-        return _SlotSource(self.mf, _OffsetBuffer(slot.buf, slot.base))
+        return _SlotSource(self.mf, _OffsetBuffer(slot))
 
     def evict(self, slot: Slot) -> None:
         pass                               # the buffer is simply overwritten
@@ -272,9 +285,10 @@ class DirectFiller(PreadFiller):
     def load(self, slot: Slot, start: int, end: int) -> None:
         if self.direct_fd < 0:
             return super().load(slot, start, end)
+        pos = slot.place(start, end) - start % PAGE      # page-aligned in buffer and file
         a = start - start % PAGE
-        b = min(-(-end // PAGE) * PAGE, slot.base + slot.buf.size)
-        view = memoryview(slot.buf[a - slot.base:b - slot.base])
+        b = min(-(-end // PAGE) * PAGE, a + slot.buf.size - pos)
+        view = memoryview(slot.buf[pos:pos + b - a])
         done = 0
         while a + done < end:
             got = os.preadv(self.direct_fd, [view[done:]], a + done)
