@@ -187,11 +187,12 @@ def test_q80_activations_within_q80_error(pools, arch, nodes):
     clear = (top2[:, 1] - top2[:, 0]) >= 2 * NEAR_TIE
     assert clear.sum() >= 20
     np.testing.assert_array_equal(logits.argmax(1)[clear], ref_logits.argmax(1)[clear])
-    # free-running greedy tokens: equal up to the first reference step whose top-2 margin is
-    # below NEAR_TIE (the Q80 logit deviation measured here is 0.05-0.09 on the dense models)
+    # free-running greedy tokens: equal before the first reference step whose top-2 margin is
+    # below NEAR_TIE (the Q80 logit deviation measured here is 0.05-0.09 on the dense models);
+    # that step itself may flip
     margins = reference_margins(name)
     agree_until = next((i for i, mg in enumerate(margins) if mg < NEAR_TIE), len(margins))
-    assert tokens[:agree_until + 1] == ref_tokens[:agree_until + 1], (agree_until, margins)
+    assert tokens[:agree_until] == ref_tokens[:agree_until], (agree_until, margins)
 
 
 def test_worker_killed_mid_generation(tmp_path):

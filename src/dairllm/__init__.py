@@ -18,9 +18,14 @@ def build_info() -> dict:
 
 
 def __getattr__(name: str):
-    """Lazy exports: `dairllm.Model` imports the engine (and the kernels) on first use only."""
+    """Lazy exports: `dairllm.Model` imports the engine (and the kernels) on first use only;
+    `dairllm.Tokenizer` opens `.t` and GGUF tokenizers."""
     if name == "Model":
         from .modes import Model
 
         return Model
+    if name == "Tokenizer":
+        from .tokenizer import Tokenizer
+
+        return Tokenizer
     raise AttributeError(f"module 'dairllm' has no attribute {name!r}")

@@ -76,6 +76,15 @@ LIMITS = {
     "qwen3tiny_q40": (2.5e-2, 6e-2, 59, 6e-2),
     "moetiny_q40": (2.0e-2, 2.0e-1, 59, 1e-4),   # one row hits an expert-gate near-tie
 }
+# dairllm's exact arithmetic keeps the residual stream in F32 where dllama rounds every block
+# output through Q80: on Q40 models that is a different (more accurate) computation, off by that
+# rounding from row 0 on. Measured (float64 reference without the residual rounding vs golden):
+# median 1.4-2.9e-2, max 2.6e-2..3.8e-2 (moe: 0.13, the gate near-tie), 59-61 of 64 argmax.
+EXACT_LIMITS = dict(LIMITS, **{
+    "tiny_q40": (3.5e-2, 6e-2, 57, 4e-2),
+    "qwen3tiny_q40": (3.5e-2, 6e-2, 57, 4e-2),
+    "moetiny_q40": (2.5e-2, 2.0e-1, 57, 4e-2),
+})
 
 
 def row_errors(ours, gold):
@@ -84,14 +93,14 @@ def row_errors(ours, gold):
     return np.linalg.norm(ours - gold, axis=1) / np.linalg.norm(ours, axis=1)
 
 
-def check(name: str, logits, gold) -> dict:
-    """Assert LIMITS[name] for logits of the run's rows; return the measured summary."""
+def check(name: str, logits, gold, limits: "dict | None" = None) -> dict:
+    """Assert limits[name] (default LIMITS) for logits of the run's rows; return the summary."""
     import numpy as np
     rel = row_errors(logits, gold)
     agree = int((logits.argmax(axis=1) == gold.argmax(axis=1)).sum())
     summary = dict(median=float(np.median(rel)), max=float(rel.max()), first=float(rel[0]),
                    argmax=agree)
-    med, worst, min_agree, first = LIMITS[name]
+    med, worst, min_agree, first = (limits or LIMITS)[name]
     assert logits.shape == gold.shape
     assert rel[0] <= first, summary
     assert np.median(rel) <= med, summary

@@ -2,9 +2,10 @@
 
 Written from the format and op description (shared/spec/dllama-compat.md §1, §2, §8), not from
 dairllm.engine, so tests can hold the engine against it. It emulates distributed-llama's
-single-node numerics where they matter: with Q40/Q80 weights every matmul input and every
-block output that joins the residual stream is rounded through Q80 (f32 scale amax/127,
-round-half-even of x * (1/scale), float16 stored scale). Everything else is float64.
+single-node numerics where they matter: with Q40/Q80 weights every matmul input is rounded
+through Q80 (f32 scale amax/127, round-half-even of x * (1/scale), float16 stored scale), and
+with `residual_q80` (distributed-llama's graph; dairllm's "dllama" arithmetic) so is every block
+output that joins the residual stream. Everything else is float64.
 
     ref = Reference.load(path)
     logits = ref.forward(tokens, start_position)   # float64 [n, vocab]; extends its KV cache
@@ -45,10 +46,12 @@ def silu(x: np.ndarray) -> np.ndarray:
 
 
 class Reference:
-    def __init__(self, mf: ModelFile, q80_activations: "bool | None" = None) -> None:
+    def __init__(self, mf: ModelFile, q80_activations: "bool | None" = None,
+                 residual_q80: bool = False) -> None:
         h = self.h = mf.header
         block = h.weight_type in (FloatType.Q40, FloatType.Q80)
         self.quant = block if q80_activations is None else q80_activations
+        self.residual_quant = self.quant and residual_q80
 
         def mat(name: str) -> np.ndarray:
             t = mf.layout[name]
@@ -80,10 +83,11 @@ class Reference:
         self.v_cache = [np.zeros((h.seq_len, h.kv_dim)) for _ in range(h.n_layers)]
 
     @classmethod
-    def load(cls, path, max_seq_len: "int | None" = None,
-             q80_activations: "bool | None" = None) -> "Reference":
-        """q80_activations: None = as distributed-llama (Q80 when the weights are Q40/Q80)."""
-        return cls(ModelFile(path, max_seq_len=max_seq_len), q80_activations)
+    def load(cls, path, max_seq_len: "int | None" = None, q80_activations: "bool | None" = None,
+             residual_q80: bool = False) -> "Reference":
+        """q80_activations: None = as distributed-llama (Q80 when the weights are Q40/Q80);
+        residual_q80: also round block outputs through Q80 (distributed-llama's graph)."""
+        return cls(ModelFile(path, max_seq_len=max_seq_len), q80_activations, residual_q80)
 
     # -- pieces ---------------------------------------------------------------------------------
 
@@ -124,6 +128,9 @@ class Reference:
     def _q(self, x: np.ndarray) -> np.ndarray:
         return q80_round_trip(x) if self.quant else x
 
+    def _r(self, dx: np.ndarray) -> np.ndarray:
+        return q80_round_trip(dx) if self.residual_quant else dx
+
     def _ffn(self, L: dict, y: np.ndarray) -> np.ndarray:
         yq = self._q(y)
         return L["w2"] @ self._q(silu(L["w1"] @ yq) * (L["w3"] @ yq))
@@ -161,9 +168,9 @@ class Reference:
                 g = head // (nh // nkv)
                 a = softmax(K[:, g] @ q[head] / math.sqrt(hd))
                 att[head] = a @ V[:, g]
-            x = x + self._q(L["wo"] @ self._q(att.reshape(-1)))
+            x = x + self._r(L["wo"] @ self._q(att.reshape(-1)))
             y = rms_norm(x, L["ffn_norm"], eps)
-            x = x + self._q(self._moe(L, y) if "gate" in L else self._ffn(L, y))
+            x = x + self._r(self._moe(L, y) if "gate" in L else self._ffn(L, y))
         y = rms_norm(x, self.final_norm, eps)
         return self.wcls @ self._q(y)
 

@@ -1,4 +1,9 @@
-"""`dairllm chat --model M.m --tokenizer T.t`: a multi-turn conversation in the terminal."""
+"""`dairllm chat --model M.m --tokenizer T.t`: a multi-turn conversation in the terminal.
+
+With input piped in (stdin not a terminal) each line is one user turn and only the replies go
+to stdout, one per turn; the program ends at the end of the input:
+`echo "What is the capital of France?" | dairllm chat --model x.gguf`.
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,9 +12,8 @@ import threading
 
 from ..chat import Chat, GenerationConfig, Result, Session
 from ..convert.chat_template import ChatTemplate
-from ..formats.tokenizer import Tokenizer
 from .options import (add_cluster_arguments, add_model_arguments, add_runtime_arguments,
-                      add_sampling_arguments, open_model)
+                      add_sampling_arguments, open_model, open_tokenizer)
 
 HELP = "chat with a model in the terminal (the model's own chat template, streaming replies)"
 
@@ -32,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def open_session(args: argparse.Namespace) -> Session:
     """Model, tokenizer and template from the shared options -> a chat.Session."""
-    tok = Tokenizer.open(args.tokenizer)
+    tok = open_tokenizer(args)
     specials = [_piece(tok, i) for i in tok.special_ids]
     template = ChatTemplate.choose(tok.chat_template, args.chat_template,
                                    bos_token=_piece(tok, tok.bos_id),
@@ -65,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         chat = Chat(session, args.system)
         interactive = sys.stdin.isatty()
+        if hasattr(sys.stdin, "reconfigure"):    # bytes that are not text: U+FFFD, not an error
+            sys.stdin.reconfigure(errors="replace")
         if interactive:
             print("Type a message; /reset starts over, /exit or Ctrl-D quits.", file=sys.stderr)
         while True:
@@ -74,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
             line = sys.stdin.readline()
             if not line:
                 break
-            text = line.rstrip("\n")
+            text = line.rstrip("\r\n")
             if text.strip() == "/exit":
                 break
             if text.strip() == "/reset":

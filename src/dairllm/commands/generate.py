@@ -8,7 +8,7 @@ import sys
 
 from ..errors import ConfigError
 from .options import (add_cluster_arguments, add_model_arguments, add_runtime_arguments,
-                      add_sampling_arguments, check_steps, open_model)
+                      add_sampling_arguments, check_steps, open_model, open_tokenizer)
 
 HELP = "generate text from a prompt with a .m model and its .t tokenizer"
 
@@ -28,17 +28,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..cluster.report import network_summary
-    from ..formats.tokenizer import Tokenizer
     from ..sampling import Sampler
 
     check_steps("steps", args.steps)
-    tok = Tokenizer.open(args.tokenizer)
+    tok = open_tokenizer(args)
     native_cluster = bool(args.workers) and args.protocol == "native"
     model = open_model(args, announce=sys.stderr if args.json else sys.stdout)
     with model:
         if tok.vocab_size > model.vocab_size:
             raise ConfigError(f"the tokenizer has {tok.vocab_size} tokens but the model only "
-                              f"{model.vocab_size}: {args.tokenizer} does not belong to {args.model}")
+                              f"{model.vocab_size}: {args.tokenizer or 'its tokenizer'} does not "
+                              f"belong to {args.model}")
         if tok.vocab_size < model.vocab_size:
             log.info("tokenizer vocab %d < model vocab %d: sampling among the tokenizer's ids",
                      tok.vocab_size, model.vocab_size)

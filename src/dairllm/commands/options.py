@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from typing import TYPE_CHECKING
 
 from ..cluster.protocol import SECRET_ENV
 from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from ..tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +27,23 @@ DEFAULT_TOPP = 0.9
 def add_model_arguments(p: argparse.ArgumentParser, tokenizer: bool = True) -> None:
     p.add_argument("--model", required=True, help="the .m model file")
     if tokenizer:
-        p.add_argument("--tokenizer", required=True, help="the .t tokenizer file")
+        p.add_argument("--tokenizer", default=None,
+                       help="the .t tokenizer file (or a GGUF); default for a GGUF model: its own")
+
+
+def open_tokenizer(args: argparse.Namespace) -> "Tokenizer":
+    """--tokenizer, or the tokenizer inside a GGUF --model (dairllm.Tokenizer.open)."""
+    from ..tokenizer import Tokenizer, is_gguf
+
+    path = args.tokenizer
+    if path is None:
+        if not os.path.isfile(args.model):
+            raise ConfigError(f"{args.model}: no such file")
+        if not is_gguf(args.model):
+            raise ConfigError(f"--tokenizer is needed: {args.model} is not a GGUF file (which "
+                              f"would carry its own tokenizer)")
+        path = args.model
+    return Tokenizer.open(path)
 
 
 def add_threads_argument(p: argparse.ArgumentParser) -> None:

@@ -5,8 +5,10 @@ compose: `embed` (tokens -> x), `run_layers` (a range of transformer blocks over
 runs its own range, the layer streamer swaps the weight provider) and `head` (x -> logits).
 Buffer names are defined in state.py. Math follows distributed-llama's single-node graph:
 every matmul input is quantized into the form its weight's kernel takes (Q80 blocks for Q40/Q80,
-F32 for F32/F16: engine/kernels.py), once per form; with a .m file's Q40/Q80 weights each
-block's output is also rounded through Q80 before it joins the residual stream.
+F32 for F32/F16: engine/kernels.py), once per form. The residual stream stays F32, except in the
+"dllama" arithmetic with a .m file's Q40/Q80 weights, which also rounds each block's output
+through Q80 before it joins the residual (as distributed-llama does; the exact arithmetic skips
+that extra rounding, which only adds error).
 Every kernel whose float arithmetic has a "dllama" variant gets `dllama=m.dllama` (the Net's
 arithmetic; its matmuls are bound to it already).
 """
@@ -39,8 +41,8 @@ def normed(m: "Compute", r: "Rows", weight: np.ndarray) -> "MatmulInput":
 
 
 def residual(m: "Compute", r: "Rows") -> None:
-    """x += dx, with dx rounded through Q80 first when activations are Q80 (as the reference)."""
-    if m.quantized:
+    """x += dx; in the dllama arithmetic with Q80 activations dx is rounded through Q80 first."""
+    if m.quantized and m.dllama:
         ops.residual_q80(r.x, r.dx, r.dxq)              # x: (n, dim)
     else:
         ops.add(r.x, r.dx)

@@ -48,7 +48,8 @@ class Compute:
         self.qk_norm = h.has_qk_norm
         self.moe = h.arch is Arch.QWEN3_MOE
         self.k_active = h.n_active_experts
-        # A .m file's Q40/Q80 weights: block outputs are rounded through Q80 (the reference's graph)
+        # A .m file's Q40/Q80 weights: in the dllama arithmetic, block outputs are rounded
+        # through Q80 (the reference's graph); matmul inputs take their kernels' forms anyway.
         self.quantized = h.weight_type.is_block
         if getattr(weights, "repacked", False) and self.dllama:
             raise ConfigError("Q40x8 (repacked) weights compute in exact arithmetic only")
