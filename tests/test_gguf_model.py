@@ -114,6 +114,51 @@ def test_streamed_layers_scattered_over_the_file(tmp_path, arch):
             assert st.bytes_read <= sum(u.nbytes for u in plan.units) * 2
 
 
+def llama31_factors(head_dim: int, theta: float, factor: float, low: float, high: float,
+                    orig: int) -> np.ndarray:
+    """What llama.cpp's converter stores in rope_freqs.weight for Llama-3.1 rope scaling: the
+    divisor of each base frequency (1 for short wavelengths, `factor` for long ones, a smooth
+    blend in between), written here from Meta's description."""
+    freqs = theta ** -(np.arange(0, head_dim, 2) / head_dim)
+    out = []
+    for f in freqs:
+        wavelen = 2 * np.pi / f
+        if wavelen < orig / high:
+            out.append(1.0)
+        elif wavelen > orig / low:
+            out.append(factor)
+        else:
+            smooth = (orig / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out)
+
+
+def test_llama31_rope_freqs_and_linear_scaling(tmp_path):
+    """rope_freqs.weight (Llama 3.1) against the oracle's own Llama-3.1 frequencies from the four
+    scaling values; linear scaling (every frequency / factor) against a Llama-3.1 oracle whose
+    thresholds put every frequency in the scaled band. 60 positions, where scaling matters."""
+    from dairllm.formats.modelfile import RopeType
+    tokens = [int(t) for t in np.random.default_rng(1).integers(0, 96, 60)]
+    scaling = dict(rope_scaling_factor=8.0, rope_scaling_low_freq_factor=1.0,
+                   rope_scaling_high_freq_factor=4.0, rope_scaling_orig_max_seq_len=32)
+    cases = [(dict(rope_freq_factors=llama31_factors(16, 10000.0, 8.0, 1.0, 4.0, 32)), scaling),
+             (dict(linear_scaling=4.0), dict(rope_scaling_factor=4.0,
+                                             rope_scaling_low_freq_factor=1,
+                                             rope_scaling_high_freq_factor=2,
+                                             rope_scaling_orig_max_seq_len=1))]
+    for i, (gguf_args, header_fields) in enumerate(cases):
+        path = tmp_path / f"r{i}.gguf"
+        values = random_model(path, "llama", T.F32, seed=5, context=64, **gguf_args)
+        ref = reference_m_file(tmp_path / f"r{i}.m", "llama", values, context=64,
+                               rope_type=RopeType.LLAMA3_1, **header_fields)
+        expected = Reference.load(ref, q80_activations=False).forward(tokens, 0)
+        plain = tmp_path / f"p{i}.gguf"
+        random_model(plain, "llama", T.F32, seed=5, context=64)
+        with Model.open(path) as m, Model.open(plain) as unscaled:
+            assert relative_error(m.forward(tokens, 0), expected) < TOL
+            assert relative_error(unscaled.forward(tokens, 0), expected) > 100 * TOL
+
+
 def test_open_model_file_goes_by_the_magic_not_the_name(files, tmp_path):
     path, _ = files("llama", T.F32)
     renamed = tmp_path / "model.m"

@@ -76,7 +76,8 @@ ARCH_NAMES = {"llama": "llama", "qwen3": "qwen3", "qwen3moe": "qwen3moe"}
 def random_model(path: Path, arch: str, qtype, seed: int = 0, dim: int = 64, n_layers: int = 2,
                  n_heads: int = 4, n_kv_heads: int = 2, hidden: int = 96, vocab: int = 96,
                  n_experts: int = 4, k_active: int = 2, tied: bool = False,
-                 shuffle: bool = False) -> dict:
+                 shuffle: bool = False, rope_freq_factors: "np.ndarray | None" = None,
+                 linear_scaling: float = 0.0, context: int = 64) -> dict:
     """A random GGUF model; returns {dairllm .m tensor name: float64 values as stored}.
     shuffle: tensors in random file order, so no layer is contiguous."""
     g = _gguf()
@@ -89,7 +90,10 @@ def random_model(path: Path, arch: str, qtype, seed: int = 0, dim: int = 64, n_l
     w.add_feed_forward_length(hidden)
     w.add_head_count(n_heads)
     w.add_head_count_kv(n_kv_heads)
-    w.add_context_length(64)
+    w.add_context_length(context)
+    if linear_scaling:
+        w.add_rope_scaling_type(g.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(linear_scaling)
     w.add_layer_norm_rms_eps(1e-6 if arch != "llama" else 1e-5)
     w.add_rope_freq_base(10000.0 if arch == "llama" else 1e6)
     if moe:
@@ -97,6 +101,8 @@ def random_model(path: Path, arch: str, qtype, seed: int = 0, dim: int = 64, n_l
         w.add_expert_used_count(k_active)
         w.add_expert_feed_forward_length(hidden)
     w.add_token_list([f"t{i}" for i in range(vocab)])
+    if rope_freq_factors is not None:
+        w.add_tensor("rope_freqs.weight", np.asarray(rope_freq_factors, dtype=np.float32))
     values: dict = {}
     pending: list = []                  # add_tensor arguments, written in order (or shuffled)
 
@@ -164,7 +170,8 @@ def random_model(path: Path, arch: str, qtype, seed: int = 0, dim: int = 64, n_l
 
 def reference_m_file(path: Path, arch: str, values: dict, dim: int = 64, n_layers: int = 2,
                      n_heads: int = 4, n_kv_heads: int = 2, hidden: int = 96, vocab: int = 96,
-                     n_experts: int = 4, k_active: int = 2, **_) -> Path:
+                     n_experts: int = 4, k_active: int = 2, context: int = 64,
+                     **header_fields) -> Path:
     """The model random_model wrote (same keyword arguments) as an F32 `.m` file holding exactly
     the values its GGUF tensors decode to: what the float64 oracle (tests/oracles/forward.py)
     reads. The header is built from the arguments, not read back from the GGUF file."""
@@ -173,13 +180,14 @@ def reference_m_file(path: Path, arch: str, values: dict, dim: int = 64, n_layer
 
     arch_id = {"llama": Arch.LLAMA, "qwen3": Arch.QWEN3, "qwen3moe": Arch.QWEN3_MOE}[arch]
     moe = arch == "qwen3moe"
+    fields = dict(rope_type=RopeType.LLAMA if arch == "llama" else RopeType.FALCON)
+    fields.update(header_fields)
     h = Header(arch=arch_id, dim=dim, hidden_dim=0 if moe else hidden, n_layers=n_layers,
-               n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=vocab, seq_len=64,
+               n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=vocab, seq_len=context,
                weight_type=FloatType.F32, n_experts=n_experts if moe else 0,
                n_active_experts=k_active if moe else 0, moe_hidden_dim=hidden if moe else 0,
                rope_theta=10000.0 if arch == "llama" else 1e6,
-               rope_type=RopeType.LLAMA if arch == "llama" else RopeType.FALCON,
-               norm_epsilon_code=5 if arch == "llama" else 6)
+               norm_epsilon_code=5 if arch == "llama" else 6, **fields)
     with ModelWriter(path, h) as w:
         for info in w.expected():
             w.write(info.name, values[info.name].astype(np.float32))
