@@ -14,6 +14,7 @@ from __future__ import annotations
 import gguf
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from dairllm import Model
 from dairllm.engine.state import run_state_bytes
@@ -246,3 +247,88 @@ def test_transformers_model_written_as_gguf(tmp_path, arch):
         got = m.forward(TOKENS, 0).astype(np.float64)
     assert np.abs(got - expected).max() < 1e-4 * np.abs(expected).max()
     assert (got.argmax(1) == expected.argmax(1)).all()
+
+
+def writer_with(path, arch="llama", skip=(), override=None, extra_tensors=None, norm_dtype=None):
+    """A tiny valid llama GGUF, with metadata keys skipped or overridden, extra tensors, or norms
+    stored as another dtype: to check each problem gives one clear error."""
+    override = override or {}
+    w = gguf.GGUFWriter(str(path), arch)
+    keys = {"llama.block_count": 1, "llama.embedding_length": 32,
+            "llama.feed_forward_length": 32, "llama.attention.head_count": 2,
+            "llama.attention.head_count_kv": 1, "llama.context_length": 16,
+            "llama.attention.layer_norm_rms_epsilon": 1e-5}
+    keys.update(override)
+    for k, v in keys.items():
+        if k in skip:
+            continue
+        if isinstance(v, float):
+            w.add_float32(k, v)
+        elif isinstance(v, str):
+            w.add_string(k, v)
+        else:
+            w.add_uint32(k, v)
+    w.add_token_list([f"t{i}" for i in range(8)])
+    f32 = lambda *s: np.zeros(s, np.float32)
+    norm = (lambda n: np.ones(n, norm_dtype)) if norm_dtype else (lambda n: np.ones(n, np.float32))
+    tensors = {"token_embd.weight": f32(8, 32), "blk.0.attn_norm.weight": norm(32),
+               "blk.0.attn_q.weight": f32(32, 32), "blk.0.attn_k.weight": f32(16, 32),
+               "blk.0.attn_v.weight": f32(16, 32), "blk.0.attn_output.weight": f32(32, 32),
+               "blk.0.ffn_norm.weight": norm(32), "blk.0.ffn_gate.weight": f32(32, 32),
+               "blk.0.ffn_up.weight": f32(32, 32), "blk.0.ffn_down.weight": f32(32, 32),
+               "output_norm.weight": norm(32)}
+    tensors.update(extra_tensors or {})
+    for name, data in tensors.items():
+        if data is not None:
+            w.add_tensor(name, data)
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    return path
+
+
+BAD_MODELS = {
+    "metadata llama.block_count is missing": dict(skip=("llama.block_count",)),
+    "expected one integer": dict(override={"llama.block_count": "two"}),
+    "n_layers 100000 is outside": dict(override={"llama.block_count": 100000}),
+    "dim 4000000000 is outside": dict(override={"llama.embedding_length": 4_000_000_000}),
+    "not a multiple of n_kv_heads": dict(override={"llama.attention.head_count_kv": 3}),
+    "rope over 8 of 16 head dimensions": dict(override={"llama.rope.dimension_count": 8}),
+    "rope scaling 'yarn' is not supported": dict(override={"llama.rope.scaling.type": "yarn"}),
+    "tensor blk.0.attn_q.weight is missing": dict(extra_tensors={"blk.0.attn_q.weight": None}),
+    "has shape (16, 32), expected (32, 32)": dict(
+        extra_tensors={"blk.0.attn_q.weight": np.zeros((16, 32), np.float32)}),
+    "blk.0.attn_q.bias is not used": dict(
+        extra_tensors={"blk.0.attn_q.bias": np.zeros(32, np.float32)}),
+    "norm weights must be F32": dict(norm_dtype=np.float16),
+    "layer_norm_rms_epsilon 2.0 is outside": dict(
+        override={"llama.attention.layer_norm_rms_epsilon": 2.0}),
+}
+
+
+@pytest.mark.parametrize("problem", list(BAD_MODELS))
+def test_bad_model_metadata_gives_one_clear_error(tmp_path, problem):
+    path = writer_with(tmp_path / "bad.gguf", **BAD_MODELS[problem])
+    with pytest.raises(ModelFormatError, match=str(path)) as e:
+        Model.open(path)
+    assert problem in str(e.value)
+
+
+def test_good_tiny_model_opens(tmp_path):
+    with Model.open(writer_with(tmp_path / "ok.gguf")) as m:
+        assert m.forward([1, 2], 0).shape == (2, 8)
+
+
+KEYS = ["llama.block_count", "llama.embedding_length", "llama.feed_forward_length",
+        "llama.attention.head_count", "llama.attention.head_count_kv", "llama.context_length",
+        "llama.attention.key_length", "llama.rope.dimension_count"]
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(values=st.dictionaries(st.sampled_from(KEYS), st.integers(0, (1 << 32) - 1), max_size=3))
+def test_fuzzed_hyperparameters_open_or_fail_cleanly(tmp_path_factory, values):
+    path = writer_with(tmp_path_factory.mktemp("fz") / "m.gguf", override=values)
+    try:
+        with GGUFModel(path, max_seq_len=16) as gm:
+            assert gm.header.n_layers >= 1
+    except ModelFormatError as e:
+        assert str(path) in str(e)
