@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="a LLAMA Q40 .m file (default: a synthetic model, made once)")
+    p.add_argument("--model", help="a LLAMA Q40 .m file or a GGUF file (default: a synthetic model, made once)")
     p.add_argument("--preset", default="llama-3.2-1b", help="synthetic model shape (default llama-3.2-1b)")
     p.add_argument("--cache-dir", default=os.environ.get("DAIRLLM_CACHE", "~/.cache/dairllm"),
                    help="where synthetic models and GGUF copies are kept")

@@ -173,8 +173,8 @@ class MatmulInput:
     def take_rows(self, rows: np.ndarray, into: "MatmulInput") -> "MatmulInput":
         """into = these rows of self, in every form already computed (no re-quantization)."""
         into.fresh()
-        np.take(self.x, rows, axis=0, out=into.x)
+        self.x.take(rows, axis=0, out=into.x)
         for form in self._ready:
-            np.take(self._buffers[form], rows, axis=0, out=into._buffers[form])
+            self._buffers[form].take(rows, axis=0, out=into._buffers[form])
             into._ready.add(form)
         return into
