@@ -332,3 +332,19 @@ def test_fuzzed_hyperparameters_open_or_fail_cleanly(tmp_path_factory, values):
             assert gm.header.n_layers >= 1
     except ModelFormatError as e:
         assert str(path) in str(e)
+
+
+def test_fingerprint_tells_gguf_files_apart(files, tmp_path):
+    """Cluster nodes compare model fingerprints: a copy matches, a re-quantized file does not,
+    and the full hash catches one changed weight byte."""
+    from dairllm.formats.fingerprint import model_fingerprint
+    q8, _ = files("llama", T.Q8_0)
+    q4, _ = files("llama", T.Q4_0)
+    copy = tmp_path / "copy.gguf"
+    data = bytearray(q8.read_bytes())
+    copy.write_bytes(data)
+    assert model_fingerprint(copy) == model_fingerprint(q8) != model_fingerprint(q4)
+    with GGUFModel(q8) as gm:
+        data[gm.layout["layers.1.w2"].offset + 5] ^= 1
+    copy.write_bytes(data)
+    assert model_fingerprint(copy, full=True) != model_fingerprint(q8, full=True)
