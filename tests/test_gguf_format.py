@@ -115,6 +115,7 @@ def padded(b: bytes, data: bytes = b"") -> bytes:
 CASES = {
     "not a GGUF file": header(magic=b"GGUX") + b"\0" * 16,
     "version 1 is not supported": header(version=1) + b"\0" * 16,
+    "big-endian GGUF files are not supported": header(version=3 << 24) + b"\0" * 16,
     "metadata entries cannot fit": header(n_kv=1 << 60),
     "tensors cannot fit": header(n_tensors=1 << 60),
     "truncated": header(n_kv=1) + struct.pack("<Q", 500) + b"k" * 10,
@@ -160,3 +161,14 @@ def test_fuzzed_files_parse_or_fail_cleanly(tmp_path_factory, data):
                 assert t.end <= g.file_size
     except ModelFormatError as e:
         assert str(path) in str(e)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0"])
+def test_q4_0_and_q8_0_blocks_are_distributed_llama_s_q40_and_q80(qtype):
+    """The same bytes decode to the same values under gguf's dequantizer and dairllm's Q40 / Q80
+    (so the Q40 / Q80 kernels serve GGUF Q4_0 / Q8_0 tensors as they are)."""
+    from dairllm.formats.quant import dequantize_q40, dequantize_q80
+    t = gguf.GGMLQuantizationType[qtype]
+    raw = gguf.quants.quantize(np.random.default_rng(0).normal(size=(8, 256)).astype(np.float32), t)
+    ours = (dequantize_q40 if qtype == "Q4_0" else dequantize_q80)(raw.reshape(-1))
+    assert np.array_equal(ours, gguf.quants.dequantize(raw, t).reshape(-1))

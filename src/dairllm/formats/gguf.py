@@ -164,6 +164,8 @@ def _parse(buf, size: int, path: object) -> tuple[int, dict, dict, int]:
         raise c.fail(f"not a GGUF file: magic {magic!r}, expected {MAGIC!r}")
     c.pos = 4
     version = c.u32("the version")
+    if int.from_bytes(version.to_bytes(4, "little"), "big") in VERSIONS:
+        raise c.fail("big-endian GGUF files are not supported")
     if version not in VERSIONS:
         raise c.fail(f"GGUF version {version} is not supported (only {VERSIONS[0]} and "
                      f"{VERSIONS[1]})")
