@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 
@@ -321,19 +321,8 @@ class GGUFModel:
 
 def _with_layout(h: GGUFHeader, layout: Layout, **changes) -> GGUFHeader:
     """The header with its layout attached (and the layout pointing at that header)."""
-    from dataclasses import replace
     h = replace(h, **changes)
     lay = Layout(h, layout.tensors, layout.by_name)
     object.__setattr__(h, "layout", lay)
     return h
 
-
-def tensor_names(h: Header) -> Iterator[str]:
-    """GGUF tensor names a file for header h holds (for writers and tests)."""
-    yield "token_embd.weight"
-    for l in range(h.n_layers):
-        for n in _layer_names(h):
-            yield f"blk.{l}.{_LAYER_TENSORS[n][0]}.weight"
-        if h.is_moe:
-            yield from (f"blk.{l}.{g}.weight" for g, _ in _EXPERT_TENSORS.values())
-    yield "output_norm.weight"
