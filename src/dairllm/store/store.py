@@ -579,7 +579,11 @@ class LayerStore:
         slot.state = LOADING
         slot.experts = set()
         slot.weights = None
-        self._filler.assign(slot, slot.unit)
+        try:
+            self._filler.assign(slot, slot.unit)
+        except BaseException:              # an empty slot, not one forever "loading"
+            slot.state, slot.unit = EMPTY, None
+            raise
 
     def _fill(self, slot: Slot) -> None:
         """Outside the lock: read the unit's always-needed bytes and build its views."""
@@ -625,7 +629,12 @@ class LayerStore:
                 while True:
                     if self._closed:
                         return
-                    job = self._next_job()
+                    try:
+                        job = self._next_job()
+                    except Exception:      # the forward pass meets it again when it claims
+                        log.exception("prefetch stopped")
+                        self._cv.notify_all()
+                        return
                     if job is not None:
                         break
                     self._cv.wait()
