@@ -28,9 +28,9 @@ def tiny(tmp_path_factory):
 def test_run_state_bytes_counts_what_a_run_state_allocates(preset, weights, max_batch):
     h = preset_header(preset, weights=weights, max_seq_len=48)
     logits = max_batch * h.vocab_size * 4
-    whole = RunState(h, max_batch, h.weight_type.is_block)
+    whole = RunState(h, max_batch)
     assert run_state_bytes(h, max_batch) == whole.nbytes + logits
-    part = RunState(h, max_batch, h.weight_type.is_block, layers=range(1, 3))
+    part = RunState(h, max_batch, layers=range(1, 3))
     assert run_state_bytes(h, max_batch, layers=range(1, 3)) == part.nbytes + logits
 
 

@@ -223,7 +223,7 @@ def test_pinned_layers_are_views_of_the_mapping_and_streamed_are_not(models):
     with open_budgeted(path, "50%") as m:
         store = m.weights
         l = store.residency.streamed[0]
-        assert np.shares_memory(store.layer(l).w1, m.file.buffer)
+        assert np.shares_memory(store.layer(l).w1.data, m.file.buffer)
         store.release(l)
     for mode in ("pread", "direct"):
         check_slot_views(path, mode)
@@ -237,10 +237,10 @@ def check_slot_views(path, mode):
         streamed = [i for i in store.residency.streamed if i < m.header.n_layers]
         assert pinned and streamed
         w = store.layer(pinned[0])
-        assert np.shares_memory(w.w1, mapped)
+        assert np.shares_memory(w.w1.data, mapped)
         store.release(pinned[0])
         w = store.layer(streamed[0])
-        assert not np.shares_memory(w.w1, mapped)
+        assert not np.shares_memory(w.w1.data, mapped)
         store.release(streamed[0])
         assert not isinstance(store.embedding, np.ndarray)   # rows are read, never mapped
 

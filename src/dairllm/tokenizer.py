@@ -13,17 +13,7 @@ import os
 from pathlib import Path
 
 from .errors import TokenizerFormatError
-
-GGUF_MAGIC = b"GGUF"
-
-
-def is_gguf(path: "str | os.PathLike") -> bool:
-    """Whether the file starts with GGUF's magic (False if it cannot be read)."""
-    try:
-        with open(path, "rb") as f:
-            return f.read(len(GGUF_MAGIC)) == GGUF_MAGIC
-    except OSError:
-        return False
+from .formats.gguf import has_gguf_magic as is_gguf
 
 
 class Tokenizer(abc.ABC):

@@ -54,10 +54,10 @@ class ModelCosts:
     @classmethod
     def of(cls, h: Header, act_row_bytes: int, max_batch: int = 64) -> "ModelCosts":
         lay = tensor_layout(h)
-        s, e = lay.layer_range(0)
+        layer0 = sum(t.nbytes for t in lay.layer_tensors(0))
         wcls, fn = lay["wcls"], lay["final_norm"]
         acts = 4 * max_batch * (3 * h.dim + 2 * h.q_dim + 3 * h.ff_dim)
-        return cls(h.n_layers, e - s, 2 * 4 * h.seq_len * h.kv_dim,
+        return cls(h.n_layers, layer0, 2 * 4 * h.seq_len * h.kv_dim,
                    wcls.end - wcls.offset + fn.end - fn.offset, acts, 12 + 16 + act_row_bytes,
                    h.dim)
 

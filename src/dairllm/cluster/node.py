@@ -26,7 +26,8 @@ from ..engine.state import RunState, run_state_bytes
 from ..engine.threads import get_nthreads, set_nthreads
 from ..errors import ConfigError, DairError, ProtocolError
 from ..formats.fingerprint import model_fingerprint
-from ..formats.modelfile import ModelFile, read_header, tensor_layout
+from ..formats.detect import open_model_file, read_model_header
+from ..formats.modelfile import tensor_layout
 from ..formats.quant import FloatType
 from ..store.budget import available_ram, resolve_budget
 from ..store.residency import full_resident_bytes
@@ -72,7 +73,7 @@ class NativeWorker:
     def __init__(self, opts: NodeOptions) -> None:
         self.opts = opts
         path = Path(opts.model_path)
-        h = read_header(path)                         # fails early on a bad file
+        h = read_model_header(path)                   # fails early on a bad file
         set_nthreads(opts.nthreads)
         full = full_resident_bytes(tensor_layout(h), run_state_bytes(h, DEFAULT_MAX_BATCH))
         self.ram_budget = resolve_budget(opts.ram_budget, full)    # None: no cap but the OS's
@@ -207,15 +208,15 @@ class Stage:
         end = P.get_int(a, "end", start + 1, L, peer)
         max_batch = P.get_int(a, "max_batch", 1, MAX_BATCH_LIMIT, peer)
         t0 = time.perf_counter()
-        h0 = read_header(worker.opts.model_path)
+        h0 = read_model_header(worker.opts.model_path)
         seq = P.get_int(a, "max_seq_len", 1, h0.seq_len, peer)
         s = cls()
-        s.file = ModelFile(worker.opts.model_path, max_seq_len=seq)
+        s.file = open_model_file(worker.opts.model_path, max_seq_len=seq)
         h = s.file.header
         s.start, s.end, s.max_batch = start, end, max_batch
         s.dim, s.seq_len = h.dim, h.seq_len
         layers = range(start, end)
-        s.state = RunState(h, max_batch, h.weight_type.is_block, layers=layers)   # lazy zeros
+        s.state = RunState(h, max_batch, layers=layers)   # lazy zeros
         cap = worker.ram_budget or available_ram()
         if s.state.nbytes > cap:
             s.file.close()

@@ -40,7 +40,8 @@ from ..engine.threads import get_nthreads, set_nthreads
 from ..engine.weights import ResidentWeights
 from ..errors import ConfigError, DairError, ProtocolError
 from ..formats.fingerprint import model_fingerprint
-from ..formats.modelfile import Header, ModelFile, read_header, tensor_layout
+from ..formats.detect import open_model_file, read_model_header
+from ..formats.modelfile import Header, tensor_layout
 from ..formats.quant import FloatType
 from ..store.budget import available_ram, resolve_budget
 from ..store.residency import full_resident_bytes
@@ -133,7 +134,7 @@ def probe(path, workers: Sequence[str], ram_budget: "int | str | None" = None,
           link_bandwidth: float = 125e6) -> Assignment:
     """The assignment a ClusterModel would make, from the workers' handshakes alone: no weights
     are loaded anywhere (`dairllm plan`)."""
-    h = read_header(path, max_seq_len=max_seq_len)
+    h = read_model_header(path, max_seq_len=max_seq_len)
     act = P.act_type(buffer_float_type)
     key = P.resolve_secret(secret)
     fp = model_fingerprint(path, full=verify_model)
@@ -214,7 +215,7 @@ class ClusterModel(Model):
             raise ConfigError(f"timeout must be positive, got {timeout}")
         act = P.act_type(buffer_float_type)
         key = secret if isinstance(secret, bytes) else P.resolve_secret(secret)
-        mf = ModelFile(path, max_seq_len=max_seq_len)
+        mf = open_model_file(path, max_seq_len=max_seq_len)
         links: list = []
         try:
             fp = model_fingerprint(path, full=verify_model)
@@ -287,8 +288,7 @@ class ClusterModel(Model):
         """Weights and KV caches of the layers the root runs (possibly several stages)."""
         local = [l for ps in self.pipe if ps.link is None for l in range(ps.start, ps.end)]
         close_weights(self.compute.weights)
-        self.state = RunState(self.header, self.state.max_batch, self.compute.quantized,
-                              layers=local)
+        self.state = RunState(self.header, self.state.max_batch, layers=local)
         self.compute.weights = weights_for_range(self.file, local, self.root_budget,
                                              self.state.nbytes, head=True)
 

@@ -31,7 +31,7 @@ def weights_for_range(mf: ModelFile, layers: "range | list", budget: "int | None
     full = base + sum(u.nbytes for u in mine)
     if full <= budget:
         return ResidentWeights(mf, layers=layers)
-    slot = max(u.nbytes for u in mine) + 2 * PAGE
+    slot = max(u.slot_bytes for u in mine)
     layer_bytes = max(u.nbytes for u in mine)
     for slots in (2, 1):
         avail = budget - base - slots * slot

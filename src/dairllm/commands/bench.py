@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="a LLAMA Q40 .m file (default: a synthetic model, made once)")
+    p.add_argument("--model", help="a LLAMA Q40 .m file or a GGUF file (default: a synthetic model, made once)")
     p.add_argument("--preset", default="llama-3.2-1b", help="synthetic model shape (default llama-3.2-1b)")
     p.add_argument("--cache-dir", default=os.environ.get("DAIRLLM_CACHE", "~/.cache/dairllm"),
                    help="where synthetic models and GGUF copies are kept")
@@ -139,6 +139,11 @@ def _add_placeholder_vocab(w, vocab: int) -> None:
 
 
 def gguf_copy(model_path: Path) -> Path:
+    """The GGUF file llama.cpp runs: the model itself when it is one, else a re-wrapped copy."""
+    from ..formats.gguf import has_gguf_magic
+
+    if has_gguf_magic(model_path):
+        return model_path
     out = model_path.with_suffix(".gguf")
     if not out.exists() or out.stat().st_mtime < model_path.stat().st_mtime:
         log.warning("writing the GGUF copy %s", out)
@@ -232,9 +237,9 @@ def _spawn(args, which: str, model: Path, gguf_path: "Path | None" = None) -> di
 
 def weight_bytes_per_token(model: Path) -> int:
     """Bytes a decode step must read: every layer, the classifier, one embedding row."""
-    from ..formats.modelfile import ModelFile
+    from ..formats.detect import open_model_file
 
-    with ModelFile(model) as mf:
+    with open_model_file(model) as mf:
         h = mf.header
         layers = sum(t.nbytes for t in mf.tensors if t.layer >= 0)
         return layers + mf.layout["wcls"].nbytes + mf.layout["final_norm"].nbytes + 4 * h.dim

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 
+import numpy as np
+
 from .options import add_budget_argument
 
 HELP = "show a .m model's header, sizes, RAM per layer and (with --tensors) every tensor"
@@ -28,15 +30,29 @@ def kv_cache_bytes(h) -> int:
     return 2 * h.seq_len * h.kv_dim * KV_BYTES
 
 
+def _metadata_value(v):
+    """A GGUF metadata value as inspect shows it: scalars as they are, arrays by their length."""
+    if isinstance(v, (list, np.ndarray)) and len(v) > 8:
+        kind = "strings" if isinstance(v, list) else str(v.dtype)
+        return f"[{len(v)} {kind}]"
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, str) and len(v) > 200:
+        return v[:200] + f"... ({len(v)} characters)"
+    return v
+
+
 def summarize(mf, with_tensors: bool = False) -> dict:
     """Everything `inspect` shows, as plain JSON-able values."""
     h, lay = mf.header, mf.layout
     kv = kv_cache_bytes(h)
     layers = []
     for l in range(h.n_layers):
-        start, end = lay.layer_range(l)
-        layers.append(dict(layer=l, start=start, end=end, weight_bytes=end - start,
-                           kv_cache_bytes=kv, ram_bytes=end - start + kv))
+        ts = lay.layer_tensors(l)              # contiguous in a .m file, maybe not in a GGUF
+        start, end = min(t.offset for t in ts), max(t.end for t in ts)
+        nbytes = sum(t.nbytes for t in ts)
+        layers.append(dict(layer=l, start=start, end=end, weight_bytes=nbytes,
+                           kv_cache_bytes=kv, ram_bytes=nbytes + kv))
     emb, final_norm, wcls = lay["embedding"], lay["final_norm"], lay["wcls"]
     out = dict(
         file=str(mf.path), file_size=mf.file_size,
@@ -53,6 +69,8 @@ def summarize(mf, with_tensors: bool = False) -> dict:
                  everything_bytes=mf.file_size - h.header_size + kv * h.n_layers),
         layers=layers,
     )
+    if hasattr(mf, "metadata"):                # a GGUF file
+        out["metadata"] = {k: _metadata_value(v) for k, v in mf.metadata.items()}
     if with_tensors:
         out["tensors"] = [dict(name=t.name, type=t.ftype.name, shape=list(t.shape),
                                offset=t.offset, bytes=t.nbytes) for t in mf.tensors]
@@ -77,7 +95,8 @@ def _mb(n: int) -> str:
 
 def render_text(s: dict) -> str:
     h, sz, ram = s["header"], s["sizes"], s["ram"]
-    lines = [f"{s['file']}: {h['arch']} {h['weight_type']}, {_mb(s['file_size'])}", "", "header:"]
+    types = h.get("weight_type") or h.get("tensor_types")     # GGUF: a type per tensor
+    lines = [f"{s['file']}: {h['arch']} {types}, {_mb(s['file_size'])}", "", "header:"]
     lines += [f"  {k:<30} {v}" for k, v in h.items()]
     lines += ["", "derived:"] + [f"  {k:<30} {v}" for k, v in s["derived"].items()]
     lines += ["", "sizes:",
@@ -97,6 +116,8 @@ def render_text(s: dict) -> str:
         lines.append(f"  {x['layer']:>5} {x['start']:>15,}..{x['end']:<15,} "
                      f"{_mb(x['weight_bytes']):>12} {_mb(x['kv_cache_bytes']):>12} "
                      f"{_mb(x['ram_bytes']):>12}")
+    if s.get("metadata"):
+        lines += ["", "GGUF metadata:"] + [f"  {k:<40} {v}" for k, v in s["metadata"].items()]
     if s.get("plan"):
         lines += ["", "plan:"] + [f"  {k:<30} {v}" for k, v in s["plan"].items()]
     if "tensors" in s:
@@ -109,12 +130,12 @@ def render_text(s: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..formats.modelfile import ModelFile
+    from ..formats.detect import open_model_file
 
     if args.model is None:
         from ..synth import default_model
         args.model = default_model()[0]
-    with ModelFile(args.model, max_seq_len=args.max_seq_len) as mf:
+    with open_model_file(args.model, max_seq_len=args.max_seq_len) as mf:
         summary = summarize(mf, with_tensors=args.tensors)
         plan = plan_section(mf, args)
         if plan:

@@ -20,6 +20,7 @@ from ..cluster import protocol as P
 from ..cluster.node import NativeWorker, NodeOptions, warn_if_open
 from ..dllama.worker import WorkerOptions, looks_like_dllama, run_session_logged
 from ..errors import ConfigError
+from ..formats.gguf import has_gguf_magic
 from ..formats.modelfile import ModelFile
 from ..sockets import listen
 from .options import add_budget_argument, add_secret_argument, add_threads_argument, add_verify_argument
@@ -122,8 +123,8 @@ def run(args: argparse.Namespace) -> int:
     if args.model:             # measure this node's profile now, before any root waits for it
         native = NativeWorker(NodeOptions(args.model, args.ram_budget, nthreads, secret,
                                           args.verify_model, speed=args.speed))
-    services = Services(native, WorkerOptions(nthreads=nthreads,
-                                              model=ModelFile(args.model) if args.model else None))
+    dllama_model = ModelFile(args.model) if args.model and not has_gguf_magic(args.model) else None
+    services = Services(native, WorkerOptions(nthreads=nthreads, model=dllama_model))
     listener = listen(args.host, args.port)
     host, port = listener.getsockname()[:2]
     print(f"dairllm worker listening on {host}:{port}", flush=True)

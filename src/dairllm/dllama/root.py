@@ -22,6 +22,7 @@ import numpy as np
 from .. import _net
 from ..engine.generate import Generates, GenerateStats, InputError
 from ..errors import ConfigError, ProtocolError
+from ..formats.gguf import has_gguf_magic
 from ..formats.modelfile import ModelFile
 from ..formats.quant import FloatType
 from ..sockets import tune
@@ -71,6 +72,10 @@ class DllamaRoot(Generates):
     def open(cls, path, workers: Sequence[str], sync_type: "FloatType | str | None" = None,
              max_seq_len: int | None = None, nthreads: int | None = None, local_weights: bool = False,
              kernels=None, timeout: float = 60.0) -> "DllamaRoot":
+        if has_gguf_magic(path):
+            raise ConfigError(f"{path}: a GGUF file cannot be served over the distributed-llama "
+                              "protocol (its workers need the .m byte layout); use the native "
+                              "protocol, or convert the model to .m")
         mf = ModelFile(path, max_seq_len=max_seq_len)
         h = mf.header
         sync = sync_type_for(h.weight_type, sync_type)

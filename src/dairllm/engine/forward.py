@@ -4,10 +4,11 @@ A batch of n tokens at positions p0..p0+n-1 goes through three stages that the e
 compose: `embed` (tokens -> x), `run_layers` (a range of transformer blocks over x; a cluster node
 runs its own range, the layer streamer swaps the weight provider) and `head` (x -> logits).
 Buffer names are defined in state.py. Math follows distributed-llama's single-node graph:
-with Q40/Q80 weights every matmul input is quantized to Q80 first; F32/F16 weights keep F32
-activations. The residual stream stays F32, except in the "dllama" arithmetic, which also
-rounds each block's output through Q80 before it joins the residual (as distributed-llama does;
-the exact arithmetic skips that extra rounding, which only adds error).
+every matmul input is quantized into the form its weight's kernel takes (Q80 blocks for Q40/Q80,
+F32 for F32/F16: engine/kernels.py), once per form. The residual stream stays F32, except in the
+"dllama" arithmetic with a .m file's Q40/Q80 weights, which also rounds each block's output
+through Q80 before it joins the residual (as distributed-llama does; the exact arithmetic skips
+that extra rounding, which only adds error).
 Every kernel whose float arithmetic has a "dllama" variant gets `dllama=m.dllama` (the Net's
 arithmetic; its matmuls are bound to it already).
 """
@@ -18,28 +19,25 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .. import _ops as ops
+from .kernels import Q80
 
 if TYPE_CHECKING:
+    from .kernels import MatmulInput
     from .model import Compute
     from .state import Rows, RunState
     from .weights import LayerWeights
 
 
-def q80(m: "Compute", out_q: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """The matmul input for activations x: their Q80 blocks (quantized weights) or x itself."""
-    if m.quantized:
-        ops.quantize_q80(out_q, x)
-        return out_q
-    return x
-
-
-def normed_q80(m: "Compute", r: "Rows", weight: np.ndarray) -> np.ndarray:
-    """xb = rmsnorm(x) * weight; returns the matmul input for xb (as q80 does), in one kernel call."""
-    if m.quantized:
-        ops.rmsnorm_q80(r.xq, r.xb, r.x, weight, m.eps, dllama=m.dllama)
-        return r.xq
-    ops.rmsnorm(r.xb, r.x, weight, m.eps, dllama=m.dllama)
-    return r.xb
+def normed(m: "Compute", r: "Rows", weight: np.ndarray) -> "MatmulInput":
+    """xb = rmsnorm(x) * weight, as the input of the matmuls that follow (its Q80 blocks in the
+    same kernel call when the model's weights take Q80)."""
+    xin = r.xin.fresh()
+    if xin.has(Q80):
+        ops.rmsnorm_q80(xin.buffer(Q80), r.xb, r.x, weight, m.eps, dllama=m.dllama)
+        xin.mark_ready(Q80)
+    else:
+        ops.rmsnorm(r.xb, r.x, weight, m.eps, dllama=m.dllama)
+    return xin
 
 
 def residual(m: "Compute", r: "Rows") -> None:
@@ -59,7 +57,7 @@ def attention_block(m: "Compute", s: "RunState", r: "Rows", w: "LayerWeights", p
     n, l = r.n, w.index
     k = s.k_cache[l][p0:p0 + n]                         # (n, kv_dim): this batch's cache rows
     v = s.v_cache[l][p0:p0 + n]
-    xin = normed_q80(m, r, w.attn_norm)                 # xb = rmsnorm(x) * attn_norm
+    xin = normed(m, r, w.attn_norm)                     # xb = rmsnorm(x) * attn_norm
     m.matmul_many((r.q, k, v), (w.q, w.k, w.v), xin)    # q = Wq xb (n, q_dim); k, v into the cache
     if m.qk_norm:                                       # Qwen3: rmsnorm of every head
         qh = r.q.reshape(n * m.n_heads, m.head_dim)
@@ -69,38 +67,35 @@ def attention_block(m: "Compute", s: "RunState", r: "Rows", w: "LayerWeights", p
     ops.rope(r.q, r.pos, s.rope, m.head_dim, s.rope_neox, k, dllama=m.dllama)   # rotate q and k
     ops.attention(r.att, r.q, s.k_cache[l], s.v_cache[l], r.pos, m.n_heads, m.n_kv_heads,
                   m.head_dim, dllama=m.dllama)          # att: (n, q_dim), causal over 0..pos
-    ain = q80(m, r.attq, r.att)
-    m.matmul(r.dx, w.wo, ain)                           # dx = Wo att      (n, dim)
+    m.matmul(r.dx, w.wo, r.ain.fresh())                 # dx = Wo att      (n, dim)
     residual(m, r)
 
 
 def ffn_block(m: "Compute", s: "RunState", r: "Rows", w: "LayerWeights") -> None:
-    xin = normed_q80(m, r, w.ffn_norm)                  # xb = rmsnorm(x) * ffn_norm
+    xin = normed(m, r, w.ffn_norm)                      # xb = rmsnorm(x) * ffn_norm
     if m.moe:
         moe_ffn(m, s, r, w, xin)
     else:
         m.matmul_many((r.hb, r.hb2), (w.w1, w.w3), xin)     # hb = W1 xb, hb2 = W3 xb  (n, hidden)
         ops.silu_mul(r.hb, r.hb2, dllama=m.dllama)      # hb  = silu(hb) * hb2
-        hin = q80(m, r.hbq, r.hb)
-        m.matmul(r.dx, w.w2, hin)                       # dx = W2 hb       (n, dim)
+        m.matmul(r.dx, w.w2, r.hin.fresh())             # dx = W2 hb       (n, dim)
     residual(m, r)
 
 
-def moe_ffn(m: "Compute", s: "RunState", r: "Rows", w: "LayerWeights", xin: np.ndarray) -> None:
+def moe_ffn(m: "Compute", s: "RunState", r: "Rows", w: "LayerWeights", xin: "MatmulInput") -> None:
     """dx = sum over each row's top-k experts of weight * expert_ffn(xb), xin: the matmul input for
     xb; rows grouped by expert so one pass over an expert's weights serves every row routed to it."""
-    ops.matmul_f32(r.gate, w.moe_gate, r.xb, dllama=m.dllama)   # gate = Wg xb (unquantized) (n, E)
+    m.matmul(r.gate, w.moe_gate, xin)                   # gate = Wg xb     (n, E)
     ops.moe_route(r.route_idx, r.route_w, r.gate, m.k_active, dllama=m.dllama)   # top-k, renormalised
     r.dx.fill(0.0)
     for e, rows, wts in route_groups(r.route_idx, r.route_w):
         ew = w.experts[e]
         c = rows.size
-        ein, h1, h2, hq, eout = s.ein[:c], s.hb[:c], s.hb2[:c], s.hbq, s.eout[:c]
-        np.take(xin, rows, axis=0, out=ein)             # the rows routed to expert e
-        m.expert_matmul_many((h1, h2), (ew.w1, ew.w3), ein)   # (c, moe_hidden) each
-        ops.silu_mul(h1, h2, dllama=m.dllama)
-        hin = q80(m, None if hq is None else hq[:c], h1)
-        m.expert_matmul(eout, ew.w2, hin)               # (c, dim)
+        rc, eout = s.rows(c), s.eout[:c]                # first c rows of the buffers
+        ein = xin.take_rows(rows, rc.ein)               # the rows routed to expert e
+        m.matmul_many((rc.hb, rc.hb2), (ew.w1, ew.w3), ein, expert=True)   # (c, moe_hidden) each
+        ops.silu_mul(rc.hb, rc.hb2, dllama=m.dllama)
+        m.matmul(eout, ew.w2, rc.hin.fresh(), expert=True)   # (c, dim)
         if c == 1:
             ops.scale_add(r.dx[rows[0]:rows[0] + 1], eout, float(wts[0]))
         else:
@@ -132,7 +127,7 @@ def run_layers(m: "Compute", s: "RunState", r: "Rows", p0: int, start: int, end:
 
 def head(m: "Compute", r: "Rows", logits: np.ndarray) -> None:
     """logits = Wcls rmsnorm(x) for the n rows of x."""
-    xin = normed_q80(m, r, m.weights.final_norm)
+    xin = normed(m, r, m.weights.final_norm)
     m.matmul(logits, m.weights.wcls, xin)               # (n, vocab)
 
 

@@ -18,22 +18,14 @@ import numpy as np
 from .. import _ops as ops
 from ..errors import ConfigError
 from ..formats.modelfile import Arch, Header, ModelFile
-from ..formats.quant import FloatType
 from . import forward as fw
 from .generate import Generates, GenerateStats, InputError
+from .kernels import Matrix, MatmulInput, TypeKernels
 from .state import RunState
 from .weights import WeightProvider
 
 DEFAULT_MAX_BATCH = 64
 ARITHMETICS = ("exact", "dllama")
-
-_MATMUL_BY_TYPE = {
-    FloatType.Q40: "matmul_q40",
-    FloatType.Q80: "matmul_q80",
-    FloatType.F32: "matmul_f32",
-    FloatType.F16: "matmul_f16",
-}
-
 
 def check_arithmetic(arithmetic: str) -> str:
     if arithmetic not in ARITHMETICS:
@@ -42,14 +34,12 @@ def check_arithmetic(arithmetic: str) -> str:
 
 
 class Compute:
-    """What the forward functions need, resolved once: dimensions, flags, the matmul kernel for
-    the file's weight type, the weight provider and the arithmetic: "exact" (dairllm's kernels)
-    or "dllama" (distributed-llama's float arithmetic bit for bit, `dllama` passed to every kernel
-    that has it)."""
+    """What the forward functions need, resolved once: dimensions, flags, the weight provider and
+    the arithmetic: "exact" (dairllm's kernels) or "dllama" (distributed-llama's float arithmetic
+    bit for bit, `dllama` passed to every kernel that has it). Each matmul runs the kernel of its
+    weight's type (engine/kernels.py) on the input in that kernel's activation form."""
 
     def __init__(self, h: Header, weights: WeightProvider, arithmetic: str = "exact") -> None:
-        if h.weight_type not in _MATMUL_BY_TYPE:
-            raise ConfigError(f"no matmul kernel for {h.weight_type.name} weights")
         self.header = h
         self.weights = weights
         self.dllama = check_arithmetic(arithmetic) == "dllama"
@@ -58,29 +48,41 @@ class Compute:
         self.qk_norm = h.has_qk_norm
         self.moe = h.arch is Arch.QWEN3_MOE
         self.k_active = h.n_active_experts
-        self.quantized = h.weight_type.is_block          # Q40/Q80 weights take Q80 activations
-        name = _MATMUL_BY_TYPE[h.weight_type]
-        self.matmul: Callable = getattr(ops, name)
-        q40 = h.weight_type is FloatType.Q40
-        # matmul_many(outs, ws, x): several matrices on one input (one parallel region for Q40)
-        q40_multi: Callable = ops.matmul_q40_multi
-        if self.dllama:
-            q40_multi = partial(q40_multi, dllama=True)
-            if name in ops.DLLAMA_KERNELS:
-                self.matmul = partial(self.matmul, dllama=True)
-        self.matmul_many: Callable = q40_multi if q40 else self._matmul_each
-        if getattr(weights, "repacked", False):     # dense Q40 matrices in the Q40x8 layout
-            if self.dllama:
-                raise ConfigError("Q40x8 (repacked) weights compute in exact arithmetic only")
-            self.matmul, self.matmul_many = ops.matmul_q40x8, ops.matmul_q40x8_multi
-        # Expert rows are independent matvecs in the reference (its batched GEMM never sees them);
-        # that changes the float summation order only in "dllama" arithmetic.
-        self.expert_matmul: Callable = partial(self.matmul, batched=False) if q40 else self.matmul
-        self.expert_matmul_many: Callable = partial(q40_multi, batched=False) if q40 else self._matmul_each
+        # A .m file's Q40/Q80 weights: in the dllama arithmetic, block outputs are rounded
+        # through Q80 (the reference's graph); matmul inputs take their kernels' forms anyway.
+        self.quantized = h.weight_type.is_block
+        if getattr(weights, "repacked", False) and self.dllama:
+            raise ConfigError("Q40x8 (repacked) weights compute in exact arithmetic only")
+        self._bound: dict = {}
 
-    def _matmul_each(self, outs, ws, x) -> None:
+    def kernel(self, k: TypeKernels, multi: bool = False, expert: bool = False) -> Callable:
+        """k's matmul (or its several-matrices form) bound to this arithmetic. Expert rows are
+        independent matvecs in the reference (its batched GEMM never sees them): that changes the
+        float summation order only in "dllama" arithmetic."""
+        key = (id(k), multi, expert)
+        fn = self._bound.get(key)
+        if fn is None:
+            fn = k.matmul_multi if multi else k.matmul
+            options = dict(k.expert_options) if expert else {}
+            if self.dllama and getattr(fn, "__name__", "") in ops.DLLAMA_KERNELS:
+                options["dllama"] = True
+            fn = self._bound[key] = partial(fn, **options) if options else fn
+        return fn
+
+    def matmul(self, out: np.ndarray, w: Matrix, xin: MatmulInput, expert: bool = False) -> None:
+        """out = w x, x taken in the form w's kernel needs."""
+        self.kernel(w.kernels, expert=expert)(out, w.data, xin.as_form(w.kernels.form))
+
+    def matmul_many(self, outs, ws, xin: MatmulInput, expert: bool = False) -> None:
+        """Several matrices on one input: one parallel region where their type has a kernel for
+        that and they share it."""
+        k = ws[0].kernels
+        if k.matmul_multi is not None and all(w.kernels is k for w in ws):
+            self.kernel(k, multi=True, expert=expert)(outs, [w.data for w in ws],
+                                                      xin.as_form(k.form))
+            return
         for out, w in zip(outs, ws):
-            self.matmul(out, w, x)
+            self.matmul(out, w, xin, expert)
 
 
 class Model(Generates):
@@ -91,7 +93,7 @@ class Model(Generates):
         self.file = file
         self.header: Header = file.header
         self.compute = Compute(self.header, weights, arithmetic)
-        self.state = state or RunState(self.header, max_batch, self.compute.quantized)
+        self.state = state or RunState(self.header, max_batch)
         self._logits1 = np.zeros((1, self.header.vocab_size), dtype=np.float32)
         self.n_past = 0                       # positions 0..n_past-1 hold valid K/V
         self.stats = GenerateStats()

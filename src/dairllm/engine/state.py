@@ -5,18 +5,21 @@ views of it.
 Short names used by forward.py (B = rows of the current batch):
     x      (B, dim)      residual stream
     xb     (B, dim)      normed x (attention and FFN input)
-    xq     (B, dim/32)   Q80 blocks of xb (quantized weights only)
     q      (B, q_dim)    queries
-    att    (B, q_dim)    attention output; attq its Q80 blocks
-    dx     (B, dim)      a block's output before the residual add; dxq its Q80 blocks
-    hb     (B, ff)       FFN gate (w1) output, then silu(w1 x) * w3 x; hbq its Q80 blocks
+    att    (B, q_dim)    attention output
+    dx     (B, dim)      a block's output before the residual add; dxq its Q80 blocks (.m
+                         files with Q40/Q80 weights, whose block outputs are rounded through Q80)
+    hb     (B, ff)       FFN gate (w1) output, then silu(w1 x) * w3 x
     hb2    (B, ff)       FFN up (w3) output
+    xin, ain, hin        matmul inputs over xb, att and hb (kernels.MatmulInput): the float32
+                         rows and their blocks in each activation form the model's weights take
     pos    (B,) int32    absolute position of each row
     k_cache[l], v_cache[l]  (seq_len, kv_dim) f32, row p = key/value at position p
 MoE (Qwen3-MoE) only:
     gate   (B, n_experts)    router logits
     route_idx, route_w (B, k)  chosen experts and their normalised weights
-    ein    (B, dim/32 Q80 or dim f32)  the rows routed to one expert, gathered
+    ein    (B, dim)      the rows routed to one expert, gathered (and its matmul input, `ein`
+                         of Rows, with every form)
     eout   (B, dim)      that expert's output for those rows
 """
 from __future__ import annotations
@@ -27,35 +30,43 @@ from .. import _ops as ops
 from ..errors import ModelFormatError
 from ..formats.modelfile import Header, RopeType
 from ..formats.quant import FloatType
+from .kernels import Form, MatmulInput, forms_for
+
+_INPUTS = {"xin": "xb", "ain": "att", "hin": "hb", "ein": "ein"}   # matmul input -> its x
 
 
 class Rows:
     """Views of the first n rows of every activation buffer (cached per n by RunState)."""
 
-    __slots__ = ("n", "x", "xb", "xq", "q", "att", "attq", "dx", "dxq", "hb", "hb2", "hbq",
-                 "pos", "gate", "route_idx", "route_w")
+    __slots__ = ("n", "x", "xb", "q", "att", "dx", "dxq", "hb", "hb2", "pos", "gate",
+                 "route_idx", "route_w", "xin", "ain", "hin", "ein")
 
     def __init__(self, s: "RunState", n: int) -> None:
         self.n = n
-        for name in self.__slots__[1:]:
+        for name in self.__slots__[1:13]:
             buf = getattr(s, name)
             setattr(self, name, None if buf is None else buf[:n])
+        for name, x in _INPUTS.items():
+            buf = getattr(s, x)
+            setattr(self, name, None if buf is None else MatmulInput(
+                buf[:n], {f: s.blocks[f"{x}.{f.name}"][:n] for f in s.forms}))
 
 
 class RunState:
     """Buffers for one sequence: activations for `max_batch` rows and the KV cache of `layers`."""
 
-    def __init__(self, h: Header, max_batch: int, quantized: bool,
-                 layers: "range | None" = None) -> None:
+    def __init__(self, h: Header, max_batch: int, layers: "range | None" = None) -> None:
         self.header = h
         self.seq_len = h.seq_len
         self.max_batch = max_batch
-        self.quantized = quantized
+        self.forms: list[Form] = forms_for(h.matrix_types)   # quantized forms the weights take
         self.layers = range(h.n_layers) if layers is None else layers
         for name in _OPTIONAL:
             setattr(self, name, None)
-        for name, (shape, dtype) in buffer_shapes(h, max_batch, quantized).items():
-            setattr(self, name, np.zeros(shape, dtype=dtype))
+        self.blocks: dict[str, np.ndarray] = {}               # "<x>.<form>" -> blocks of x
+        for name, (shape, dtype) in buffer_shapes(h, max_batch).items():
+            target = self.blocks if "." in name else vars(self)
+            target[name] = np.zeros(shape, dtype=dtype)
         self.arange = np.arange(max_batch, dtype=np.int32)
         # np.zeros maps fresh zero pages: a long context costs RSS only as positions fill.
         kv = (self.seq_len, h.kv_dim)
@@ -79,6 +90,7 @@ class RunState:
         """Bytes of every buffer this state holds (an upper bound on its resident memory)."""
         arrays = [v for v in vars(self).values() if isinstance(v, np.ndarray)]
         arrays += [a for a in self.k_cache + self.v_cache if a is not None]
+        arrays += list(self.blocks.values())
         return sum(a.nbytes for a in arrays)
 
     @property
@@ -86,32 +98,36 @@ class RunState:
         return sum(a.nbytes for a in self.k_cache + self.v_cache if a is not None)
 
 
-_OPTIONAL = ("xq", "attq", "dxq", "hbq", "gate", "route_idx", "route_w", "ein", "eout")
+_OPTIONAL = ("dxq", "gate", "route_idx", "route_w", "ein", "eout")
 
 
-def buffer_shapes(h: Header, max_batch: int, quantized: bool) -> dict:
-    """name -> (shape, dtype) of every activation buffer (see the glossary above)."""
+def buffer_shapes(h: Header, max_batch: int) -> dict:
+    """name -> (shape, dtype) of every activation buffer (see the glossary above); "x.form"
+    names the blocks of matmul input x in one quantized form."""
     B, f32 = max_batch, np.float32
+    forms = forms_for(h.matrix_types)
     out = {}
 
-    def act(name: str, n: int, q_name: "str | None" = None) -> None:
+    def act(name: str, n: int, matmul_input: bool = False) -> None:
         out[name] = ((B, n), f32)
-        if q_name and quantized:
-            out[q_name] = ((B, FloatType.Q80.nbytes(n)), np.uint8)
+        for f in forms if matmul_input else ():
+            out[f"{name}.{f.name}"] = ((B, f.nbytes(n)), np.uint8)
 
     act("x", h.dim)
-    act("xb", h.dim, "xq")
+    act("xb", h.dim, matmul_input=True)
     act("q", h.q_dim)
-    act("att", h.q_dim, "attq")
-    act("dx", h.dim, "dxq")
-    act("hb", h.ff_dim, "hbq")
+    act("att", h.q_dim, matmul_input=True)
+    act("dx", h.dim)
+    if h.weight_type.is_block:                   # .m Q40/Q80: block outputs rounded via Q80
+        out["dxq"] = ((B, FloatType.Q80.nbytes(h.dim)), np.uint8)
+    act("hb", h.ff_dim, matmul_input=True)
     act("hb2", h.ff_dim)
     out["pos"] = ((B,), np.int32)
     if h.is_moe:
         act("gate", h.n_experts)
         out["route_idx"] = ((B, h.n_active_experts), np.int32)
         out["route_w"] = ((B, h.n_active_experts), f32)
-        out["ein"] = ((B, FloatType.Q80.nbytes(h.dim)), np.uint8) if quantized else ((B, h.dim), f32)
+        act("ein", h.dim, matmul_input=True)
         act("eout", h.dim)
     return out
 
@@ -121,7 +137,7 @@ def run_state_bytes(h: Header, max_batch: int, layers: "range | None" = None) ->
     float32 logits of a full batch: the engine's share of a RAM budget, counted without
     allocating anything."""
     buffers = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize
-                  for shape, dtype in buffer_shapes(h, max_batch, h.weight_type.is_block).values())
+                  for shape, dtype in buffer_shapes(h, max_batch).values())
     n_layers = h.n_layers if layers is None else len(layers)
     kv = 2 * n_layers * h.seq_len * h.kv_dim * 4
     rope = h.seq_len * h.head_dim * 4
@@ -138,7 +154,15 @@ def rope_args(h: Header) -> tuple:
 
 def rope_table(h: Header, seq_len: int) -> np.ndarray:
     """f32 [seq_len, head_dim/2, 2]: (cos, sin) of angle pos * freq[i], computed as the reference
-    fills its rope cache (float32 powf / cosf / sinf of the C library, angle in float32)."""
+    fills its rope cache (float32 powf / cosf / sinf of the C library, angle in float32).
+    A GGUF file's own frequency factors (Llama-3.1 `rope_freqs`, linear scaling) divide the
+    base frequencies instead of the header's scaling settings."""
+    factors = getattr(h, "rope_freq_factors", None)
+    if factors:
+        freqs = ops.rope_frequencies(h.head_dim, h.rope_theta, h.effective_rope_type is
+                                     RopeType.FALCON) / np.asarray(factors, dtype=np.float32)
+        angles = np.arange(seq_len, dtype=np.float64)[:, None] * freqs.astype(np.float64)
+        return np.stack([np.cos(angles), np.sin(angles)], axis=-1).astype(np.float32)
     try:
         return ops.rope_table_dllama(seq_len, h.head_dim, *rope_args(h))
     except ValueError as e:              # settings the file should not hold (theta, scaling)

@@ -13,27 +13,41 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from ..formats.modelfile import Header, ModelFile, TensorInfo
-from ..formats.quant import FloatType
+from ..formats.modelfile import Header, Kind, ModelFile, TensorInfo
+from ..formats.quant import GGMLType, as_ggml_type
+from .kernels import Q40X8, EmbeddingTable, Matrix, kernels_for, weight_view
 
 
-def matrix_view(mf: ModelFile, t: "str | TensorInfo") -> np.ndarray:
-    """A matmul weight in the form its kernel takes, without copying:
-    Q40/Q80 -> uint8 [rows, row_bytes]; F32 -> float32 [rows, cols]; F16 -> uint16 [rows, cols]."""
+def matrix_view(mf: ModelFile, t: "str | TensorInfo") -> Matrix:
+    """A matmul weight in the form its type's kernel takes, without copying (kernels.weight_view),
+    with those kernels; ModelFormatError if the type has none."""
     info = mf.layout[t] if isinstance(t, str) else t
-    if info.ftype is FloatType.F32:
+    k = kernels_for(info, mf.path)
+    return Matrix(weight_view(mf.raw(info), k, info.rows, info.cols), k)
+
+
+def embedding_view(mf: ModelFile) -> "np.ndarray | EmbeddingTable":
+    """The token embedding table: a float32 view, or rows decoded when np.take reads them."""
+    info = mf.layout["embedding"]
+    if as_ggml_type(info.ftype) is GGMLType.F32:
         return mf.f32(info)
-    raw = mf.raw(info)
-    if info.ftype is FloatType.F16:
-        return raw.view("<u2")
-    return raw
+    return EmbeddingTable(mf.raw(info), kernels_for(info, mf.path), info.cols)
+
+
+def check_kernels(mf: ModelFile) -> None:
+    """Every matmul weight and the embedding have kernels (raise naming the first that has not),
+    so a model fails when it opens, not when a streamed layer is first read."""
+    names = getattr(mf, "source_names", {})
+    for t in mf.layout.tensors:
+        if t.kind not in _F32_ONLY:
+            kernels_for(t, mf.path, names.get(t.name))
 
 
 @dataclass(frozen=True)
 class ExpertWeights:
-    w1: np.ndarray          # (moe_hidden, dim)  gate_proj
-    w2: np.ndarray          # (dim, moe_hidden)  down_proj
-    w3: np.ndarray          # (moe_hidden, dim)  up_proj
+    w1: Matrix              # (moe_hidden, dim)  gate_proj
+    w2: Matrix              # (dim, moe_hidden)  down_proj
+    w3: Matrix              # (moe_hidden, dim)  up_proj
 
 
 @dataclass(frozen=True)
@@ -42,17 +56,17 @@ class LayerWeights:
 
     index: int
     attn_norm: np.ndarray               # (dim,) f32
-    q: np.ndarray                       # (q_dim, dim)
-    k: np.ndarray                       # (kv_dim, dim)
-    v: np.ndarray                       # (kv_dim, dim)
-    wo: np.ndarray                      # (dim, q_dim)
+    q: Matrix                           # (q_dim, dim)
+    k: Matrix                           # (kv_dim, dim)
+    v: Matrix                           # (kv_dim, dim)
+    wo: Matrix                          # (dim, q_dim)
     ffn_norm: np.ndarray                # (dim,) f32
     q_norm: "np.ndarray | None" = None  # (head_dim,) f32, Qwen3 only
     k_norm: "np.ndarray | None" = None  # (head_dim,) f32, Qwen3 only
-    w1: "np.ndarray | None" = None      # (hidden, dim)   dense FFN
-    w2: "np.ndarray | None" = None      # (dim, hidden)
-    w3: "np.ndarray | None" = None      # (hidden, dim)
-    moe_gate: "np.ndarray | None" = None            # (n_experts, dim) f32, MoE only
+    w1: "Matrix | None" = None          # (hidden, dim)   dense FFN
+    w2: "Matrix | None" = None          # (dim, hidden)
+    w3: "Matrix | None" = None          # (hidden, dim)
+    moe_gate: "Matrix | None" = None    # (n_experts, dim), MoE only
     experts: "Sequence[ExpertWeights] | None" = None  # indexable by expert id; only routed ones are read
 
 
@@ -62,7 +76,7 @@ def layer_weights(mf: ModelFile, l: int) -> LayerWeights:
     p = f"layers.{l}."
     qk = dict(q_norm=mf.f32(p + "q_norm"), k_norm=mf.f32(p + "k_norm")) if h.has_qk_norm else {}
     if h.is_moe:
-        ffn = dict(moe_gate=mf.f32(p + "moe_gate"), experts=tuple(
+        ffn = dict(moe_gate=matrix_view(mf, p + "moe_gate"), experts=tuple(
             ExpertWeights(*(matrix_view(mf, f"{p}experts.{e}.{n}") for n in ("w1", "w2", "w3")))
             for e in range(h.n_experts)))
     else:
@@ -73,13 +87,17 @@ def layer_weights(mf: ModelFile, l: int) -> LayerWeights:
         wo=matrix_view(mf, p + "wo"), **qk, **ffn)
 
 
+_F32_ONLY = {Kind.Q_NORM, Kind.K_NORM, Kind.ATTN_NORM, Kind.FFN_NORM, Kind.FINAL_NORM}
+
+
 class WeightProvider(Protocol):
     """What the forward pass needs from wherever the weights live."""
 
     header: Header
-    embedding: np.ndarray       # (vocab, dim) f32; only the rows of used tokens are ever read
+    embedding: np.ndarray       # (vocab, dim) f32 (or an EmbeddingTable); only the rows of used
+                                # tokens are ever read
     final_norm: np.ndarray      # (dim,) f32
-    wcls: np.ndarray            # (vocab, dim) classifier
+    wcls: Matrix                # (vocab, dim) classifier
 
     def layer(self, l: int) -> LayerWeights: ...
 
@@ -93,7 +111,8 @@ class ResidentWeights:
         self.file = mf
         self.header = mf.header
         self.layers = range(mf.header.n_layers) if layers is None else layers
-        self.embedding = mf.f32("embedding")
+        check_kernels(mf)
+        self.embedding = embedding_view(mf)
         self.final_norm = mf.f32("final_norm")
         self.wcls = matrix_view(mf, "wcls")
         self._layers = {l: layer_weights(mf, l) for l in self.layers}
@@ -114,9 +133,9 @@ class RepackedWeights(ResidentWeights):
     def __init__(self, mf: ModelFile, sidecar) -> None:
         super().__init__(mf)
         self.sidecar = sidecar
-        self.wcls = sidecar.view("wcls")
+        self.wcls = Matrix(sidecar.view("wcls"), Q40X8)
         for l, lw in self._layers.items():
-            self._layers[l] = replace(lw, **{n: sidecar.view(f"layers.{l}.{n}")
+            self._layers[l] = replace(lw, **{n: Matrix(sidecar.view(f"layers.{l}.{n}"), Q40X8)
                                              for n in ("q", "k", "v", "wo", "w1", "w2", "w3")})
 
     def close(self) -> None:

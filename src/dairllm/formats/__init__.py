@@ -1,1 +1,1 @@
-"""File formats shared with distributed-llama: `.m` models, `.t` tokenizers, block float types."""
+"""File formats: distributed-llama's `.m` models and `.t` tokenizers, GGUF files, block float types."""

@@ -37,7 +37,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from ..errors import ConfigError, TokenizerFormatError
+from ..errors import ConfigError, ModelFormatError, TokenizerFormatError
+from .gguf import read_metadata
 from .tokenizer import UnencodableTextError
 
 log = logging.getLogger(__name__)
@@ -132,23 +133,10 @@ def _unspell(token: str) -> bytes:
 
 
 def _read_metadata(path: "str | os.PathLike") -> dict[str, Any]:
-    # TEMPORARY: until dairllm.formats.gguf.read_metadata exists; same contract (scalars as
-    # Python values, string arrays as list[str], numeric arrays as numpy arrays).
     try:
-        import gguf
-    except ImportError:
-        raise ConfigError(f"reading {path} needs the gguf package: pip install gguf") from None
-    try:
-        reader = gguf.GGUFReader(os.fspath(path))
-    except (OSError, ValueError, IndexError) as e:
-        raise TokenizerFormatError(path, f"cannot read the GGUF metadata: {e}") from None
-    out: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        value = field.contents()
-        is_numeric_array = (field.types and field.types[0] == gguf.GGUFValueType.ARRAY
-                            and field.types[-1] != gguf.GGUFValueType.STRING)
-        out[key] = np.asarray(value) if is_numeric_array else value
-    return out
+        return read_metadata(path)
+    except ModelFormatError as e:
+        raise TokenizerFormatError(path, f"cannot read the GGUF metadata: {e.problem}") from None
 
 
 def _get(md: dict, key: str, kind: type, path: object, default: Any = None) -> Any:

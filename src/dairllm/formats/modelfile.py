@@ -18,7 +18,7 @@ from typing import BinaryIO, Iterable, Iterator
 import numpy as np
 
 from ..errors import ConfigError, ModelFormatError
-from .quant import FloatType, encode
+from .quant import FloatType, GGMLType, as_ggml_type, encode
 
 MAGIC = 0x0A00ABCD
 OLD_MAGICS = (0xABCD00, 0xABCD01)
@@ -149,6 +149,11 @@ class Header:
     @property
     def is_moe(self) -> bool:
         return self.n_experts > 0
+
+    @property
+    def matrix_types(self) -> frozenset:
+        """ggml types of the matmul weights (in a .m file: the weight type, and F32 routers)."""
+        return frozenset({self.weight_type.ggml_type, GGMLType.F32})
 
     def with_max_seq_len(self, max_seq_len: int | None) -> "Header":
         """The header with seq_len capped as `--max-seq-len` does (None or 0: unchanged)."""
@@ -431,6 +436,9 @@ def expected_file_size(h: Header) -> int:
 
 
 def tensor_layout(h: Header) -> Layout:
+    own = getattr(h, "layout", None)          # a GGUF header carries its file's own layout
+    if own is not None:
+        return own
     offset = h.header_size or len(h.to_bytes())
     out = []
     for name, kind, layer, expert, rows, cols, ftype in tensor_specs(h):
@@ -495,7 +503,7 @@ class ModelFile:
     def f32(self, name_or_info: "str | TensorInfo") -> np.ndarray:
         """An F32 tensor as a float32 view [rows, cols] (vectors: [cols]); no copy."""
         t = self.layout[name_or_info] if isinstance(name_or_info, str) else name_or_info
-        if t.ftype is not FloatType.F32:
+        if as_ggml_type(t.ftype) is not GGMLType.F32:
             raise TypeError(f"{t.name} is {t.ftype.name}, not F32")
         return self.buffer[t.offset:t.end].view("<f4").reshape(t.shape)
 

@@ -1,4 +1,5 @@
-"""Float types of distributed-llama's files and wire: F32, F16, Q40 and Q80 blocks.
+"""Float types: distributed-llama's (F32, F16, Q40 and Q80 blocks) and ggml's (`GGMLType`, the
+tensor types of GGUF files), with the block size and bytes per block of each in one place.
 
 A Q40 block holds 32 weights in 18 bytes: a float16 scale d, then 16 bytes whose low nibbles are
 elements 0..15 and high nibbles elements 16..31; value = (nibble - 8) * d.
@@ -42,6 +43,11 @@ class FloatType(IntEnum):
     @property
     def is_block(self) -> bool:
         return self in (FloatType.Q40, FloatType.Q80)
+
+    @property
+    def ggml_type(self) -> "GGMLType":
+        """The ggml type with the same bytes (a Q40 block is a Q4_0 block, Q80 is Q8_0)."""
+        return _GGML_OF_FLOAT_TYPE[self]
 
     def nbytes(self, n_elements: int) -> int:
         """Storage size of n elements; block types need n to be a multiple of 32."""
@@ -139,3 +145,81 @@ def decode(raw: np.ndarray, ftype: FloatType) -> np.ndarray:
     if ftype is FloatType.Q40:
         return dequantize_q40(raw)
     return dequantize_q80(raw)
+
+
+class GGMLType(IntEnum):
+    """ggml's tensor types, numbered as in GGUF files. Compare with `is`: a FloatType and a
+    GGMLType of the same number are different types (FloatType.Q80 == 3 == GGMLType.Q4_1)."""
+
+    F32 = 0
+    F16 = 1
+    Q4_0 = 2
+    Q4_1 = 3
+    Q5_0 = 6
+    Q5_1 = 7
+    Q8_0 = 8
+    Q8_1 = 9
+    Q2_K = 10
+    Q3_K = 11
+    Q4_K = 12
+    Q5_K = 13
+    Q6_K = 14
+    Q8_K = 15
+    IQ2_XXS = 16
+    IQ2_XS = 17
+    IQ3_XXS = 18
+    IQ1_S = 19
+    IQ4_NL = 20
+    IQ3_S = 21
+    IQ2_S = 22
+    IQ4_XS = 23
+    I8 = 24
+    I16 = 25
+    I32 = 26
+    I64 = 27
+    F64 = 28
+    IQ1_M = 29
+    BF16 = 30
+    TQ1_0 = 34
+    TQ2_0 = 35
+
+    @property
+    def block_size(self) -> int:
+        """Values per block (1 for plain number types)."""
+        return _GGML_BLOCKS[self][0]
+
+    @property
+    def block_bytes(self) -> int:
+        return _GGML_BLOCKS[self][1]
+
+    def row_bytes(self, n: int) -> int:
+        """Bytes of n consecutive values; n must be a whole number of blocks."""
+        if n % self.block_size:
+            raise ValueError(f"{self.name} stores blocks of {self.block_size} values; "
+                             f"{n} is not a multiple")
+        return n // self.block_size * self.block_bytes
+
+
+# (values per block, bytes per block), as ggml defines the block structs.
+_GGML_BLOCKS = {
+    GGMLType.F32: (1, 4), GGMLType.F16: (1, 2), GGMLType.BF16: (1, 2), GGMLType.F64: (1, 8),
+    GGMLType.I8: (1, 1), GGMLType.I16: (1, 2), GGMLType.I32: (1, 4), GGMLType.I64: (1, 8),
+    GGMLType.Q4_0: (32, 18), GGMLType.Q4_1: (32, 20), GGMLType.Q5_0: (32, 22),
+    GGMLType.Q5_1: (32, 24), GGMLType.Q8_0: (32, 34), GGMLType.Q8_1: (32, 40),
+    GGMLType.IQ4_NL: (32, 18),
+    GGMLType.Q2_K: (256, 84), GGMLType.Q3_K: (256, 110), GGMLType.Q4_K: (256, 144),
+    GGMLType.Q5_K: (256, 176), GGMLType.Q6_K: (256, 210), GGMLType.Q8_K: (256, 292),
+    GGMLType.IQ2_XXS: (256, 66), GGMLType.IQ2_XS: (256, 74), GGMLType.IQ3_XXS: (256, 98),
+    GGMLType.IQ1_S: (256, 50), GGMLType.IQ3_S: (256, 110), GGMLType.IQ2_S: (256, 82),
+    GGMLType.IQ4_XS: (256, 136), GGMLType.IQ1_M: (256, 56), GGMLType.TQ1_0: (256, 54),
+    GGMLType.TQ2_0: (256, 66),
+}
+assert set(_GGML_BLOCKS) == set(GGMLType)
+
+_GGML_OF_FLOAT_TYPE = {FloatType.F32: GGMLType.F32, FloatType.F16: GGMLType.F16,
+                       FloatType.Q40: GGMLType.Q4_0, FloatType.Q80: GGMLType.Q8_0}
+
+
+def as_ggml_type(t: "FloatType | GGMLType") -> GGMLType:
+    """A tensor's type as a GGMLType, whether it came from a .m file or a GGUF file."""
+    return t.ggml_type if isinstance(t, FloatType) else GGMLType(t)

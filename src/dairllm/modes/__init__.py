@@ -23,7 +23,7 @@ from ..engine.weights import RepackedWeights, ResidentWeights, WeightProvider
 from ..cluster.root import ClusterModel
 from ..dllama.root import DllamaRoot
 from ..errors import ConfigError
-from ..formats.modelfile import ModelFile
+from ..formats.detect import open_model_file
 from ..formats.repacked import RepackedFile, unsupported_reason
 from ..store import open_store
 
@@ -78,10 +78,10 @@ def open_local(path, max_seq_len: "int | None" = None, max_batch: int = DEFAULT_
                ram_budget: "str | int | None" = None, stream_options: "dict | None" = None,
                repack: bool = False, arithmetic: str = "exact") -> EngineModel:
     """One node: resident, repacked or streamed under a RAM budget."""
-    mf = ModelFile(path, max_seq_len=max_seq_len)
+    mf = open_model_file(path, max_seq_len=max_seq_len)
     try:
         h = mf.header
-        state = RunState(h, max_batch, h.weight_type.is_block)
+        state = RunState(h, max_batch)
         weights: WeightProvider
         if ram_budget is not None:
             logits_bytes = max_batch * h.vocab_size * 4

@@ -27,30 +27,60 @@ PAGE = 4096
 
 @dataclass(frozen=True)
 class Unit:
-    """What is pinned or streamed as a whole: one transformer layer, or the classifier."""
+    """What is pinned or streamed as a whole: one transformer layer, or the classifier. Its bytes
+    are byte-range spans: contiguous in a .m file, possibly not in a GGUF file."""
 
     index: int                        # layer index; n_layers for the classifier ("head")
     name: str
-    start: int                        # [start, end) bytes in the file
+    start: int                        # [start, end): the file range that holds every span
     end: int
     core: tuple = ()                  # ((start, end), ...) always read: all of a dense layer,
                                       # a MoE layer without its experts
-    experts: tuple = ()               # ((start, end), ...) per expert id (MoE), read on routing
+    experts: tuple = ()               # per expert id (MoE), its spans ((start, end), ...), read
+                                      # on routing
+
+    @property
+    def spans(self) -> tuple:
+        return self.core + tuple(s for ex in self.experts for s in ex)
 
     @property
     def nbytes(self) -> int:
-        return self.end - self.start
+        return sum(e - s for s, e in self.spans)
 
     @property
     def core_bytes(self) -> int:
         return sum(e - s for s, e in self.core)
 
+    @property
+    def regions(self) -> tuple:
+        """The spans (core and experts) merged where they touch: what a slot buffer holds."""
+        return merge_spans(self.spans)
+
+    @property
+    def slot_bytes(self) -> int:
+        """Room for the regions packed in a slot, each from a page boundary at its offset within
+        a page (reads start page-aligned; see store.py): up to two pages more per region."""
+        return sum(e - s + 2 * PAGE for s, e in self.regions)
+
     def decode_read_bytes(self, k_active: int) -> int:
         """Bytes read for this unit by one decoded token (k_active routed experts for MoE)."""
         if not self.experts:
             return self.core_bytes
-        s, e = self.experts[0]
-        return self.core_bytes + k_active * (e - s)
+        return self.core_bytes + k_active * sum(e - s for s, e in self.experts[0])
+
+
+MERGE_GAP = 256       # GGUF pads tensors to 32 bytes: read the padding rather than split a span
+
+
+def merge_spans(ranges) -> tuple:
+    """Sorted (start, end) ranges, those overlapping or a few padding bytes apart merged."""
+    out: list = []
+    for s, e in sorted(ranges):
+        if out and s <= out[-1][1] + MERGE_GAP:
+            out[-1] = (out[-1][0], max(out[-1][1], e))
+        else:
+            out.append((s, e))
+    return tuple(out)
 
 
 def model_units(layout: Layout) -> list[Unit]:
@@ -59,16 +89,12 @@ def model_units(layout: Layout) -> list[Unit]:
     units = []
     for l in range(h.n_layers):
         ts = layout.layer_tensors(l)
-        start, end = ts[0].offset, ts[-1].end
-        if h.is_moe:
-            ex = [t for t in ts if t.expert >= 0]
-            first, last = ex[0].offset, ex[-1].end
-            core = ((start, first), (last, end))
-            experts = tuple((layout[f"layers.{l}.experts.{e}.w1"].offset,
-                             layout[f"layers.{l}.experts.{e}.w3"].end) for e in range(h.n_experts))
-        else:
-            core, experts = ((start, end),), ()
-        units.append(Unit(l, f"layer {l}", start, end, core, experts))
+        core = merge_spans((t.offset, t.end) for t in ts if t.expert < 0)
+        experts = tuple(merge_spans((t.offset, t.end) for t in ts if t.expert == e)
+                        for e in range(h.n_experts))
+        spans = core + tuple(s for ex in experts for s in ex)
+        units.append(Unit(l, f"layer {l}", min(s for s, _ in spans), max(e for _, e in spans),
+                          core, experts))
     w = layout["wcls"]
     units.append(Unit(h.n_layers, "classifier", w.offset, w.end, ((w.offset, w.end),)))
     return units
@@ -135,8 +161,7 @@ def spread(count: int, total: int) -> list[int]:
 
 
 def _slot_bytes(units: list[Unit]) -> int:
-    # Room for the unit at its page offset (reads start page-aligned; see store.py).
-    return max(u.nbytes for u in units) + 2 * PAGE
+    return max(u.slot_bytes for u in units)
 
 
 def full_resident_bytes(layout: Layout, run_state_bytes: int) -> int:

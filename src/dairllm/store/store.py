@@ -42,7 +42,9 @@ from typing import Sequence
 
 import numpy as np
 
-from ..engine.weights import LayerWeights, layer_weights, matrix_view
+from ..engine.kernels import kernels_for
+from ..engine.weights import LayerWeights, check_kernels, layer_weights, matrix_view
+from ..formats.quant import GGMLType, as_ggml_type
 from ..errors import ConfigError
 from ..formats.modelfile import ModelFile
 from .residency import PAGE, Residency, Unit, make_residency
@@ -124,13 +126,16 @@ class StoreStats:
 # Embedding rows, read on demand
 
 class EmbeddingRows:
-    """The F32 embedding table as something np.take can read rows from, one pread per row."""
+    """The embedding table as something np.take can read rows from, one pread per row (rows of
+    other types than F32 decoded by their type's kernel)."""
 
-    def __init__(self, fd: int, offset: int, vocab: int, dim: int, stats: StoreStats) -> None:
-        self._fd, self._offset, self._stats = fd, offset, stats
-        self.shape = (vocab, dim)
+    def __init__(self, fd: int, info, stats: StoreStats, path: object) -> None:
+        self._fd, self._offset, self._stats = fd, info.offset, stats
+        self.shape = (info.rows, info.cols)
         self.dtype = np.dtype(np.float32)
-        self.row_bytes = dim * 4
+        self.row_bytes = info.nbytes // info.rows
+        f32 = as_ggml_type(info.ftype) is GGMLType.F32
+        self._decode = None if f32 else kernels_for(info, path).decode_rows
 
     def take(self, indices, axis=0, out=None, mode="raise") -> np.ndarray:
         if axis != 0:
@@ -143,8 +148,14 @@ class EmbeddingRows:
         if out.shape != (idx.size, self.shape[1]) or out.dtype != np.float32 \
                 or not out.flags.c_contiguous:
             raise ValueError(f"out must be C-contiguous float32 {(idx.size, self.shape[1])}")
-        for i, t in enumerate(idx):
-            _pread_into(self._fd, out[i].view(np.uint8), self._offset + int(t) * self.row_bytes)
+        if self._decode is None:
+            for i, t in enumerate(idx):
+                _pread_into(self._fd, out[i].view(np.uint8), self._offset + int(t) * self.row_bytes)
+        else:
+            raw = np.empty((idx.size, self.row_bytes), dtype=np.uint8)
+            for i, t in enumerate(idx):
+                _pread_into(self._fd, raw[i], self._offset + int(t) * self.row_bytes)
+            self._decode(out, raw)
         self._stats.tokens += idx.size
         self._stats.embedding_bytes += idx.size * self.row_bytes
         return out
@@ -177,18 +188,26 @@ class Slot:
         self.state = EMPTY
         self.experts: set = set()         # expert ids read into this fill
         self.weights: "LayerWeights | None" = None
-        self.base = 0                      # file offset of buf[0] (pread mode)
+        self.places: list = []             # (file start, end, buf position) per region (pread)
         self.buf: "np.ndarray | None" = None
+
+    def place(self, start: int, end: int) -> int:
+        """Buffer position of file bytes [start, end) (pread mode): inside one region."""
+        for s, e, pos in self.places:
+            if s <= start and end <= e:
+                return pos + start - s
+        raise AssertionError(f"bytes {start}..{end} are not in a region of {self.unit.name}")
 
 
 class _OffsetBuffer:
-    """Indexing by absolute file offsets into a buffer that holds the file from `base`."""
+    """Indexing by absolute file offsets into a slot buffer that packs the unit's spans."""
 
-    def __init__(self, buf: np.ndarray, base: int) -> None:
-        self.buf, self.base = buf, base
+    def __init__(self, slot: Slot) -> None:
+        self.slot = slot
 
     def __getitem__(self, s: slice) -> np.ndarray:
-        return self.buf[s.start - self.base:s.stop - self.base]
+        pos = self.slot.place(s.start, s.stop)
+        return self.slot.buf[pos:pos + s.stop - s.start]
 
 
 class _SlotSource:
@@ -198,7 +217,7 @@ class _SlotSource:
     f32 = ModelFile.f32
 
     def __init__(self, mf: ModelFile, buffer) -> None:
-        self.header, self.layout, self.buffer = mf.header, mf.layout, buffer
+        self.header, self.layout, self.buffer, self.path = mf.header, mf.layout, buffer, mf.path
 
 
 class PreadFiller:
@@ -220,18 +239,23 @@ class PreadFiller:
         slot.buf = np.frombuffer(m, dtype=np.uint8)
 
     def assign(self, slot: Slot, unit: Unit) -> None:
-        # Same offset within a page as in the file mapping, so views are aligned alike.
-        slot.base = unit.start - unit.start % PAGE
-        if unit.end - slot.base > slot.buf.size:
+        # Regions one after another, each starting on its own page at the same offset within
+        # a page as in the file mapping (views aligned alike; O_DIRECT reads whole pages).
+        slot.places, pos = [], 0
+        for s, e in unit.regions:
+            slot.places.append((s, e, pos + s % PAGE))
+            pos += -(-(s % PAGE + e - s) // PAGE) * PAGE
+        if pos > slot.buf.size:
             raise AssertionError(f"{unit.name} does not fit its slot")
 
     def load(self, slot: Slot, start: int, end: int) -> None:
-        _pread_into(self.fd, slot.buf[start - slot.base:end - slot.base], start)
+        pos = slot.place(start, end)
+        _pread_into(self.fd, slot.buf[pos:pos + end - start], start)
         if self.drop_cache:
             _fadvise_dontneed(self.fd, start, end)
 
     def source(self, slot: Slot):
-        return _SlotSource(self.mf, _OffsetBuffer(slot.buf, slot.base))
+        return _SlotSource(self.mf, _OffsetBuffer(slot))
 
     def evict(self, slot: Slot) -> None:
         pass                               # the buffer is simply overwritten
@@ -261,9 +285,10 @@ class DirectFiller(PreadFiller):
     def load(self, slot: Slot, start: int, end: int) -> None:
         if self.direct_fd < 0:
             return super().load(slot, start, end)
+        pos = slot.place(start, end) - start % PAGE      # page-aligned in buffer and file
         a = start - start % PAGE
-        b = min(-(-end // PAGE) * PAGE, slot.base + slot.buf.size)
-        view = memoryview(slot.buf[a - slot.base:b - slot.base])
+        b = min(-(-end // PAGE) * PAGE, a + slot.buf.size - pos)
+        view = memoryview(slot.buf[pos:pos + b - a])
         done = 0
         while a + done < end:
             got = os.preadv(self.direct_fd, [view[done:]], a + done)
@@ -314,12 +339,13 @@ class MmapFiller:
         u = slot.unit
         if u is None:
             return
-        # Only pages wholly inside the unit: the neighbours' boundary pages may be pinned.
-        a, b = -(-u.start // PAGE) * PAGE, u.end // PAGE * PAGE
-        if b > a:
-            self._madvise(a, b - a, mmap.MADV_DONTNEED)
-            if self.drop_cache:
-                _fadvise_dontneed(self.fd, a, b)
+        # Only pages wholly inside a span: the neighbours' boundary pages may be pinned.
+        for start, end in u.spans:
+            a, b = -(-start // PAGE) * PAGE, end // PAGE * PAGE
+            if b > a:
+                self._madvise(a, b - a, mmap.MADV_DONTNEED)
+                if self.drop_cache:
+                    _fadvise_dontneed(self.fd, a, b)
 
     def _madvise(self, offset: int, length: int, advice: int) -> int:
         # ctypes releases the GIL: the reader thread does not stall the forward pass.
@@ -367,8 +393,8 @@ class LayerStore:
         self.header = h = mf.header
         self.stats = StoreStats()
         self._fd = os.open(mf.path, os.O_RDONLY)
-        emb = mf.layout["embedding"]
-        self.embedding = EmbeddingRows(self._fd, emb.offset, h.vocab_size, h.dim, self.stats)
+        check_kernels(mf)
+        self.embedding = EmbeddingRows(self._fd, mf.layout["embedding"], self.stats, mf.path)
         self.final_norm = mf.f32("final_norm")
         self._units = residency.units
         self._head = h.n_layers
@@ -468,12 +494,12 @@ class LayerStore:
         """Ask the kernel to start reading the pinned bytes now (asynchronously)."""
         mm = self.file._mmap
         for i in self.residency.pinned:
-            u = self._units[i]
-            a = u.start - u.start % PAGE
-            try:
-                mm.madvise(mmap.MADV_WILLNEED, a, u.end - a)
-            except (OSError, ValueError):
-                break
+            for start, end in self._units[i].spans:
+                a = start - start % PAGE
+                try:
+                    mm.madvise(mmap.MADV_WILLNEED, a, end - a)
+                except (OSError, ValueError):
+                    return
 
     # -- streamed -------------------------------------------------------------------------------
 
@@ -553,7 +579,11 @@ class LayerStore:
         slot.state = LOADING
         slot.experts = set()
         slot.weights = None
-        self._filler.assign(slot, slot.unit)
+        try:
+            self._filler.assign(slot, slot.unit)
+        except BaseException:              # an empty slot, not one forever "loading"
+            slot.state, slot.unit = EMPTY, None
+            raise
 
     def _fill(self, slot: Slot) -> None:
         """Outside the lock: read the unit's always-needed bytes and build its views."""
@@ -578,17 +608,19 @@ class LayerStore:
 
     def _read_expert(self, slot: Slot, e: int) -> None:
         t0 = time.perf_counter()
-        s, end = slot.unit.experts[e]
-        self._filler.load(slot, s, end)
+        spans = slot.unit.experts[e]
+        for s, end in spans:
+            self._filler.load(slot, s, end)
         slot.experts.add(e)
         dt = time.perf_counter() - t0
+        nbytes = sum(end - s for s, end in spans)
         with self._cv:
             st = self.stats
             st.read_seconds += dt
             st.io_wait_seconds += dt
-            st.bytes_read += end - s
+            st.bytes_read += nbytes
             st.expert_reads += 1
-            st.expert_bytes += end - s
+            st.expert_bytes += nbytes
 
     def _reader(self) -> None:
         """Background thread: keep the slots filled with the next units of the cycle."""
@@ -597,7 +629,12 @@ class LayerStore:
                 while True:
                     if self._closed:
                         return
-                    job = self._next_job()
+                    try:
+                        job = self._next_job()
+                    except Exception:      # the forward pass meets it again when it claims
+                        log.exception("prefetch stopped")
+                        self._cv.notify_all()
+                        return
                     if job is not None:
                         break
                     self._cv.wait()
