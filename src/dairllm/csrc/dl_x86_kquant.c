@@ -3,8 +3,9 @@
  * Each row dot keeps the integer arithmetic of the spec: unsigned quants (the offsets 8, 16 or 32
  * and the K-quant mins are applied through the activation's block sums) times int8 activations
  * with maddubs, sub-block scales applied with madd in int32, one convert and FMA per block group.
- * Batched matmuls run the row dot per activation row, rows outer: a weight row is read from memory
- * once and from L1 for the other activation rows (BF16 lives in dl_x86.c with the other float types).
+ * Q4_1 / Q5_0 matmuls run the row dot per activation row, rows outer (a weight row is read from
+ * memory once); the K-quants unpack a super-block once for a tile of activation rows. BF16 lives in
+ * dl_x86.c with the other float types.
  */
 #include "dl_table.h"
 
@@ -73,97 +74,124 @@ DL_AVX2 static float dot_q50_avx2(const dl_block_q50 *w, const dl_block_q80 *x, 
 
 /* ---------------------------------------------------------------- K-quants (x Q8K) */
 
-/* int32 lanes summing to sc * sum_l q_l x_l over 32 elements (q unsigned <= 63). */
-DL_AVX2 static inline __m256i scaled_dot32(__m256i q, const int8_t *x, __m256i sc16) {
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(q, _mm256_loadu_si256((const __m256i *)x)), sc16);
-}
+/* A K-quant super-block unpacked for int8 dots with Q8K rows: q[k], the 32 unsigned quants (<= 63)
+ * of elements 32k..32k+31; sc[k], the int16 multipliers of their 16 maddubs pair sums (the sub-block
+ * scale; Q6_K: two scales, one per 128-bit half); m16, the int16 multipliers of the activation's 16
+ * block sums (the K-quant mins twice each; Q6_K: its scales, for the -32 offset). The dot with
+ * a Q8K block x is x.d (d sum_k madd(q_k x_k, sc_k) + dm madd(m16, bsums)). */
+typedef struct {
+    __m256i q[8], sc[8], m16;
+    float d, dm;
+} kq_unpacked;
 
-/* int32 lanes summing to sum_j m_j (bsums[2j] + bsums[2j + 1]): the K-quant mins term. */
-DL_AVX2 static inline __m256i kq_mins_dot(const uint8_t *mins, const void *bsums) {
-    const __m128i pairs = _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
-    const __m128i m = _mm_shuffle_epi8(_mm_loadl_epi64((const __m128i *)mins), pairs);
-    return _mm256_madd_epi16(_mm256_cvtepu8_epi16(m), _mm256_loadu_si256((const __m256i *)bsums));
-}
-
-/* Q4_K and Q5_K: x.d (d sumi - dmin summ) per super-block; QH_INIT and ADD_HIGH (Q5_K) put bit 4
- * into the quants of chunk c's two halves (lo, hi). */
-#define DEFINE_DOT_KQ_AVX2(NAME, WBLOCK, QH_INIT, ADD_HIGH)                                          \
-    DL_AVX2 static float NAME(const WBLOCK *w, const dl_block_q8k *x, int64_t nb) {                 \
-        const __m256i low4 = _mm256_set1_epi8(0x0f), bit4 = _mm256_set1_epi8(0x10);                 \
-        __m256 acc = _mm256_setzero_ps(), accm = _mm256_setzero_ps();                               \
-        for (int64_t b = 0; b < nb; b++) {                                                          \
-            const WBLOCK *wb = &w[b];                                                               \
-            prefetch_ahead(wb, (int)((sizeof(WBLOCK) + 63) / 64));                                         \
-            uint8_t sm[16];                                                                         \
-            dl_kq_scales_mins(wb->scales, sm);                                                      \
-            QH_INIT;                                                                                \
-            __m256i s = _mm256_setzero_si256();                                                     \
-            for (int c = 0; c < 4; c++) {                                                           \
-                const __m256i q = _mm256_loadu_si256((const __m256i *)(wb->qs + 32 * c));           \
-                __m256i lo = _mm256_and_si256(q, low4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), low4); \
-                ADD_HIGH;                                                                           \
-                s = _mm256_add_epi32(s, scaled_dot32(lo, x[b].qs + 64 * c, _mm256_set1_epi16(sm[2 * c]))); \
-                s = _mm256_add_epi32(s, scaled_dot32(hi, x[b].qs + 64 * c + 32, _mm256_set1_epi16(sm[2 * c + 1]))); \
-            }                                                                                       \
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(x[b].d * _cvtsh_ss(wb->d)), acc); \
-            accm = _mm256_fmadd_ps(_mm256_cvtepi32_ps(kq_mins_dot(sm + 8, x[b].bsums)),                \
-                                   _mm256_set1_ps(x[b].d * _cvtsh_ss(wb->dmin)), accm);             \
-        }                                                                                           \
-        return hsum_ps(_mm256_sub_ps(acc, accm));                                                   \
+/* Q4_K, Q5_K (qh != NULL): bit 4 of chunk c's halves is bit 2c / 2c + 1 of qh[l]; qh shifts right by
+ * 2 per chunk (16-bit shifts: bits crossing into a byte only reach bits the 0x10 mask drops). */
+DL_AVX2 static inline void unpack_kq45(kq_unpacked *u, const uint8_t *scales, const uint8_t *qs, const uint8_t *qh,
+                                       uint16_t d, uint16_t dmin) {
+    const __m256i low4 = _mm256_set1_epi8(0x0f), bit4 = _mm256_set1_epi8(0x10);
+    uint8_t sm[16];
+    dl_kq_scales_mins(scales, sm);
+    for (int k = 0; k < 8; k++) u->sc[k] = _mm256_set1_epi16(sm[k]);
+    const __m128i twice = _mm_setr_epi8(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15);
+    u->m16 = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)sm), twice));
+    __m256i hb = qh ? _mm256_loadu_si256((const __m256i *)qh) : _mm256_setzero_si256();
+    for (int c = 0; c < 4; c++) {
+        const __m256i q = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
+        u->q[2 * c] = _mm256_or_si256(_mm256_and_si256(q, low4), _mm256_and_si256(_mm256_slli_epi16(hb, 4), bit4));
+        u->q[2 * c + 1] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q, 4), low4),
+                                          _mm256_and_si256(_mm256_slli_epi16(hb, 3), bit4));
+        hb = _mm256_srli_epi16(hb, 2);
     }
+    u->d = _cvtsh_ss(d);
+    u->dm = -_cvtsh_ss(dmin);
+}
 
-/* Q5_K: chunk c's halves take bits 2c and 2c + 1 of qh[l]; qh shifts right by 2 per chunk
- * (16-bit shifts: the bits that cross into a byte only reach bits the 0x10 mask drops). */
-#define Q5K_QH_INIT __m256i hb = _mm256_loadu_si256((const __m256i *)wb->qh); (void)bit4
-#define Q5K_ADD_HIGH                                                                                \
-    lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_slli_epi16(hb, 4), bit4));                     \
-    hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_slli_epi16(hb, 3), bit4));                     \
-    hb = _mm256_srli_epi16(hb, 2)
+DL_AVX2 static inline void unpack_q4k(kq_unpacked *u, const dl_block_q4k *w) {
+    unpack_kq45(u, w->scales, w->qs, NULL, w->d, w->dmin);
+}
 
-DEFINE_DOT_KQ_AVX2(dot_q4k_avx2, dl_block_q4k, (void)bit4, (void)0)
-DEFINE_DOT_KQ_AVX2(dot_q5k_avx2, dl_block_q5k, Q5K_QH_INIT, Q5K_ADD_HIGH)
+DL_AVX2 static inline void unpack_q5k(kq_unpacked *u, const dl_block_q5k *w) {
+    unpack_kq45(u, w->scales, w->qs, w->qh, w->d, w->dmin);
+}
 
-/* Q6_K: x.d d (sum_j sc_j sum q x - 32 sum_j sc_j bsums_j), quants unsigned 0..63. One 32-element
- * register spans sub-blocks j, j + 1: its madd scale vector holds sc_j in the low and sc_j+1 in the
- * high 128 bits, picked from the 16 scales widened to int16 (a dword permute, a byte shuffle). */
-DL_AVX2 static float dot_q6k_avx2(const dl_block_q6k *w, const dl_block_q8k *x, int64_t nb) {
+/* Q6_K: per half h, registers 4h + 0..3 from ql (two 32-byte runs) and qh bit pairs 0-1 .. 6-7
+ * (16-bit shifts as above: the 0x30 mask keeps bits of the byte's own pair). Register k spans
+ * sub-blocks 2k, 2k + 1: its scales from the 16 widened to int16 (a dword permute, a byte shuffle). */
+DL_AVX2 static inline void unpack_q6k(kq_unpacked *u, const dl_block_q6k *w) {
     const __m256i low4 = _mm256_set1_epi8(0x0f), bits45 = _mm256_set1_epi8(0x30);
     const __m256i pick = _mm256_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1,
                                           2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3);
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; b++) {
-        const dl_block_q6k *wb = &w[b];
-        prefetch_ahead(wb, 3);
-        const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)wb->scales));
-        __m256i s = _mm256_setzero_si256();
-        for (int h = 0; h < 2; h++) {
-            const __m256i l0 = _mm256_loadu_si256((const __m256i *)(wb->ql + 64 * h));
-            const __m256i l1 = _mm256_loadu_si256((const __m256i *)(wb->ql + 64 * h + 32));
-            const __m256i hh = _mm256_loadu_si256((const __m256i *)(wb->qh + 32 * h));
-            __m256i q[4];
-            q[0] = _mm256_or_si256(_mm256_and_si256(l0, low4), _mm256_and_si256(_mm256_slli_epi16(hh, 4), bits45));
-            q[1] = _mm256_or_si256(_mm256_and_si256(l1, low4), _mm256_and_si256(_mm256_slli_epi16(hh, 2), bits45));
-            q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low4), _mm256_and_si256(hh, bits45));
-            q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low4),
-                                   _mm256_and_si256(_mm256_srli_epi16(hh, 2), bits45));
-            for (int k = 0; k < 4; k++) {
-                const int j = 8 * h + 2 * k;    /* first sub-block of register k */
-                const __m256i sc = _mm256_shuffle_epi8(_mm256_permutevar8x32_epi32(sc16, _mm256_set1_epi32(j / 2)), pick);
-                s = _mm256_add_epi32(s, scaled_dot32(q[k], x[b].qs + 16 * j, sc));
-            }
-        }
-        const __m256i corr = _mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i *)x[b].bsums));
-        s = _mm256_sub_epi32(s, _mm256_slli_epi32(corr, 5));
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(x[b].d * _cvtsh_ss(wb->d)), acc);
+    const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)w->scales));
+    for (int k = 0; k < 8; k++)
+        u->sc[k] = _mm256_shuffle_epi8(_mm256_permutevar8x32_epi32(sc16, _mm256_set1_epi32(k)), pick);
+    u->m16 = sc16;
+    for (int h = 0; h < 2; h++) {
+        const __m256i l0 = _mm256_loadu_si256((const __m256i *)(w->ql + 64 * h));
+        const __m256i l1 = _mm256_loadu_si256((const __m256i *)(w->ql + 64 * h + 32));
+        const __m256i hh = _mm256_loadu_si256((const __m256i *)(w->qh + 32 * h));
+        __m256i *q = u->q + 4 * h;
+        q[0] = _mm256_or_si256(_mm256_and_si256(l0, low4), _mm256_and_si256(_mm256_slli_epi16(hh, 4), bits45));
+        q[1] = _mm256_or_si256(_mm256_and_si256(l1, low4), _mm256_and_si256(_mm256_slli_epi16(hh, 2), bits45));
+        q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low4), _mm256_and_si256(hh, bits45));
+        q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low4),
+                               _mm256_and_si256(_mm256_srli_epi16(hh, 2), bits45));
     }
-    return hsum_ps(acc);
+    u->d = _cvtsh_ss(w->d);
+    u->dm = -32.0f * u->d;
 }
+
+/* acc + the dot of an unpacked super-block with one Q8K block, in 8 f32 lanes. Integer bounds: a
+ * maddubs pair <= 2 * 63 * 128, times a scale <= 128, 8 of them per lane: < 2^25. */
+DL_AVX2 static inline __m256 kq_dot(const kq_unpacked *u, const dl_block_q8k *x, __m256 acc) {
+    __m256i s = _mm256_setzero_si256();
+    for (int k = 0; k < 8; k++) {
+        const __m256i p = _mm256_maddubs_epi16(u->q[k], _mm256_loadu_si256((const __m256i *)(x->qs + 32 * k)));
+        s = _mm256_add_epi32(s, _mm256_madd_epi16(p, u->sc[k]));
+    }
+    const __m256i m = _mm256_madd_epi16(u->m16, _mm256_loadu_si256((const __m256i *)x->bsums));
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(x->d * u->d), acc);
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(m), _mm256_set1_ps(x->d * u->dm), acc);
+}
+
+/* Rows [r0, r1) against every activation row: per tile of KQ_TOK_TILE rows of x, each weight
+ * super-block is unpacked once and used for the whole tile (one row of x: no tile, prefetch ahead). */
+#define KQ_TOK_TILE 16
+#define DEFINE_MATMUL_KQ_AVX2(NAME, WBLOCK, UNPACK)                                                 \
+    DL_AVX2 static void NAME(float *out, const WBLOCK *w, const dl_block_q8k *xq, int64_t B, int64_t d, \
+                             int64_t nb, int64_t r0, int64_t r1) {                                 \
+        kq_unpacked u;                                                                             \
+        if (B == 1) {                                                                              \
+            for (int64_t r = r0; r < r1; r++) {                                                    \
+                __m256 acc = _mm256_setzero_ps();                                                  \
+                for (int64_t b = 0; b < nb; b++) {                                                 \
+                    prefetch_ahead(&w[r * nb + b], (int)((sizeof(WBLOCK) + 63) / 64));             \
+                    UNPACK(&u, &w[r * nb + b]);                                                    \
+                    acc = kq_dot(&u, &xq[b], acc);                                                 \
+                }                                                                                  \
+                out[r] = hsum_ps(acc);                                                             \
+            }                                                                                      \
+            return;                                                                                \
+        }                                                                                          \
+        __m256 acc[KQ_TOK_TILE];                                                                   \
+        for (int64_t t0 = 0; t0 < B; t0 += KQ_TOK_TILE) {                                          \
+            const int64_t tn = dl_min64(KQ_TOK_TILE, B - t0);                                      \
+            for (int64_t r = r0; r < r1; r++) {                                                    \
+                for (int64_t t = 0; t < tn; t++) acc[t] = _mm256_setzero_ps();                     \
+                for (int64_t b = 0; b < nb; b++) {                                                 \
+                    UNPACK(&u, &w[r * nb + b]);                                                    \
+                    for (int64_t t = 0; t < tn; t++) acc[t] = kq_dot(&u, &xq[(t0 + t) * nb + b], acc[t]); \
+                }                                                                                  \
+                for (int64_t t = 0; t < tn; t++) out[(t0 + t) * d + r] = hsum_ps(acc[t]);          \
+            }                                                                                      \
+        }                                                                                          \
+    }
+
+DEFINE_MATMUL_KQ_AVX2(matmul_q4k_avx2, dl_block_q4k, unpack_q4k)
+DEFINE_MATMUL_KQ_AVX2(matmul_q5k_avx2, dl_block_q5k, unpack_q5k)
+DEFINE_MATMUL_KQ_AVX2(matmul_q6k_avx2, dl_block_q6k, unpack_q6k)
 
 DL_DEFINE_MATMUL_Q80_ROWS(matmul_q41_avx2, dl_block_q41, dot_q41_avx2)
 DL_DEFINE_MATMUL_Q80_ROWS(matmul_q50_avx2, dl_block_q50, dot_q50_avx2)
-DL_DEFINE_MATMUL_Q8K_ROWS(matmul_q4k_avx2, dl_block_q4k, dot_q4k_avx2)
-DL_DEFINE_MATMUL_Q8K_ROWS(matmul_q5k_avx2, dl_block_q5k, dot_q5k_avx2)
-DL_DEFINE_MATMUL_Q8K_ROWS(matmul_q6k_avx2, dl_block_q6k, dot_q6k_avx2)
 
 void dl_fill_gguf_avx2(dl_table *t) {
     t->matmul_q41 = matmul_q41_avx2;
