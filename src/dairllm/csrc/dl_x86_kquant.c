@@ -91,9 +91,11 @@ DL_AVX2 static inline void unpack_kq45(kq_unpacked *u, const uint8_t *scales, co
     const __m256i low4 = _mm256_set1_epi8(0x0f), bit4 = _mm256_set1_epi8(0x10);
     uint8_t sm[16];
     dl_kq_scales_mins(scales, sm);
-    for (int k = 0; k < 8; k++) u->sc[k] = _mm256_set1_epi16(sm[k]);
+    /* scale k widened to every int16 lane by one byte shuffle (index 0x80 gives a zero byte) */
+    const __m256i both = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)sm));
+    for (int k = 0; k < 8; k++) u->sc[k] = _mm256_shuffle_epi8(both, _mm256_set1_epi16((short)(0x8000 | k)));
     const __m128i twice = _mm_setr_epi8(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15);
-    u->m16 = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)sm), twice));
+    u->m16 = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(_mm256_castsi256_si128(both), twice));
     __m256i hb = qh ? _mm256_loadu_si256((const __m256i *)qh) : _mm256_setzero_si256();
     for (int c = 0; c < 4; c++) {
         const __m256i q = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
@@ -116,14 +118,17 @@ DL_AVX2 static inline void unpack_q5k(kq_unpacked *u, const dl_block_q5k *w) {
 
 /* Q6_K: per half h, registers 4h + 0..3 from ql (two 32-byte runs) and qh bit pairs 0-1 .. 6-7
  * (16-bit shifts as above: the 0x30 mask keeps bits of the byte's own pair). Register k spans
- * sub-blocks 2k, 2k + 1: its scales from the 16 widened to int16 (a dword permute, a byte shuffle). */
+ * sub-blocks 2k, 2k + 1: its scales from the 16 widened to int16, one byte shuffle each. */
 DL_AVX2 static inline void unpack_q6k(kq_unpacked *u, const dl_block_q6k *w) {
     const __m256i low4 = _mm256_set1_epi8(0x0f), bits45 = _mm256_set1_epi8(0x30);
-    const __m256i pick = _mm256_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1,
-                                          2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3);
     const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)w->scales));
-    for (int k = 0; k < 8; k++)
-        u->sc[k] = _mm256_shuffle_epi8(_mm256_permutevar8x32_epi32(sc16, _mm256_set1_epi32(k)), pick);
+    const __m256i first8 = _mm256_permute2x128_si256(sc16, sc16, 0x00), last8 = _mm256_permute2x128_si256(sc16, sc16, 0x11);
+    for (int k = 0; k < 8; k++) {          /* words 2k, 2k + 1 of the scales: from one half, in both */
+        const int b = 4 * (k % 4);
+        const __m256i pick = _mm256_setr_m128i(_mm_set1_epi16((short)(b | (b + 1) << 8)),
+                                               _mm_set1_epi16((short)((b + 2) | (b + 3) << 8)));
+        u->sc[k] = _mm256_shuffle_epi8(k < 4 ? first8 : last8, pick);
+    }
     u->m16 = sc16;
     for (int h = 0; h < 2; h++) {
         const __m256i l0 = _mm256_loadu_si256((const __m256i *)(w->ql + 64 * h));
