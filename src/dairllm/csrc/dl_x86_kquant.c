@@ -158,8 +158,8 @@ DL_AVX2 static inline __m256 kq_dot(const kq_unpacked *u, const dl_block_q8k *x,
     return _mm256_fmadd_ps(_mm256_cvtepi32_ps(m), _mm256_set1_ps(x->d * u->dm), acc);
 }
 
-/* Rows [r0, r1) against every activation row: per tile of KQ_TOK_TILE rows of x, each weight
- * super-block is unpacked once and used for the whole tile (one row of x: no tile, prefetch ahead). */
+/* Rows [r0, r1) against every activation row: each weight super-block is unpacked once per tile of
+ * KQ_TOK_TILE activation rows and used for the whole tile (one activation row: no tile). */
 #define KQ_TOK_TILE 16
 #define DEFINE_MATMUL_KQ_AVX2(NAME, WBLOCK, UNPACK)                                                 \
     DL_AVX2 static void NAME(float *out, const WBLOCK *w, const dl_block_q8k *xq, int64_t B, int64_t d, \
@@ -178,11 +178,12 @@ DL_AVX2 static inline __m256 kq_dot(const kq_unpacked *u, const dl_block_q8k *x,
             return;                                                                                \
         }                                                                                          \
         __m256 acc[KQ_TOK_TILE];                                                                   \
-        for (int64_t t0 = 0; t0 < B; t0 += KQ_TOK_TILE) {                                          \
-            const int64_t tn = dl_min64(KQ_TOK_TILE, B - t0);                                      \
-            for (int64_t r = r0; r < r1; r++) {                                                    \
+        for (int64_t r = r0; r < r1; r++) {                /* the row stays in L1 across tiles */  \
+            for (int64_t t0 = 0; t0 < B; t0 += KQ_TOK_TILE) {                                      \
+                const int64_t tn = dl_min64(KQ_TOK_TILE, B - t0);                                  \
                 for (int64_t t = 0; t < tn; t++) acc[t] = _mm256_setzero_ps();                     \
                 for (int64_t b = 0; b < nb; b++) {                                                 \
+                    prefetch_ahead(&w[r * nb + b], (int)((sizeof(WBLOCK) + 63) / 64));             \
                     UNPACK(&u, &w[r * nb + b]);                                                    \
                     for (int64_t t = 0; t < tn; t++) acc[t] = kq_dot(&u, &xq[(t0 + t) * nb + b], acc[t]); \
                 }                                                                                  \
