@@ -158,6 +158,25 @@ DL_AVX2 static inline __m256 kq_dot(const kq_unpacked *u, const dl_block_q8k *x,
     return _mm256_fmadd_ps(_mm256_cvtepi32_ps(m), _mm256_set1_ps(x->d * u->dm), acc);
 }
 
+/* kq_dot for 4 activation rows `stride` blocks apart (the same arithmetic per row): each unpacked
+ * quant and scale vector is loaded once for the 4, not once per row. */
+DL_AVX2 static inline void kq_dot4(const kq_unpacked *u, const dl_block_q8k *x, int64_t stride, __m256 acc[4]) {
+    __m256i s[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+    for (int k = 0; k < 8; k++) {
+        const __m256i q = u->q[k], sc = u->sc[k];
+        for (int i = 0; i < 4; i++) {
+            const __m256i p = _mm256_maddubs_epi16(q, _mm256_loadu_si256((const __m256i *)(x[i * stride].qs + 32 * k)));
+            s[i] = _mm256_add_epi32(s[i], _mm256_madd_epi16(p, sc));
+        }
+    }
+    for (int i = 0; i < 4; i++) {
+        const dl_block_q8k *xi = &x[i * stride];
+        const __m256i m = _mm256_madd_epi16(u->m16, _mm256_loadu_si256((const __m256i *)xi->bsums));
+        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[i]), _mm256_set1_ps(xi->d * u->d), acc[i]);
+        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(m), _mm256_set1_ps(xi->d * u->dm), acc[i]);
+    }
+}
+
 /* Rows [r0, r1) against every activation row: each weight super-block is unpacked once per tile of
  * KQ_TOK_TILE activation rows and used for the whole tile (one activation row: no tile). */
 #define KQ_TOK_TILE 16
@@ -185,7 +204,9 @@ DL_AVX2 static inline __m256 kq_dot(const kq_unpacked *u, const dl_block_q8k *x,
                 for (int64_t b = 0; b < nb; b++) {                                                 \
                     prefetch_ahead(&w[r * nb + b], (int)((sizeof(WBLOCK) + 63) / 64));             \
                     UNPACK(&u, &w[r * nb + b]);                                                    \
-                    for (int64_t t = 0; t < tn; t++) acc[t] = kq_dot(&u, &xq[(t0 + t) * nb + b], acc[t]); \
+                    int64_t t = 0;                                                                 \
+                    for (; t + 4 <= tn; t += 4) kq_dot4(&u, &xq[(t0 + t) * nb + b], nb, acc + t);  \
+                    for (; t < tn; t++) acc[t] = kq_dot(&u, &xq[(t0 + t) * nb + b], acc[t]);       \
                 }                                                                                  \
                 for (int64_t t = 0; t < tn; t++) out[(t0 + t) * d + r] = hsum_ps(acc[t]);          \
             }                                                                                      \
