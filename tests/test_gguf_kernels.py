@@ -142,7 +142,7 @@ def test_quantize_q8k_bit_exact(path, rng, B, n):
     np.testing.assert_array_equal(back, decode_q8k(out).astype(np.float32))
 
 
-def test_quantize_q8k_edges():
+def test_quantize_q8k_edges(path):
     x = np.zeros((1, 4 * QK_K), np.float32)
     x[0, 0] = 127.0                                             # d = 1: ties go to even
     x[0, 1:7] = [0.5, 1.5, 2.5, -0.5, -1.5, -126.5]

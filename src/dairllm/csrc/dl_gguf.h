@@ -76,7 +76,7 @@ _Static_assert(sizeof(dl_block_q5k) == DL_Q5K_BYTES, "Q5_K block is 176 bytes");
 _Static_assert(sizeof(dl_block_q6k) == DL_Q6K_BYTES, "Q6_K block is 210 bytes");
 _Static_assert(sizeof(dl_block_q8k) == DL_Q8K_BYTES, "Q8K block is 292 bytes");
 
-/* -- quantization (every path: the portable code, so the result is the same everywhere) --
+/* -- quantization, bit-identical on every path --
  * Q8K: d = amax / 127 (f32), q = round-half-even(x * (1 / d)) clamped to +-127, bsums exact. */
 void dl_quantize_q8k(dl_block_q8k *out, const float *x, int64_t nb);
 void dl_dequantize_q8k(float *out, const dl_block_q8k *x, int64_t nb);

@@ -1,5 +1,6 @@
-/* dl_gguf_scalar.c: the portable kernels of the GGUF types (dl_gguf.h): the "scalar" path, Q8K
- * quantization and the dequantizers (every path), and the entry points into the table.
+/* dl_gguf_scalar.c: the portable kernels of the GGUF types (dl_gguf.h): the "scalar" path (the
+ * spec of the others, with dl_gguf_blocks.h), the dequantizers (every path), and the entry points
+ * into the table.
  */
 #include "dl_gguf_blocks.h"
 
@@ -7,7 +8,7 @@
 
 /* ======================================================================== Q8K */
 
-void dl_quantize_q8k(dl_block_q8k *out, const float *x, int64_t nb) {
+static void quantize_q8k_scalar(dl_block_q8k *out, const float *x, int64_t nb) {
     for (int64_t b = 0; b < nb; b++, x += DL_QK_K) {
         float amax = 0.0f;
         for (int j = 0; j < DL_QK_K; j++) {
@@ -21,7 +22,9 @@ void dl_quantize_q8k(dl_block_q8k *out, const float *x, int64_t nb) {
             float v = x[j] * id;
             /* as Q80: NaN -> 0, saturate where 1/d overflowed */
             v = v != v ? 0.0f : v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v;
-            out[b].qs[j] = (int8_t)(int)rintf(v);
+            /* rintf of |v| <= 127 (ties to even): adding and removing 1.5 * 2^23 leaves no fraction
+             * bits; unlike a libm call, the loop vectorizes */
+            out[b].qs[j] = (int8_t)(int)((v + 12582912.0f) - 12582912.0f);
         }
         for (int g = 0; g < DL_QK_K / 16; g++) {
             int s = 0;
@@ -134,6 +137,7 @@ DL_DEFINE_MATMUL_Q8K_ROWS(matmul_q6k_scalar, dl_block_q6k, dot_q6k_scalar)
 DL_DEFINE_MATMUL_FROM_DOT(matmul_bf16_scalar, uint16_t, dot_bf16_scalar)
 
 void dl_fill_gguf_scalar(dl_table *t) {
+    t->quantize_q8k = quantize_q8k_scalar;
     t->matmul_q41 = matmul_q41_scalar;
     t->matmul_q50 = matmul_q50_scalar;
     t->matmul_q4k = matmul_q4k_scalar;
@@ -143,6 +147,8 @@ void dl_fill_gguf_scalar(dl_table *t) {
 }
 
 /* ======================================================================== entry points */
+
+void dl_quantize_q8k(dl_block_q8k *out, const float *x, int64_t nb) { dl_k.quantize_q8k(out, x, nb); }
 
 void dl_matmul_q41(float *out, const dl_block_q41 *w, const dl_block_q80 *xq, const float *dx,
                    const int32_t *sx, int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r1) {

@@ -38,6 +38,7 @@ typedef struct {
     void (*attention_head_ref)(float *out, const float *q, const float *k, const float *v, int64_t stride,
                                int64_t T, int64_t hd, float *att);
     /* GGUF types (dl_gguf.h; filled by the dl_fill_gguf_* functions below) */
+    void (*quantize_q8k)(dl_block_q8k *out, const float *x, int64_t nb);
     void (*matmul_q41)(float *out, const dl_block_q41 *w, const dl_block_q80 *xq, const float *dx,
                        const int32_t *sx, int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r1);
     void (*matmul_q50)(float *out, const dl_block_q50 *w, const dl_block_q80 *xq, const float *dx,

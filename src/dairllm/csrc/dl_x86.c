@@ -24,12 +24,6 @@ DL_AVX2 static inline __m256i dot_i8_i8(const dl_block_q80 *wblk, const dl_block
     return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
 }
 
-/* NaN -> 0, then clamp to [-127, 127] (as the scalar path) */
-DL_AVX2 static inline __m256 clamp127(__m256 v) {
-    v = _mm256_and_ps(v, _mm256_cmp_ps(v, v, _CMP_ORD_Q));
-    return _mm256_min_ps(_mm256_max_ps(v, _mm256_set1_ps(-127.0f)), _mm256_set1_ps(127.0f));
-}
-
 DL_AVX2 static void quantize_q80_avx2(dl_block_q80 *out, const float *x, int64_t nb) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
     for (int64_t b = 0; b < nb; b++, x += DL_QK, out++) {
@@ -44,16 +38,7 @@ DL_AVX2 static void quantize_q80_avx2(dl_block_q80 *out, const float *x, int64_t
         float d = amax / 127.0f;
         float id = d != 0.0f ? 1.0f / d : 0.0f;
         out->d = (uint16_t)_cvtss_sh(d, _MM_FROUND_TO_NEAREST_INT);
-        const __m256 vid = _mm256_set1_ps(id);
-        const int r = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-        __m256i i0 = _mm256_cvtps_epi32(_mm256_round_ps(clamp127(_mm256_mul_ps(v0, vid)), r));
-        __m256i i1 = _mm256_cvtps_epi32(_mm256_round_ps(clamp127(_mm256_mul_ps(v1, vid)), r));
-        __m256i i2 = _mm256_cvtps_epi32(_mm256_round_ps(clamp127(_mm256_mul_ps(v2, vid)), r));
-        __m256i i3 = _mm256_cvtps_epi32(_mm256_round_ps(clamp127(_mm256_mul_ps(v3, vid)), r));
-        /* packs work within 128-bit lanes: fix the order with one dword permute */
-        __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
-        p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-        _mm256_storeu_si256((__m256i *)out->qs, p);
+        _mm256_storeu_si256((__m256i *)out->qs, quantize32_avx2(v0, v1, v2, v3, _mm256_set1_ps(id)));
     }
 }
 

@@ -74,6 +74,31 @@ DL_AVX2 static float dot_q50_avx2(const dl_block_q50 *w, const dl_block_q80 *x, 
 
 /* ---------------------------------------------------------------- K-quants (x Q8K) */
 
+/* Q8K as the scalar spec, bit for bit: amax of 256, d = amax / 127, the quants of each 32 as Q80's */
+DL_AVX2 static void quantize_q8k_avx2(dl_block_q8k *out, const float *x, int64_t nb) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int64_t b = 0; b < nb; b++, x += DL_QK_K, out++) {
+        __m256 m = _mm256_setzero_ps();
+        for (int j = 0; j < DL_QK_K; j += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + j)));
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
+        const float d = _mm_cvtss_f32(h) / 127.0f;
+        const __m256 vid = _mm256_set1_ps(d != 0.0f ? 1.0f / d : 0.0f);
+        out->d = d;
+        for (int j = 0; j < DL_QK_K; j += 32) {
+            const __m256i q = quantize32_avx2(_mm256_loadu_ps(x + j), _mm256_loadu_ps(x + j + 8),
+                                              _mm256_loadu_ps(x + j + 16), _mm256_loadu_ps(x + j + 24), vid);
+            _mm256_storeu_si256((__m256i *)(out->qs + j), q);
+        }
+        for (int g = 0; g < DL_QK_K / 16; g++) {
+            int s = 0;
+            for (int j = 0; j < 16; j++) s += out->qs[16 * g + j];
+            out->bsums[g] = (int16_t)s;
+        }
+    }
+}
+
 /* A K-quant super-block unpacked for int8 dots with Q8K rows: q[k], the 32 unsigned quants (<= 63)
  * of elements 32k..32k+31; sc[k], the int16 multipliers of their 16 maddubs pair sums (the sub-block
  * scale; Q6_K: two scales, one per 128-bit half); m16, the int16 multipliers of the activation's 16
@@ -221,6 +246,7 @@ DL_DEFINE_MATMUL_Q80_ROWS(matmul_q41_avx2, dl_block_q41, dot_q41_avx2)
 DL_DEFINE_MATMUL_Q80_ROWS(matmul_q50_avx2, dl_block_q50, dot_q50_avx2)
 
 void dl_fill_gguf_avx2(dl_table *t) {
+    t->quantize_q8k = quantize_q8k_avx2;
     t->matmul_q41 = matmul_q41_avx2;
     t->matmul_q50 = matmul_q50_avx2;
     t->matmul_q4k = matmul_q4k_avx2;

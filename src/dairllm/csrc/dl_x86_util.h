@@ -70,4 +70,23 @@ DL_AVX2 static inline __m256 scales8(const void *blocks, int64_t stride) {
     return _mm256_cvtph_ps(h);
 }
 
+/* NaN -> 0, then clamp to [-127, 127] (as the scalar path) */
+DL_AVX2 static inline __m256 clamp127(__m256 v) {
+    v = _mm256_and_ps(v, _mm256_cmp_ps(v, v, _CMP_ORD_Q));
+    return _mm256_min_ps(_mm256_max_ps(v, _mm256_set1_ps(-127.0f)), _mm256_set1_ps(127.0f));
+}
+
+/* The int8 quants of 32 floats v0..v3 times vid, clamped and rounded to nearest even, in element
+ * order: what the scalar Q80 / Q8K quantizers compute, bit for bit. */
+DL_AVX2 static inline __m256i quantize32_avx2(__m256 v0, __m256 v1, __m256 v2, __m256 v3, __m256 vid) {
+    const int r = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    __m256i i0 = _mm256_cvtps_epi32(_mm256_round_ps(clamp127(_mm256_mul_ps(v0, vid)), r));
+    __m256i i1 = _mm256_cvtps_epi32(_mm256_round_ps(clamp127(_mm256_mul_ps(v1, vid)), r));
+    __m256i i2 = _mm256_cvtps_epi32(_mm256_round_ps(clamp127(_mm256_mul_ps(v2, vid)), r));
+    __m256i i3 = _mm256_cvtps_epi32(_mm256_round_ps(clamp127(_mm256_mul_ps(v3, vid)), r));
+    /* packs work within 128-bit lanes: fix the order with one dword permute */
+    __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+    return _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
 #endif
