@@ -9,9 +9,10 @@ output lines are never shared between threads); the SIMD inner loops live in csr
 are picked at run time (scalar / avx2 / neon / neon-dotprod).
 
 Numerics ("exact" arithmetic, the default): Q40 x Q80 and Q80 x Q80 dot products are exact
-integers per 32-block, scaled by f32(d_w) * f32(d_x) and summed in f32; quantize_q80 is
-bit-identical on every path; so are the GGUF block types (csrc/dl_gguf.h: Q4_1 and Q5_0 against Q80,
-the K-quants against Q8K, exact integer sums per block or sub-block, scaled in f32) and quantize_q8k; rmsnorm sums squares in f64; softmax and moe_route use libm expf/exp;
+integers per 32-block, scaled by f32(d_w) * f32(d_x) and summed in f32, and so are those of the
+GGUF block types (csrc/dl_gguf.h: Q4_1, Q5_0 x Q80; Q4_K, Q5_K, Q6_K x Q8K, per block or
+sub-block); quantize_q80 and quantize_q8k are bit-identical on every path; rmsnorm sums squares in
+f64; softmax and moe_route use libm expf/exp;
 silu, silu_mul and attention use libm expf on the scalar and NEON paths and an 8-wide exp within
 2 ulp of it on AVX2 (csrc/dl_x86.c).
 "dllama" arithmetic: the kernels named in DLLAMA_KERNELS take a keyword `dllama`; with dllama=True
