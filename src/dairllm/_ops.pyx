@@ -9,8 +9,10 @@ output lines are never shared between threads); the SIMD inner loops live in csr
 are picked at run time (scalar / avx2 / neon / neon-dotprod).
 
 Numerics ("exact" arithmetic, the default): Q40 x Q80 and Q80 x Q80 dot products are exact
-integers per 32-block, scaled by f32(d_w) * f32(d_x) and summed in f32; quantize_q80 is
-bit-identical on every path; rmsnorm sums squares in f64; softmax and moe_route use libm expf/exp;
+integers per 32-block, scaled by f32(d_w) * f32(d_x) and summed in f32, and so are those of the
+GGUF block types (csrc/dl_gguf.h: Q4_1, Q5_0 x Q80; Q4_K, Q5_K, Q6_K x Q8K, per block or
+sub-block); quantize_q80 and quantize_q8k are bit-identical on every path; rmsnorm sums squares in
+f64; softmax and moe_route use libm expf/exp;
 silu, silu_mul and attention use libm expf on the scalar and NEON paths and an 8-wide exp within
 2 ulp of it on AVX2 (csrc/dl_x86.c).
 "dllama" arithmetic: the kernels named in DLLAMA_KERNELS take a keyword `dllama`; with dllama=True
@@ -81,6 +83,41 @@ cdef extern from "dl_kernels.h" nogil:
     float dl_inv_rms(const float *x, int64_t n, float eps)
     void dl_rmsnorm(float *out, const float *x, const float *w, int64_t n, float eps)
     void dl_residual_q80(float *x, float *dx, dl_block_q80 *dxq, int64_t nb)
+
+cdef extern from "dl_gguf.h" nogil:
+    ctypedef struct dl_block_q41:
+        pass
+    ctypedef struct dl_block_q50:
+        pass
+    ctypedef struct dl_block_q4k:
+        pass
+    ctypedef struct dl_block_q5k:
+        pass
+    ctypedef struct dl_block_q6k:
+        pass
+    ctypedef struct dl_block_q8k:
+        pass
+    int DL_QK_K, DL_Q41_BYTES, DL_Q50_BYTES, DL_Q4K_BYTES, DL_Q5K_BYTES, DL_Q6K_BYTES, DL_Q8K_BYTES
+    void dl_quantize_q8k(dl_block_q8k *out, const float *x, int64_t nb)
+    void dl_dequantize_q8k(float *out, const dl_block_q8k *x, int64_t nb)
+    void dl_dequantize_q41(float *out, const dl_block_q41 *w, int64_t nb)
+    void dl_dequantize_q50(float *out, const dl_block_q50 *w, int64_t nb)
+    void dl_dequantize_q4k(float *out, const dl_block_q4k *w, int64_t nb)
+    void dl_dequantize_q5k(float *out, const dl_block_q5k *w, int64_t nb)
+    void dl_dequantize_q6k(float *out, const dl_block_q6k *w, int64_t nb)
+    void dl_dequantize_bf16(float *out, const uint16_t *w, int64_t n)
+    void dl_matmul_q41(float *out, const dl_block_q41 *w, const dl_block_q80 *xq, const float *dx,
+                       const int32_t *sx, int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r1)
+    void dl_matmul_q50(float *out, const dl_block_q50 *w, const dl_block_q80 *xq, const float *dx,
+                       const int32_t *sx, int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r1)
+    void dl_matmul_q4k(float *out, const dl_block_q4k *w, const dl_block_q8k *xq,
+                       int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r1)
+    void dl_matmul_q5k(float *out, const dl_block_q5k *w, const dl_block_q8k *xq,
+                       int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r1)
+    void dl_matmul_q6k(float *out, const dl_block_q6k *w, const dl_block_q8k *xq,
+                       int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r1)
+    void dl_matmul_bf16(float *out, const uint16_t *w, const float *x,
+                        int64_t B, int64_t d, int64_t n, int64_t r0, int64_t r1)
 
 cdef extern from "dl_dllama.h" nogil:
     float dl_inv_rms_dllama(const float *x, int64_t n, float eps)
@@ -332,16 +369,17 @@ cdef void _by_blocks(dl_block_q80 *out, const float *x, int64_t n_blocks, int nt
 # ============================================================================ matmul
 
 cdef object _check_matmul(object out, object w, object x, int64_t row_bytes_per_block, str wfmt,
-                          int64_t rows_per_w_row=1):
+                          int64_t rows_per_w_row=1, int64_t x_block_bytes=Q80_BYTES, str xfmt="Q80"):
     """Shapes for out[B, d] = x[B, n] @ W[d, n]^T with quantized W rows; returns (B, d, nb).
-    rows_per_w_row: 8 for Q40x8 (one array row holds a group of 8 matrix rows)."""
+    rows_per_w_row: 8 for Q40x8 (one array row holds a group of 8 matrix rows); x: rows of
+    x_block_bytes blocks of format xfmt (Q80, or Q8K for the K-quants)."""
     _out(out, "out", _F32, 2)
     _arr(w, "w", _U8, 2)
     _arr(x, "xq", _U8, 2)
     cdef int64_t B = _dim(x, 0), d = _dim(w, 0) * rows_per_w_row, xrow = _dim(x, 1)
-    if xrow == 0 or xrow % Q80_BYTES:
-        raise ValueError(f"xq: rows of {xrow} bytes are not whole Q80 blocks ({Q80_BYTES} bytes)")
-    cdef int64_t nb = xrow // Q80_BYTES
+    if xrow == 0 or xrow % x_block_bytes:
+        raise ValueError(f"xq: rows of {xrow} bytes are not whole {xfmt} blocks ({x_block_bytes} bytes)")
+    cdef int64_t nb = xrow // x_block_bytes
     if _dim(w, 1) != nb * row_bytes_per_block:
         raise ValueError(f"w: rows of {w.shape[1]} bytes, expected {nb * row_bytes_per_block} "
                          f"({nb} {wfmt} blocks to match xq)")
@@ -573,6 +611,10 @@ cdef void _rows_f16(float *out, const void *w, const float *x, int64_t B, int64_
                     int64_t r0, int64_t r1) noexcept nogil:
     dl_matmul_f16(out, <const uint16_t *>w, x, B, d, n, r0, r1)
 
+cdef void _rows_bf16(float *out, const void *w, const float *x, int64_t B, int64_t d, int64_t n,
+                     int64_t r0, int64_t r1) noexcept nogil:
+    dl_matmul_bf16(out, <const uint16_t *>w, x, B, d, n, r0, r1)
+
 
 cdef _matmul_float(object out, object w, object x, object n_threads, _float_rows_fn rows):
     """Checks shared by the float matmuls, then rows split over threads in contiguous chunks."""
@@ -595,6 +637,213 @@ cdef _matmul_float(object out, object w, object x, object n_threads, _float_rows
             for i in prange(nt, schedule="static", num_threads=nt):
                 if i * c < d:
                     rows(o, wp, xp, B, d, n, i * c, min(d, (i + 1) * c))
+
+# ============================================================================ GGUF block types
+# Q4_1 and Q5_0 (blocks of 32) against Q80 activations, Q4_K / Q5_K / Q6_K (super-blocks of 256)
+# against Q8K activations, BF16 against f32 (layouts: csrc/dl_gguf.h). WEIGHT_FORMATS, at the end
+# of this module, maps each GGUF type name to its block geometry and kernels.
+
+QK_K = DL_QK_K
+Q8K_BYTES = DL_Q8K_BYTES
+
+
+cdef int64_t _kblocks(int64_t n, str name) except -1:
+    if n <= 0 or n % DL_QK_K:
+        raise ValueError(f"{name}: {n} values is not a positive multiple of {DL_QK_K}")
+    return n // DL_QK_K
+
+
+def quantize_q8k(out, x):
+    """out[b] = Q8K blocks of x[b] (rows of a multiple of 256 values): d = amax/127 (f32),
+    q = round-half-even(x * (1/d)), then the 16 sums of 16 consecutive q per block."""
+    _out(out, "out", _U8, 2)
+    _arr(x, "x", _F32, 2)
+    cdef int64_t B = _dim(x, 0), nb = _kblocks(_dim(x, 1), "x")
+    if _dim(out, 0) != B or _dim(out, 1) != nb * DL_Q8K_BYTES:
+        raise ValueError(f"out: shape {out.shape}, expected ({B}, {nb * DL_Q8K_BYTES}) for x {x.shape}")
+    cdef dl_block_q8k *o = <dl_block_q8k *>_data(out)
+    cdef const float *xp = <const float *>_data(x)
+    with nogil:
+        dl_quantize_q8k(o, xp, B * nb)
+
+
+# f32 values of nb blocks (n values for BF16)
+ctypedef void (*_dequantize_fn)(float *out, const void *w, int64_t nb) noexcept nogil
+
+cdef void _deq_q8k(float *o, const void *w, int64_t nb) noexcept nogil:
+    dl_dequantize_q8k(o, <const dl_block_q8k *>w, nb)
+
+cdef void _deq_q41(float *o, const void *w, int64_t nb) noexcept nogil:
+    dl_dequantize_q41(o, <const dl_block_q41 *>w, nb)
+
+cdef void _deq_q50(float *o, const void *w, int64_t nb) noexcept nogil:
+    dl_dequantize_q50(o, <const dl_block_q50 *>w, nb)
+
+cdef void _deq_q4k(float *o, const void *w, int64_t nb) noexcept nogil:
+    dl_dequantize_q4k(o, <const dl_block_q4k *>w, nb)
+
+cdef void _deq_q5k(float *o, const void *w, int64_t nb) noexcept nogil:
+    dl_dequantize_q5k(o, <const dl_block_q5k *>w, nb)
+
+cdef void _deq_q6k(float *o, const void *w, int64_t nb) noexcept nogil:
+    dl_dequantize_q6k(o, <const dl_block_q6k *>w, nb)
+
+cdef void _deq_bf16(float *o, const void *w, int64_t n) noexcept nogil:
+    dl_dequantize_bf16(o, <const uint16_t *>w, n)
+
+
+cdef _dequantize_rows(object out, object w, str fmt, int64_t block, int64_t units, object dtype,
+                      _dequantize_fn fn):
+    """out[r] = f32 values of w[r]: rows of `block`-value blocks of `units` elements of dtype each."""
+    _out(out, "out", _F32, 2)
+    _arr(w, "w", dtype, 2)
+    cdef int64_t R = _dim(out, 0), n = _dim(out, 1)
+    if n <= 0 or n % block:
+        raise ValueError(f"out: rows of {n} values are not whole {fmt} blocks of {block}")
+    cdef int64_t nb = n // block
+    if _dim(w, 0) != R or _dim(w, 1) != nb * units:
+        raise ValueError(f"w: shape {w.shape}, expected ({R}, {nb * units}) for {fmt} rows of {n} values")
+    cdef float *o = <float *>_data(out)
+    cdef const void *p = _data(w)
+    with nogil:
+        fn(o, p, R * nb)
+
+
+def dequantize_q8k(out, xq):
+    """out[b] = f32 values of the Q8K row xq[b]."""
+    _dequantize_rows(out, xq, "Q8K", DL_QK_K, DL_Q8K_BYTES, _U8, _deq_q8k)
+
+
+def dequantize_q41(out, w):
+    """out[r] = f32 values of the Q4_1 row w[r] (any rows of a table, e.g. w[token_ids])."""
+    _dequantize_rows(out, w, "Q4_1", QK, DL_Q41_BYTES, _U8, _deq_q41)
+
+
+def dequantize_q50(out, w):
+    """out[r] = f32 values of the Q5_0 row w[r]."""
+    _dequantize_rows(out, w, "Q5_0", QK, DL_Q50_BYTES, _U8, _deq_q50)
+
+
+def dequantize_q4k(out, w):
+    """out[r] = f32 values of the Q4_K row w[r]."""
+    _dequantize_rows(out, w, "Q4_K", DL_QK_K, DL_Q4K_BYTES, _U8, _deq_q4k)
+
+
+def dequantize_q5k(out, w):
+    """out[r] = f32 values of the Q5_K row w[r]."""
+    _dequantize_rows(out, w, "Q5_K", DL_QK_K, DL_Q5K_BYTES, _U8, _deq_q5k)
+
+
+def dequantize_q6k(out, w):
+    """out[r] = f32 values of the Q6_K row w[r]."""
+    _dequantize_rows(out, w, "Q6_K", DL_QK_K, DL_Q6K_BYTES, _U8, _deq_q6k)
+
+
+def dequantize_bf16(out, w):
+    """out[r] = f32 values of the BF16 row w[r] (uint16 bit patterns)."""
+    _dequantize_rows(out, w, "BF16", 1, 1, _U16, _deq_bf16)
+
+
+cdef enum _GgufKind:
+    _Q41, _Q50, _Q4K, _Q5K, _Q6K
+
+
+cdef struct _GgufMatmul:
+    # out[B, d] = x @ W^T for one GGUF block type; dx/sx: dl_q80_prep of Q80 activations (else NULL)
+    _GgufKind kind
+    float *out
+    const void *w
+    const void *xq
+    const float *dx
+    const int32_t *sx
+    int64_t B, d, nb
+
+
+cdef void _gguf_rows(const _GgufMatmul *m, int64_t r0, int64_t r1) noexcept nogil:
+    if m.kind == _Q41:
+        dl_matmul_q41(m.out, <const dl_block_q41 *>m.w, <const dl_block_q80 *>m.xq, m.dx, m.sx, m.B, m.d, m.nb, r0, r1)
+    elif m.kind == _Q50:
+        dl_matmul_q50(m.out, <const dl_block_q50 *>m.w, <const dl_block_q80 *>m.xq, m.dx, m.sx, m.B, m.d, m.nb, r0, r1)
+    elif m.kind == _Q4K:
+        dl_matmul_q4k(m.out, <const dl_block_q4k *>m.w, <const dl_block_q8k *>m.xq, m.B, m.d, m.nb, r0, r1)
+    elif m.kind == _Q5K:
+        dl_matmul_q5k(m.out, <const dl_block_q5k *>m.w, <const dl_block_q8k *>m.xq, m.B, m.d, m.nb, r0, r1)
+    else:
+        dl_matmul_q6k(m.out, <const dl_block_q6k *>m.w, <const dl_block_q8k *>m.xq, m.B, m.d, m.nb, r0, r1)
+
+
+cdef void _gguf_parallel(const _GgufMatmul *m, int nt) noexcept nogil:
+    """Output rows in contiguous chunks of whole ROW_GROUPs, one per thread."""
+    if nt == 1:
+        _gguf_rows(m, 0, m.d)
+        return
+    cdef Py_ssize_t i
+    cdef int64_t c = _chunk(m.d, nt)
+    for i in prange(nt, schedule="static", num_threads=nt):
+        if i * c < m.d:
+            _gguf_rows(m, i * c, min(m.d, (i + 1) * c))
+
+
+cdef _matmul_gguf(object out, object w, object xq, object n_threads, _GgufKind kind, int64_t wbytes, str fmt):
+    cdef bint q80 = kind == _Q41 or kind == _Q50
+    cdef _GgufMatmul m
+    m.kind = kind
+    m.B, m.d, m.nb = (_check_matmul(out, w, xq, wbytes, fmt) if q80 else
+                      _check_matmul(out, w, xq, wbytes, fmt, 1, DL_Q8K_BYTES, "Q8K"))
+    if m.B == 0 or m.d == 0:
+        return
+    m.out = <float *>_data(out)
+    m.w = _data(w)
+    m.xq = _data(xq)
+    cdef int nt = _threads(n_threads, <double>m.B * m.d * m.nb * (1 if q80 else DL_QK_K // QK))
+    cdef float *dx = NULL
+    cdef int32_t *sx = NULL
+    if q80:
+        dx = <float *>malloc(m.B * m.nb * sizeof(float))
+        sx = <int32_t *>malloc(m.B * m.nb * sizeof(int32_t))
+    m.dx = dx
+    m.sx = sx
+    try:
+        if q80 and (dx == NULL or sx == NULL):
+            raise MemoryError(f"matmul {fmt} scratch")
+        with nogil:
+            if q80:
+                dl_q80_prep(dx, sx, NULL, <const dl_block_q80 *>m.xq, m.B, m.nb)
+            _gguf_parallel(&m, nt)
+    finally:
+        free(dx)
+        free(sx)
+
+
+def matmul_q41(out, w, xq, n_threads=None):
+    """out[b, r] = sum_i W[r, i] x[b, i]; W: d rows of Q4_1 blocks, x: B rows of Q80 blocks."""
+    _matmul_gguf(out, w, xq, n_threads, _Q41, DL_Q41_BYTES, "Q4_1")
+
+
+def matmul_q50(out, w, xq, n_threads=None):
+    """out[b, r] = sum_i W[r, i] x[b, i]; W: d rows of Q5_0 blocks, x: B rows of Q80 blocks."""
+    _matmul_gguf(out, w, xq, n_threads, _Q50, DL_Q50_BYTES, "Q5_0")
+
+
+def matmul_q4k(out, w, xq, n_threads=None):
+    """out[b, r] = sum_i W[r, i] x[b, i]; W: d rows of Q4_K blocks, x: B rows of Q8K blocks."""
+    _matmul_gguf(out, w, xq, n_threads, _Q4K, DL_Q4K_BYTES, "Q4_K")
+
+
+def matmul_q5k(out, w, xq, n_threads=None):
+    """out[b, r] = sum_i W[r, i] x[b, i]; W: d rows of Q5_K blocks, x: B rows of Q8K blocks."""
+    _matmul_gguf(out, w, xq, n_threads, _Q5K, DL_Q5K_BYTES, "Q5_K")
+
+
+def matmul_q6k(out, w, xq, n_threads=None):
+    """out[b, r] = sum_i W[r, i] x[b, i]; W: d rows of Q6_K blocks, x: B rows of Q8K blocks."""
+    _matmul_gguf(out, w, xq, n_threads, _Q6K, DL_Q6K_BYTES, "Q6_K")
+
+
+def matmul_bf16(out, w, x, n_threads=None):
+    """out[b, r] = sum_i W[r, i] x[b, i] with BF16 weights W[d, n] (uint16 bit patterns)."""
+    _arr(w, "w", _U16, 2)
+    _matmul_float(out, w, x, n_threads, _rows_bf16)
 
 # ============================================================================ norms, rope
 
@@ -1102,3 +1351,28 @@ cdef double _par_sum(const double *x, int64_t n, int nt) noexcept nogil:
         if i * c < n:
             total += dl_sum_f64(x + i * c, min(c, n - i * c))
     return total
+
+
+# ============================================================================ weight formats
+
+def _weight_format(block_size, block_bytes, activation, quantize, matmul, dequantize):
+    return {"block_size": block_size, "block_bytes": block_bytes, "activation": activation,
+            "quantize": quantize, "matmul": matmul, "dequantize": dequantize}
+
+
+# Per GGUF tensor type: values per block and bytes per block (a row of n values is
+# n / block_size * block_bytes bytes), the activation format its matmul takes ("F32", "Q80", "Q8K")
+# and the quantizer producing it (None for F32), its matmul, and the dequantizer of its rows
+# (None: the rows are already floats a NumPy view can convert).
+WEIGHT_FORMATS = {
+    "F32": _weight_format(1, 4, "F32", None, matmul_f32, None),
+    "F16": _weight_format(1, 2, "F32", None, matmul_f16, None),
+    "BF16": _weight_format(1, 2, "F32", None, matmul_bf16, dequantize_bf16),
+    "Q4_0": _weight_format(QK, Q40_BYTES, "Q80", quantize_q80, matmul_q40, dequantize_q40),
+    "Q4_1": _weight_format(QK, DL_Q41_BYTES, "Q80", quantize_q80, matmul_q41, dequantize_q41),
+    "Q5_0": _weight_format(QK, DL_Q50_BYTES, "Q80", quantize_q80, matmul_q50, dequantize_q50),
+    "Q8_0": _weight_format(QK, Q80_BYTES, "Q80", quantize_q80, matmul_q80, dequantize_q80),
+    "Q4_K": _weight_format(DL_QK_K, DL_Q4K_BYTES, "Q8K", quantize_q8k, matmul_q4k, dequantize_q4k),
+    "Q5_K": _weight_format(DL_QK_K, DL_Q5K_BYTES, "Q8K", quantize_q8k, matmul_q5k, dequantize_q5k),
+    "Q6_K": _weight_format(DL_QK_K, DL_Q6K_BYTES, "Q8K", quantize_q8k, matmul_q6k, dequantize_q6k),
+}

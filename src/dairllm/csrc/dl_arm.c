@@ -6,13 +6,8 @@
 #include "dl_table.h"
 
 #if DL_ARM
-#include <arm_neon.h>
-
-#define DL_DOTPROD __attribute__((target("arch=armv8.2-a+dotprod")))
-
-static inline float neon_f16(uint16_t h) {
-    return vgetq_lane_f32(vcvt_f32_f16(vreinterpret_f16_u16(vdup_n_u16(h))), 0);
-}
+#include "dl_arm_util.h"
+#include "dl_gguf_blocks.h"
 
 static void quantize_q80_neon(dl_block_q80 *out, const float *x, int64_t nb) {
     for (int64_t b = 0; b < nb; b++, x += DL_QK, out++) {
@@ -162,30 +157,26 @@ static void matmul_q80_sdot(float *out, const dl_block_q80 *w, const dl_block_q8
     matmul_q80_rows(dot_q80_sdot, out, w, xq, dx, B, d, nb, r0, r1);
 }
 
-static float dot_f32_neon(const float *a, const float *b, int64_t n) {
-    float32x4_t s0 = vdupq_n_f32(0.0f), s1 = s0;
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        s0 = vfmaq_f32(s0, vld1q_f32(a + i), vld1q_f32(b + i));
-        s1 = vfmaq_f32(s1, vld1q_f32(a + i + 4), vld1q_f32(b + i + 4));
+/* dot(a, b) of n weights of type WT (LOAD4: 4 of them as f32 lanes, CVT: one) and f32 b */
+#define DEFINE_DOT_FLOAT_NEON(NAME, WT, LOAD4, CVT)                                                 \
+    static float NAME(const WT *a, const float *b, int64_t n) {                                     \
+        float32x4_t s0 = vdupq_n_f32(0.0f), s1 = s0;                                                \
+        int64_t i = 0;                                                                              \
+        for (; i + 8 <= n; i += 8) {                                                                \
+            s0 = vfmaq_f32(s0, LOAD4(a + i), vld1q_f32(b + i));                                     \
+            s1 = vfmaq_f32(s1, LOAD4(a + i + 4), vld1q_f32(b + i + 4));                             \
+        }                                                                                           \
+        float s = vaddvq_f32(vaddq_f32(s0, s1));                                                    \
+        for (; i < n; i++) s += CVT(a[i]) * b[i];                                                   \
+        return s;                                                                                   \
     }
-    float s = vaddvq_f32(vaddq_f32(s0, s1));
-    for (; i < n; i++) s += a[i] * b[i];
-    return s;
-}
 
-static float dot_f16_neon(const uint16_t *a, const float *b, int64_t n) {
-    float32x4_t s0 = vdupq_n_f32(0.0f), s1 = s0;
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        float16x8_t h = vreinterpretq_f16_u16(vld1q_u16(a + i));
-        s0 = vfmaq_f32(s0, vcvt_f32_f16(vget_low_f16(h)), vld1q_f32(b + i));
-        s1 = vfmaq_f32(s1, vcvt_high_f32_f16(h), vld1q_f32(b + i + 4));
-    }
-    float s = vaddvq_f32(vaddq_f32(s0, s1));
-    for (; i < n; i++) s += dl_f16_to_f32(a[i]) * b[i];
-    return s;
-}
+static inline float32x4_t load_f16x4(const uint16_t *p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))); }
+static inline float32x4_t load_bf16x4(const uint16_t *p) { return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(p), 16)); }
+#define F32_ID(v) (v)
+DEFINE_DOT_FLOAT_NEON(dot_f32_neon, float, vld1q_f32, F32_ID)
+DEFINE_DOT_FLOAT_NEON(dot_f16_neon, uint16_t, load_f16x4, dl_f16_to_f32)
+DEFINE_DOT_FLOAT_NEON(dot_bf16_neon, uint16_t, load_bf16x4, dl_bf16_to_f32)
 
 static void axpy_neon(float *y, const float *x, float a, int64_t n) {
     int64_t i = 0;
@@ -195,6 +186,7 @@ static void axpy_neon(float *y, const float *x, float a, int64_t n) {
 
 DL_DEFINE_MATMUL_FROM_DOT(matmul_f32_neon, float, dot_f32_neon)
 DL_DEFINE_MATMUL_FROM_DOT(matmul_f16_neon, uint16_t, dot_f16_neon)
+DL_DEFINE_MATMUL_FROM_DOT(matmul_bf16_neon, uint16_t, dot_bf16_neon)
 
 void dl_fill_neon(dl_table *t, int dotprod) {
     t->quantize_q80 = quantize_q80_neon;
@@ -202,6 +194,7 @@ void dl_fill_neon(dl_table *t, int dotprod) {
     t->matmul_q80 = dotprod ? matmul_q80_sdot : matmul_q80_neon;
     t->matmul_f32 = matmul_f32_neon;
     t->matmul_f16 = matmul_f16_neon;
+    t->matmul_bf16 = matmul_bf16_neon;
     t->dot_f32 = dot_f32_neon;
     t->axpy_f32 = axpy_neon;
 }

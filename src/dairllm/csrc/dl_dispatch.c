@@ -34,13 +34,20 @@ static void add_feature(const char *name) {
 
 static void fill(int path) {
     dl_fill_scalar(&dl_k);
+    dl_fill_gguf_scalar(&dl_k);
 #if DL_X86
-    if (path == DL_PATH_AVX2) dl_fill_avx2(&dl_k);
+    if (path == DL_PATH_AVX2) {
+        dl_fill_avx2(&dl_k);
+        dl_fill_gguf_avx2(&dl_k);
+    }
     /* the bandwidth probe measures memory, not a path: the fastest reader whatever is selected */
     if (g_supported[DL_PATH_AVX2]) dl_k.sum_f64 = dl_sum_f64_avx2;
 #endif
 #if DL_ARM
-    if (path == DL_PATH_NEON || path == DL_PATH_NEON_DOTPROD) dl_fill_neon(&dl_k, path == DL_PATH_NEON_DOTPROD);
+    if (path == DL_PATH_NEON || path == DL_PATH_NEON_DOTPROD) {
+        dl_fill_neon(&dl_k, path == DL_PATH_NEON_DOTPROD);
+        dl_fill_gguf_neon(&dl_k, path == DL_PATH_NEON_DOTPROD);
+    }
 #endif
     g_path = path;
 }

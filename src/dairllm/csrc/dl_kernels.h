@@ -5,6 +5,7 @@
  *   Q40: 18 bytes = f16 d, 16 bytes of nibbles (low nibble: element j, high nibble: element j+16),
  *        value = (nibble - 8) * d
  *   Q80: 34 bytes = f16 d, 32 int8, value = q * d
+ * (the other GGUF types, Q4_1 / Q5_0 / Q4_K / Q5_K / Q6_K / BF16 and the Q8K activations: dl_gguf.h)
  *
  * Nothing here is threaded: _ops.pyx splits output rows across OpenMP threads and calls the
  * row-range functions below. They run the kernels of one table, filled by dl_init() for the best

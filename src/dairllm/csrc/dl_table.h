@@ -8,6 +8,7 @@
 #define DL_TABLE_H
 
 #include "dl_kernels.h"
+#include "dl_gguf.h"
 
 typedef struct {
     void (*quantize_q80)(dl_block_q80 *out, const float *x, int64_t nb);
@@ -36,19 +37,36 @@ typedef struct {
                            int64_t r0, int64_t r1);
     void (*attention_head_ref)(float *out, const float *q, const float *k, const float *v, int64_t stride,
                                int64_t T, int64_t hd, float *att);
+    /* GGUF types (dl_gguf.h; filled by the dl_fill_gguf_* functions below) */
+    void (*quantize_q8k)(dl_block_q8k *out, const float *x, int64_t nb);
+    void (*matmul_q41)(float *out, const dl_block_q41 *w, const dl_block_q80 *xq, const float *dx,
+                       const int32_t *sx, int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r1);
+    void (*matmul_q50)(float *out, const dl_block_q50 *w, const dl_block_q80 *xq, const float *dx,
+                       const int32_t *sx, int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r1);
+    void (*matmul_q4k)(float *out, const dl_block_q4k *w, const dl_block_q8k *xq,
+                       int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r1);
+    void (*matmul_q5k)(float *out, const dl_block_q5k *w, const dl_block_q8k *xq,
+                       int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r1);
+    void (*matmul_q6k)(float *out, const dl_block_q6k *w, const dl_block_q8k *xq,
+                       int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r1);
+    void (*matmul_bf16)(float *out, const uint16_t *w, const float *x, int64_t B, int64_t d, int64_t n,
+                        int64_t r0, int64_t r1);
 } dl_table;
 
 extern dl_table dl_k;                          /* the selected path's kernels (dl_dispatch.c) */
 
-void dl_fill_scalar(dl_table *t);              /* dl_scalar.c: every entry */
+void dl_fill_scalar(dl_table *t);              /* dl_scalar.c: every entry but the GGUF ones */
+void dl_fill_gguf_scalar(dl_table *t);         /* dl_gguf_scalar.c: every GGUF entry */
 #if defined(__x86_64__) || defined(_M_X64)
 #define DL_X86 1
 void dl_fill_avx2(dl_table *t);                /* dl_x86.c */
+void dl_fill_gguf_avx2(dl_table *t);           /* dl_x86_kquant.c */
 double dl_sum_f64_avx2(const double *x, int64_t n);
 #endif
 #if defined(__aarch64__)
 #define DL_ARM 1
 void dl_fill_neon(dl_table *t, int dotprod);   /* dl_arm.c */
+void dl_fill_gguf_neon(dl_table *t, int dotprod);   /* dl_arm_kquant.c */
 #endif
 
 /* Attention from the table's dot_f32 and axpy_f32 (any hd; dl_scalar.c). */

@@ -1,0 +1,92 @@
+/* dl_x86_util.h: AVX2 helpers shared by the x86 kernel files (dl_x86.c, dl_x86_kquant.c). */
+#ifndef DL_X86_UTIL_H
+#define DL_X86_UTIL_H
+
+#include "dl_table.h"
+
+#include <immintrin.h>
+
+#define DL_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+#ifndef DL_PREFETCH
+#define DL_PREFETCH 4096        /* bytes ahead of the weight block being read */
+#endif
+
+DL_AVX2 static inline float hsum_ps(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+
+/* 8 vectors of 8 int32 -> one vector whose lane k is the sum of v[k]. */
+DL_AVX2 static inline __m256i sum8_epi32(__m256i v0, __m256i v1, __m256i v2, __m256i v3,
+                                         __m256i v4, __m256i v5, __m256i v6, __m256i v7) {
+    /* transpose-and-add: unpacks are single cheap shuffles, unlike phaddd */
+    __m256i t0 = _mm256_add_epi32(_mm256_unpacklo_epi32(v0, v1), _mm256_unpackhi_epi32(v0, v1));
+    __m256i t1 = _mm256_add_epi32(_mm256_unpacklo_epi32(v2, v3), _mm256_unpackhi_epi32(v2, v3));
+    __m256i t2 = _mm256_add_epi32(_mm256_unpacklo_epi32(v4, v5), _mm256_unpackhi_epi32(v4, v5));
+    __m256i t3 = _mm256_add_epi32(_mm256_unpacklo_epi32(v6, v7), _mm256_unpackhi_epi32(v6, v7));
+    /* t0 lanes: [v0 v1 v0 v1 | v0 v1 v0 v1] partial sums */
+    __m256i a = _mm256_add_epi32(_mm256_unpacklo_epi64(t0, t1), _mm256_unpackhi_epi64(t0, t1));
+    __m256i b = _mm256_add_epi32(_mm256_unpacklo_epi64(t2, t3), _mm256_unpackhi_epi64(t2, t3));
+    /* a lanes: [v0 v1 v2 v3 | v0 v1 v2 v3] */
+    return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
+}
+
+/* The 32 nibbles of a Q40 or Q4_1 block (16 bytes at qs) as unsigned bytes 0..15 in element order (no -8 yet):
+ * broadcast the 16 nibble bytes to both halves, shift the upper half right by 4, mask. */
+DL_AVX2 static inline __m256i unpack_nibbles(const uint8_t *qs) {
+    const __m256i shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
+    __m256i q = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)qs));
+    return _mm256_and_si256(_mm256_srlv_epi32(q, shift), _mm256_set1_epi8(0x0f));
+}
+
+DL_AVX2 static inline __m256i unpack_q40(const dl_block_q40 *blk) { return unpack_nibbles(blk->qs); }
+
+/* int32 lanes whose sum is sum_j q_j * x_j (q unsigned 0..15, x the int8 of a Q80 block). */
+DL_AVX2 static inline __m256i dot_u4_i8(__m256i q, const dl_block_q80 *xblk) {
+    __m256i x = _mm256_loadu_si256((const __m256i *)xblk->qs);
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), _mm256_set1_epi16(1));
+}
+
+/* f32 of 8 f16 scales `stride` bytes apart (stride >= 18: blocks of a row, or rows of a matrix):
+ * the 16 bytes at p + k * (stride - 2) hold scale k at bytes 2k, 2k+1, exactly where it belongs in
+ * the result, so one load and 7 word blends (with memory operands) gather all 8. Every load stays
+ * inside [p, scale 7 + 2): no byte outside the weights is read. */
+DL_AVX2 static inline __m256 scales8(const void *blocks, int64_t stride) {
+    const uint8_t *p = (const uint8_t *)blocks;
+    const int64_t s = stride - 2;
+#define LD(k) _mm_loadu_si128((const __m128i *)(p + (k) * s))
+    __m128i h = LD(0);
+    h = _mm_blend_epi16(h, LD(1), 0x02);
+    h = _mm_blend_epi16(h, LD(2), 0x04);
+    h = _mm_blend_epi16(h, LD(3), 0x08);
+    h = _mm_blend_epi16(h, LD(4), 0x10);
+    h = _mm_blend_epi16(h, LD(5), 0x20);
+    h = _mm_blend_epi16(h, LD(6), 0x40);
+    h = _mm_blend_epi16(h, LD(7), 0x80);
+#undef LD
+    return _mm256_cvtph_ps(h);
+}
+
+/* NaN -> 0, then clamp to [-127, 127] (as the scalar path) */
+DL_AVX2 static inline __m256 clamp127(__m256 v) {
+    v = _mm256_and_ps(v, _mm256_cmp_ps(v, v, _CMP_ORD_Q));
+    return _mm256_min_ps(_mm256_max_ps(v, _mm256_set1_ps(-127.0f)), _mm256_set1_ps(127.0f));
+}
+
+/* The int8 quants of 32 floats v0..v3 times vid, clamped and rounded to nearest even, in element
+ * order: what the scalar Q80 / Q8K quantizers compute, bit for bit. */
+DL_AVX2 static inline __m256i quantize32_avx2(__m256 v0, __m256 v1, __m256 v2, __m256 v3, __m256 vid) {
+    const int r = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    __m256i i0 = _mm256_cvtps_epi32(_mm256_round_ps(clamp127(_mm256_mul_ps(v0, vid)), r));
+    __m256i i1 = _mm256_cvtps_epi32(_mm256_round_ps(clamp127(_mm256_mul_ps(v1, vid)), r));
+    __m256i i2 = _mm256_cvtps_epi32(_mm256_round_ps(clamp127(_mm256_mul_ps(v2, vid)), r));
+    __m256i i3 = _mm256_cvtps_epi32(_mm256_round_ps(clamp127(_mm256_mul_ps(v3, vid)), r));
+    /* packs work within 128-bit lanes: fix the order with one dword permute */
+    __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+    return _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+#endif
