@@ -37,7 +37,8 @@ class Form:
 
 F32 = Form("f32", 1, 4)
 Q80 = Form("q80", 32, 34, ops.quantize_q80)
-FORMS = {f.name: f for f in (F32, Q80)}
+Q8K = Form("q8k", 256, 292, ops.quantize_q8k)          # the K-quants' activations, as llama.cpp's
+FORMS = {f.name: f for f in (F32, Q80, Q8K)}
 
 
 @dataclass(frozen=True, eq=False)
@@ -61,6 +62,10 @@ def _decode_f32(out: np.ndarray, rows: np.ndarray) -> None:
     np.copyto(out, rows.view("<f4"))
 
 
+def _decode_bf16(out: np.ndarray, rows: np.ndarray) -> None:
+    ops.dequantize_bf16(out, rows.view("<u2"))
+
+
 KERNELS: dict = {
     GGMLType.F32: TypeKernels(GGMLType.F32, ops.matmul_f32, F32, _decode_f32, "f32"),
     GGMLType.F16: TypeKernels(GGMLType.F16, ops.matmul_f16, F32, _decode_f16, "u16"),
@@ -68,6 +73,12 @@ KERNELS: dict = {
     GGMLType.Q4_0: TypeKernels(GGMLType.Q4_0, ops.matmul_q40, Q80, ops.dequantize_q40, "raw",
                                ops.matmul_q40_multi, (("batched", False),)),
     GGMLType.Q8_0: TypeKernels(GGMLType.Q8_0, ops.matmul_q80, Q80, ops.dequantize_q80, "raw"),
+    GGMLType.Q4_1: TypeKernels(GGMLType.Q4_1, ops.matmul_q41, Q80, ops.dequantize_q41, "raw"),
+    GGMLType.Q5_0: TypeKernels(GGMLType.Q5_0, ops.matmul_q50, Q80, ops.dequantize_q50, "raw"),
+    GGMLType.Q4_K: TypeKernels(GGMLType.Q4_K, ops.matmul_q4k, Q8K, ops.dequantize_q4k, "raw"),
+    GGMLType.Q5_K: TypeKernels(GGMLType.Q5_K, ops.matmul_q5k, Q8K, ops.dequantize_q5k, "raw"),
+    GGMLType.Q6_K: TypeKernels(GGMLType.Q6_K, ops.matmul_q6k, Q8K, ops.dequantize_q6k, "raw"),
+    GGMLType.BF16: TypeKernels(GGMLType.BF16, ops.matmul_bf16, F32, _decode_bf16, "u16"),
 }
 
 # dense Q40 matrices regrouped 8 rows at a time (formats/repacked.py): a layout, not a file type
