@@ -35,7 +35,7 @@ def worker():
 def test_demo_runs_and_stops_its_workers(tmp_path):
     env = dict(os.environ, DAIRLLM_CACHE=str(tmp_path))
     t0 = time.monotonic()
-    r = dairllm("demo", "--steps", "12", env=env)
+    r = dairllm("demo", "--synthetic", "--steps", "12", env=env)
     assert r.returncode == 0, r.stderr
     out = r.stdout
     assert time.monotonic() - t0 < 60
@@ -120,7 +120,7 @@ def test_demo_ctrl_c_stops_workers(tmp_path):
     import signal
 
     env = dict(os.environ, DAIRLLM_CACHE=str(tmp_path))
-    p = subprocess.Popen([sys.executable, "-m", "dairllm", "demo", "--steps", "230"],
+    p = subprocess.Popen([sys.executable, "-m", "dairllm", "demo", "--synthetic", "--steps", "230"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     ports = []
     try:
