@@ -16,10 +16,30 @@ def _gguf():
     return gguf
 
 
+# K-quant blocks the gguf package cannot quantize: random quants and sub-block scales with
+# fixed float16 super-block scales, (byte offset, value) of each f16 field per block.
+_K_BLOCKS = {"Q4_K": (144, ((0, 0.004), (2, 0.002))), "Q5_K": (176, ((0, 0.002), (2, 0.001))),
+             "Q6_K": (210, ((208, 0.0005),))}
+
+
+def random_k_blocks(shape: tuple, qtype, rng: np.random.Generator) -> np.ndarray:
+    """Random but well-formed blocks of a K-quant type for a tensor of `shape` (uint8 rows)."""
+    size, scales = _K_BLOCKS[qtype.name]
+    n_blocks = int(np.prod(shape)) // 256
+    raw = rng.integers(0, 256, size=(n_blocks, size), dtype=np.uint8)
+    for offset, d in scales:
+        raw[:, offset:offset + 2] = np.array([d], dtype="<f2").view(np.uint8)
+    return raw.reshape(shape[:-1] + (shape[-1] // 256 * size,))
+
+
 def encode(values: np.ndarray, qtype) -> tuple[np.ndarray, "object"]:
-    """(array to pass to GGUFWriter.add_tensor, raw_dtype) for float values in type qtype."""
+    """(array to pass to GGUFWriter.add_tensor, raw_dtype) for float values in type qtype
+    (K-quants: random blocks of values' shape, see random_k_blocks; values are ignored)."""
     g = _gguf()
     T = g.GGMLQuantizationType
+    if qtype.name in _K_BLOCKS:
+        seed = int(np.abs(np.asarray(values, dtype=np.float64)).sum() * 1e3) % (1 << 32)
+        return random_k_blocks(values.shape, qtype, np.random.default_rng(seed)), qtype
     values = np.ascontiguousarray(values, dtype=np.float32)
     if qtype is T.F32:
         return values, None
