@@ -192,26 +192,36 @@ def test_dllama_protocol_refuses_gguf(files):
         Model.open(path, workers=["127.0.0.1:1"], protocol="dllama")
 
 
-@pytest.mark.parametrize("arch,qtype", [("llama", T.Q8_0), ("qwen3moe", T.Q4_0)],
-                         ids=["llama-Q8_0", "qwen3moe-Q4_0"])
+@pytest.mark.parametrize("arch,qtype", [("llama", T.Q8_0), ("qwen3moe", T.Q4_0), ("qwen3", T.Q4_K),
+                                        ("llama", T.Q6_K)],
+                         ids=["llama-Q8_0", "qwen3moe-Q4_0", "qwen3-Q4_K", "llama-Q6_K"])
 def test_three_node_native_cluster(tmp_path, arch, qtype):
     """Root + 2 workers on 127.0.0.1, one layer each; every node maps its own copy."""
-    from test_cluster_e2e import WorkerProc
+    from dairllm.cluster.local import LocalWorker
+    k_quant = qtype in (T.Q4_K, T.Q6_K)
+    shape = dict(dim=256, hidden=512, n_heads=4, n_kv_heads=2) if k_quant else {}
     path = tmp_path / "m.gguf"
-    values = random_model(path, arch, qtype, seed=7, n_layers=3)
-    expected = oracle(reference_m_file(tmp_path / "ref.m", arch, values, n_layers=3), qtype)
+    values = random_model(path, arch, qtype, seed=7, n_layers=3, **shape)
+    ref = reference_m_file(tmp_path / "ref.m", arch, values, n_layers=3, **shape)
+    if k_quant:
+        expected = (Q8KReference(ModelFile(ref), q80_activations=True).forward(TOKENS, 0),
+                    Reference.load(ref, q80_activations=False).forward(TOKENS, 0))
+    else:
+        expected = oracle(ref, qtype)
     copies = []
     for i in range(2):
         copies.append(tmp_path / f"worker{i}.gguf")
         copies[-1].write_bytes(path.read_bytes())
-    workers = [WorkerProc(c, log_dir=tmp_path) for c in copies]
+    workers = [LocalWorker(c, capture_stderr=True) for c in copies]
     try:
+        for w in workers:
+            w.wait_ready(60)
         # F32 activations on the wire: the logits then equal the single node's (Q80 on the
         # wire rounds the residual stream at every stage boundary)
         with Model.open(path, workers=[w.addr for w in workers], layers="0,1,2",
                         buffer_float_type="f32", timeout=20) as m:
             assert len(m.pipe) == 3
-            check(m.forward(TOKENS, 0), expected, qtype)
+            check(m.forward(TOKENS, 0), expected, qtype, Q8K_EXPLAINED if k_quant else Q80_EXPLAINED)
     finally:
         for w in workers:
             w.stop()
