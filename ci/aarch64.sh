@@ -46,15 +46,15 @@ A64_PORT=${A64_PORT:-29431}
 PYTHON=$(command -v "${PYTHON:-python3}" || echo "${PYTHON:-python3}")   # a path: qemu-user does not search PATH
 GOLDEN=$REPO/tests/golden         # the suite's reference data, inside the repository
 ROOT_PKGS="python3 python3-venv python3-dev gcc libc6-dev ca-certificates file binutils ccache"
-PIP_PKGS="numpy cython pytest hypothesis 'setuptools>=68' wheel auditwheel"
+PIP_PKGS="numpy cython pytest hypothesis gguf 'setuptools>=68' wheel auditwheel"
 CACHE_KEY="v1 $SUITE | $ROOT_PKGS | $PIP_PKGS"
 # The tests that matter on the board: kernels vs float64, formats, tokenizer, dllama protocol,
 # golden logits. (The multi-node dllama tests run on x86 already; the cross-arch runs cover them.)
 TESTS="tests/test_platform.py tests/test_kernels.py tests/test_quant.py tests/test_modelfile.py
        tests/test_tokenizer.py tests/test_dllama_wire.py tests/test_dllama_hostile.py
-       tests/test_golden_logits.py tests/test_repacked.py"
+       tests/test_golden_logits.py tests/test_repacked.py tests/test_gguf_kernels.py"
 TESTS=$(echo $TESTS)                  # one line: it goes into a bash -c string
-TESTS_A76="tests/test_platform.py tests/test_kernels.py"
+TESTS_A76="tests/test_platform.py tests/test_kernels.py tests/test_gguf_kernels.py"
 
 T0=$(date +%s); TIMINGS=(); FAILED=()
 log() { echo "aarch64: $*"; }
@@ -159,7 +159,7 @@ make_rootfs() {   # minbase arm64, then compiler + venv with the build/test tool
             update-ca-certificates >/dev/null 2>&1 || true
             rm -rf /opt/venv && python3 -m venv /opt/venv && pip install -q -U pip && nice -n 15 pip install -q -U $PIP_PKGS
             apt-get clean && rm -rf /var/lib/apt/lists/* /root/.cache/pip
-            pip list 2>/dev/null | grep -iE '^(numpy|cython|pytest|hypothesis|setuptools|auditwheel) '" || return 1
+            pip list 2>/dev/null | grep -iE '^(numpy|cython|pytest|hypothesis|gguf|setuptools|auditwheel) '" || return 1
     echo "$CACHE_KEY" > "$ROOTFS/.dairllm-a64-ready"
 }
 mount_rootfs() {
