@@ -115,16 +115,20 @@ def test_activation_error_is_llama_cpp_s(reencoded, qtype):
     """On quantized weights both engines round activations to 8-bit blocks: dairllm's RMS logit
     error against transformers (float32 activations, same file) is no larger than llama.cpp's
     (measured: Q8_0 0.330 vs 0.337, Q4_0 0.294 vs 0.311 on the chat prompt)."""
-    path = reencoded(qtype)
+    got, lc, ref = three_engines(reencoded(qtype))
+    ours, theirs = rms(got, ref), rms(lc, ref)
+    print(f"SmolLM2 {qtype.name} RMS logit error vs transformers: dairllm {ours:.3f}, "
+          f"llama.cpp {theirs:.3f}; dairllm vs llama.cpp max {np.abs(got - lc).max():.2f}")
+    assert ours <= 1.15 * theirs
+
+
+def three_engines(path: Path) -> tuple:
+    """Logits of the chat prompt on one file: (dairllm, llama.cpp, transformers), float64."""
     tokens = chat_prompt(path)
     lc = llama_cpp_logits(path, tokens)
     ref = hf_logits(path, tokens)
     with Model.open(path, max_seq_len=256) as m:
-        got = m.forward(tokens, 0).astype(np.float64)
-    ours, theirs = (float(np.sqrt(np.mean((a - ref) ** 2))) for a in (got, lc))
-    print(f"SmolLM2 {qtype.name} RMS logit error vs transformers: dairllm {ours:.3f}, "
-          f"llama.cpp {theirs:.3f}; dairllm vs llama.cpp max {np.abs(got - lc).max():.2f}")
-    assert ours <= 1.15 * theirs
+        return m.forward(tokens, 0).astype(np.float64), lc, ref
 
 
 def chat_prompt(path: Path) -> list:
@@ -194,12 +198,7 @@ def test_requantized_q4_k_m_holds_every_k_mix_type(requantized):
 def test_requantized_logits_match_transformers_and_llama_cpp(requantized, name):
     """Same file, three engines: dairllm's logits are within the activation-rounding error of
     transformers' float computation, and that error is llama.cpp's own size."""
-    path = requantized(name)
-    tokens = chat_prompt(path)
-    ref = hf_logits(path, tokens)
-    lc = llama_cpp_logits(path, tokens)
-    with Model.open(path, max_seq_len=256) as m:
-        got = m.forward(tokens, 0).astype(np.float64)
+    got, lc, ref = three_engines(requantized(name))
     ours, theirs = rms(got, ref), rms(lc, ref)
     top1 = (got.argmax(1) == ref.argmax(1)).mean()
     print(f"SmolLM2 {name} (llama.cpp quantizer): RMS logit error vs transformers dairllm "
