@@ -26,6 +26,7 @@ import pytest
 
 from dairllm import Model
 from dairllm.cli import main as cli_main
+import dairllm.convert.gguf as convert_module
 from dairllm.convert.gguf import convert_gguf
 from dairllm.convert.hf import convert_checkpoint
 from dairllm.errors import ConfigError, ModelFormatError
@@ -97,7 +98,9 @@ LOSSLESS = [("llama", T.Q4_0, "q40"), ("qwen3", T.Q8_0, "q80"), ("qwen3moe", T.F
 
 
 @pytest.mark.parametrize("arch,qtype,wtype", LOSSLESS, ids=lambda x: getattr(x, "name", x))
-def test_lossless_pairs_copy_the_blocks_and_give_the_same_logits(tmp_path, arch, qtype, wtype):
+def test_lossless_pairs_copy_the_blocks_and_give_the_same_logits(tmp_path, monkeypatch, arch,
+                                                                qtype, wtype):
+    monkeypatch.setattr(convert_module, "CHUNK_BYTES", 1000)     # tensors in several pieces
     src, values, _ = make(tmp_path, arch, qtype, tied=arch == "llama")
     conv = convert_gguf(src, tmp_path / "m.m", wtype, progress=False)
     reader = gguf.GGUFReader(str(src))
@@ -185,7 +188,8 @@ def expected_losses(values: dict, wtype: str) -> dict:
 
 @pytest.mark.parametrize("arch,qtype,wtype", LOSSY, ids=lambda x: getattr(x, "name", x))
 def test_requantized_pairs_match_an_independent_quantizer_and_report_its_loss(
-        tmp_path, arch, qtype, wtype):
+        tmp_path, monkeypatch, arch, qtype, wtype):
+    monkeypatch.setattr(convert_module, "CHUNK_BYTES", 5 * 4 * 64)   # 5 rows of 64 at a time
     src, values, args = make(tmp_path, arch, qtype, tied=qtype is T.Q4_K)
     conv = convert_gguf(src, tmp_path / "m.m", wtype, progress=False)
     written = {}

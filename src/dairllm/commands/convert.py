@@ -20,9 +20,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("folder", metavar="source",
                    help="Hugging Face model folder (config.json, *.safetensors) or GGUF file")
     p.add_argument("-o", "--output", required=True, help="the .m file to write")
-    p.add_argument("--weights", default="q40", choices=["q40", "q80", "f16", "f32"],
-                   help="float type of every matmul weight (default q40: distributed-llama has "
-                        "one type for all matrices); embeddings and norms are always f32")
+    p.add_argument("--weights", choices=["q40", "q80", "f16", "f32"],
+                   help="float type of every matmul weight (default q40): distributed-llama has "
+                        "one type for all matrices, so a GGUF's mix of types is re-quantized "
+                        "to it; embeddings and norms are always f32")
     p.add_argument("--json", action="store_true",
                    help="GGUF: print the re-quantization loss report as JSON on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress line")
@@ -30,13 +31,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     source = Path(args.folder)
+    chosen, args.weights = args.weights, args.weights or "q40"
     if source.is_dir():
         return _run_hf(args)
     if not source.exists():
         raise ConfigError(f"{source}: no such file or folder")
     from ..formats.gguf import has_gguf_magic
     if has_gguf_magic(source):
-        return _run_gguf(args)
+        return _run_gguf(args, defaulted=chosen is None)
     raise ConfigError(f"{source}: {_what_it_is(source)}; convert takes a Hugging Face model "
                       "folder or a GGUF file")
 
@@ -63,10 +65,13 @@ def _run_hf(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_gguf(args: argparse.Namespace) -> int:
+def _run_gguf(args: argparse.Namespace, defaulted: bool) -> int:
     from ..convert.gguf import convert_gguf, write_gguf_tokenizer
 
     conv = convert_gguf(args.folder, args.output, args.weights, progress=not args.quiet)
+    if defaulted:
+        print("no --weights given: every matrix became Q40 (a .m file has one weight type; "
+              "--weights q80 keeps more precision, f32 all of it)", file=sys.stderr)
     st, out = conv.stats, Path(args.output)
     tok_path = out.with_suffix(".t") if out.suffix != ".t" else out.with_name(out.name + ".t")
     try:
