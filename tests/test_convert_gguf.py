@@ -31,7 +31,7 @@ from dairllm.convert.gguf import convert_gguf
 from dairllm.convert.hf import convert_checkpoint
 from dairllm.errors import ConfigError, ModelFormatError
 from dairllm.formats.modelfile import ModelFile, RopeType
-from dairllm.formats.quant import FloatType, GGMLType
+from dairllm.formats.quant import FloatType
 from dairllm.formats.tokenizer import Tokenizer
 from dairllm.formats.gguf_tokenizer import GGUFTokenizer
 from helpers.gguf_files import interleave_rotary, random_model, reencode, reference_m_file

@@ -325,8 +325,8 @@ def convert_gguf(path: "str | os.PathLike", out_path: "str | os.PathLike",
                  "embedding and norms F32", model.path, model.header.arch.name, wtype.name)
         stats = write_model(out_path, header, tensors, progress=progress)
         tensors.finish()
-    if "output.weight" not in model.gguf.tensors:
-        log.info("no output.weight: wrote the tied token embedding as the output head")
+        if "output.weight" not in model.gguf.tensors:
+            log.info("no output.weight: wrote the tied token embedding as the output head")
     return GGUFConversion(stats, report, header)
 
 
