@@ -42,7 +42,7 @@ from .writer import ConvertStats, write_model
 
 log = logging.getLogger(__name__)
 
-CHUNK_BYTES = 16 << 20            # float32 bytes of rows decoded at a time
+CHUNK_BYTES = 4 << 20             # float32 bytes of rows decoded at a time (heap ~ 10x this)
 MODEL_TYPES = {Arch.LLAMA: "llama", Arch.QWEN3: "qwen3", Arch.QWEN3_MOE: "qwen3_moe"}
 _NORMS = {Kind.Q_NORM, Kind.K_NORM, Kind.ATTN_NORM, Kind.FFN_NORM, Kind.FINAL_NORM}
 RATIO_TOL = 1e-4                  # rope_freqs factors vs the .m settings' (float32 noise)
