@@ -405,6 +405,8 @@ def test_tokenizer_written_next_to_the_model(tmp_path, capsys):
     assert n + 1 in t.eos_ids
     text = "Hello world! The quick brown fox, 1234567."
     assert t.decode(g.encode(text, add_bos=False)) == text
+    assert cli_main(["convert-tokenizer", str(src), "-o", str(tmp_path / "again.t")]) == 0
+    assert (tmp_path / "again.t").read_bytes() == (tmp_path / "out.t").read_bytes()
 
 
 def test_specials_before_ordinary_tokens_skip_the_tokenizer_not_the_model(tmp_path, capsys):

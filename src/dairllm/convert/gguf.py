@@ -276,9 +276,12 @@ class _Tensors:
 def tokenizer_from_gguf(metadata: dict, path: object) -> HFTokenizer:
     """What a `.t` file holds for the GGUF's tokenizer, or ConfigError saying why it cannot be
     expressed in one (a SentencePiece vocabulary; special tokens before ordinary ones; ...)."""
-    if metadata.get("tokenizer.ggml.model") != "gpt2":
-        raise ConfigError(f"{path}: tokenizer model {metadata.get('tokenizer.ggml.model')!r}: "
-                          "only byte-level BPE (gpt2) vocabularies are written as .t files")
+    kind = metadata.get("tokenizer.ggml.model")
+    if kind is None:
+        raise ConfigError(f"{path}: the file holds no tokenizer (no tokenizer.ggml.model)")
+    if kind != "gpt2":
+        raise ConfigError(f"{path}: tokenizer model {kind!r}: only byte-level BPE (gpt2) "
+                          "vocabularies are written as .t files")
     try:
         tok = GGUFTokenizer.from_metadata(metadata, path)
         merges = [_split_merge(m, i, path)
@@ -300,7 +303,8 @@ def write_gguf_tokenizer(gguf_path: "str | os.PathLike", out_path: "str | os.Pat
     write_tokenizer(out_path, tok.tokens, tok.scores, tok.bos_id, tok.eos_ids,
                     add_bos=tok.add_bos, chat_template=tok.chat_template)
     return (f"{len(tok.tokens)} tokens, bos {tok.bos_id} (added: "
-            f"{'yes' if tok.add_bos else 'no'}), eos {tok.eos_ids}")
+            f"{'yes' if tok.add_bos else 'no'}), eos {tok.eos_ids}, chat template: "
+            f"{'yes' if tok.chat_template else 'no'}")
 
 
 # ---------------------------------------------------------------------------------------------
