@@ -45,36 +45,7 @@ def encode(values: np.ndarray, qtype) -> tuple[np.ndarray, "object"]:
         return values, None
     if qtype is T.F16:
         return values.astype(np.float16), None
-    if qtype in _random_block_types():
-        return random_kquant(values, qtype), qtype
     return g.quants.quantize(values, qtype), qtype
-
-
-def _random_block_types() -> dict:
-    """K-quant types the gguf package cannot quantize (0.19: NotImplementedError) -> (offset of
-    the float16 scale d, of dmin or None) in a block. Tensors of these types are random blocks."""
-    T = _gguf().GGMLQuantizationType
-    return {T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208, None)}
-
-
-def random_kquant(values: np.ndarray, qtype) -> np.ndarray:
-    """Random valid blocks of a K-quant type, deterministic in `values` (a seed from its bytes)
-    and of about its spread: the gguf package has no quantizer for these types, so the tensor
-    is made of blocks instead and its values are what the gguf dequantizer reads from them."""
-    g = _gguf()
-    block, nbytes = g.GGML_QUANT_SIZES[qtype]
-    rows, cols = values.reshape(-1, values.shape[-1]).shape
-    rng = np.random.default_rng(int.from_bytes(values.tobytes()[:64].ljust(8, b"\0")[:8], "little"))
-    raw = rng.integers(0, 256, size=(rows * cols // block, nbytes), dtype=np.uint8)
-    d_at, dmin_at = _random_block_types()[qtype]
-    spread = float(values.std()) or 1.0
-    if dmin_at is None:                      # Q6_K: d * scale(int8) * (q - 32)
-        d = spread / (32 * 64)
-    else:                                    # Q4_K/Q5_K: d * sc * q - dmin * m, sc, m in 0..63
-        d = spread / (32 * (15 if qtype.name == "Q4_K" else 31))
-        raw[:, dmin_at:dmin_at + 2] = np.full(len(raw), d * 7.5, "<f2").view(np.uint8).reshape(-1, 2)
-    raw[:, d_at:d_at + 2] = np.full(len(raw), d, "<f2").view(np.uint8).reshape(-1, 2)
-    return raw.reshape(values.shape[:-1] + (cols // block * nbytes,))
 
 
 def decoded(values: np.ndarray, qtype) -> np.ndarray:

@@ -35,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
     if source.is_dir():
         return _run_hf(args)
     if not source.exists():
-        raise ConfigError(f"{source}: no such file or folder")
+        raise ConfigError(f"{source}: no such file or folder (expected a Hugging Face model "
+                          "folder with config.json, or a GGUF file)")
     from ..formats.gguf import has_gguf_magic
     if has_gguf_magic(source):
         return _run_gguf(args, defaulted=chosen is None)
