@@ -16,18 +16,16 @@ import json
 import logging
 import math
 import os
-import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 
 from ..errors import ConfigError
-from ..formats.modelfile import Arch, Header, HiddenAct, Kind, ModelWriter, RopeType, TensorInfo
+from ..formats.modelfile import Arch, Header, HiddenAct, Kind, RopeType, TensorInfo
 from ..formats.quant import FloatType
 from .safetensors_reader import Checkpoint
+from .writer import ConvertStats, Progress, planned_layout, write_model  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -206,38 +204,6 @@ def rotary_interleave(rows: np.ndarray, head_dim: int) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # Conversion
 
-@dataclass
-class ConvertStats:
-    tensors: int = 0
-    source_bytes: int = 0       # float32 bytes read
-    output_bytes: int = 0
-    seconds: float = 0.0
-
-
-class Progress:
-    """One updating line on a terminal, INFO logs otherwise."""
-
-    def __init__(self, total: int, stream=sys.stderr, enabled: bool = True) -> None:
-        self.total, self.stream, self.enabled = total, stream, enabled
-        self.tty = enabled and hasattr(stream, "isatty") and stream.isatty()
-        self.t0 = time.perf_counter()
-
-    def update(self, i: int, name: str, done_bytes: int) -> None:
-        dt = max(time.perf_counter() - self.t0, 1e-9)
-        line = (f"[{i}/{self.total}] {name:<32} {done_bytes / 2**20:9.1f} MiB written, "
-                f"{done_bytes / 2**20 / dt:7.1f} MiB/s")
-        if self.tty:
-            self.stream.write("\r" + line)
-            self.stream.flush()
-        elif self.enabled:
-            log.info(line)
-
-    def done(self) -> None:
-        if self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
 def _check_source(ckpt: Checkpoint, t: TensorInfo) -> str:
     names = source_names(t)
     name = next((n for n in names if n in ckpt), None)
@@ -266,40 +232,14 @@ def _chunks(ckpt: Checkpoint, name: str, t: TensorInfo, h: Header) -> Iterator[n
 def convert_checkpoint(folder: str | os.PathLike, out_path: str | os.PathLike,
                        weight_type: "FloatType | str", progress: bool = True,
                        on_tensor: "Callable[[int, str, int], None] | None" = None) -> ConvertStats:
-    """Convert a Hugging Face model folder to `out_path`. Writes `out_path.partial` and renames
-    it when complete, so an interrupted run never leaves a file that looks finished."""
+    """Convert a Hugging Face model folder to `out_path` (see convert.writer.write_model)."""
     wtype = FloatType.parse(weight_type)
     header = header_from_config(read_config(folder), wtype)
-    out_path = Path(out_path)
-    tmp = out_path.with_name(out_path.name + ".partial")
-    stats = ConvertStats()
-    t0 = time.perf_counter()
     with Checkpoint(folder) as ckpt:
-        plan = None
-        try:
-            try:
-                writer = ModelWriter(tmp, header)
-            except OSError as e:
-                raise ConfigError(f"cannot write {tmp}: {e.strerror}") from None
-            with writer as w:
-                plan = [(t, _check_source(ckpt, t)) for t in w.expected()]
-                bar = Progress(len(plan), enabled=progress)
-                written = len(header.to_bytes())
-                for i, (t, name) in enumerate(plan, 1):
-                    w.write_chunks(t.name, _chunks(ckpt, name, t, header))
-                    written += t.nbytes
-                    stats.source_bytes += 4 * t.rows * t.cols
-                    bar.update(i, t.name, written)
-                    if on_tensor:
-                        on_tensor(i, t.name, written)
-                bar.done()
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-    os.replace(tmp, out_path)
-    if plan and plan[-1][1] != "lm_head.weight":
+        names = {t.name: _check_source(ckpt, t) for t in planned_layout(header).tensors}
+        stats = write_model(out_path, header,
+                            lambda t: _chunks(ckpt, names[t.name], t, header),
+                            progress=progress, on_tensor=on_tensor)
+    if names.get("wcls") != "lm_head.weight":
         log.info("no lm_head.weight: wrote the tied embedding as the output head")
-    stats.tensors = len(plan or [])
-    stats.output_bytes = out_path.stat().st_size
-    stats.seconds = time.perf_counter() - t0
     return stats

@@ -172,26 +172,6 @@ def read_hf_tokenizer(folder: str | os.PathLike) -> HFTokenizer:
         raise ConfigError(f"{folder}: token ids have gaps (first missing id {missing[0]}); "
                           "a .t file needs ids 0..n-1")
     names = {s: i for i, s in all_ids.items()}
-
-    # Scores: a merge creates a+b; earlier merges score higher. Others sit below every merge.
-    pairs = _merge_pairs(model.get("merges") or [])
-    rank: dict[int, int] = {}
-    for r, (a, b) in enumerate(pairs):
-        tid = vocab.get(a + b)
-        if tid is not None and tid not in rank:
-            rank[tid] = r
-    floor = len(pairs)
-    tokens, scores = [], []
-    for i in range(n):
-        if i in added:
-            tokens.append(added[i]["content"].encode("utf-8"))
-        else:
-            tokens.append(_token_bytes(all_ids[i]))
-        scores.append(-float(rank[i]) if i in rank else -float(floor + i))
-        if not tokens[-1]:
-            raise ConfigError(f"{folder}: token {i} is empty")
-
-    special = sorted(i for i, t in added.items() if t.get("special"))
     bos = _token_id(tcfg.get("bos_token"), names)
     template_bos = _bos_from_post_processor(tj, names)
     if bos is None:
@@ -201,38 +181,78 @@ def read_hf_tokenizer(folder: str | os.PathLike) -> HFTokenizer:
     add_bos = tcfg.get("add_bos_token")
     if add_bos is None:
         add_bos = template_bos is not None
+    eos = [_token_id(tcfg.get("eos_token"), names)] + _ids(gcfg.get("eos_token_id")) \
+        + _ids(mcfg.get("eos_token_id"))
+    vocab_ids = ByteLevelVocab([all_ids[i] for i in range(n)],
+                               {i: bool(t.get("special")) for i, t in added.items()},
+                               _merge_pairs(model.get("merges") or []))
+    return build_tokenizer(folder, vocab_ids, bos, bool(add_bos), eos,
+                           _chat_template(folder, tcfg))
+
+
+@dataclass
+class ByteLevelVocab:
+    """A byte-level BPE vocabulary: every token's text by id (ordinary tokens byte-spelled,
+    added tokens as written), which ids are added tokens (-> special or not), and the merges."""
+
+    texts: list[str]
+    added: dict[int, bool]
+    merges: list[tuple[str, str]]
+
+
+def build_tokenizer(where: object, v: ByteLevelVocab, bos: int | None, add_bos: bool,
+                    eos_candidates: list, chat_template: str | None) -> HFTokenizer:
+    """What a `.t` file holds for a byte-level BPE vocabulary, or ConfigError saying why the
+    vocabulary cannot be expressed in one."""
+    n = len(v.texts)
+    vocab: dict[str, int] = {}
+    for i, s in enumerate(v.texts):
+        if i not in v.added:
+            vocab.setdefault(s, i)
+    # Scores: a merge creates a+b; earlier merges score higher. Others sit below every merge.
+    rank: dict[int, int] = {}
+    for r, (a, b) in enumerate(v.merges):
+        tid = vocab.get(a + b)
+        if tid is not None and tid not in rank:
+            rank[tid] = r
+    floor = len(v.merges)
+    tokens, scores = [], []
+    for i, text in enumerate(v.texts):
+        tokens.append(text.encode("utf-8") if i in v.added else _token_bytes(text))
+        scores.append(-float(rank[i]) if i in rank else -float(floor + i))
+        if not tokens[-1]:
+            raise ConfigError(f"{where}: token {i} is empty")
+
+    special = sorted(i for i, s in v.added.items() if s)
     if bos is None:
         if add_bos:
-            raise ConfigError(f"{folder}: add_bos_token is set but no BOS token is named")
+            raise ConfigError(f"{where}: add_bos_token is set but no BOS token is named")
         # distributed-llama treats ids >= bos as special tokens: point it at the first special
         if not special:
-            raise ConfigError(f"{folder}: no BOS token and no special tokens; a .t file needs a "
+            raise ConfigError(f"{where}: no BOS token and no special tokens; a .t file needs a "
                               "BOS id (ids from it on are special)")
         bos = special[0]
     eos: list[int] = []
-    for e in ([_token_id(tcfg.get("eos_token"), names)] + _ids(gcfg.get("eos_token_id"))
-              + _ids(mcfg.get("eos_token_id"))):
+    for e in eos_candidates:
         if e is not None and e not in eos:
             if not 0 <= e < n:
-                raise ConfigError(f"{folder}: eos id {e} is outside the vocabulary 0..{n - 1}")
+                raise ConfigError(f"{where}: eos id {e} is outside the vocabulary 0..{n - 1}")
             eos.append(e)
     if not eos:
-        raise ConfigError(f"{folder}: no EOS token in tokenizer_config.json, "
-                          "generation_config.json or config.json")
+        raise ConfigError(f"{where}: no EOS token is named")
     if not 0 <= bos < n:
-        raise ConfigError(f"{folder}: bos id {bos} is outside the vocabulary 0..{n - 1}")
-    regular_after_bos = [i for i in range(bos, n) if i not in added]
+        raise ConfigError(f"{where}: bos id {bos} is outside the vocabulary 0..{n - 1}")
+    regular_after_bos = [i for i in range(bos, n) if i not in v.added]
     if regular_after_bos:
         raise ConfigError(
-            f"{folder}: BOS has id {bos} but {len(regular_after_bos)} ordinary tokens come after "
+            f"{where}: BOS has id {bos} but {len(regular_after_bos)} ordinary tokens come after "
             f"it (first: id {regular_after_bos[0]}); a .t file treats every id from BOS on as a "
             "special token, so this vocabulary (special tokens first) cannot be represented")
-    regular_added = [i for i in added if i < bos]
+    regular_added = [i for i in v.added if i < bos]
     if regular_added:
         log.warning("%d added tokens have ids below BOS %d; distributed-llama treats them as "
                     "regular tokens (e.g. %r)", len(regular_added), bos, tokens[regular_added[0]])
-    return HFTokenizer(tokens, scores, int(bos), bool(add_bos), eos, _chat_template(folder, tcfg),
-                       special)
+    return HFTokenizer(tokens, scores, int(bos), bool(add_bos), eos, chat_template, special)
 
 
 def convert_tokenizer(folder: str | os.PathLike, out_path: str | os.PathLike) -> HFTokenizer:
