@@ -176,6 +176,68 @@ def test_matmul_q80(path, rng, B, n, d):
     assert_matmul_close(out, ref_dequantize_q80(w), ref_dequantize_q80(xq))
 
 
+# B > 1 runs the batched kernel (AVX2: 8 rows x up to 32 tokens per tile, 32-block chunks): n = 37
+# blocks leaves a chunk tail, d = 43 rows a tail of 3 rows done row by row, B = 64 two full token tiles.
+@pytest.mark.parametrize("B", [2, 3, 5, 8, 64])
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+def test_matmul_q80_batched(path, rng, B, n_threads):
+    """Oracle: float64 W @ x of the dequantized blocks, and the scalar path (same math, block order)."""
+    n, d = 37 * 32, 43
+    w = random_q80(rng, d, n)
+    xq = random_q80(rng, B, n)
+    out = np.empty((B, d), np.float32)
+    _ops.matmul_q80(out, w, xq, n_threads=n_threads)
+    assert_matmul_close(out, ref_dequantize_q80(w), ref_dequantize_q80(xq))
+    o_s = np.empty_like(out)
+    on_path("scalar", _ops.matmul_q80, o_s, w, xq, n_threads=n_threads)
+    np.testing.assert_allclose(out, o_s, rtol=1e-5, atol=1e-5 * np.abs(o_s).max())
+
+
+@pytest.mark.parametrize("B", [1, 3, 9])
+def test_matmul_q80_extreme_values(path, rng, B):
+    """Weights at -128, -127 and 127 against activations at +-127: the AVX2 kernels multiply |w| by
+    x carrying w's sign, so -128 (|w| = 128 as an unsigned byte) and full-scale pairs (2 * 128 * 127
+    per int16 lane) are where a wrong sign or a narrower sum would show."""
+    n, d = 33 * 32, 24
+    w = random_q80(rng, d, n).reshape(d, n // 32, 34)
+    w[..., 2:] = rng.choice(np.array([-128, -127, 127, 0], np.int8), w[..., 2:].shape).view(np.uint8)
+    w[: d // 3, :, 2:] = np.array(-128, np.int8).view(np.uint8)
+    xq = random_q80(rng, B, n).reshape(B, n // 32, 34)
+    xq[..., 2:] = rng.choice(np.array([-127, 127], np.int8), xq[..., 2:].shape).view(np.uint8)
+    xq[0, :, 2:] = np.array(127, np.int8).view(np.uint8)
+    w, xq = w.reshape(d, -1), xq.reshape(B, -1)
+    out = np.empty((B, d), np.float32)
+    _ops.matmul_q80(out, w, xq)
+    assert_matmul_close(out, ref_dequantize_q80(w), ref_dequantize_q80(xq))
+
+
+def test_matmul_q80_batched_equals_single_rows(path, rng):
+    """Each token of a batched call gets what a call with that token alone (the per-row kernel) gets,
+    up to f32 summation order; and any thread count gives the same bits (threads cut at 16 rows)."""
+    B, n, d = 13, 70 * 32, 51
+    w, xq = random_q80(rng, d, n), random_q80(rng, B, n)
+    out = np.empty((B, d), np.float32)
+    _ops.matmul_q80(out, w, xq, n_threads=1)
+    for b in range(B):
+        one = np.empty((1, d), np.float32)
+        _ops.matmul_q80(one, w, xq[b:b + 1].copy())
+        np.testing.assert_allclose(out[b], one[0], rtol=1e-5, atol=1e-5 * np.abs(one).max())
+    for t in (2, 3):
+        o_t = np.empty_like(out)
+        _ops.matmul_q80(o_t, w, xq, n_threads=t)
+        np.testing.assert_array_equal(o_t, out)
+
+
+def test_matmul_q80_rejects_mismatched_shapes(rng):
+    w, xq = random_q80(rng, 8, 64), random_q80(rng, 3, 64)
+    with pytest.raises(ValueError, match="^out:"):
+        _ops.matmul_q80(np.empty((3, 9), np.float32), w, xq)
+    with pytest.raises(ValueError, match="^w:"):
+        _ops.matmul_q80(np.empty((3, 8), np.float32), random_q80(rng, 8, 96), xq)
+    with pytest.raises(ValueError, match="^xq:"):
+        _ops.matmul_q80(np.empty((3, 8), np.float32), w, xq[:, :-1].copy())
+
+
 @pytest.mark.parametrize("B,n,d", [(1, 1, 1), (1, 2053, 37), (7, 96, 33), (33, 517, 65), (4, 8, 3)])
 def test_matmul_f32(path, rng, B, n, d):
     w = rng.standard_normal((d, n)).astype(np.float32)

@@ -88,45 +88,68 @@ DL_AVX2 static float dot_q40_avx2(const dl_block_q40 *w, const dl_block_q80 *x, 
     return hsum_ps(acc) + dl_dot_q40_blocks(w, x, dx, b, nb);
 }
 
-/* Batched Q40 (B > 1), 8 rows at a time. A group of 8 rows is repacked per chunk of blocks into
- * "interleaved" form: for block b and 4-element chunk c, one vector holds the 4 unsigned weights of
- * chunk c of all 8 rows (lane r = row r). Then for every token, per block: 8 maddubs of those
- * vectors against chunk c of the activation broadcast to all lanes, summed in int16 (|sum| <= 8 *
- * 2 * 15 * 127 = 30480 fits), one madd to int32 gives the 8 rows' block dots side by side: no
- * horizontal sums, and the unpacking is paid once per row group and token tile. */
-#define Q40_TOK_TILE 32
+/* Batched matmuls (B > 1), 8 rows at a time, for Q40, Q40x8 and Q80 weights. A group of 8 rows is
+ * repacked per chunk of blocks into "interleaved" form: for block b and 4-element chunk c, one
+ * vector holds the 4 weights of chunk c of all 8 rows (lane r = row r). Then for every token, per
+ * block: 8 maddubs of those vectors against chunk c of the activation broadcast to all lanes, then
+ * int32 sums give the 8 rows' block dots side by side: no horizontal sums, and the unpacking is paid
+ * once per row group and token tile.
+ * Q40: unsigned nibbles, summed in int16 (|sum| <= 8 * 2 * 15 * 127 = 30480 fits), one madd.
+ * Q80: |w| in w and the signed weights in s; each maddubs takes |w| and the activation with w's
+ * signs (|w| * sign(x, w) = w * x, pair sums <= 2 * 128 * 127 fit int16) and is widened by a madd,
+ * since two such pair sums could overflow int16. */
+#define TOK_TILE 32
 #define Q40_BLK_CHUNK 64
+#define Q80_BLK_CHUNK 32         /* w and s: 16 KiB per chunk, as Q40's w */
 
 typedef struct {
-    __m256i w[Q40_BLK_CHUNK][8];     /* [block][chunk c]: lane r = weights 4c..4c+3 of row r */
+    __m256i w[Q40_BLK_CHUNK][8];     /* [block][chunk c]: lane r = weights 4c..4c+3 of row r (Q80: |w|) */
+    __m256i s[Q80_BLK_CHUNK][8];     /* Q80 only: the same weights, signed */
     __m256 dw[Q40_BLK_CHUNK];        /* lane r = f32 scale of row r */
-} q40_group;
+} w8_group;
 
-DL_AVX2 static void repack8_q40(q40_group *g, const dl_block_q40 *w0, int64_t nb, int64_t b0, int64_t cb) {
+enum { W8_Q40, W8_Q40X8, W8_Q80 };
+
+/* q[r] = 32 bytes of row r in element order -> o[c], lane r = bytes 4c..4c+3 of row r. */
+DL_AVX2 static inline void transpose8_i32(__m256i *o, __m256i q0, __m256i q1, __m256i q2, __m256i q3,
+                                          __m256i q4, __m256i q5, __m256i q6, __m256i q7) {
+    __m256i t0 = _mm256_unpacklo_epi32(q0, q1), t1 = _mm256_unpackhi_epi32(q0, q1);
+    __m256i t2 = _mm256_unpacklo_epi32(q2, q3), t3 = _mm256_unpackhi_epi32(q2, q3);
+    __m256i t4 = _mm256_unpacklo_epi32(q4, q5), t5 = _mm256_unpackhi_epi32(q4, q5);
+    __m256i t6 = _mm256_unpacklo_epi32(q6, q7), t7 = _mm256_unpackhi_epi32(q6, q7);
+    __m256i u0 = _mm256_unpacklo_epi64(t0, t2), u1 = _mm256_unpackhi_epi64(t0, t2);
+    __m256i u2 = _mm256_unpacklo_epi64(t1, t3), u3 = _mm256_unpackhi_epi64(t1, t3);
+    __m256i u4 = _mm256_unpacklo_epi64(t4, t6), u5 = _mm256_unpackhi_epi64(t4, t6);
+    __m256i u6 = _mm256_unpacklo_epi64(t5, t7), u7 = _mm256_unpackhi_epi64(t5, t7);
+    o[0] = _mm256_permute2x128_si256(u0, u4, 0x20);
+    o[1] = _mm256_permute2x128_si256(u1, u5, 0x20);
+    o[2] = _mm256_permute2x128_si256(u2, u6, 0x20);
+    o[3] = _mm256_permute2x128_si256(u3, u7, 0x20);
+    o[4] = _mm256_permute2x128_si256(u0, u4, 0x31);
+    o[5] = _mm256_permute2x128_si256(u1, u5, 0x31);
+    o[6] = _mm256_permute2x128_si256(u2, u6, 0x31);
+    o[7] = _mm256_permute2x128_si256(u3, u7, 0x31);
+}
+
+DL_AVX2 static void repack8_q40(w8_group *g, const dl_block_q40 *w0, int64_t nb, int64_t b0, int64_t cb) {
     for (int64_t b = 0; b < cb; b++) {
         const dl_block_q40 *p = w0 + b0 + b;     /* block b0 + b of row 0; row r: p + r * nb */
-        __m256i q0 = unpack_q40(p), q1 = unpack_q40(p + nb), q2 = unpack_q40(p + 2 * nb),
-                q3 = unpack_q40(p + 3 * nb), q4 = unpack_q40(p + 4 * nb), q5 = unpack_q40(p + 5 * nb),
-                q6 = unpack_q40(p + 6 * nb), q7 = unpack_q40(p + 7 * nb);
-        __m256i t0 = _mm256_unpacklo_epi32(q0, q1), t1 = _mm256_unpackhi_epi32(q0, q1);
-        __m256i t2 = _mm256_unpacklo_epi32(q2, q3), t3 = _mm256_unpackhi_epi32(q2, q3);
-        __m256i t4 = _mm256_unpacklo_epi32(q4, q5), t5 = _mm256_unpackhi_epi32(q4, q5);
-        __m256i t6 = _mm256_unpacklo_epi32(q6, q7), t7 = _mm256_unpackhi_epi32(q6, q7);
-        __m256i u0 = _mm256_unpacklo_epi64(t0, t2), u1 = _mm256_unpackhi_epi64(t0, t2);
-        __m256i u2 = _mm256_unpacklo_epi64(t1, t3), u3 = _mm256_unpackhi_epi64(t1, t3);
-        __m256i u4 = _mm256_unpacklo_epi64(t4, t6), u5 = _mm256_unpackhi_epi64(t4, t6);
-        __m256i u6 = _mm256_unpacklo_epi64(t5, t7), u7 = _mm256_unpackhi_epi64(t5, t7);
-        __m256i *o = g->w[b];
-        o[0] = _mm256_permute2x128_si256(u0, u4, 0x20);
-        o[1] = _mm256_permute2x128_si256(u1, u5, 0x20);
-        o[2] = _mm256_permute2x128_si256(u2, u6, 0x20);
-        o[3] = _mm256_permute2x128_si256(u3, u7, 0x20);
-        o[4] = _mm256_permute2x128_si256(u0, u4, 0x31);
-        o[5] = _mm256_permute2x128_si256(u1, u5, 0x31);
-        o[6] = _mm256_permute2x128_si256(u2, u6, 0x31);
-        o[7] = _mm256_permute2x128_si256(u3, u7, 0x31);
+        transpose8_i32(g->w[b], unpack_q40(p), unpack_q40(p + nb), unpack_q40(p + 2 * nb), unpack_q40(p + 3 * nb),
+                       unpack_q40(p + 4 * nb), unpack_q40(p + 5 * nb), unpack_q40(p + 6 * nb),
+                       unpack_q40(p + 7 * nb));
         g->dw[b] = scales8(p, nb * DL_Q40_BYTES);
     }
+}
+
+DL_AVX2 static void repack8_q80(w8_group *g, const dl_block_q80 *w0, int64_t nb, int64_t b0, int64_t cb) {
+#define LQ(r) _mm256_loadu_si256((const __m256i *)p[(r) * nb].qs)
+    for (int64_t b = 0; b < cb; b++) {
+        const dl_block_q80 *p = w0 + b0 + b;
+        transpose8_i32(g->s[b], LQ(0), LQ(1), LQ(2), LQ(3), LQ(4), LQ(5), LQ(6), LQ(7));
+        for (int c = 0; c < 8; c++) g->w[b][c] = _mm256_abs_epi8(g->s[b][c]);
+        g->dw[b] = scales8(p, nb * DL_Q80_BYTES);
+    }
+#undef LQ
 }
 
 DL_AVX2 static inline __m256i bcast32(const int8_t *p) {
@@ -136,7 +159,7 @@ DL_AVX2 static inline __m256i bcast32(const int8_t *p) {
 }
 
 /* acc (8 rows) += blocks [b0, b0 + cb) of the group against one token's Q80 row. */
-DL_AVX2 static __m256 group8_q40(const q40_group *g, __m256 acc, const dl_block_q80 *x, const float *dx,
+DL_AVX2 static __m256 group8_q40(const w8_group *g, __m256 acc, const dl_block_q80 *x, const float *dx,
                                  const int32_t *sx, int64_t b0, int64_t cb) {
     const __m256i ones = _mm256_set1_epi16(1);
     for (int64_t b = 0; b < cb; b++) {
@@ -156,9 +179,29 @@ DL_AVX2 static __m256 group8_q40(const q40_group *g, __m256 acc, const dl_block_
     return acc;
 }
 
-/* The 8 rows of a Q40x8 group, blocks [b0, b0 + cb), in q40_group form: one and / shift per
+/* int32 lanes: row r's sum of w * x over chunk c of a Q80 group block (lane r). */
+DL_AVX2 static inline __m256i chunk_q80(const __m256i *w, const __m256i *s, const int8_t *xb, int c) {
+    const __m256i x = _mm256_sign_epi8(bcast32(xb + 4 * c), s[c]);
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(w[c], x), _mm256_set1_epi16(1));
+}
+
+DL_AVX2 static __m256 group8_q80(const w8_group *g, __m256 acc, const dl_block_q80 *x, const float *dx,
+                                 int64_t b0, int64_t cb) {
+    for (int64_t b = 0; b < cb; b++) {
+        const int8_t *xb = x[b0 + b].qs;
+        const __m256i *w = g->w[b], *s = g->s[b];
+        __m256i p = _mm256_add_epi32(_mm256_add_epi32(_mm256_add_epi32(chunk_q80(w, s, xb, 0), chunk_q80(w, s, xb, 1)),
+                                                      _mm256_add_epi32(chunk_q80(w, s, xb, 2), chunk_q80(w, s, xb, 3))),
+                                     _mm256_add_epi32(_mm256_add_epi32(chunk_q80(w, s, xb, 4), chunk_q80(w, s, xb, 5)),
+                                                      _mm256_add_epi32(chunk_q80(w, s, xb, 6), chunk_q80(w, s, xb, 7))));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(g->dw[b], _mm256_set1_ps(dx[b0 + b])), acc);
+    }
+    return acc;
+}
+
+/* The 8 rows of a Q40x8 group, blocks [b0, b0 + cb), in w8_group form: one and / shift per
  * 32 bytes, since the layout already holds 4 bytes of each row side by side. */
-DL_AVX2 static void repack8_q40x8(q40_group *g, const dl_block_q40x8 *wx, int64_t b0, int64_t cb) {
+DL_AVX2 static void repack8_q40x8(w8_group *g, const dl_block_q40x8 *wx, int64_t b0, int64_t cb) {
     const __m256i m = _mm256_set1_epi8(0x0f);
     for (int64_t b = 0; b < cb; b++) {
         const dl_block_q40x8 *p = wx + b0 + b;
@@ -171,21 +214,27 @@ DL_AVX2 static void repack8_q40x8(q40_group *g, const dl_block_q40x8 *wx, int64_
     }
 }
 
-/* Batched rows [r0, r8) (a multiple of 8) for all B tokens, tiles of Q40_TOK_TILE tokens, from a
- * Q40 matrix w or a Q40x8 one wx (the other NULL); only the repack into q40_group differs. */
-DL_AVX2 static void batched8_q40_avx2(float *out, const dl_block_q40 *w, const dl_block_q40x8 *wx,
-                                      const dl_block_q80 *xq, const float *dx, const int32_t *sx, int64_t B,
-                                      int64_t d, int64_t nb, int64_t r0, int64_t r8) {
-    q40_group g;
-    __m256 acc[Q40_TOK_TILE];
-    for (int64_t t0 = 0; t0 < B; t0 += Q40_TOK_TILE) {
-        const int64_t tn = dl_min64(Q40_TOK_TILE, B - t0);
+/* Batched rows [r0, r8) (a multiple of 8) for all B tokens, tiles of TOK_TILE tokens, from a matrix w
+ * of kind W8_Q40, W8_Q40X8 or W8_Q80 (sx: unused for Q80); only repack and group dot differ. */
+DL_AVX2 static void batched8_avx2(float *out, int kind, const void *w, const dl_block_q80 *xq, const float *dx,
+                                  const int32_t *sx, int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r8) {
+    w8_group g;
+    __m256 acc[TOK_TILE];
+    const int64_t chunk = kind == W8_Q80 ? Q80_BLK_CHUNK : Q40_BLK_CHUNK;
+    for (int64_t t0 = 0; t0 < B; t0 += TOK_TILE) {
+        const int64_t tn = dl_min64(TOK_TILE, B - t0);
         for (int64_t r = r0; r < r8; r += 8) {
             for (int64_t t = 0; t < tn; t++) acc[t] = _mm256_setzero_ps();
-            for (int64_t b0 = 0; b0 < nb; b0 += Q40_BLK_CHUNK) {
-                const int64_t cb = dl_min64(Q40_BLK_CHUNK, nb - b0);
-                if (wx) repack8_q40x8(&g, wx + (r / 8) * nb, b0, cb);
-                else repack8_q40(&g, w + r * nb, nb, b0, cb);
+            for (int64_t b0 = 0; b0 < nb; b0 += chunk) {
+                const int64_t cb = dl_min64(chunk, nb - b0);
+                if (kind == W8_Q80) {
+                    repack8_q80(&g, (const dl_block_q80 *)w + r * nb, nb, b0, cb);
+                    for (int64_t t = 0; t < tn; t++)
+                        acc[t] = group8_q80(&g, acc[t], xq + (t0 + t) * nb, dx + (t0 + t) * nb, b0, cb);
+                    continue;
+                }
+                if (kind == W8_Q40X8) repack8_q40x8(&g, (const dl_block_q40x8 *)w + (r / 8) * nb, b0, cb);
+                else repack8_q40(&g, (const dl_block_q40 *)w + r * nb, nb, b0, cb);
                 for (int64_t t = 0; t < tn; t++)
                     acc[t] = group8_q40(&g, acc[t], xq + (t0 + t) * nb, dx + (t0 + t) * nb, sx + (t0 + t) * nb, b0, cb);
             }
@@ -202,7 +251,7 @@ DL_AVX2 static void matmul_q40_avx2(float *out, const dl_block_q40 *w, const dl_
         return;
     }
     const int64_t r8 = r0 + ((r1 - r0) & ~(int64_t)7);
-    batched8_q40_avx2(out, w, NULL, xq, dx, sx, B, d, nb, r0, r8);
+    batched8_avx2(out, W8_Q40, w, xq, dx, sx, B, d, nb, r0, r8);
     for (int64_t r = r8; r < r1; r++)
         for (int64_t t = 0; t < B; t++)
             out[t * d + r] = dot_q40_avx2(w + r * nb, xq + t * nb, xr + t * nb * DL_QK, dx + t * nb,
@@ -243,7 +292,7 @@ DL_AVX2 static void matvec_q40x8_avx2(float *out, const dl_block_q40x8 *wx, cons
 DL_AVX2 static void matmul_q40x8_avx2(float *out, const dl_block_q40x8 *wx, const dl_block_q80 *xq, const float *dx,
                                       const int32_t *sx, int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r1) {
     if (B == 1) matvec_q40x8_avx2(out, wx, xq, dx, sx, nb, r0 / 8, r1 / 8);
-    else batched8_q40_avx2(out, NULL, wx, xq, dx, sx, B, d, nb, r0, r1);
+    else batched8_avx2(out, W8_Q40X8, wx, xq, dx, sx, B, d, nb, r0, r1);
 }
 
 DL_AVX2 static float dot_q80_avx2(const dl_block_q80 *w, const dl_block_q80 *x, const float *dx, int64_t nb) {
@@ -262,7 +311,12 @@ DL_AVX2 static float dot_q80_avx2(const dl_block_q80 *w, const dl_block_q80 *x, 
 
 DL_AVX2 static void matmul_q80_avx2(float *out, const dl_block_q80 *w, const dl_block_q80 *xq, const float *dx,
                                     int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; r++)
+    int64_t r8 = r0;
+    if (B > 1) {                                   /* whole groups of 8 rows batched, the rest row by row */
+        r8 = r0 + ((r1 - r0) & ~(int64_t)7);
+        batched8_avx2(out, W8_Q80, w, xq, dx, NULL, B, d, nb, r0, r8);
+    }
+    for (int64_t r = r8; r < r1; r++)
         for (int64_t t = 0; t < B; t++) out[t * d + r] = dot_q80_avx2(w + r * nb, xq + t * nb, dx + t * nb, nb);
 }
 
