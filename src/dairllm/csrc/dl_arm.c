@@ -47,14 +47,18 @@ static inline int32x4_t neon_block_q40(const dl_block_q40 *w, const dl_block_q80
     return vpaddlq_s16(p);
 }
 
-static inline int32x4_t neon_block_q80(const dl_block_q80 *w, const dl_block_q80 *x) {
-    int8x16_t w0 = vld1q_s8(w->qs), w1 = vld1q_s8(w->qs + 16);
+/* int32 lanes whose sum is the dot of int8 weights w0 (elements 0..15), w1 (16..31) with one Q80 block. */
+static inline int32x4_t neon_dot2_q80(int8x16_t w0, int8x16_t w1, const dl_block_q80 *x) {
     int8x16_t x0 = vld1q_s8(x->qs), x1 = vld1q_s8(x->qs + 16);
     int16x8_t p0 = vmull_s8(vget_low_s8(w0), vget_low_s8(x0));
     p0 = vmlal_s8(p0, vget_high_s8(w0), vget_high_s8(x0));   /* 2 * 127 * 128 fits int16 */
     int16x8_t p1 = vmull_s8(vget_low_s8(w1), vget_low_s8(x1));
     p1 = vmlal_s8(p1, vget_high_s8(w1), vget_high_s8(x1));
     return vaddq_s32(vpaddlq_s16(p0), vpaddlq_s16(p1));
+}
+
+static inline int32x4_t neon_block_q80(const dl_block_q80 *w, const dl_block_q80 *x) {
+    return neon_dot2_q80(vld1q_s8(w->qs), vld1q_s8(w->qs + 16), x);
 }
 
 /* One row (blocks of type WT) against one Q80 activation row, two blocks per step. */
@@ -91,8 +95,21 @@ DL_DOTPROD static inline int32x4_t sdot_block_q80(const dl_block_q80 *w, const d
 DEFINE_DOT_NEON(dot_q40_sdot, DL_DOTPROD, sdot_block_q40, dl_block_q40)
 DEFINE_DOT_NEON(dot_q80_sdot, DL_DOTPROD, sdot_block_q80, dl_block_q80)
 
-/* Batched Q40 on NEON: each weight block is unpacked once (nibbles -> int8 minus 8) and multiplied
- * against a tile of up to 4 tokens; DOT2(lo, hi, x) is the int32x4 partial dot with one Q80 block. */
+/* Batched Q40 and Q80 on NEON: each weight block is loaded once as int8 (LOAD: Q40 nibbles minus 8,
+ * or Q80 as is) and multiplied against a tile of up to 4 tokens; DOT2(lo, hi, x) is the int32x4
+ * partial dot of elements 0..15 (lo) and 16..31 (hi) with one Q80 block. */
+static inline void load_q40(const dl_block_q40 *w, int8x16_t *lo, int8x16_t *hi) {
+    uint8x16_t q = vld1q_u8(w->qs);
+    *lo = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(q, vdupq_n_u8(15))), vdupq_n_s8(8));
+    *hi = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(q, 4)), vdupq_n_s8(8));
+}
+
+static inline void load_q80(const dl_block_q80 *w, int8x16_t *lo, int8x16_t *hi) {
+    *lo = vld1q_s8(w->qs);
+    *hi = vld1q_s8(w->qs + 16);
+}
+
+/* Q40 only: |w - 8| <= 8, so int16 lanes can sum 4 products (|p| <= 4 * 8 * 128) */
 static inline int32x4_t neon_dot2(int8x16_t lo, int8x16_t hi, const dl_block_q80 *x) {
     int8x16_t x0 = vld1q_s8(x->qs), x1 = vld1q_s8(x->qs + 16);
     int16x8_t p = vmull_s8(vget_low_s8(lo), vget_low_s8(x0));
@@ -107,23 +124,20 @@ DL_DOTPROD static inline int32x4_t sdot_dot2(int8x16_t lo, int8x16_t hi, const d
     return vdotq_s32(acc, hi, vld1q_s8(x->qs + 16));
 }
 
-#define DEFINE_MATMUL_Q40_NEON(NAME, ATTR, DOT2, DOT1)                                                  \
-    ATTR static void NAME(float *out, const dl_block_q40 *w, const dl_block_q80 *xq, const float *dx,  \
-                          const int32_t *sx, const uint8_t *xr, int64_t B, int64_t d, int64_t nb,       \
-                          int64_t r0, int64_t r1) {                                                     \
-        (void)sx;                                                                                       \
-        (void)xr;                                                                                       \
+/* Rows [r0, r1) of a matrix of WT blocks for B tokens: B == 1 the row dot DOT1, else token tiles. */
+#define DEFINE_MATMUL_TILES_NEON(NAME, ATTR, WT, LOAD, DOT2, DOT1)                                      \
+    ATTR static void NAME(float *out, const WT *w, const dl_block_q80 *xq, const float *dx,            \
+                          int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r1) {                   \
         for (int64_t r = r0; r < r1; r++) {                                                             \
-            const dl_block_q40 *wr = w + r * nb;                                                        \
+            const WT *wr = w + r * nb;                                                                  \
             if (B == 1) { out[r] = DOT1(wr, xq, dx, nb); continue; }                                     \
             for (int64_t t0 = 0; t0 < B; t0 += 4) {                                                     \
                 const int64_t tn = dl_min64(4, B - t0);                                                 \
                 float32x4_t acc[4] = {vdupq_n_f32(0.0f), vdupq_n_f32(0.0f), vdupq_n_f32(0.0f),          \
                                       vdupq_n_f32(0.0f)};                                               \
                 for (int64_t b = 0; b < nb; b++) {                                                      \
-                    uint8x16_t q = vld1q_u8(wr[b].qs);                                                  \
-                    int8x16_t lo = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(q, vdupq_n_u8(15))), vdupq_n_s8(8)); \
-                    int8x16_t hi = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(q, 4)), vdupq_n_s8(8));      \
+                    int8x16_t lo, hi;                                                                   \
+                    LOAD(&wr[b], &lo, &hi);                                                             \
                     const float dw = neon_f16(wr[b].d);                                                 \
                     for (int64_t t = 0; t < tn; t++) {                                                  \
                         const int64_t ti = t0 + t;                                                      \
@@ -136,25 +150,26 @@ DL_DOTPROD static inline int32x4_t sdot_dot2(int8x16_t lo, int8x16_t hi, const d
         }                                                                                               \
     }
 
-DEFINE_MATMUL_Q40_NEON(matmul_q40_neon, , neon_dot2, dot_q40_neon)
-DEFINE_MATMUL_Q40_NEON(matmul_q40_sdot, DL_DOTPROD, sdot_dot2, dot_q40_sdot)
+DEFINE_MATMUL_TILES_NEON(tiles_q40_neon, , dl_block_q40, load_q40, neon_dot2, dot_q40_neon)
+DEFINE_MATMUL_TILES_NEON(tiles_q40_sdot, DL_DOTPROD, dl_block_q40, load_q40, sdot_dot2, dot_q40_sdot)
+DEFINE_MATMUL_TILES_NEON(matmul_q80_neon, , dl_block_q80, load_q80, neon_dot2_q80, dot_q80_neon)
+DEFINE_MATMUL_TILES_NEON(matmul_q80_sdot, DL_DOTPROD, dl_block_q80, load_q80, sdot_dot2, dot_q80_sdot)
 
-typedef float (*dot_q80_fn)(const dl_block_q80 *, const dl_block_q80 *, const float *, int64_t);
-
-static void matmul_q80_rows(dot_q80_fn dot, float *out, const dl_block_q80 *w, const dl_block_q80 *xq,
-                            const float *dx, int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; r++)
-        for (int64_t t = 0; t < B; t++) out[t * d + r] = dot(w + r * nb, xq + t * nb, dx + t * nb, nb);
+/* the table's Q40 signature (sx and xr: unused here) */
+static void matmul_q40_neon(float *out, const dl_block_q40 *w, const dl_block_q80 *xq, const float *dx,
+                            const int32_t *sx, const uint8_t *xr, int64_t B, int64_t d, int64_t nb,
+                            int64_t r0, int64_t r1) {
+    (void)sx;
+    (void)xr;
+    tiles_q40_neon(out, w, xq, dx, B, d, nb, r0, r1);
 }
 
-static void matmul_q80_neon(float *out, const dl_block_q80 *w, const dl_block_q80 *xq, const float *dx,
-                            int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r1) {
-    matmul_q80_rows(dot_q80_neon, out, w, xq, dx, B, d, nb, r0, r1);
-}
-
-static void matmul_q80_sdot(float *out, const dl_block_q80 *w, const dl_block_q80 *xq, const float *dx,
-                            int64_t B, int64_t d, int64_t nb, int64_t r0, int64_t r1) {
-    matmul_q80_rows(dot_q80_sdot, out, w, xq, dx, B, d, nb, r0, r1);
+static void matmul_q40_sdot(float *out, const dl_block_q40 *w, const dl_block_q80 *xq, const float *dx,
+                            const int32_t *sx, const uint8_t *xr, int64_t B, int64_t d, int64_t nb,
+                            int64_t r0, int64_t r1) {
+    (void)sx;
+    (void)xr;
+    tiles_q40_sdot(out, w, xq, dx, B, d, nb, r0, r1);
 }
 
 /* dot(a, b) of n weights of type WT (LOAD4: 4 of them as f32 lanes, CVT: one) and f32 b */
