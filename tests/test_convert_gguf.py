@@ -44,6 +44,7 @@ from dairllm.formats.gguf_tokenizer import GGUFTokenizer
 from helpers.gguf_files import interleave_rotary, random_model, reencode, reference_m_file
 from helpers.gguf_vocab import SPECIALS, train_vocab
 from oracles.forward import Reference
+from oracles.rope import llama31_freq_factors
 
 T = gguf.GGMLQuantizationType
 TOKENS = [3, 17, 42, 5, 60, 1, 33]
@@ -238,26 +239,9 @@ def test_report_json_on_the_command_line(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------
 # Rope scaling, q/k order
 
-def llama3_factors(head_dim: int, theta: float, factor: float, low: float, high: float,
-                   orig: int) -> np.ndarray:
-    """rope_freqs.weight as llama.cpp's converter computes it from a Llama-3.1 config."""
-    freqs = 1.0 / theta ** (np.arange(0, head_dim, 2) / head_dim)
-    out = []
-    for f in freqs:
-        wavelen = 2 * math.pi / f
-        if wavelen < orig / high:
-            out.append(1.0)
-        elif wavelen > orig / low:
-            out.append(factor)
-        else:
-            smooth = (orig / wavelen - low) / (high - low)
-            out.append(1 / ((1 - smooth) / factor + smooth))
-    return np.array(out, dtype=np.float32)
-
-
 def test_llama31_rope_freqs_become_header_settings(tmp_path):
     settings = dict(factor=8, low=1, high=4, orig=32)
-    factors = llama3_factors(16, 10000.0, **settings)
+    factors = llama31_freq_factors(16, 10000.0, **settings).astype(np.float32)
     assert 1 < factors[1] < 8                       # one frequency on the smooth ramp
     src, values, args = make(tmp_path, "llama", T.F32, rope_freq_factors=factors)
     convert_gguf(src, tmp_path / "m.m", "f32", progress=False)
@@ -276,7 +260,7 @@ def test_llama31_rope_freqs_become_header_settings(tmp_path):
 
 
 def test_rope_factors_no_llama31_setting_reproduces_are_refused(tmp_path):
-    factors = llama3_factors(16, 10000.0, 8, 1, 4, 32)
+    factors = llama31_freq_factors(16, 10000.0, 8, 1, 4, 32).astype(np.float32)
     factors[0] = 1.5                                # not a ramp any setting makes
     src, _, _ = make(tmp_path, "llama", T.F32, rope_freq_factors=factors)
     with pytest.raises(ConfigError, match="no Llama-3.1 scaling"):

@@ -25,6 +25,7 @@ from dairllm.formats.modelfile import ModelFile
 from dairllm.store import make_residency
 from helpers.gguf_files import random_model, reference_m_file
 from oracles.forward import Reference
+from oracles.rope import llama31_freq_factors
 
 T = gguf.GGMLQuantizationType
 TYPES = [T.F32, T.F16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.BF16]
@@ -119,25 +120,6 @@ def test_streamed_layers_scattered_over_the_file(tmp_path, arch):
             assert st.bytes_read <= sum(u.nbytes for u in plan.units) * 2
 
 
-def llama31_factors(head_dim: int, theta: float, factor: float, low: float, high: float,
-                    orig: int) -> np.ndarray:
-    """What llama.cpp's converter stores in rope_freqs.weight for Llama-3.1 rope scaling: the
-    divisor of each base frequency (1 for short wavelengths, `factor` for long ones, a smooth
-    blend in between), written here from Meta's description."""
-    freqs = theta ** -(np.arange(0, head_dim, 2) / head_dim)
-    out = []
-    for f in freqs:
-        wavelen = 2 * np.pi / f
-        if wavelen < orig / high:
-            out.append(1.0)
-        elif wavelen > orig / low:
-            out.append(factor)
-        else:
-            smooth = (orig / wavelen - low) / (high - low)
-            out.append(1 / ((1 - smooth) / factor + smooth))
-    return np.array(out)
-
-
 def test_llama31_rope_freqs_and_linear_scaling(tmp_path):
     """rope_freqs.weight (Llama 3.1) against the oracle's own Llama-3.1 frequencies from the four
     scaling values; linear scaling (every frequency / factor) against a Llama-3.1 oracle whose
@@ -146,7 +128,7 @@ def test_llama31_rope_freqs_and_linear_scaling(tmp_path):
     tokens = [int(t) for t in np.random.default_rng(1).integers(0, 96, 60)]
     scaling = dict(rope_scaling_factor=8.0, rope_scaling_low_freq_factor=1.0,
                    rope_scaling_high_freq_factor=4.0, rope_scaling_orig_max_seq_len=32)
-    cases = [(dict(rope_freq_factors=llama31_factors(16, 10000.0, 8.0, 1.0, 4.0, 32)), scaling),
+    cases = [(dict(rope_freq_factors=llama31_freq_factors(16, 10000.0, 8.0, 1.0, 4.0, 32)), scaling),
              (dict(linear_scaling=4.0), dict(rope_scaling_factor=4.0,
                                              rope_scaling_low_freq_factor=1,
                                              rope_scaling_high_freq_factor=2,

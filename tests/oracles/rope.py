@@ -48,6 +48,15 @@ def llama3_scale(freq: np.ndarray, factor: float, low_freq_factor: float, high_f
                     np.where(wavelen > orig / low, f / factor, (1 - smooth) * f / factor + smooth * f))
 
 
+def llama31_freq_factors(head_dim: int, theta: float, factor: float, low: float, high: float,
+                         orig: int) -> np.ndarray:
+    """What llama.cpp's converter stores in rope_freqs.weight for Llama-3.1 rope scaling: the
+    divisor of each base frequency (1 for short wavelengths, `factor` for long ones, a smooth
+    blend in between). float64."""
+    base = theta ** -(np.arange(0, head_dim, 2) / head_dim)
+    return base / llama3_scale(base, factor, low, high, orig)
+
+
 def rope_frequencies(head_dim: int, theta: float, rope_type=None, scaling_factor: float = 1.0,
                      low_freq_factor: float = 1.0, high_freq_factor: float = 4.0,
                      orig_max_seq_len: float = 8192, precision: str = "float32") -> np.ndarray:
