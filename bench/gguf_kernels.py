@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import numpy as np
 
 import ggml_matmul
 from dairllm import _ops
+from dairllm.bench_kernels import time_sweep
 
 # (name, d = output rows, n = input dim, matrices per token) of a Llama-3.2-1B forward pass
 SHAPES = [("wq/wo 2048x2048", 2048, 2048, 2 * 16), ("wk/wv 512x2048", 512, 2048, 2 * 16),
@@ -55,17 +55,6 @@ def activation(fmt: str, x: np.ndarray):
     return xq
 
 
-def best_time(mats, xq, out, matmul, threads, repeats) -> float:
-    matmul(out, mats[0], xq, n_threads=threads)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for w in mats:
-            matmul(out, w, xq, n_threads=threads)
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def bench_type(fmt, threads, prompt, sweep_bytes, repeats, rng, llamacpp) -> list[dict]:
     rows = []
     matmul = _ops.WEIGHT_FORMATS[fmt]["matmul"]
@@ -77,9 +66,9 @@ def bench_type(fmt, threads, prompt, sweep_bytes, repeats, rng, llamacpp) -> lis
         x1 = np.random.default_rng(1).standard_normal((1, n), np.float32)
         xp = np.random.default_rng(2).standard_normal((prompt, n), np.float32)
         for t in threads:
-            dt = best_time(mats, activation(fmt, x1), np.empty((1, d), np.float32), matmul, t, repeats)
+            dt = time_sweep(mats, activation(fmt, x1), np.empty((1, d), np.float32), t, repeats, matmul)
             r[f"decode_gbs_{t}"] = one.nbytes * len(mats) / dt / 1e9
-            dt = best_time(mats[:k], activation(fmt, xp), np.empty((prompt, d), np.float32), matmul, t, repeats)
+            dt = time_sweep(mats[:k], activation(fmt, xp), np.empty((prompt, d), np.float32), t, repeats, matmul)
             r[f"prompt_gbs_{t}"] = one.nbytes * k * prompt / dt / 1e9
             if llamacpp:
                 r[f"llamacpp_decode_gbs_{t}"] = one.nbytes * len(mats) / ggml_matmul.sweep_time(

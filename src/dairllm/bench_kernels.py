@@ -36,7 +36,7 @@ def _weights(d: int, n: int, min_bytes: int, rng: np.random.Generator) -> list[n
     return [buf[i * mat_bytes:(i + 1) * mat_bytes].reshape(d, row_bytes) for i in range(count)]
 
 
-def _time_sweep(mats: list[np.ndarray], xq: np.ndarray, out: np.ndarray, n_threads: int, repeats: int,
+def time_sweep(mats: list[np.ndarray], xq: np.ndarray, out: np.ndarray, n_threads: int, repeats: int,
                 matmul=_ops.matmul_q40) -> float:
     """Best time of one pass of `matmul` over every matrix."""
     matmul(out, mats[0], xq, n_threads=n_threads)      # warm up threads
@@ -84,15 +84,15 @@ def bench_kernels(threads: list[int] | None = None, batch: int = 32, sweep_bytes
         xq = np.empty((batch, FloatType.Q80.nbytes(n)), np.uint8)
         _ops.quantize_q80(xq, x)
         for t in threads:
-            dt = _time_sweep(mats, xq[:1], np.empty((1, d), np.float32), t, repeats)
+            dt = time_sweep(mats, xq[:1], np.empty((1, d), np.float32), t, repeats)
             gbs = total / dt / 1e9
-            dt = _time_sweep(mats_x8, xq[:1], np.empty((1, d), np.float32), t, repeats, _ops.matmul_q40x8)
+            dt = time_sweep(mats_x8, xq[:1], np.empty((1, d), np.float32), t, repeats, _ops.matmul_q40x8)
             result["matvec"].append({"shape": name, "d": d, "n": n, "threads": t, "gbs": gbs,
                                      "ratio": gbs / result["bandwidth_gbs"][t],
                                      "gbs_x8": total / dt / 1e9})
             log.info("matvec %s, %d thread(s): %.1f GB/s", name, t, gbs)
             few = mats[:max(1, min(len(mats), (64 << 20) // mats[0].nbytes))]
-            dt = _time_sweep(few, xq, np.empty((batch, d), np.float32), t, 1)
+            dt = time_sweep(few, xq, np.empty((batch, d), np.float32), t, 1)
             nbytes = sum(m.nbytes for m in few)
             result["batched"].append({"shape": name, "d": d, "n": n, "batch": batch, "threads": t,
                                       "gbs": nbytes / dt / 1e9,
