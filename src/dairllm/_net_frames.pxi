@@ -36,11 +36,16 @@ MSG_ERROR = 9          # either way: {"message"}; the sender closes the connecti
 MSG_BYE = 10           # root -> worker: session over (an empty payload)
 MSG_PING = 11          # root -> worker: {} ; reply PONG
 MSG_PONG = 12
+# Tensor parallel (a session whose ASSIGN has "parallel": "tensor"):
+MSG_TOKENS = 13        # root -> worker: token record (positions, ids); the worker runs every layer
+MSG_PARTIAL = 14       # worker -> root: activation record, this node's partial sum of a block output
+MSG_SUM = 15           # root -> worker: activation record, the completed sum every node adds
 
 FRAME_TYPES = {
     MSG_HELLO: "HELLO", MSG_CHALLENGE: "CHALLENGE", MSG_AUTH: "AUTH", MSG_INFO: "INFO",
     MSG_ASSIGN: "ASSIGN", MSG_READY: "READY", MSG_FORWARD: "FORWARD", MSG_RESULT: "RESULT",
     MSG_ERROR: "ERROR", MSG_BYE: "BYE", MSG_PING: "PING", MSG_PONG: "PONG",
+    MSG_TOKENS: "TOKENS", MSG_PARTIAL: "PARTIAL", MSG_SUM: "SUM",
 }
 
 CONTROL_CAP = 64 * 1024            # JSON control messages
@@ -55,6 +60,7 @@ def default_frame_caps():
     """Per-type payload caps: control messages small, activations until the session says more."""
     caps = {t: CONTROL_CAP for t in FRAME_TYPES}
     caps[MSG_FORWARD] = caps[MSG_RESULT] = DEFAULT_ACT_CAP
+    caps[MSG_PARTIAL] = caps[MSG_SUM] = DEFAULT_ACT_CAP
     caps[MSG_BYE] = 0
     return caps
 

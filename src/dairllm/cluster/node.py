@@ -34,6 +34,7 @@ from ..store.residency import full_resident_bytes
 from . import protocol as P
 from .speed import measure_speed
 from .stage_weights import close_weights, streamed_layers, weights_for_range
+from .tensor import TensorStage
 
 log = logging.getLogger("dairllm.cluster.node")
 
@@ -135,6 +136,8 @@ class Session:
             t, payload = self.conn.recv()
             if t == P.FORWARD:
                 self.forward(payload)
+            elif t == P.TOKENS:
+                self.tokens(payload)
             elif t == P.ASSIGN:
                 self.assign(P.parse_json(payload, self.conn.peer, t))
             elif t == P.PING:
@@ -165,6 +168,20 @@ class Session:
 
     def assign(self, a: dict) -> None:
         self.close()                                   # drop the previous range (and its KV)
+        parallel = a.get("parallel", "pipeline")
+        if parallel == "tensor":
+            max_batch, seq = check_assignment(self.w, a, self.conn.peer)
+            self.stage = TensorStage.open(self.w.opts.model_path, a, self.conn, max_batch, seq,
+                                          self.w.ram_budget)
+            self.conn.decoder.set_cap(P.TOKENS, 8 + 4 * max_batch)
+            cap = P.record_bytes(max_batch, self.stage.file.header.dim, FloatType.F32)
+            self.conn.decoder.set_cap(P.SUM, cap)
+            self.conn.send_json(P.READY, {"load_seconds": 0.0,
+                                          "layer_bytes": self.stage.layer_bytes,
+                                          "streamed_layers": 0})
+            return
+        if parallel != "pipeline":
+            raise ProtocolError(f"{self.conn.peer}: unknown parallel layout {parallel!r}")
         self.stage = Stage.open(self.w, a, self.conn.peer)
         cap = P.record_bytes(self.stage.max_batch, self.stage.dim, FloatType.F32)
         self.conn.decoder.set_cap(P.FORWARD, cap)
@@ -177,10 +194,17 @@ class Session:
             self.stage.close()
             self.stage = None
 
+    def tokens(self, payload: bytes) -> None:
+        if not isinstance(self.stage, TensorStage):
+            raise ProtocolError(f"{self.conn.peer}: TOKENS without a tensor-parallel ASSIGN")
+        self.stage.run_tokens(payload, self.conn.peer)
+
     def forward(self, payload: bytes) -> None:
         st = self.stage
         if st is None:
             raise ProtocolError(f"{self.conn.peer}: FORWARD before ASSIGN")
+        if not isinstance(st, Stage):
+            raise ProtocolError(f"{self.conn.peer}: FORWARD in a tensor-parallel session")
         pos0, n, ftype = _net.parse_act_header(payload, len(payload), st.dim, st.max_batch,
                                                st.seq_len)
         if pos0 > st.n_past:
@@ -188,6 +212,17 @@ class Session:
                                 f"0..{st.n_past - 1} are cached")
         x = st.run(memoryview(payload)[_net.ACT_HEADER_BYTES:], pos0, n, ftype)
         self.conn.send(P.RESULT, *P.act_record(pos0, x, ftype))
+
+
+def check_assignment(worker: NativeWorker, a: dict, peer: str) -> tuple:
+    """(max_batch, max_seq_len) of an ASSIGN, after checking it names this worker's model."""
+    fp = P.get_str(a, "fingerprint", peer, 200)
+    if fp != worker.profile.fingerprint:
+        raise ProtocolError(f"model mismatch: the root's file has fingerprint {fp}, this "
+                            f"worker's {worker.opts.model_path} has {worker.profile.fingerprint}")
+    max_batch = P.get_int(a, "max_batch", 1, MAX_BATCH_LIMIT, peer)
+    h0 = read_model_header(worker.opts.model_path)
+    return max_batch, P.get_int(a, "max_seq_len", 1, h0.seq_len, peer)
 
 
 class Stage:
@@ -198,18 +233,11 @@ class Stage:
 
     @classmethod
     def open(cls, worker: NativeWorker, a: dict, peer: str) -> "Stage":
-        prof = worker.profile
-        fp = P.get_str(a, "fingerprint", peer, 200)
-        if fp != prof.fingerprint:
-            raise ProtocolError(f"model mismatch: the root's file has fingerprint {fp}, this "
-                                f"worker's {worker.opts.model_path} has {prof.fingerprint}")
-        L = prof.n_layers
+        L = worker.profile.n_layers
         start = P.get_int(a, "start", 0, L - 1, peer)
         end = P.get_int(a, "end", start + 1, L, peer)
-        max_batch = P.get_int(a, "max_batch", 1, MAX_BATCH_LIMIT, peer)
         t0 = time.perf_counter()
-        h0 = read_model_header(worker.opts.model_path)
-        seq = P.get_int(a, "max_seq_len", 1, h0.seq_len, peer)
+        max_batch, seq = check_assignment(worker, a, peer)
         s = cls()
         s.file = open_model_file(worker.opts.model_path, max_seq_len=seq)
         h = s.file.header

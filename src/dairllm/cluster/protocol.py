@@ -11,6 +11,9 @@ Session (root R, worker W):
     R->W ASSIGN {start, end, max_seq_len, max_batch, act_type, fingerprint}  W->R READY
     R->W FORWARD record -> W->R RESULT record        (any number; one per stage boundary)
     R->W BYE (or the root just goes away): W waits for the next root.
+Tensor parallel (ASSIGN {"parallel": "tensor", heads, kv_heads, ffn, ...}): per chunk
+    R->W TOKENS record; then, twice per layer, W->R PARTIAL record -> R->W SUM record
+    (cluster/tensor.py).
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import logging
 import os
 import secrets
 import socket
+import struct
 import time
 from dataclasses import dataclass
 
@@ -37,6 +41,7 @@ PROTOCOL_VERSION = _net.FRAME_VERSION
 HELLO, CHALLENGE, AUTH, INFO = _net.MSG_HELLO, _net.MSG_CHALLENGE, _net.MSG_AUTH, _net.MSG_INFO
 ASSIGN, READY, FORWARD, RESULT = _net.MSG_ASSIGN, _net.MSG_READY, _net.MSG_FORWARD, _net.MSG_RESULT
 ERROR, BYE, PING, PONG = _net.MSG_ERROR, _net.MSG_BYE, _net.MSG_PING, _net.MSG_PONG
+TOKENS, PARTIAL, SUM = _net.MSG_TOKENS, _net.MSG_PARTIAL, _net.MSG_SUM
 
 ACT_TYPES = {"f32": FloatType.F32, "f16": FloatType.F16, "q80": FloatType.Q80}
 ACT_NAMES = {v: k for k, v in ACT_TYPES.items()}
@@ -103,6 +108,30 @@ def act_record(pos0: int, x: np.ndarray, ftype: int) -> list:
 def record_bytes(n_rows: int, dim: int, ftype: int) -> int:
     """Payload bytes of an activation record (what one stage boundary costs, header included)."""
     return _net.ACT_HEADER_BYTES + n_rows * _net.act_row_bytes(dim, ftype)
+
+
+def token_record(pos0: int, tokens: np.ndarray) -> bytes:
+    """A TOKENS payload: u32 first position, u32 count, then the ids as u32."""
+    ids = np.ascontiguousarray(tokens, dtype="<u4")
+    return struct.pack("<II", pos0, ids.size) + ids.tobytes()
+
+
+def parse_token_record(payload: bytes, max_rows: int, seq_len: int, vocab_size: int,
+                       peer: str) -> tuple:
+    """(pos0, ids) of a TOKENS payload, after checking it against the session's limits."""
+    if len(payload) < 8:
+        raise ProtocolError(f"{peer}: token record of {len(payload)} bytes")
+    pos0, n = struct.unpack_from("<II", payload)
+    if not 0 < n <= max_rows or len(payload) != 8 + 4 * n:
+        raise ProtocolError(f"{peer}: token record of {n} tokens in {len(payload)} bytes "
+                            f"(1..{max_rows} tokens allowed)")
+    if pos0 + n > seq_len:
+        raise ProtocolError(f"{peer}: positions {pos0}..{pos0 + n - 1} exceed the sequence "
+                            f"length {seq_len}")
+    ids = np.frombuffer(payload, dtype="<u4", offset=8).astype(np.intp)
+    if (ids >= vocab_size).any():
+        raise ProtocolError(f"{peer}: token id {int(ids.max())} outside 0..{vocab_size - 1}")
+    return pos0, ids
 
 
 # ---------------------------------------------------------------------------------------------

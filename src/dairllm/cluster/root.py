@@ -270,13 +270,13 @@ class ClusterModel(Model):
     def _send_assignments(self, stages: list) -> None:
         """ASSIGN to every stage's worker, then wait for every READY."""
         for ps in stages:
-            with _blame(ps.link):
+            with blame(ps.link):
                 ps.link.conn.send_json(P.ASSIGN, {
                     "start": ps.start, "end": ps.end, "max_seq_len": self.header.seq_len,
                     "max_batch": self.state.max_batch, "act_type": P.ACT_NAMES[self.act],
                     "fingerprint": self.fingerprint})
         for ps in stages:
-            with _blame(ps.link):
+            with blame(ps.link):
                 ready = ps.link.conn.expect_json(P.READY)
             self.worker_streamed[ps.link.address] = ready.get("streamed_layers", 0)
             ps.link.conn.decoder.set_cap(P.RESULT, P.record_bytes(
@@ -372,7 +372,7 @@ class ClusterModel(Model):
             sent = np.array(P.encode_rows(x, self.act), copy=True)
         else:
             n, dim = sent.shape[0], self.header.dim
-        with _blame(link):
+        with blame(link):
             link.conn.send(P.FORWARD, _net.act_header(p0, n, dim, self.act), sent)
             payload = link.conn.expect(P.RESULT)
             q0, qn, ftype = _net.parse_act_header(payload, len(payload), dim, n, self.seq_len)
@@ -463,7 +463,7 @@ class ClusterModel(Model):
         room, best = max(workers.values(), key=lambda t: t[0])
         if room < need and root_room >= room:
             return None
-        with _blame(best):
+        with blame(best):
             link = connect_worker(best.address, self.fingerprint, self._secret, self.timeout,
                                   self.path)
         self.links.append(link)
@@ -504,7 +504,7 @@ class ClusterModel(Model):
 
 
 @contextlib.contextmanager
-def _blame(link: WorkerLink):
+def blame(link: WorkerLink):
     """Tag a fault with the worker it came from, for recovery."""
     try:
         yield

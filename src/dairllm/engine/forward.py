@@ -41,7 +41,11 @@ def normed(m: "Compute", r: "Rows", weight: np.ndarray) -> "MatmulInput":
 
 
 def residual(m: "Compute", r: "Rows") -> None:
-    """x += dx; in the dllama arithmetic with Q80 activations dx is rounded through Q80 first."""
+    """x += dx; in the dllama arithmetic with Q80 activations dx is rounded through Q80 first.
+    A tensor-parallel shard's dx is its partial sum: the collective completes it first (every
+    node then adds the same values, so x stays the same on all of them)."""
+    if m.collective is not None:
+        m.collective.all_reduce(r.dx)
     if m.quantized and m.dllama:
         ops.residual_q80(r.x, r.dx, r.dxq)              # x: (n, dim)
     else:

@@ -11,7 +11,7 @@ streamed, a cluster node's range) is chosen above it, in dairllm.modes.
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
@@ -33,15 +33,24 @@ def check_arithmetic(arithmetic: str) -> str:
     return arithmetic
 
 
+class Collective(Protocol):
+    """How a tensor-parallel shard completes a block output: `all_reduce(dx)` replaces this
+    node's partial sum (n, dim) by the sum over every node's (the same values on all nodes)."""
+
+    def all_reduce(self, dx: np.ndarray) -> None: ...
+
+
 class Compute:
     """What the forward functions need, resolved once: dimensions, flags, the weight provider and
     the arithmetic: "exact" (dairllm's kernels) or "dllama" (distributed-llama's float arithmetic
     bit for bit, `dllama` passed to every kernel that has it). Each matmul runs the kernel of its
     weight's type (engine/kernels.py) on the input in that kernel's activation form."""
 
-    def __init__(self, h: Header, weights: WeightProvider, arithmetic: str = "exact") -> None:
+    def __init__(self, h: Header, weights: WeightProvider, arithmetic: str = "exact",
+                 collective: "Collective | None" = None) -> None:
         self.header = h
         self.weights = weights
+        self.collective = collective          # tensor parallel: completes partial block outputs
         self.dllama = check_arithmetic(arithmetic) == "dllama"
         self.eps = float(h.norm_epsilon)
         self.n_heads, self.n_kv_heads, self.head_dim = h.n_heads, h.n_kv_heads, h.head_dim
@@ -148,16 +157,13 @@ class Model(Generates):
     def _run(self, tokens: np.ndarray, position: int, logits: "np.ndarray | None",
              last_only: bool = False) -> None:
         """Forward in chunks of max_batch; logits for every row, or only the last row."""
-        m, s = self.compute, self.state
-        L = self.header.n_layers
-        for c0 in range(0, tokens.size, s.max_batch):
-            chunk = tokens[c0:c0 + s.max_batch]
-            r = s.rows(chunk.size)
+        for c0 in range(0, tokens.size, self.state.max_batch):
+            chunk = tokens[c0:c0 + self.state.max_batch]
             p0 = position + c0
-            fw.set_positions(s, r, p0)
-            fw.embed(m, r, chunk)
-            fw.run_layers(m, s, r, p0, 0, L)
+            self._layers(chunk, p0)
             self.n_past = p0 + chunk.size
+            m, s = self.compute, self.state      # a driver may have rebuilt them (a recovery)
+            r = s.rows(chunk.size)
             if logits is None:
                 continue
             if last_only:
@@ -165,6 +171,14 @@ class Model(Generates):
                     fw.head(m, s.rows(1) if r.n == 1 else _last_row(s, r), logits)
             else:
                 fw.head(m, r, logits[c0:c0 + chunk.size])
+
+    def _layers(self, chunk: np.ndarray, p0: int) -> None:
+        """x = every transformer block over the embedded chunk at positions p0.. (x: its rows)."""
+        m, s = self.compute, self.state
+        r = s.rows(chunk.size)
+        fw.set_positions(s, r, p0)
+        fw.embed(m, r, chunk)
+        fw.run_layers(m, s, r, p0, 0, self.header.n_layers)
 
     # -- generation -----------------------------------------------------------------------------
 

@@ -1,0 +1,219 @@
+"""The root of a tensor-parallel cluster: a `Model` whose every layer is split over all nodes.
+
+    model = TensorModel.open("model.m", workers=["10.0.0.2:9998", "10.0.0.3:9998"])
+    print(model.layout_table())
+    for token in model.generate(prompt, steps=32): ...
+
+Per chunk of tokens: TOKENS to every worker, then the root runs its own shard of every layer;
+the two all-reduces of each layer go through cluster/tensor.RootCollective; the root alone
+applies the final norm and the classifier. See cluster/tensor.py for the protocol and the shares.
+
+Faults: a worker that dies or stops answering within `timeout` is dropped; the root reconnects
+to the others (their sessions restart), splits the model again over the nodes left, and replays
+the sequence so far in its original chunks to rebuild every node's KV cache, then retries the
+interrupted chunk. With F32 syncs the tokens are those of a fault-free run (the float summation
+order of the partial sums changes with the split, not the values each node multiplies).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Sequence
+
+import numpy as np
+
+from ..engine.model import DEFAULT_MAX_BATCH, Compute, Model
+from ..engine.shard import ShardWeights
+from ..engine.state import RunState
+from ..engine.threads import get_nthreads, set_nthreads
+from ..engine.weights import ResidentWeights
+from ..errors import ConfigError
+from ..formats.detect import open_model_file
+from ..formats.fingerprint import model_fingerprint
+from ..formats.quant import FloatType
+from ..store.budget import available_ram
+from . import protocol as P
+from .assign import NodeProfile
+from .root import FAULTS, NetStats, blame, connect_worker, root_budget
+from .speed import measure_speed
+from .tensor import RootCollective, plan_shards, shard_to_json
+
+log = logging.getLogger("dairllm.cluster.tensor")
+
+
+class TensorModel(Model):
+    """Model.forward / generate / reset with every layer split over the root and its workers."""
+
+    @classmethod
+    def open(cls, path, workers: Sequence[str] = (), max_seq_len: "int | None" = None,
+             nthreads: "int | None" = None, max_batch: int = DEFAULT_MAX_BATCH,
+             buffer_float_type: str = "q80", ram_budget: "int | str | None" = None,
+             secret: "str | bytes | None" = None, timeout: float = 60.0,
+             verify_model: bool = False, **unused) -> "TensorModel":
+        if unused.get("layers"):
+            raise ConfigError("--layers sets a pipeline's stages; a tensor-parallel layout "
+                              "splits every layer")
+        set_nthreads(nthreads)
+        if max_batch <= 0 or timeout <= 0:
+            raise ConfigError("max_batch and timeout must be positive")
+        act = P.act_type(buffer_float_type)
+        key = secret if isinstance(secret, bytes) else P.resolve_secret(secret)
+        mf = open_model_file(path, max_seq_len=max_seq_len)
+        links: list = []
+        try:
+            fp = model_fingerprint(path, full=verify_model)
+            for addr in workers:
+                links.append(connect_worker(addr, fp, key, timeout, path))
+            budget = root_budget(mf.header, ram_budget, max_batch)
+            root = NodeProfile("root", budget or available_ram(), measure_speed(0.1),
+                               get_nthreads())
+            return cls.from_links(mf, path, fp, key, links, root, act, max_batch, timeout)
+        except BaseException:
+            for link in links:
+                link.close()
+            mf.close()
+            raise
+
+    @classmethod
+    def from_links(cls, mf, path, fingerprint: str, secret: "bytes | None", links: list,
+                   root: NodeProfile, act: int, max_batch: int, timeout: float) -> "TensorModel":
+        """A TensorModel over workers already connected (`links`): splits the model and sends
+        every worker its shard."""
+        model = cls(mf, ResidentWeights(mf, layers=range(0)), max_batch)
+        model.path, model.fingerprint, model._secret = path, fingerprint, secret
+        model.links, model.root_profile = list(links), root
+        model.act, model.timeout = act, timeout
+        model.history: list = []               # (p0, tokens) of every chunk run so far
+        model.net_stats = NetStats()
+        model._split()
+        return model
+
+    # -- layout ---------------------------------------------------------------------------------
+
+    def _alive(self) -> list:
+        return [l for l in self.links if l.alive]
+
+    def _split(self) -> None:
+        """Shares over the root and the live workers (by speed); ASSIGN each worker its own."""
+        live = self._alive()
+        speeds = [self.root_profile.speed] + [l.profile.speed for l in live]
+        self.shards = plan_shards(self.file, speeds)
+        h, mb = self.header, self.state.max_batch
+        for link, shard in zip(live, self.shards[1:]):
+            with blame(link):
+                link.conn.send_json(P.ASSIGN, {
+                    "parallel": "tensor", **shard_to_json(shard), "max_seq_len": h.seq_len,
+                    "max_batch": mb, "act_type": P.ACT_NAMES[self.act],
+                    "fingerprint": self.fingerprint})
+        for link in live:
+            with blame(link):
+                link.conn.expect_json(P.READY)
+            link.conn.decoder.set_cap(P.PARTIAL, P.record_bytes(mb, h.dim, FloatType.F32))
+        root_shard = self.shards[0]
+        weights = ShardWeights(self.file, root_shard, head=True)
+        self.collective = RootCollective(live, self.act, h, mb)
+        sh = root_shard.header(h)
+        self.state = RunState(sh, mb)
+        self.compute = Compute(sh, weights, collective=self.collective)
+        log.info("tensor parallel over %d nodes:\n%s", len(self.shards), self.layout_table())
+
+    def layout_table(self) -> str:
+        names = ["root"] + [l.address for l in self._alive()]
+        rows = [f"  {'node':<22} {'heads':>9} {'kv heads':>9} {'hidden units':>14}"]
+        for name, s in zip(names, self.shards):
+            rows.append(f"  {name:<22} {s.heads[0]:>4}..{s.heads[1] - 1:<4} "
+                        f"{s.kv_heads[0]:>4}..{s.kv_heads[1] - 1:<4} "
+                        f"{s.ffn[0]:>6}..{s.ffn[1] - 1:<6}")
+        return "\n".join(rows)
+
+    # -- forward --------------------------------------------------------------------------------
+
+    def _run(self, tokens: np.ndarray, position: int, logits, last_only: bool = False) -> None:
+        self.history = [(p0, c[:max(0, position - p0)]) for p0, c in self.history if p0 < position]
+        super()._run(tokens, position, logits, last_only)
+
+    def _layers(self, chunk: np.ndarray, p0: int) -> None:
+        chunk = np.array(chunk, copy=True)
+        sent0, t0 = self._traffic(), time.perf_counter()
+        while True:
+            try:
+                self._step(chunk, p0)
+                break
+            except FAULTS as e:
+                self._recover(e)
+        self.history.append((p0, chunk))
+        st, sent1 = self.net_stats, self._traffic()
+        st.bytes_sent += sent1[0] - sent0[0]
+        st.bytes_received += sent1[1] - sent0[1]
+        st.forwards += 1
+        st.tokens += chunk.size
+        if chunk.size == 1:
+            st.decode_bytes.append(sum(sent1) - sum(sent0))
+            st.decode_seconds.append(time.perf_counter() - t0)
+
+    def _step(self, chunk: np.ndarray, p0: int) -> None:
+        record = P.token_record(p0, chunk)
+        for link in self._alive():
+            with blame(link):
+                link.conn.send(P.TOKENS, record)
+        self.collective.p0 = p0
+        super()._layers(chunk, p0)
+
+    def _recover(self, err: Exception) -> None:
+        """Drop the failed worker, restart the others' sessions on a new split, replay."""
+        t0 = time.perf_counter()
+        failed = []
+        while True:
+            link = getattr(err, "link", None)
+            if link is None:
+                raise err
+            log.warning("worker %s failed (%s): splitting the model over the others%s",
+                        link.address, err, f" and replaying {self.n_past} positions"
+                        if self.n_past else "")
+            failed.append((link.address, str(err)))
+            link.alive = False
+            try:
+                self._reconnect()
+                self._split()
+                for p0, chunk in self.history:
+                    self._step(chunk, p0)
+                break
+            except FAULTS as e:
+                err = e
+        dt = time.perf_counter() - t0
+        for address, text in failed:
+            self.net_stats.faults.append((address, text, dt))
+        log.warning("recovered in %.2f s on %d nodes", dt, len(self.shards))
+
+    def _reconnect(self) -> None:
+        """New sessions with every live worker (a session interrupted mid-sync cannot resume)."""
+        fresh = []
+        for link in self.links:
+            link.close(bye=False)
+            if not link.alive:
+                continue
+            try:
+                fresh.append(connect_worker(link.address, self.fingerprint, self._secret,
+                                            self.timeout, self.path))
+            except FAULTS as e:
+                log.warning("worker %s is gone too (%s)", link.address, e)
+        self.links = fresh
+
+    def _traffic(self) -> tuple:
+        return (sum(l.traffic.sent for l in self.links if l.traffic is not None),
+                sum(l.traffic.received for l in self.links if l.traffic is not None))
+
+    def reset(self) -> None:
+        super().reset()
+        self.history = []
+
+    def reset_stats(self) -> None:
+        self.net_stats = NetStats()
+
+    def close(self) -> None:
+        for link in self.links:
+            link.close()
+        super().close()
+
+
+__all__ = ["TensorModel"]
