@@ -70,8 +70,8 @@ def graph() -> dict:
 
 
 def test_the_graph_sees_function_level_imports(graph):
-    """The reader itself: modes imports the cluster root, and commands import options."""
-    assert "dairllm.cluster.root" in graph["dairllm.modes"]
+    """The reader itself: modes imports the cluster layouts, and commands import options."""
+    assert "dairllm.cluster.layouts" in graph["dairllm.modes"]
     assert "dairllm.commands.options" in graph["dairllm.commands.generate"]
 
 

@@ -38,14 +38,14 @@ MSG_PING = 11          # root -> worker: {} ; reply PONG
 MSG_PONG = 12
 # Tensor parallel (a session whose ASSIGN has "parallel": "tensor"):
 MSG_TOKENS = 13        # root -> worker: token record (positions, ids); the worker runs every layer
-MSG_PARTIAL = 14       # worker -> root: activation record, this node's partial sum of a block output
-MSG_SUM = 15           # root -> worker: activation record, the completed sum every node adds
+MSG_PARTIAL = 14       # either way: activation record, one node's partial sum of a block output
+MSG_LOGITS = 15        # worker -> root: this node's slice of the classifier's logits (f32)
 
 FRAME_TYPES = {
     MSG_HELLO: "HELLO", MSG_CHALLENGE: "CHALLENGE", MSG_AUTH: "AUTH", MSG_INFO: "INFO",
     MSG_ASSIGN: "ASSIGN", MSG_READY: "READY", MSG_FORWARD: "FORWARD", MSG_RESULT: "RESULT",
     MSG_ERROR: "ERROR", MSG_BYE: "BYE", MSG_PING: "PING", MSG_PONG: "PONG",
-    MSG_TOKENS: "TOKENS", MSG_PARTIAL: "PARTIAL", MSG_SUM: "SUM",
+    MSG_TOKENS: "TOKENS", MSG_PARTIAL: "PARTIAL", MSG_LOGITS: "LOGITS",
 }
 
 CONTROL_CAP = 64 * 1024            # JSON control messages
@@ -60,7 +60,7 @@ def default_frame_caps():
     """Per-type payload caps: control messages small, activations until the session says more."""
     caps = {t: CONTROL_CAP for t in FRAME_TYPES}
     caps[MSG_FORWARD] = caps[MSG_RESULT] = DEFAULT_ACT_CAP
-    caps[MSG_PARTIAL] = caps[MSG_SUM] = DEFAULT_ACT_CAP
+    caps[MSG_PARTIAL] = caps[MSG_LOGITS] = DEFAULT_ACT_CAP
     caps[MSG_BYE] = 0
     return caps
 

@@ -11,7 +11,8 @@ Among assignments of equal predicted time the one with the lowest peak memory fr
 so equal nodes under tight budgets share the layers evenly.
 
 Costs (per decoded token):
-    compute(node, k layers) = k * layer_bytes / node.speed        (decode streams every weight)
+    compute(node, k layers) = k * read_bytes / node.speed    (decode streams every weight it
+                              needs: a dense layer's all, a MoE layer's router and active experts)
     streamed layers add       layer_bytes / node.disk_speed each
     a worker with layers adds one round trip (node.rtt) + 2 records / link_bandwidth
 Memory of a node: its resident layers, the KV cache of all its layers (seq_len positions),
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from ..errors import ConfigError
 from ..formats.modelfile import Header, tensor_layout
 from .report import assignment_table
+from .speed import layer_read_bytes
 
 TIME_EPS = 1e-6        # seconds per token: closer than this counts as a tie
 
@@ -39,6 +41,7 @@ class NodeProfile:
     threads: int = 1
     disk_speed: float = 500e6     # bytes per second when streaming layers from disk
     rtt: float = 0.0              # seconds for one round trip root <-> node (0 for the root)
+    bandwidth: float = 0.0        # bytes per second root <-> node as measured (0: unknown)
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,12 @@ class ModelCosts:
     act_bytes: int                # activation buffers of a node
     record_bytes: int             # one token's activation record (frame included)
     dim: int
+    read_bytes: int = 0           # weights one decoded token reads per layer (MoE: active
+                                  # experts only); 0: layer_bytes
+
+    @property
+    def compute_bytes(self) -> int:
+        return self.read_bytes or self.layer_bytes
 
     @classmethod
     def of(cls, h: Header, act_row_bytes: int, max_batch: int = 64) -> "ModelCosts":
@@ -59,7 +68,7 @@ class ModelCosts:
         acts = 4 * max_batch * (3 * h.dim + 2 * h.q_dim + 3 * h.ff_dim)
         return cls(h.n_layers, layer0, 2 * 4 * h.seq_len * h.kv_dim,
                    wcls.end - wcls.offset + fn.end - fn.offset, acts, 12 + 16 + act_row_bytes,
-                   h.dim)
+                   h.dim, layer_read_bytes(h))
 
 
 @dataclass
@@ -124,7 +133,7 @@ def _stage_cost(c: ModelCosts, p: NodeProfile, k: int, is_root: bool, bw: float)
     net = 0.0 if is_root else p.rtt + 2 * c.record_bytes / bw
     head = c.head_bytes / p.speed if is_root else 0.0
     if need <= p.ram_budget:
-        return k, 0, need, head + k * c.layer_bytes / p.speed, net
+        return k, 0, need, head + k * c.compute_bytes / p.speed, net
     room = p.ram_budget - fixed - k * c.kv_layer_bytes - c.layer_bytes     # one slot at least
     if room < 0:
         return None
@@ -132,7 +141,7 @@ def _stage_cost(c: ModelCosts, p: NodeProfile, k: int, is_root: bool, bw: float)
     resident = min(k - 1, (room - (slots - 1) * c.layer_bytes) // c.layer_bytes)
     streamed = k - resident
     mem = fixed + k * c.kv_layer_bytes + (resident + slots) * c.layer_bytes
-    t = head + k * c.layer_bytes / p.speed + streamed * c.layer_bytes / p.disk_speed
+    t = head + k * c.compute_bytes / p.speed + streamed * c.layer_bytes / p.disk_speed
     return resident, streamed, mem, t, net
 
 

@@ -32,7 +32,7 @@ from ..formats.quant import FloatType
 from ..store.budget import available_ram, resolve_budget
 from ..store.residency import full_resident_bytes
 from . import protocol as P
-from .speed import measure_speed
+from .speed import measure_model_speed
 from .stage_weights import close_weights, streamed_layers, weights_for_range
 from .tensor import TensorStage
 
@@ -80,7 +80,7 @@ class NativeWorker:
         self.ram_budget = resolve_budget(opts.ram_budget, full)    # None: no cap but the OS's
         t0 = time.perf_counter()
         fp = model_fingerprint(path, full=opts.verify_model)
-        speed = opts.speed or measure_speed(nthreads=opts.nthreads)
+        speed = opts.speed or measure_model_speed(path, nthreads=opts.nthreads)
         self.profile = Profile(fp, path.stat().st_size, path.name,
                                int(self.ram_budget or available_ram()), get_nthreads(),
                                float(speed), h.n_layers)
@@ -141,12 +141,22 @@ class Session:
             elif t == P.ASSIGN:
                 self.assign(P.parse_json(payload, self.conn.peer, t))
             elif t == P.PING:
-                self.conn.send_json(P.PONG, {})
+                self.pong(P.parse_json(payload, self.conn.peer, t))
             elif t == P.BYE:
                 log.info("%s: session over", self.conn.peer)
                 return
             else:
                 raise ProtocolError(f"{self.conn.peer}: unexpected {_net.frame_type_name(t)}")
+
+    def pong(self, ping: dict) -> None:
+        """PONG; a PING {"measure": seconds} first times this node on its model's own layer
+        (the root asks every node at once, so nodes sharing a machine measure their contention)."""
+        if "measure" not in ping:
+            self.conn.send_json(P.PONG, {})
+            return
+        seconds = P.get_num(ping, "measure", 0.01, 5.0, self.conn.peer)
+        speed = measure_model_speed(self.w.opts.model_path, seconds)
+        self.conn.send_json(P.PONG, {"speed": speed})
 
     def handshake(self) -> None:
         c, prof, secret = self.conn, self.w.profile, self.w.opts.secret
@@ -173,9 +183,9 @@ class Session:
             max_batch, seq = check_assignment(self.w, a, self.conn.peer)
             self.stage = TensorStage.open(self.w.opts.model_path, a, self.conn, max_batch, seq,
                                           self.w.ram_budget)
-            self.conn.decoder.set_cap(P.TOKENS, 8 + 4 * max_batch)
+            self.conn.decoder.set_cap(P.TOKENS, 12 + 4 * max_batch)
             cap = P.record_bytes(max_batch, self.stage.file.header.dim, FloatType.F32)
-            self.conn.decoder.set_cap(P.SUM, cap)
+            self.conn.decoder.set_cap(P.PARTIAL, cap)
             self.conn.send_json(P.READY, {"load_seconds": 0.0,
                                           "layer_bytes": self.stage.layer_bytes,
                                           "streamed_layers": 0})

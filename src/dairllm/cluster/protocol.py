@@ -12,8 +12,8 @@ Session (root R, worker W):
     R->W FORWARD record -> W->R RESULT record        (any number; one per stage boundary)
     R->W BYE (or the root just goes away): W waits for the next root.
 Tensor parallel (ASSIGN {"parallel": "tensor", heads, kv_heads, ffn, ...}): per chunk
-    R->W TOKENS record; then, twice per layer, W->R PARTIAL record -> R->W SUM record
-    (cluster/tensor.py).
+    R->W TOKENS record; twice per layer every node's PARTIAL reaches every other (through R);
+    W->R LOGITS when the TOKENS record asked for logits (cluster/tensor.py).
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ PROTOCOL_VERSION = _net.FRAME_VERSION
 HELLO, CHALLENGE, AUTH, INFO = _net.MSG_HELLO, _net.MSG_CHALLENGE, _net.MSG_AUTH, _net.MSG_INFO
 ASSIGN, READY, FORWARD, RESULT = _net.MSG_ASSIGN, _net.MSG_READY, _net.MSG_FORWARD, _net.MSG_RESULT
 ERROR, BYE, PING, PONG = _net.MSG_ERROR, _net.MSG_BYE, _net.MSG_PING, _net.MSG_PONG
-TOKENS, PARTIAL, SUM = _net.MSG_TOKENS, _net.MSG_PARTIAL, _net.MSG_SUM
+TOKENS, PARTIAL, LOGITS = _net.MSG_TOKENS, _net.MSG_PARTIAL, _net.MSG_LOGITS
 
 ACT_TYPES = {"f32": FloatType.F32, "f16": FloatType.F16, "q80": FloatType.Q80}
 ACT_NAMES = {v: k for k, v in ACT_TYPES.items()}
@@ -110,28 +110,49 @@ def record_bytes(n_rows: int, dim: int, ftype: int) -> int:
     return _net.ACT_HEADER_BYTES + n_rows * _net.act_row_bytes(dim, ftype)
 
 
-def token_record(pos0: int, tokens: np.ndarray) -> bytes:
-    """A TOKENS payload: u32 first position, u32 count, then the ids as u32."""
+WANT_LOGITS = {None: 0, "last": 1, "all": 2}
+WANT_NAMES = {v: k for k, v in WANT_LOGITS.items()}
+
+
+def token_record(pos0: int, tokens: np.ndarray, want: "str | None" = None) -> bytes:
+    """A TOKENS payload: u32 first position, u32 count, u32 which rows' logits to send back
+    (0 none, 1 the last, 2 all), then the ids as u32."""
     ids = np.ascontiguousarray(tokens, dtype="<u4")
-    return struct.pack("<II", pos0, ids.size) + ids.tobytes()
+    return struct.pack("<III", pos0, ids.size, WANT_LOGITS[want]) + ids.tobytes()
 
 
 def parse_token_record(payload: bytes, max_rows: int, seq_len: int, vocab_size: int,
                        peer: str) -> tuple:
-    """(pos0, ids) of a TOKENS payload, after checking it against the session's limits."""
-    if len(payload) < 8:
+    """(pos0, ids, want) of a TOKENS payload, after checking it against the session's limits."""
+    if len(payload) < 12:
         raise ProtocolError(f"{peer}: token record of {len(payload)} bytes")
-    pos0, n = struct.unpack_from("<II", payload)
-    if not 0 < n <= max_rows or len(payload) != 8 + 4 * n:
+    pos0, n, want = struct.unpack_from("<III", payload)
+    if not 0 < n <= max_rows or len(payload) != 12 + 4 * n:
         raise ProtocolError(f"{peer}: token record of {n} tokens in {len(payload)} bytes "
                             f"(1..{max_rows} tokens allowed)")
     if pos0 + n > seq_len:
         raise ProtocolError(f"{peer}: positions {pos0}..{pos0 + n - 1} exceed the sequence "
                             f"length {seq_len}")
-    ids = np.frombuffer(payload, dtype="<u4", offset=8).astype(np.intp)
+    if want not in WANT_NAMES:
+        raise ProtocolError(f"{peer}: token record asks for logits {want} (0, 1 or 2)")
+    ids = np.frombuffer(payload, dtype="<u4", offset=12).astype(np.intp)
     if (ids >= vocab_size).any():
         raise ProtocolError(f"{peer}: token id {int(ids.max())} outside 0..{vocab_size - 1}")
-    return pos0, ids
+    return pos0, ids, WANT_NAMES[want]
+
+
+def logits_record(x: np.ndarray) -> list:
+    """A LOGITS payload: u32 rows, u32 columns, then the float32 values."""
+    return [struct.pack("<II", *x.shape), np.ascontiguousarray(x, dtype="<f4")]
+
+
+def parse_logits_record(payload: bytes, rows: int, cols: int, peer: str) -> np.ndarray:
+    """The float32 (rows, cols) of a LOGITS payload that must have exactly that shape."""
+    if len(payload) < 8 or struct.unpack_from("<II", payload) != (rows, cols) \
+            or len(payload) != 8 + 4 * rows * cols:
+        raise ProtocolError(f"{peer}: logits record of {len(payload)} bytes is not "
+                            f"{rows} x {cols} values")
+    return np.frombuffer(payload, dtype="<f4", offset=8).reshape(rows, cols)
 
 
 # ---------------------------------------------------------------------------------------------

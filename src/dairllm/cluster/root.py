@@ -40,14 +40,14 @@ from ..engine.threads import get_nthreads, set_nthreads
 from ..engine.weights import ResidentWeights
 from ..errors import ConfigError, DairError, ProtocolError
 from ..formats.fingerprint import model_fingerprint
-from ..formats.detect import open_model_file, read_model_header
+from ..formats.detect import open_model_file
 from ..formats.modelfile import Header, tensor_layout
 from ..formats.quant import FloatType
 from ..store.budget import available_ram, resolve_budget
 from ..store.residency import full_resident_bytes
 from . import protocol as P
-from .assign import Assignment, ModelCosts, NodeProfile, assign, manual
-from .speed import measure_speed
+from .assign import ModelCosts, NodeProfile, assign, manual
+from .speed import measure_model_speed
 from .stage_weights import close_weights, weights_for_range
 
 log = logging.getLogger("dairllm.cluster.root")
@@ -127,33 +127,6 @@ def connect_worker(address: str, fingerprint: str, secret: "bytes | None",
         raise
 
 
-def probe(path, workers: Sequence[str], ram_budget: "int | str | None" = None,
-          buffer_float_type: str = "q80", layers: "str | None" = None,
-          max_seq_len: "int | None" = None, max_batch: int = DEFAULT_MAX_BATCH,
-          secret: "str | None" = None, timeout: float = 30.0, verify_model: bool = False,
-          link_bandwidth: float = 125e6) -> Assignment:
-    """The assignment a ClusterModel would make, from the workers' handshakes alone: no weights
-    are loaded anywhere (`dairllm plan`)."""
-    h = read_model_header(path, max_seq_len=max_seq_len)
-    act = P.act_type(buffer_float_type)
-    key = P.resolve_secret(secret)
-    fp = model_fingerprint(path, full=verify_model)
-    links: list = []
-    try:
-        for addr in workers:
-            links.append(connect_worker(addr, fp, key, timeout, path))
-        root = NodeProfile("root", root_budget(h, ram_budget, max_batch) or available_ram(),
-                           measure_speed(0.1), get_nthreads())
-        profiles = [root] + [l.profile for l in links]
-        costs = ModelCosts.of(h, _net.act_row_bytes(h.dim, act), max_batch)
-        if layers:
-            return manual(profiles, costs, layers, link_bandwidth)
-        return assign(profiles, costs, link_bandwidth)
-    finally:
-        for link in links:
-            link.close()
-
-
 def root_budget(h: Header, ram_budget: "int | str | None", max_batch: int) -> "int | None":
     """The root's RAM budget in bytes ("50%": of what the whole model needs resident)."""
     full = full_resident_bytes(tensor_layout(h), run_state_bytes(h, max_batch))
@@ -222,18 +195,28 @@ class ClusterModel(Model):
             for addr in workers:
                 links.append(connect_worker(addr, fp, key, timeout, path))
             budget = root_budget(mf.header, ram_budget, max_batch)
-            root = NodeProfile("root", budget or available_ram(), measure_speed(0.1),
-                               get_nthreads())
-            model = cls(mf, ResidentWeights(mf, layers=range(0)), max_batch)
-            model.root_budget = budget
-            model._secret = key
-            model._setup(path, fp, links, root, act, layers, timeout, link_bandwidth)
-            return model
+            root = NodeProfile("root", budget or available_ram(),
+                               measure_model_speed(path, 0.1), get_nthreads())
+            return cls.from_links(mf, path, fp, key, links, root, act, layers, timeout,
+                                  link_bandwidth, max_batch, budget)
         except BaseException:
             for link in links:
                 link.close()
             mf.close()
             raise
+
+    @classmethod
+    def from_links(cls, mf, path, fp: str, secret: "bytes | None", links: list,
+                   root: NodeProfile, act: int, layers: "str | None", timeout: float,
+                   link_bandwidth: float, max_batch: int,
+                   budget: "int | None") -> "ClusterModel":
+        """A ClusterModel over workers already connected (`links`): assigns the layers and sends
+        every worker its range."""
+        model = cls(mf, ResidentWeights(mf, layers=range(0)), max_batch)
+        model.root_budget = budget
+        model._secret = secret
+        model._setup(path, fp, links, root, act, layers, timeout, link_bandwidth)
+        return model
 
     def _setup(self, path, fp: str, links: list, root: NodeProfile, act: int,
                layers: "str | None", timeout: float, link_bandwidth: float) -> None:
@@ -248,6 +231,9 @@ class ClusterModel(Model):
         self.worker_streamed: dict = {}        # address -> layers that worker streams
         self.net_stats = NetStats()
         self._plan(layers)
+
+    def layout_table(self) -> str:
+        return "layer assignment:\n" + self.assignment.table()
 
     # -- assignment -----------------------------------------------------------------------------
 

@@ -1,35 +1,62 @@
-"""How fast this node computes: the figure layer assignment divides layer bytes by."""
+"""How fast this node computes: the figure layer assignment and the layout planner divide a
+layer's bytes by."""
 from __future__ import annotations
 
 import time
 
 import numpy as np
 
-from .. import _ops
-from ..formats.quant import BLOCK, Q40_BYTES, FloatType
+from ..engine.threads import set_nthreads
+from ..formats.modelfile import tensor_layout
 
 
-def measure_speed(seconds: float = 0.15, nthreads: "int | None" = None) -> float:
-    """Weight bytes per second one Q40 matrix-vector product streams on this node.
+def layer_read_bytes(h) -> int:
+    """Weight bytes one decoded token reads in one layer: every dense matrix, and in a MoE
+    layer the router and the active experts only (what decode speed is proportional to)."""
+    lay = tensor_layout(h)
+    total = 0
+    for t in lay.layer_tensors(0):
+        if t.expert < 0:
+            total += t.nbytes
+        elif t.expert < h.n_active_experts:
+            total += t.nbytes
+    return total
 
-    Decode is bound by how fast a node streams its weights through the matmul kernel. This runs
-    a 2048x2048 Q40 matvec over a 4 MiB random matrix (past L2) for about `seconds`, on
-    `nthreads` threads (default: the process's setting).
-    """
-    rng = np.random.default_rng(0)
-    rows, cols = 2048, 2048
-    w = rng.integers(0, 256, size=(rows, FloatType.Q40.nbytes(cols)), dtype=np.uint8)
-    blocks = w.reshape(rows, cols // BLOCK, Q40_BYTES)
-    blocks[:, :, 0], blocks[:, :, 1] = 0x00, 0x20          # f16 scales ~ 0.0078: finite values
-    x = rng.standard_normal((1, cols)).astype(np.float32)
-    xq = np.empty((1, FloatType.Q80.nbytes(cols)), dtype=np.uint8)
-    _ops.quantize_q80(xq, x)
-    out = np.empty((1, rows), dtype=np.float32)
-    _ops.matmul_q40(out, w, xq, n_threads=nthreads)         # warm up
-    n, t0 = 0, time.perf_counter()
-    while True:
-        _ops.matmul_q40(out, w, xq, n_threads=nthreads)
-        n += 1
-        dt = time.perf_counter() - t0
-        if dt >= seconds and n >= 3:
-            return n * w.nbytes / dt
+
+def measure_model_speed(path, seconds: float = 0.2, nthreads: "int | None" = None) -> float:
+    """Weight bytes per second this node reads running its own model's layer 0 for one token
+    (`layer_read_bytes` / measured seconds per layer): the kernels on the model's own shapes,
+    norms, RoPE, attention and the Python between them included."""
+    from ..engine import forward as fw
+    from ..engine.model import Compute
+    from ..engine.state import RunState
+    from ..engine.weights import ResidentWeights
+    from ..formats.detect import open_model_file
+
+    mf = open_model_file(path, max_seq_len=16)
+    try:
+        h = mf.header
+        s = RunState(h, 1, layers=range(1))
+        m = Compute(h, ResidentWeights(mf, layers=range(1)))
+        r = s.rows(1)
+        tokens = np.zeros(1, dtype=np.intp)
+
+        def one() -> None:
+            fw.set_positions(s, r, 0)
+            fw.embed(m, r, tokens)
+            fw.run_layers(m, s, r, 0, 0, 1)
+
+        if nthreads is not None:
+            set_nthreads(nthreads)
+        one()                                   # pages the layer in
+        n, t0 = 0, time.perf_counter()
+        best = float("inf")
+        while True:
+            t1 = time.perf_counter()
+            one()
+            best = min(best, time.perf_counter() - t1)
+            n += 1
+            if time.perf_counter() - t0 >= seconds and n >= 3:
+                return layer_read_bytes(h) / best
+    finally:
+        mf.close()

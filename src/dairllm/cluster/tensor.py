@@ -2,18 +2,22 @@
 
 Each node maps its own copy of the model file and keeps only its shard (engine/shard.py): some
 attention heads with their KV heads and KV cache, a range of the feed-forward's hidden units (of
-every expert in a MoE model). Per chunk of tokens the root sends the token ids (TOKENS); every node
-embeds them itself, and the residual stream x is the same on every node. Each block's output is a
-partial sum per node, completed by one all-reduce through the root (star): the workers send
-PARTIAL records, the root adds them to its own and sends the SUM back; that is one round trip per
-block, two per layer, the fewest the math allows (the next block's norm needs the whole x). The
-sum travels in the session's activation type: F32 keeps every node's arithmetic exact, Q80 costs
-a rounding of each block output (the root rounds its own copy the same way, so x stays identical).
-The root alone applies the final norm and the classifier.
+every expert in a MoE model) and a range of the classifier's vocabulary. Per chunk of tokens the
+root sends the token ids (TOKENS); every node embeds them itself, so the residual stream x is the
+same on every node. Each block's output is a partial sum per node; every node needs the others'
+partials (PARTIAL records) and adds all of them in node order, so all nodes compute the same
+bits. The root sends its own partial as soon as it has it and relays each worker's to the other
+workers: with two nodes a sync costs one one-way trip, not a round trip. Two syncs per layer
+is the fewest the math allows (the next block's norm needs the whole x). Partials travel in the
+session's activation type: F32 keeps the arithmetic exact up to the order of the sum, Q80
+rounds each partial (the sender adds its own rounded copy, so x still agrees everywhere).
+Logits: each node computes its vocabulary rows and the workers send them (LOGITS) when the
+TOKENS record asks.
 
 Shares follow each node's measured speed: whole KV groups of heads (or, with more nodes than KV
-heads, part of one group: the KV head is then computed on each node that shares it), and hidden
-units in whole blocks of the weight type (32 for Q40/Q80, 256 for the K-quants).
+heads, part of one group: the KV head is then computed on each node that shares it), hidden
+units in whole blocks of the weight type (32 for Q40/Q80, 256 for the K-quants), any vocabulary
+rows.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ from ..engine.model import Compute
 from ..engine.shard import Shard, ShardWeights, column_block
 from ..engine.state import RunState
 from ..errors import ConfigError, ProtocolError
-from ..formats.detect import open_model_file, read_model_header
+from ..formats.detect import open_model_file
 from ..formats.modelfile import Header, ModelFile
 from ..formats.quant import FloatType
 from ..store.budget import available_ram
@@ -99,76 +103,126 @@ def plan_shards(mf: ModelFile, speeds: "list[float]") -> list:
         raise ConfigError(f"hidden size {h.ff_dim} is not a whole number of {ffn_block}-value "
                           f"blocks")
     ffn = _ranges(apportion(h.ff_dim // ffn_block, speeds), ffn_block)
-    return [Shard(a, k, f).check(h, mf) for a, k, f in zip(heads, kv, ffn)]
+    vocab = _ranges(apportion(h.vocab_size, speeds))
+    return [Shard(a, k, f, v).check(h, mf) for a, k, f, v in zip(heads, kv, ffn, vocab)]
 
 
 def shard_to_json(s: Shard) -> dict:
-    return {"heads": list(s.heads), "kv_heads": list(s.kv_heads), "ffn": list(s.ffn)}
+    return {"heads": list(s.heads), "kv_heads": list(s.kv_heads), "ffn": list(s.ffn),
+            "vocab": list(s.vocab)}
 
 
 def shard_from_json(a: dict, h: Header, peer: str) -> Shard:
-    def pair(key: str, hi: int) -> tuple:
+    def pair(key: str, hi: int, empty: bool = False) -> tuple:
         v = a.get(key)
         if (not isinstance(v, list) or len(v) != 2
                 or not all(isinstance(x, int) and not isinstance(x, bool) for x in v)
-                or not 0 <= v[0] < v[1] <= hi):
+                or not (0 <= v[0] <= v[1] <= hi if empty else 0 <= v[0] < v[1] <= hi)):
             raise ProtocolError(f"{peer}: {key}={v!r} is not a range inside 0..{hi}")
         return tuple(v)
-    return Shard(pair("heads", h.n_heads), pair("kv_heads", h.n_kv_heads), pair("ffn", h.ff_dim))
+    return Shard(pair("heads", h.n_heads), pair("kv_heads", h.n_kv_heads), pair("ffn", h.ff_dim),
+                 pair("vocab", h.vocab_size, empty=True))
 
 
 # ---------------------------------------------------------------------------------------------
 # Collectives
 
+# A node sends its partial before reading the others' only when it is this small, so two peers
+# that both send never both block on full socket buffers; bigger partials (a prompt chunk) go
+# to the root first, which reads them all before it sends anything.
+EXCHANGE_MAX_BYTES = 64 * 1024
+
+
 class RootCollective:
-    """The root's side of the all-reduce: add the workers' partial sums to its own, round the
-    total through the wire type and send it back. A worker that fails is named on the error
-    (`err.link`) for recovery."""
+    """The root's side of the all-reduce (see the module docstring). A worker that fails is
+    named on the error (`err.link`) for recovery."""
 
     def __init__(self, links: list, act: int, h: Header, max_batch: int) -> None:
         self.links, self.act = links, act
-        self.dim, self.max_batch, self.seq_len = h.dim, max_batch, h.seq_len
+        self.dim, self.seq_len = h.dim, h.seq_len
         self.p0 = 0
         self._partial = np.empty((max_batch, h.dim), dtype=np.float32)
         self._wire = np.empty((max_batch, _net.act_row_bytes(h.dim, act)), dtype=np.uint8)
         self.wait_seconds = 0.0
+        self.syncs = 0
 
     def all_reduce(self, dx: np.ndarray) -> None:
         n = dx.shape[0]
+        wire = P.encode_rows(dx, self.act, self._wire[:n])
+        own = [_net.act_header(self.p0, n, self.dim, self.act), wire]
+        early = len(self.links) > 0 and wire.nbytes <= EXCHANGE_MAX_BYTES
+        if early:
+            self._send_all(own)
+        if self.act != FloatType.F32:          # every node adds the rounded partial
+            P.decode_rows(memoryview(wire).cast("B"), n, self.dim, self.act, dx)
         t0 = time.perf_counter()
+        received = []
         for link in self.links:
             with blame(link):
                 payload = link.conn.expect(P.PARTIAL)
                 _check_record(payload, self.p0, n, self.dim, self.act, self.seq_len, link.address)
+            if early:
+                self._send_all([payload], skip=link)
+            else:
+                received.append((link, payload))
             P.decode_rows(memoryview(payload)[_net.ACT_HEADER_BYTES:], n, self.dim, self.act,
                           self._partial)
             dx += self._partial[:n]
         self.wait_seconds += time.perf_counter() - t0
-        wire = P.encode_rows(dx, self.act, self._wire[:n])
-        header = _net.act_header(self.p0, n, self.dim, self.act)
+        self.syncs += 1
+        if not early:
+            self._send_all(own)
+            for link, payload in received:
+                self._send_all([payload], skip=link)
+
+    def _send_all(self, parts: list, skip=None) -> None:
         for link in self.links:
-            with blame(link):
-                link.conn.send(P.SUM, header, wire)
-        if self.act != FloatType.F32:          # the root adds what the workers add
-            P.decode_rows(memoryview(wire).cast("B"), n, self.dim, self.act, dx)
+            if link is not skip:
+                with blame(link):
+                    link.conn.send(P.PARTIAL, *parts)
 
 
 class WorkerCollective:
-    """A worker's side: send the partial sum, take the total."""
+    """A worker's side: send the partial, then add every node's in node order."""
 
-    def __init__(self, conn: P.Connection, act: int, h: Header, max_batch: int) -> None:
+    def __init__(self, conn: P.Connection, act: int, h: Header, max_batch: int, node: int,
+                 nodes: int) -> None:
         self.conn, self.act = conn, act
         self.dim, self.seq_len = h.dim, h.seq_len
+        self.node, self.nodes = node, nodes
         self.p0 = 0
         self._wire = np.empty((max_batch, _net.act_row_bytes(h.dim, act)), dtype=np.uint8)
+        self._own = np.empty((max_batch, h.dim), dtype=np.float32)
+        self._partial = np.empty((max_batch, h.dim), dtype=np.float32)
+        self.wait_seconds = 0.0
+        self.syncs = 0
 
     def all_reduce(self, dx: np.ndarray) -> None:
         n = dx.shape[0]
-        self.conn.send(P.PARTIAL, _net.act_header(self.p0, n, self.dim, self.act),
-                       P.encode_rows(dx, self.act, self._wire[:n]))
-        payload = self.conn.expect(P.SUM)
-        _check_record(payload, self.p0, n, self.dim, self.act, self.seq_len, self.conn.peer)
-        P.decode_rows(memoryview(payload)[_net.ACT_HEADER_BYTES:], n, self.dim, self.act, dx)
+        wire = P.encode_rows(dx, self.act, self._wire[:n])
+        self.conn.send(P.PARTIAL, _net.act_header(self.p0, n, self.dim, self.act), wire)
+        own = self._own[:n]
+        if self.act == FloatType.F32:
+            own[...] = dx
+        else:
+            P.decode_rows(memoryview(wire).cast("B"), n, self.dim, self.act, own)
+        t0 = time.perf_counter()
+        for i in range(self.nodes):
+            if i == self.node:
+                part = own
+            else:
+                payload = self.conn.expect(P.PARTIAL)
+                if i == 0:
+                    self.wait_seconds += time.perf_counter() - t0
+                    self.syncs += 1
+                _check_record(payload, self.p0, n, self.dim, self.act, self.seq_len,
+                              self.conn.peer)
+                part = P.decode_rows(memoryview(payload)[_net.ACT_HEADER_BYTES:], n, self.dim,
+                                     self.act, self._partial)
+            if i == 0:
+                dx[...] = part
+            else:
+                dx += part
 
 
 def _check_record(payload: bytes, p0: int, n: int, dim: int, act: int, seq_len: int,
@@ -186,9 +240,9 @@ class TensorStage:
     """A worker's shard of every layer, run on the root's TOKENS records."""
 
     def __init__(self, file: ModelFile, shard: Shard, conn: P.Connection, act: int,
-                 max_batch: int, budget: "int | None") -> None:
+                 max_batch: int, node: int, nodes: int, budget: "int | None") -> None:
         h = file.header
-        self.file, self.shard, self.max_batch = file, shard, max_batch
+        self.file, self.shard, self.max_batch, self.conn = file, shard, max_batch, conn
         self.seq_len, self.vocab_size, self.n_layers = h.seq_len, h.vocab_size, h.n_layers
         sh = shard.header(h)
         self.state = RunState(sh, max_batch)
@@ -199,26 +253,29 @@ class TensorStage:
                               f"and buffers, more than this worker's {cap / 2**20:.0f} MiB")
         weights = ShardWeights(file, shard)
         self.layer_bytes = weights.nbytes
-        self.collective = WorkerCollective(conn, act, h, max_batch)
+        self.collective = WorkerCollective(conn, act, h, max_batch, node, nodes)
         self.compute = Compute(sh, weights, collective=self.collective)
+        v0, v1 = shard.vocab
+        self._logits = np.empty((max_batch, v1 - v0), dtype=np.float32)
         self.n_past = 0
-        self.streamed = 0
 
     @classmethod
     def open(cls, path, a: dict, conn: P.Connection, max_batch: int, seq_len: int,
              budget: "int | None") -> "TensorStage":
         act = P.act_type(P.get_str(a, "act_type", conn.peer, 8))
+        nodes = P.get_int(a, "nodes", 2, 1 << 16, conn.peer)
+        node = P.get_int(a, "node", 1, nodes - 1, conn.peer)
         mf = open_model_file(path, max_seq_len=seq_len)
         try:
             shard = shard_from_json(a, mf.header, conn.peer).check(mf.header, mf)
-            return cls(mf, shard, conn, act, max_batch, budget)
+            return cls(mf, shard, conn, act, max_batch, node, nodes, budget)
         except BaseException:
             mf.close()
             raise
 
     def run_tokens(self, payload: bytes, peer: str) -> None:
-        pos0, ids = P.parse_token_record(payload, self.max_batch, self.seq_len, self.vocab_size,
-                                         peer)
+        pos0, ids, want = P.parse_token_record(payload, self.max_batch, self.seq_len,
+                                               self.vocab_size, peer)
         if pos0 > self.n_past:
             raise ProtocolError(f"{peer}: tokens at position {pos0} but only positions "
                                 f"0..{self.n_past - 1} are cached")
@@ -229,10 +286,28 @@ class TensorStage:
         fw.embed(m, r, ids)
         fw.run_layers(m, s, r, pos0, 0, self.n_layers)
         self.n_past = pos0 + ids.size
+        if want is not None:
+            self.conn.send(P.LOGITS, *P.logits_record(head_rows(m, s, r, want, self._logits)))
 
     def close(self) -> None:
+        c = self.collective
+        if c.syncs:
+            log.info("tensor shard %s: %d syncs, %.3f ms waiting for the root's partial on "
+                     "average", self.shard, c.syncs, c.wait_seconds / c.syncs * 1e3)
         self.file.close()
 
 
+def head_rows(m: Compute, s: RunState, r, want: str, buf: np.ndarray) -> np.ndarray:
+    """This node's logits (its vocabulary rows) for all rows of r, or the last one."""
+    if want == "last" and r.n > 1:
+        one = s.rows(1)
+        one.x[0] = r.x[r.n - 1]
+        r = one
+    out = buf[:r.n]
+    if out.shape[1]:
+        fw.head(m, r, out)
+    return out
+
+
 __all__ = ["plan_shards", "apportion", "RootCollective", "WorkerCollective", "TensorStage",
-           "shard_to_json", "shard_from_json"]
+           "shard_to_json", "shard_from_json", "head_rows"]

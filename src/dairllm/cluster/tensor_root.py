@@ -5,8 +5,9 @@
     for token in model.generate(prompt, steps=32): ...
 
 Per chunk of tokens: TOKENS to every worker, then the root runs its own shard of every layer;
-the two all-reduces of each layer go through cluster/tensor.RootCollective; the root alone
-applies the final norm and the classifier. See cluster/tensor.py for the protocol and the shares.
+the two all-reduces of each layer go through cluster/tensor.RootCollective; each node computes
+the logits of its vocabulary rows and the root gathers them. See cluster/tensor.py for the
+protocol and the shares.
 
 Faults: a worker that dies or stops answering within `timeout` is dropped; the root reconnects
 to the others (their sessions restart), splits the model again over the nodes left, and replays
@@ -35,8 +36,8 @@ from ..store.budget import available_ram
 from . import protocol as P
 from .assign import NodeProfile
 from .root import FAULTS, NetStats, blame, connect_worker, root_budget
-from .speed import measure_speed
-from .tensor import RootCollective, plan_shards, shard_to_json
+from .speed import measure_model_speed
+from .tensor import RootCollective, head_rows, plan_shards, shard_to_json
 
 log = logging.getLogger("dairllm.cluster.tensor")
 
@@ -65,8 +66,8 @@ class TensorModel(Model):
             for addr in workers:
                 links.append(connect_worker(addr, fp, key, timeout, path))
             budget = root_budget(mf.header, ram_budget, max_batch)
-            root = NodeProfile("root", budget or available_ram(), measure_speed(0.1),
-                               get_nthreads())
+            root = NodeProfile("root", budget or available_ram(),
+                               measure_model_speed(path, 0.1), get_nthreads())
             return cls.from_links(mf, path, fp, key, links, root, act, max_batch, timeout)
         except BaseException:
             for link in links:
@@ -99,31 +100,36 @@ class TensorModel(Model):
         speeds = [self.root_profile.speed] + [l.profile.speed for l in live]
         self.shards = plan_shards(self.file, speeds)
         h, mb = self.header, self.state.max_batch
-        for link, shard in zip(live, self.shards[1:]):
+        for i, (link, shard) in enumerate(zip(live, self.shards[1:]), 1):
             with blame(link):
                 link.conn.send_json(P.ASSIGN, {
-                    "parallel": "tensor", **shard_to_json(shard), "max_seq_len": h.seq_len,
-                    "max_batch": mb, "act_type": P.ACT_NAMES[self.act],
-                    "fingerprint": self.fingerprint})
-        for link in live:
+                    "parallel": "tensor", **shard_to_json(shard), "node": i,
+                    "nodes": len(self.shards), "max_seq_len": h.seq_len, "max_batch": mb,
+                    "act_type": P.ACT_NAMES[self.act], "fingerprint": self.fingerprint})
+        for link, shard in zip(live, self.shards[1:]):
             with blame(link):
                 link.conn.expect_json(P.READY)
             link.conn.decoder.set_cap(P.PARTIAL, P.record_bytes(mb, h.dim, FloatType.F32))
+            link.conn.decoder.set_cap(P.LOGITS, 8 + 4 * mb * (shard.vocab[1] - shard.vocab[0]))
         root_shard = self.shards[0]
-        weights = ShardWeights(self.file, root_shard, head=True)
+        weights = ShardWeights(self.file, root_shard)
         self.collective = RootCollective(live, self.act, h, mb)
         sh = root_shard.header(h)
         self.state = RunState(sh, mb)
         self.compute = Compute(sh, weights, collective=self.collective)
-        log.info("tensor parallel over %d nodes:\n%s", len(self.shards), self.layout_table())
+        v0, v1 = root_shard.vocab
+        self._own_logits = np.empty((mb, v1 - v0), dtype=np.float32)
+        self._logits = np.empty((mb, h.vocab_size), dtype=np.float32)
+        log.info("%s", self.layout_table())
 
     def layout_table(self) -> str:
         names = ["root"] + [l.address for l in self._alive()]
-        rows = [f"  {'node':<22} {'heads':>9} {'kv heads':>9} {'hidden units':>14}"]
+        rows = ["tensor-parallel layout (every layer split):",f"  {'node':<22} {'heads':>10} {'kv heads':>10} {'hidden units':>14} "
+                f"{'vocabulary':>16}"]
         for name, s in zip(names, self.shards):
-            rows.append(f"  {name:<22} {s.heads[0]:>4}..{s.heads[1] - 1:<4} "
-                        f"{s.kv_heads[0]:>4}..{s.kv_heads[1] - 1:<4} "
-                        f"{s.ffn[0]:>6}..{s.ffn[1] - 1:<6}")
+            rows.append(f"  {name:<22} {s.heads[0]:>4}..{s.heads[1] - 1:<5} "
+                        f"{s.kv_heads[0]:>4}..{s.kv_heads[1] - 1:<5} "
+                        f"{s.ffn[0]:>6}..{s.ffn[1] - 1:<6} {s.vocab[0]:>7}..{s.vocab[1] - 1:<7}")
         return "\n".join(rows)
 
     # -- forward --------------------------------------------------------------------------------
@@ -132,12 +138,12 @@ class TensorModel(Model):
         self.history = [(p0, c[:max(0, position - p0)]) for p0, c in self.history if p0 < position]
         super()._run(tokens, position, logits, last_only)
 
-    def _layers(self, chunk: np.ndarray, p0: int) -> None:
+    def _layers(self, chunk: np.ndarray, p0: int, want: "str | None" = None) -> None:
         chunk = np.array(chunk, copy=True)
         sent0, t0 = self._traffic(), time.perf_counter()
         while True:
             try:
-                self._step(chunk, p0)
+                self._step(chunk, p0, want)
                 break
             except FAULTS as e:
                 self._recover(e)
@@ -151,13 +157,32 @@ class TensorModel(Model):
             st.decode_bytes.append(sum(sent1) - sum(sent0))
             st.decode_seconds.append(time.perf_counter() - t0)
 
-    def _step(self, chunk: np.ndarray, p0: int) -> None:
-        record = P.token_record(p0, chunk)
-        for link in self._alive():
+    def _step(self, chunk: np.ndarray, p0: int, want: "str | None" = None) -> None:
+        """The chunk through every node's shard; with `want`, the gathered logits of those rows
+        in self._logits."""
+        record = P.token_record(p0, chunk, want)
+        live = self._alive()
+        for link in live:
             with blame(link):
                 link.conn.send(P.TOKENS, record)
         self.collective.p0 = p0
         super()._layers(chunk, p0)
+        if want is None:
+            return
+        m, s = self.compute, self.state
+        r = s.rows(chunk.size)
+        n = 1 if want == "last" else r.n
+        v0, v1 = self.shards[0].vocab
+        self._logits[:n, v0:v1] = head_rows(m, s, r, want, self._own_logits)
+        for link, shard in zip(live, self.shards[1:]):
+            w0, w1 = shard.vocab
+            with blame(link):
+                payload = link.conn.expect(P.LOGITS)
+                self._logits[:n, w0:w1] = P.parse_logits_record(payload, n, w1 - w0,
+                                                                 link.address)
+
+    def _head(self, r, out: np.ndarray) -> None:
+        out[...] = self._logits[:out.shape[0]]
 
     def _recover(self, err: Exception) -> None:
         """Drop the failed worker, restart the others' sessions on a new split, replay."""

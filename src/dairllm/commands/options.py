@@ -96,6 +96,11 @@ def add_cluster_arguments(p: argparse.ArgumentParser, workers_required: bool = F
                         "file; the root runs its own layer range too")
     p.add_argument("--buffer-float-type", default="q80", choices=["f32", "f16", "q80"],
                    help="activation type on the wire (default q80, as distributed-llama)")
+    p.add_argument("--parallel", default="auto", choices=["auto", "tensor", "pipeline"],
+                   help="layout over the nodes: tensor (every layer split over all nodes: more "
+                        "nodes, more speed), pipeline (layer ranges per node: more memory) or "
+                        "auto (default: the fastest predicted from each node's measured speed "
+                        "and each link's round trip, never slower than the root alone)")
     p.add_argument("--layers", default=None, metavar="RANGES",
                    help="manual assignment, one range per node, root first: 0-7,8-19,20-31")
     add_secret_argument(p)
@@ -113,11 +118,12 @@ def add_cluster_arguments(p: argparse.ArgumentParser, workers_required: bool = F
 
 
 def cluster_options(args: argparse.Namespace) -> dict:
-    """Keyword arguments for a native cluster root (cluster.root.ClusterModel.open)."""
+    """Keyword arguments for a native cluster root (cluster.layouts.open_cluster)."""
     if args.worker_timeout <= 0:
         raise ConfigError(f"--worker-timeout must be positive, got {args.worker_timeout}")
     return dict(buffer_float_type=args.buffer_float_type, layers=args.layers,
-                secret=args.secret, timeout=args.worker_timeout, verify_model=args.verify_model)
+                secret=args.secret, timeout=args.worker_timeout, verify_model=args.verify_model,
+                parallel=args.parallel)
 
 
 def open_model(args: argparse.Namespace, announce=None):
@@ -134,12 +140,11 @@ def open_model(args: argparse.Namespace, announce=None):
         kw.update(protocol="dllama", local_weights=args.local_weights,
                   timeout=args.worker_timeout)
     elif args.workers:
-        kw.update(cluster_options(args))
+        out = announce or sys.stdout
+        kw.update(cluster_options(args), announce=lambda text: print(text, file=out, flush=True))
     model = open_in_mode(args.model, workers=args.workers, **kw)
     if args.workers and protocol == "native":
-        out = announce or sys.stdout
-        print("layer assignment:", file=out)
-        print(model.assignment.table(), file=out, flush=True)
+        print(model.layout_table(), file=out, flush=True)
     return model
 
 

@@ -21,16 +21,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..cluster.root import probe
+    from ..cluster.layouts import probe, table
     from ..errors import ConfigError
 
     if args.link_bandwidth <= 0:
         raise ConfigError(f"--link-bandwidth must be positive, got {args.link_bandwidth}")
-    a = probe(args.model, args.workers or [], ram_budget=args.ram_budget,
-              buffer_float_type=args.buffer_float_type, layers=args.layers,
-              max_seq_len=args.max_seq_len, secret=args.secret, timeout=args.worker_timeout,
-              verify_model=args.verify_model, link_bandwidth=args.link_bandwidth * 1e6 / 8)
+    a, preds, pick = probe(args.model, args.workers or [], parallel=args.parallel,
+                           ram_budget=args.ram_budget, buffer_float_type=args.buffer_float_type,
+                           layers=args.layers, max_seq_len=args.max_seq_len, secret=args.secret,
+                           timeout=args.worker_timeout, verify_model=args.verify_model,
+                           link_bandwidth=args.link_bandwidth * 1e6 / 8)
+    print("pipeline layer assignment:")
     print(a.table())
+    print("\nlayouts (estimated time per decoded token):")
+    print(table(preds, pick))
     active = [s for s in a.stages[1:] if s.n_layers]
     for s in active:
         print(f"link root <-> {s.name}: {a.costs.record_bytes:,} bytes each way per token "

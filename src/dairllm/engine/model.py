@@ -160,25 +160,29 @@ class Model(Generates):
         for c0 in range(0, tokens.size, self.state.max_batch):
             chunk = tokens[c0:c0 + self.state.max_batch]
             p0 = position + c0
-            self._layers(chunk, p0)
+            want = None if logits is None else "last" if last_only else "all"
+            if want == "last" and c0 + chunk.size < tokens.size:
+                want = None                      # only the last chunk's last row is asked for
+            self._layers(chunk, p0, want)
             self.n_past = p0 + chunk.size
-            m, s = self.compute, self.state      # a driver may have rebuilt them (a recovery)
-            r = s.rows(chunk.size)
-            if logits is None:
-                continue
-            if last_only:
-                if c0 + chunk.size == tokens.size:
-                    fw.head(m, s.rows(1) if r.n == 1 else _last_row(s, r), logits)
-            else:
-                fw.head(m, r, logits[c0:c0 + chunk.size])
+            if want is not None:
+                r = self.state.rows(chunk.size)  # a driver may have rebuilt the state (a recovery)
+                if want == "last" and r.n > 1:
+                    r = _last_row(self.state, r)
+                self._head(r, logits if want == "last" else logits[c0:c0 + chunk.size])
 
-    def _layers(self, chunk: np.ndarray, p0: int) -> None:
-        """x = every transformer block over the embedded chunk at positions p0.. (x: its rows)."""
+    def _layers(self, chunk: np.ndarray, p0: int, want: "str | None" = None) -> None:
+        """x = every transformer block over the embedded chunk at positions p0.. (x: its rows).
+        `want`: which rows' logits follow ("all", "last" or None), for drivers that split them."""
         m, s = self.compute, self.state
         r = s.rows(chunk.size)
         fw.set_positions(s, r, p0)
         fw.embed(m, r, chunk)
         fw.run_layers(m, s, r, p0, 0, self.header.n_layers)
+
+    def _head(self, r, out: np.ndarray) -> None:
+        """out = logits of the rows of x in r."""
+        fw.head(self.compute, r, out)
 
     # -- generation -----------------------------------------------------------------------------
 

@@ -1,11 +1,11 @@
 """A tensor-parallel shard: one node's slice of every layer (some attention heads, a range of the
 feed-forward's hidden units), read from the node's own copy of the model file.
 
-    shard = Shard(heads=(0, 16), kv_heads=(0, 4), ffn=(0, 7168))
+    shard = Shard(heads=(0, 16), kv_heads=(0, 4), ffn=(0, 7168), vocab=(0, 64128))
     h = shard.header(mf.header)                  # the slice's header: 16 heads, 4 KV heads...
-    weights = ShardWeights(mf, shard, head=True) # a WeightProvider over the slice
+    weights = ShardWeights(mf, shard)            # a WeightProvider over the slice
 
-Row slices (q, k, v, w1, w3, each expert's w1 / w3) are views into the mmap; column slices (wo,
+Row slices (q, k, v, w1, w3, each expert's w1 / w3, the classifier's vocabulary rows) are views into the mmap; column slices (wo,
 w2: their inputs are this node's heads / hidden units) are copied once into RAM, since a column
 range of a row-major matrix is not contiguous in the file. Column boundaries fall on the weight
 type's blocks, so this node quantizes its part of att / hb into exactly the blocks a single node
@@ -28,11 +28,13 @@ from .weights import ExpertWeights, LayerWeights, check_kernels, embedding_view,
 @dataclass(frozen=True)
 class Shard:
     """Half-open ranges of the model's attention heads, KV heads and FFN hidden units (each
-    expert's hidden units in a MoE model) that one node computes."""
+    expert's hidden units in a MoE model) that one node computes, and of the vocabulary whose
+    logits it computes (empty: none)."""
 
     heads: tuple
     kv_heads: tuple
     ffn: tuple
+    vocab: tuple = (0, 0)
 
     @property
     def n_heads(self) -> int:
@@ -57,10 +59,12 @@ class Shard:
         q0, q1 = self.heads
         k0, k1 = self.kv_heads
         f0, f1 = self.ffn
+        v0, v1 = self.vocab
         if not (0 <= q0 < q1 <= h.n_heads and 0 <= k0 < k1 <= h.n_kv_heads
-                and 0 <= f0 < f1 <= h.ff_dim):
+                and 0 <= f0 < f1 <= h.ff_dim and 0 <= v0 <= v1 <= h.vocab_size):
             raise ConfigError(f"shard {self} is outside the model's {h.n_heads} heads, "
-                              f"{h.n_kv_heads} KV heads, {h.ff_dim} hidden units")
+                              f"{h.n_kv_heads} KV heads, {h.ff_dim} hidden units, "
+                              f"{h.vocab_size} tokens")
         group = h.n_heads // h.n_kv_heads
         if (q0 // group, (q1 - 1) // group + 1) != (k0, k1):
             raise ConfigError(f"shard {self}: heads {q0}..{q1 - 1} use KV heads "
@@ -130,10 +134,9 @@ class _Experts:
 
 class ShardWeights:
     """WeightProvider over one shard of `layers` (default all): the embedding and norms whole,
-    the classifier only where `head` (the root computes the logits)."""
+    the classifier's rows of the shard's vocabulary (None if it has none)."""
 
-    def __init__(self, mf: ModelFile, shard: Shard, layers: "range | None" = None,
-                 head: bool = False) -> None:
+    def __init__(self, mf: ModelFile, shard: Shard, layers: "range | None" = None) -> None:
         full = mf.header
         self.file, self.shard = mf, shard.check(full, mf)
         self.header = shard.header(full)
@@ -141,9 +144,11 @@ class ShardWeights:
         check_kernels(mf)
         self.embedding = embedding_view(mf)
         self.final_norm = mf.f32("final_norm")
-        self.wcls = matrix_view(mf, "wcls") if head else None
+        v0, v1 = shard.vocab
+        self.wcls = row_slice(mf, "wcls", v0, v1) if v1 > v0 else None
         self._layers = {l: self._slice(l) for l in self.layers}
-        self.nbytes = sum(self._layer_bytes(lw) for lw in self._layers.values())
+        self.nbytes = sum(self._layer_bytes(lw) for lw in self._layers.values()) + \
+            (self.wcls.data.nbytes if self.wcls is not None else 0)
 
     def _slice(self, l: int) -> LayerWeights:
         mf, s, h = self.file, self.shard, self.file.header

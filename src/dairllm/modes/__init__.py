@@ -3,7 +3,8 @@
     model = dairllm.Model.open("model.m")                          # resident: views into the mmap
     model = dairllm.Model.open("model.m", repack=True)             # Q40 matrices from a Q40x8 copy
     model = dairllm.Model.open("model.m", ram_budget="4G")         # layers streamed from disk
-    model = dairllm.Model.open("model.m", workers=["pi1:9998"])    # native cluster (pipeline)
+    model = dairllm.Model.open("model.m", workers=["pi1:9998"])    # native cluster: the fastest
+                                                 # predicted layout (parallel="auto"|"tensor"|"pipeline")
     model = dairllm.Model.open("model.m", workers=[...], protocol="dllama")   # distributed-llama
 
 Every mode returns an object with the engine Model's interface (forward, generate, reset, stats,
@@ -20,7 +21,7 @@ from ..engine.threads import set_nthreads
 from ..engine.model import DEFAULT_MAX_BATCH, Model as EngineModel, check_arithmetic
 from ..engine.state import RunState
 from ..engine.weights import RepackedWeights, ResidentWeights, WeightProvider
-from ..cluster.root import ClusterModel
+from ..cluster.layouts import open_cluster
 from ..dllama.root import DllamaRoot
 from ..errors import ConfigError
 from ..formats.detect import open_model_file
@@ -47,8 +48,8 @@ def open_model(path, max_seq_len: "int | None" = None, nthreads: "int | None" = 
     under $DAIRLLM_CACHE) for a faster matvec on AVX2; where it cannot help it is logged and
     ignored. arithmetic: "exact" (dairllm's kernels) or "dllama" (distributed-llama's float
     arithmetic bit for bit: the golden C++ logits), one node only. workers: a cluster;
-    cluster_options go to its root (cluster.root.ClusterModel.open, or
-    dllama.root.DllamaRoot.open with protocol="dllama").
+    cluster_options go to its root (cluster.layouts.open_cluster: parallel "auto" | "tensor" |
+    "pipeline", ...; or dllama.root.DllamaRoot.open with protocol="dllama").
     """
     check_arithmetic(arithmetic)
     if max_seq_len is not None and max_seq_len <= 0:
@@ -106,8 +107,8 @@ def _open_cluster(path, workers: list, protocol: str, max_seq_len, max_batch, ra
         if ram_budget is not None:
             raise ConfigError("a dllama-protocol root keeps its weights resident: no ram_budget")
         return DllamaRoot.open(path, workers, max_seq_len=max_seq_len, **options)
-    return ClusterModel.open(path, workers=workers, max_seq_len=max_seq_len, max_batch=max_batch,
-                             ram_budget=ram_budget, **options)
+    return open_cluster(path, workers, max_seq_len=max_seq_len, max_batch=max_batch,
+                        ram_budget=ram_budget, **options)
 
 
 def _repacked_weights(mf: ModelFile, arithmetic: str) -> "RepackedWeights | None":
