@@ -124,6 +124,15 @@ def hostile_streams(mf) -> dict[str, tuple[bytes, str]]:
     d = 1 << 31
     huge[12:52] = struct.pack("<iIIIQQQ", 0, d, d, d, (d ** 3) % (1 << 64), 0, 0)
     cases["absurd buffer size"] = (handshake() + ok_net + ACK + bytes(huge), "absurd dimensions")
+    partial = bytearray(configs(mf)[1].pack())
+    partial[12:52] = struct.pack("<iIIIQQQ", int(FloatType.Q80), 1, 3, 17, 51, 34, 34)
+    cases["Q80 buffer not whole blocks"] = (handshake() + ok_net + ACK + bytes(partial),
+                                            "x=17 is not whole 32-element blocks (length 51")
+    rows = configs(mf)[1]      # whole blocks in all (32 x 48 values), but not per batch row
+    q_y = next(i for i, (name, _) in enumerate(rows.buffers) if name == "q_y")
+    rows.buffers[q_y] = ("q_y", Size3D(int(FloatType.Q80), 1, 32, 48))
+    cases["Q80 batch rows not whole blocks"] = (handshake() + ok_net + ACK + rows.pack(),
+                                                "rows of 48 Q80 values are not whole 32-element blocks")
     big = configs(mf)[1]
     big.buffers[0] = ("x", Size3D(0, 1 << 16, 1 << 16, 1 << 16))
     cases["buffer over the memory cap"] = (handshake() + ok_net + ACK + big.pack(), "over the cap")
@@ -165,6 +174,7 @@ def hostile_streams(mf) -> dict[str, tuple[bytes, str]]:
 CASE_NAMES = ["truncated handshake", "absurd worker count", "worker index out of range", "bad ack",
               "absurd pipe count", "absurd batch count", "wrong node count", "inconsistent size record",
               "truncated net config", "truncated node config", "absurd buffer size",
+              "Q80 buffer not whole blocks", "Q80 batch rows not whole blocks",
               "buffer over the memory cap", "unknown op code", "matmul weight not matching its input",
               "unsupported quant combination", "pointer to missing buffer", "rope config not matching shapes",
               "negative rope theta",

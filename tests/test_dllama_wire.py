@@ -31,10 +31,25 @@ def test_size3d_vectors():
     assert struct.unpack("<iIIIQQQ", empty) == (-1, 0, 0, 0, 0, 0, 0)
 
 
+def test_size3d_block_types_need_whole_blocks_in_total_not_per_row():
+    """The reference's size3D asserts whole 32-blocks in length and z*y plane only: a row-split Q40
+    weight has blocks along y (its input dim), and x = rows per node may be anything (Qwen3's
+    151936-token vocabulary over 8 nodes: 18992 rows; oddslice_q40 over 2 nodes: 498)."""
+    for ft, z, y, x in [(2, 1, 192, 498), (2, 1, 4096, 18992), (2, 8, 192, 48), (3, 1, 32, 48)]:
+        packed = _net.dllama_pack_size3d(ft, z, y, x)
+        length = z * y * x
+        per_block = 18 if ft == 2 else 34
+        assert struct.unpack("<iIIIQQQ", packed) == (ft, z, y, x, length, length // 32 * per_block,
+                                                     y * x // 32 * per_block)
+        assert _net.dllama_unpack_size3d(packed) == (ft, z, y, x)
+
+
 @pytest.mark.parametrize("fields,problem", [
     ((0, 1, 32, 1, 33, 128, 128), "length"),
     ((0, 1, 32, 1, 32, 129, 128), "byte sizes"),
-    ((3, 1, 1, 16, 16, 17, 17), "byte sizes"),            # Q80 needs whole 32-blocks
+    ((3, 1, 1, 16, 16, 17, 17), "not whole 32-element blocks"),      # Q80 needs whole 32-blocks
+    ((2, 2, 1, 16, 32, 18, 9), "not whole 32-element blocks"),       # ... in each z-plane too
+    ((2, 1, 192, 498, 95616, 53784, 53783), "byte sizes"),           # blocks fine, nBytesXY wrong
     ((7, 1, 1, 32, 32, 128, 128), "float type"),
     ((0, 1 << 31, 1, 1, 1 << 31, 1 << 33, 4), "absurd"),
 ])

@@ -144,7 +144,13 @@ def dllama_pack_size3d(int ft, uint32_t z, uint32_t y, uint32_t x) -> bytes:
 
 
 cdef tuple _parse_size3d(const uint8_t* p, str what):
-    """(ft, z, y, x) after checking that length, nBytes and nBytesXY agree with them."""
+    """(ft, z, y, x) after checking that length, nBytes and nBytesXY agree with them.
+
+    Block types (Q40, Q80) need whole 32-element blocks in the length and in one z-plane (x*y),
+    as the reference's getBytes asserts when the root builds the size; x alone may be anything.
+    A Q40 weight's blocks run along its input dimension y, so a row-split weight's x (output rows
+    per node, e.g. vocab/N) is often not a multiple of 32. Whether rows of x values must be whole
+    blocks depends on how the size is used (a batch pointer or a sync): the executor checks that."""
     cdef int32_t ft = <int32_t>_ld_u32(p)
     cdef uint32_t z = _ld_u32(p + 4), y = _ld_u32(p + 8), x = _ld_u32(p + 12)
     cdef uint64_t length = _ld_u64(p + 16), nb = _ld_u64(p + 24), nbxy = _ld_u64(p + 32)
@@ -156,11 +162,12 @@ cdef tuple _parse_size3d(const uint8_t* p, str what):
         raise ProtocolError(f"{what}: absurd dimensions z={z} y={y} x={x}")
     if length != <uint64_t>z * y * x:
         raise ProtocolError(f"{what}: length {length} != z*y*x = {z}*{y}*{x}")
+    if (ft == 2 or ft == 3) and (length % 32 or (<uint64_t>x * y) % 32):
+        raise ProtocolError(f"{what}: {'Q40' if ft == 2 else 'Q80'} size z={z} y={y} x={x} is not whole "
+                            f"32-element blocks (length {length}, one plane {<uint64_t>x * y})")
     if _float_nbytes(ft, length) != <Py_ssize_t>nb or _float_nbytes(ft, <uint64_t>x * y) != <Py_ssize_t>nbxy:
         raise ProtocolError(f"{what}: byte sizes {nb}/{nbxy} do not match float type {ft} "
                             f"with z={z} y={y} x={x}")
-    if (ft == 2 or ft == 3) and x % 32:
-        raise ProtocolError(f"{what}: block type with x={x} not a multiple of 32")
     return (ft, z, y, x)
 
 

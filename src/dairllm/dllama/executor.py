@@ -87,6 +87,18 @@ class View:
         return self.data.flags.c_contiguous
 
 
+def _row_bytes(s: Size3D, x: int, what: str) -> int:
+    """Bytes of a row of x values of s's float type. The reference steps through batch rows, node
+    slices and synced rows with getBytes(type, x), which asserts whole 32-blocks for Q40 and Q80
+    (its worker aborts there), while the size itself only needs a whole number of blocks in all.
+    No graph a real root builds has such rows; a hostile one may send them."""
+    try:
+        return s.row_bytes(x)
+    except ValueError:
+        raise ProtocolError(f"{what}: rows of {x} {FloatType(s.ft).name} values are not whole "
+                            f"32-element blocks") from None
+
+
 def _write_rows(dst: np.ndarray, src: np.ndarray) -> None:
     if dst is not src:
         dst[...] = src
@@ -141,7 +153,7 @@ class Executor:
 
     def _check_sync_pipe(self, pipe: int) -> None:
         s = self.net.pipes[pipe][1]
-        if s.z != 1 or s.y != self.nb or s.row_bytes() % self.N:
+        if s.z != 1 or s.y != self.nb or _row_bytes(s, s.x, f"sync pipe {pipe}") % self.N:
             raise ProtocolError(f"sync pipe {pipe} rows cannot be split over {self.N} nodes")
 
     # ---- pointers ----
@@ -161,12 +173,12 @@ class Executor:
             return View(arr.reshape(1, 1, -1), s.ft, 1, 1, s.length)
         if s.y != self.nb:
             raise ProtocolError(f"batch pointer to a {s.y}-row array (nBatches = {self.nb})")
-        rows = arr.reshape(s.z, s.y, s.row_bytes())
+        rows = arr.reshape(s.z, s.y, _row_bytes(s, s.x, "batch pointer"))
         if p.type is Ptr.BATCH:
             return View(rows, s.ft, s.z, s.y, s.x)
-        if s.x % self.N or s.row_bytes(s.x // self.N) * self.N != s.row_bytes():
+        if s.x % self.N:
             raise ProtocolError(f"slice pointer: {s.x} columns cannot be split over {self.N} nodes")
-        sb = s.row_bytes(s.x // self.N)
+        sb = _row_bytes(s, s.x // self.N, f"slice pointer ({self.N} nodes)")
         return View(rows[:, :, self.k * sb:(self.k + 1) * sb], s.ft, s.z, s.y, s.x // self.N)
 
     def f32_buffer(self, index: int, what: str, min_len: int = 0) -> np.ndarray:
