@@ -78,6 +78,10 @@ PRESETS: dict[str, Preset] = {
         dim=4096, hidden_dim=14336, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256,
         seq_len=131072, rope_theta=500000.0, rope_scaling_factor=8.0, norm_epsilon_code=5,
         **_LLAMA3_ROPE), "llama3", "Llama-3.1-8B shapes"),
+    "llama-3.1-70b": Preset(Arch.LLAMA, dict(
+        dim=8192, hidden_dim=28672, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=128256,
+        seq_len=131072, rope_theta=500000.0, rope_scaling_factor=8.0, norm_epsilon_code=5,
+        **_LLAMA3_ROPE), "llama3", "Llama-3.1-70B shapes"),
     "qwen3-0.6b": Preset(Arch.QWEN3, dict(
         dim=1024, hidden_dim=3072, n_layers=28, n_heads=16, n_kv_heads=8, head_dim_key=128,
         vocab_size=151936, seq_len=40960, rope_theta=1e6, norm_epsilon_code=6), "qwen3",

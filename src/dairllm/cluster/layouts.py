@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
-import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Sequence
 
@@ -33,8 +32,8 @@ from ..formats.modelfile import Header, tensor_layout
 from ..store.budget import available_ram
 from . import protocol as P
 from .assign import ModelCosts, NodeProfile, assign, manual
-from .root import ClusterModel, blame, connect_worker, root_budget
-from .speed import measure_model_speed
+from .root import ClusterModel, connect_worker, root_budget
+from .speed import measure_nodes
 from .tensor import plan_shards
 from .tensor_root import TensorModel
 
@@ -45,7 +44,6 @@ PARALLEL = ("auto", "tensor", "pipeline")
 # sockets on both ends (measured on the development host over loopback: a PING round trip
 # between two dairllm processes is 0.16 ms, of which the kernel's loopback is ~0.03 ms).
 SYNC_OVERHEAD = 60e-6
-PAD_BYTES = 32_000            # bandwidth probe: a PING this large
 
 
 @dataclass
@@ -82,7 +80,8 @@ def predict_pipeline(costs: ModelCosts, profiles: list, bandwidth: float,
     return Prediction("pipeline", a.time_per_token, ranges)
 
 
-def predict_tensor(model, profiles: list, act: int, bandwidth: float) -> Prediction:
+def predict_tensor(model, profiles: list, act: int, bandwidth: float,
+                   sync_overhead: float = SYNC_OVERHEAD) -> Prediction:
     """`model`: anything with .header and .layout (an open model file, or a header's layout for
     a simulation)."""
     h: Header = model.header
@@ -109,7 +108,7 @@ def predict_tensor(model, profiles: list, act: int, bandwidth: float) -> Predict
     rtt = max(p.rtt for p in profiles[1:])
     bw = min(p.bandwidth or bandwidth for p in profiles[1:])
     record = _net.FRAME_HEADER_BYTES + _net.ACT_HEADER_BYTES + _net.act_row_bytes(h.dim, act)
-    sync = (rtt / 2 if n == 2 else rtt) + (n - 1) * record / bw + SYNC_OVERHEAD
+    sync = (rtt / 2 if n == 2 else rtt) + (n - 1) * record / bw + sync_overhead
     gather = rtt / 2 + max(s.vocab[1] - s.vocab[0] for s in shards[1:]) * 4 / bw
     seconds = compute + head + 2 * h.n_layers * sync + gather + rtt / 2
     return Prediction("tensor", seconds, f"{n} nodes, syncs {2 * h.n_layers * sync * 1e3:.1f} ms")
@@ -132,10 +131,10 @@ def _shard_bytes(h: Header, lay, s) -> tuple:
 
 
 def predict_all(model, costs: ModelCosts, profiles: list, act: int, bandwidth: float,
-                layers: "str | None" = None) -> list:
+                layers: "str | None" = None, sync_overhead: float = SYNC_OVERHEAD) -> list:
     return [predict_alone(costs, profiles[0]),
             predict_pipeline(costs, profiles, bandwidth, layers),
-            predict_tensor(model, profiles, act, bandwidth)]
+            predict_tensor(model, profiles, act, bandwidth, sync_overhead)]
 
 
 def choose(predictions: list, parallel: str) -> Prediction:
@@ -168,35 +167,6 @@ def table(predictions: list, chosen: "Prediction | None" = None) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Measuring and opening
-
-def measure_nodes(path, root: NodeProfile, links: list, seconds: float = 0.2) -> list:
-    """Profiles of the root and the workers, speeds measured at the same time on the model's own
-    layer (nodes that share a machine share its memory bandwidth while they run), each link's
-    bandwidth from a PING of PAD_BYTES."""
-    for link in links:
-        with blame(link):
-            link.conn.send_json(P.PING, {"measure": seconds})
-    root = replace(root, speed=measure_model_speed(path, seconds))
-    out = [root]
-    for link in links:
-        with blame(link):
-            pong = link.conn.expect_json(P.PONG)
-            speed = P.get_num(pong, "speed", 1.0, 1e15, link.address)
-            out.append(replace(link.profile, speed=speed, bandwidth=_bandwidth(link)))
-        link.profile = out[-1]
-    return out
-
-
-def _bandwidth(link) -> float:
-    pad = {"pad": "0" * PAD_BYTES}
-    best = math.inf
-    for _ in range(3):
-        t0 = time.perf_counter()
-        link.conn.send_json(P.PING, pad)
-        link.conn.expect(P.PONG)
-        best = min(best, time.perf_counter() - t0)
-    return PAD_BYTES / max(best - link.profile.rtt, 1e-7)
-
 
 def open_cluster(path, workers: Sequence[str], parallel: str = "auto",
                  max_seq_len: "int | None" = None, nthreads: "int | None" = None,
@@ -232,12 +202,15 @@ def open_cluster(path, workers: Sequence[str], parallel: str = "auto",
         pick = choose(preds, parallel)
         (announce or log.info)(f"layouts (estimated time per decoded token):\n{table(preds, pick)}")
         if pick.layout == "tensor":
-            return TensorModel.from_links(mf, path, fp, key, links, profiles[0], act, max_batch,
-                                          timeout)
-        if pick.layout == "root alone" and not layers:
-            layers = f"0-{mf.header.n_layers - 1}" + "," * len(links)   # workers stay spares
-        return ClusterModel.from_links(mf, path, fp, key, links, profiles[0], act, layers,
-                                       timeout, link_bandwidth, max_batch, budget)
+            model = TensorModel.from_links(mf, path, fp, key, links, profiles[0], act,
+                                           max_batch, timeout)
+        else:
+            if pick.layout == "root alone" and not layers:
+                layers = f"0-{mf.header.n_layers - 1}" + "," * len(links)   # workers: spares
+            model = ClusterModel.from_links(mf, path, fp, key, links, profiles[0], act, layers,
+                                            timeout, link_bandwidth, max_batch, budget)
+        model.predictions, model.prediction = preds, pick
+        return model
     except BaseException:
         for link in links:
             link.close()
@@ -281,6 +254,57 @@ def simulated_model(h: Header) -> SimpleNamespace:
     return SimpleNamespace(header=h, layout=tensor_layout(h))
 
 
+@dataclass(frozen=True)
+class Hardware:
+    """A node or link profile for `plan --simulate`, with where its figures come from."""
+    values: dict
+    source: str
+
+
+# speed: Q40 weight bytes per second through decode on all cores (what measure_model_speed
+# reports); ram: bytes for weights and KV cache.
+NODE_PROFILES = {
+    "pi5": Hardware(dict(speed=7.4e9, ram=7 * 2**30, threads=4, sync_overhead=180e-6),
+                    "Raspberry Pi 5 8 GB, 4 cores: 1.77 tok/s on Llama 3 8B Q40 (4.2 GB read per "
+                    "token), distributed-llama's published single-node figure; Python per sync "
+                    "taken as 3x this x86 host's"),
+    "pi4": Hardware(dict(speed=2.9e9, ram=7 * 2**30, threads=4, sync_overhead=300e-6),
+                    "Raspberry Pi 4 8 GB: about 0.4x a Pi 5 (LPDDR4-3200 on a 32-bit bus)"),
+    "laptop": Hardware(dict(speed=14e9, ram=12 * 2**30, threads=4, sync_overhead=SYNC_OVERHEAD),
+                       "an x86 laptop with dual-channel DDR4, AVX2: 14 GB/s through the Q40 "
+                       "kernel (this project's 2-thread measurements)"),
+}
+# rtt: seconds for a round trip between two nodes' processes; bandwidth: bytes per second.
+LINK_PROFILES = {
+    "gigabit": Hardware(dict(rtt=0.25e-3, bandwidth=117e6),
+                        "gigabit Ethernet through one switch: ~0.25 ms process-to-process"),
+    "fast-ethernet": Hardware(dict(rtt=0.4e-3, bandwidth=11.7e6), "100 Mbit/s Ethernet"),
+    "wifi": Hardware(dict(rtt=3e-3, bandwidth=5e6), "a busy 2.4 GHz Wi-Fi"),
+}
+
+
+def simulate(h: Header, node: str, link: str, counts: Sequence[int], act: int,
+             max_batch: int = 64) -> list:
+    """[(nodes, predictions)] for equal nodes of profile `node` joined by `link`."""
+    if node not in NODE_PROFILES:
+        raise ConfigError(f"unknown node profile {node!r}; choose from {', '.join(NODE_PROFILES)}")
+    if link not in LINK_PROFILES:
+        raise ConfigError(f"unknown link profile {link!r}; choose from {', '.join(LINK_PROFILES)}")
+    nv, lv = NODE_PROFILES[node].values, LINK_PROFILES[link].values
+    model = simulated_model(h)
+    costs = ModelCosts.of(h, _net.act_row_bytes(h.dim, act), max_batch)
+    out = []
+    for n in counts:
+        if n < 1:
+            raise ConfigError(f"node counts must be positive, got {n}")
+        profiles = [NodeProfile("root", nv["ram"], nv["speed"], nv["threads"])] + [
+            NodeProfile(f"node{i}", nv["ram"], nv["speed"], nv["threads"], rtt=lv["rtt"],
+                        bandwidth=lv["bandwidth"]) for i in range(1, n)]
+        out.append((n, predict_all(model, costs, profiles, act, lv["bandwidth"],
+                                   sync_overhead=nv["sync_overhead"])))
+    return out
+
+
 __all__ = ["PARALLEL", "Prediction", "predict_all", "predict_alone", "predict_pipeline",
            "predict_tensor", "choose", "table", "measure_nodes", "open_cluster", "probe",
-           "simulated_model"]
+           "simulated_model", "simulate", "NODE_PROFILES", "LINK_PROFILES"]

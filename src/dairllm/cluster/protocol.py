@@ -17,6 +17,7 @@ Tensor parallel (ASSIGN {"parallel": "tensor", heads, kv_heads, ffn, ...}): per 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -55,6 +56,19 @@ class RemoteError(DairError):
 
 class PeerLost(DairError, ConnectionError):
     """The peer went away or stopped answering within the timeout."""
+
+
+FAULTS = (PeerLost, RemoteError, ProtocolError)     # what a worker's failure looks like
+
+
+@contextlib.contextmanager
+def blame(link):
+    """Tag a fault with the worker link it came from, for recovery (`err.link`)."""
+    try:
+        yield
+    except FAULTS as e:
+        e.link = link
+        raise
 
 
 def act_type(name: "str | int") -> int:

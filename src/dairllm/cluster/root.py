@@ -23,7 +23,6 @@ both edges, so even with Q80 activations the tokens are bit-identical to a fault
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -46,13 +45,13 @@ from ..formats.quant import FloatType
 from ..store.budget import available_ram, resolve_budget
 from ..store.residency import full_resident_bytes
 from . import protocol as P
+from .protocol import FAULTS, blame
 from .assign import ModelCosts, NodeProfile, assign, manual
 from .speed import measure_model_speed
 from .stage_weights import close_weights, weights_for_range
 
 log = logging.getLogger("dairllm.cluster.root")
 
-FAULTS = (P.PeerLost, P.RemoteError, ProtocolError)
 
 
 def parse_address(addr: str) -> tuple:
@@ -487,16 +486,6 @@ class ClusterModel(Model):
         for link in self.links:
             link.close()
         super().close()
-
-
-@contextlib.contextmanager
-def blame(link: WorkerLink):
-    """Tag a fault with the worker it came from, for recovery."""
-    try:
-        yield
-    except FAULTS as e:
-        e.link = link
-        raise
 
 
 def _last_row(s: RunState, r):

@@ -2,12 +2,19 @@
 layer's bytes by."""
 from __future__ import annotations
 
+import math
 import time
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..engine.threads import set_nthreads
 from ..formats.modelfile import tensor_layout
+from . import protocol as P
+
+if TYPE_CHECKING:
+    from .assign import NodeProfile
 
 
 def layer_read_bytes(h) -> int:
@@ -60,3 +67,35 @@ def measure_model_speed(path, seconds: float = 0.2, nthreads: "int | None" = Non
                 return layer_read_bytes(h) / best
     finally:
         mf.close()
+
+
+PAD_BYTES = 32_000            # bandwidth probe: a PING this large
+
+
+def measure_nodes(path, root: NodeProfile, links: list, seconds: float = 0.3) -> list:
+    """Profiles of the root and the workers, speeds measured at the same time on the model's own
+    layer (nodes that share a machine share its memory bandwidth while they run), each link's
+    bandwidth from a PING of PAD_BYTES."""
+    for link in links:
+        with P.blame(link):
+            link.conn.send_json(P.PING, {"measure": seconds})
+    root = replace(root, speed=measure_model_speed(path, seconds))
+    out = [root]
+    for link in links:
+        with P.blame(link):
+            pong = link.conn.expect_json(P.PONG)
+            speed = P.get_num(pong, "speed", 1.0, 1e15, link.address)
+            out.append(replace(link.profile, speed=speed, bandwidth=_bandwidth(link)))
+        link.profile = out[-1]
+    return out
+
+
+def _bandwidth(link) -> float:
+    pad = {"pad": "0" * PAD_BYTES}
+    best = math.inf
+    for _ in range(3):
+        t0 = time.perf_counter()
+        link.conn.send_json(P.PING, pad)
+        link.conn.expect(P.PONG)
+        best = min(best, time.perf_counter() - t0)
+    return PAD_BYTES / max(best - link.profile.rtt, 1e-7)

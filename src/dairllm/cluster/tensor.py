@@ -37,7 +37,7 @@ from ..formats.modelfile import Header, ModelFile
 from ..formats.quant import FloatType
 from ..store.budget import available_ram
 from . import protocol as P
-from .root import blame
+from .protocol import blame
 
 log = logging.getLogger("dairllm.cluster.tensor")
 
@@ -102,6 +102,9 @@ def plan_shards(mf: ModelFile, speeds: "list[float]") -> list:
     if h.ff_dim % ffn_block:
         raise ConfigError(f"hidden size {h.ff_dim} is not a whole number of {ffn_block}-value "
                           f"blocks")
+    if h.ff_dim // ffn_block < n:
+        raise ConfigError(f"tensor parallel over {n} nodes: the hidden size {h.ff_dim} is "
+                          f"{h.ff_dim // ffn_block} blocks of {ffn_block}, one per node at most")
     ffn = _ranges(apportion(h.ff_dim // ffn_block, speeds), ffn_block)
     vocab = _ranges(apportion(h.vocab_size, speeds))
     return [Shard(a, k, f, v).check(h, mf) for a, k, f, v in zip(heads, kv, ffn, vocab)]

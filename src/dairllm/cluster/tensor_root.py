@@ -35,8 +35,9 @@ from ..formats.quant import FloatType
 from ..store.budget import available_ram
 from . import protocol as P
 from .assign import NodeProfile
-from .root import FAULTS, NetStats, blame, connect_worker, root_budget
-from .speed import measure_model_speed
+from .protocol import FAULTS, blame
+from .root import NetStats, connect_worker, root_budget
+from .speed import measure_nodes
 from .tensor import RootCollective, head_rows, plan_shards, shard_to_json
 
 log = logging.getLogger("dairllm.cluster.tensor")
@@ -66,8 +67,8 @@ class TensorModel(Model):
             for addr in workers:
                 links.append(connect_worker(addr, fp, key, timeout, path))
             budget = root_budget(mf.header, ram_budget, max_batch)
-            root = NodeProfile("root", budget or available_ram(),
-                               measure_model_speed(path, 0.1), get_nthreads())
+            root = NodeProfile("root", budget or available_ram(), 0.0, get_nthreads())
+            root = measure_nodes(path, root, links)[0]
             return cls.from_links(mf, path, fp, key, links, root, act, max_batch, timeout)
         except BaseException:
             for link in links:
