@@ -124,11 +124,14 @@ class TensorModel(Model):
         log.info("%s", self.layout_table())
 
     def layout_table(self) -> str:
-        names = ["root"] + [l.address for l in self._alive()]
-        rows = ["tensor-parallel layout (every layer split):",f"  {'node':<22} {'heads':>10} {'kv heads':>10} {'hidden units':>14} "
+        live = self._alive()
+        names = ["root"] + [l.address for l in live]
+        speeds = [self.root_profile.speed] + [l.profile.speed for l in live]
+        rows = ["tensor-parallel layout (every layer split):",
+                f"  {'node':<22} {'GB/s':>6} {'heads':>10} {'kv heads':>10} {'hidden units':>14} "
                 f"{'vocabulary':>16}"]
-        for name, s in zip(names, self.shards):
-            rows.append(f"  {name:<22} {s.heads[0]:>4}..{s.heads[1] - 1:<5} "
+        for name, speed, s in zip(names, speeds, self.shards):
+            rows.append(f"  {name:<22} {speed / 1e9:6.2f} {s.heads[0]:>4}..{s.heads[1] - 1:<5} "
                         f"{s.kv_heads[0]:>4}..{s.kv_heads[1] - 1:<5} "
                         f"{s.ffn[0]:>6}..{s.ffn[1] - 1:<6} {s.vocab[0]:>7}..{s.vocab[1] - 1:<7}")
         return "\n".join(rows)
