@@ -1,6 +1,7 @@
 """The oracles themselves, against independent statements of the same math: the NumPy RoPE tables
 (oracles/rope.py) against Meta's Llama-3.1 `apply_scaling` (re-stated here in float64) and against
-transformers' `llama3` frequencies. (The float64 forward pass is checked against the real
+transformers' `llama3` frequencies; oracles.forward.EngineRounding on activation blocks built by
+hand around a rounding tie. (The float64 forward pass is checked against the real
 distributed-llama in test_golden_logits.py.)"""
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import math
 import numpy as np
 import pytest
 
+from oracles.forward import EngineRounding, dequantize_form, quantize_form
 from oracles.rope import rope_frequencies, rope_table
 
 
@@ -91,3 +93,30 @@ def test_kernel_rope_frequencies_follow_meta_and_fill_the_table(falcon, factor):
     np.testing.assert_allclose(table[1, :, 0], np.cos(got.astype(np.float64)), atol=1e-7)
     with pytest.raises(ValueError, match="rope scaling needs"):
         _ops.rope_frequencies(hd, theta, False, 8.0, 4.0, 1.0, 8192)     # low > high
+
+
+@pytest.mark.parametrize("form,n", [("q80", 32), ("q8k", 256)])
+def test_engine_rounding_takes_only_decisions_it_can_verify(form, n):
+    """One block with amax 127 (scale 1, every value rounds to the nearest integer) and one value
+    a hair above the tie 28.5 in float64 (28.5 + 1e-6, float32 28.500002: the oracle's own rule
+    gives 29) that the 'engine' holds a float32 ulp below it (28.499998: 28). EngineRounding takes
+    the engine's 28 and counts it; it refuses blocks that are not the rule applied to the tapped
+    values, an input no tap is near, and an input length no tap has."""
+    x64 = np.linspace(-100.0, 100.0, n)
+    x64[0], x64[1] = 127.0, 28.5 + 1e-6
+    x32 = x64.astype(np.float32)
+    x32[1] = np.nextafter(np.float32(28.5), np.float32(0))
+    blocks = quantize_form(x32[None], form)
+    r = EngineRounding([(form, x32[None], blocks)])
+    taken = r(x64, form)
+    np.testing.assert_array_equal(taken, dequantize_form(blocks, form)[0])
+    assert taken[1] == 28.0 and np.rint(np.float32(x64[1])) == 29.0
+    assert (r.quants, r.scales) == (1, 0)
+    wrong = blocks.copy()
+    wrong[0, -1] ^= 1
+    with pytest.raises(AssertionError, match="differ from the rule"):
+        EngineRounding([(form, x32[None], wrong)])
+    with pytest.raises(AssertionError, match="no .* input of the engine is this oracle value"):
+        r(x64 + 0.01 * 127, form)
+    with pytest.raises(AssertionError, match="made no"):
+        r(np.concatenate([x64, x64]), form)
