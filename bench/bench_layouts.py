@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # idle nodes must not spin on shared cores
@@ -73,6 +72,8 @@ def main() -> int:
     ap.add_argument("--dllama", default=None, help="distributed-llama binary to measure too")
     args = ap.parse_args()
     path = Path(args.model) if args.model else bench_model(args.preset, args.seq_len)
+    from dairllm import _ops
+    ceiling = [(_ops.memory_read_bandwidth(1 << 30, 1, 3), _ops.memory_read_bandwidth(1 << 30, args.nodes, 3))]
     prompt = [int(t) for t in np.random.default_rng(0).integers(0, 1000, 16)]
     layouts = [x for x in args.layouts.split(",") if x]
     workers, links, models = [], [], {}
@@ -105,12 +106,18 @@ def main() -> int:
             l.stop()
         for w in workers:
             w.stop()
+    ceiling.append((_ops.memory_read_bandwidth(1 << 30, 1, 3),
+                    _ops.memory_read_bandwidth(1 << 30, args.nodes, 3)))
     base = float(np.median([t for t, _ in runs["one node"]]))
     base_tokens = runs["one node"][0][1]
     rows = []
     print(f"\n{path.name}, {args.nodes} nodes x {args.threads} thread(s), link {args.link} "
           f"(one-way ms : Mbit/s), {args.act} syncs, {args.steps} decoded tokens, "
           f"median of {args.repeat}")
+    one, many = max(c[0] for c in ceiling), max(c[1] for c in ceiling)
+    print(f"memory read bandwidth (best of before/after): 1 thread {one:.1f} GB/s, "
+          f"{args.nodes} threads {many:.1f} GB/s: nodes sharing this machine can read at most "
+          f"{many / one:.2f}x what one does")
     print(f"{'layout':<12} {'ran as':<11} {'tok/s':>7} {'vs 1 node':>9} {'predicted':>9} "
           f"{'error':>7}  tokens")
     for name, rs in runs.items():
@@ -124,7 +131,8 @@ def main() -> int:
         shown = f"{p_tps:9.3f}" if p_tps else f"{'-':>9}"
         print(f"{name:<12} {ran:<11} {tps:7.3f} {tps / base:8.2f}x {shown} {err:>7}  {same}")
         rows.append(dict(layout=name, ran_as=ran, decode_tps=tps, runs=[t for t, _ in rs],
-                         predicted_tps=p_tps, same_tokens=same == "same"))
+                         predicted_tps=p_tps, same_tokens=same == "same",
+                         read_gbs_1=one, read_gbs_n=many))
     if args.dllama:
         from bench_cluster import run_dllama
         for n in (1, args.nodes):

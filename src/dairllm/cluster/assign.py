@@ -42,6 +42,11 @@ class NodeProfile:
     disk_speed: float = 500e6     # bytes per second when streaming layers from disk
     rtt: float = 0.0              # seconds for one round trip root <-> node (0 for the root)
     bandwidth: float = 0.0        # bytes per second root <-> node as measured (0: unknown)
+    busy_speed: float = 0.0       # speed while every node computes at once (0: = speed)
+
+    @property
+    def parallel_speed(self) -> float:
+        return self.busy_speed or self.speed
 
 
 @dataclass(frozen=True)

@@ -90,7 +90,7 @@ def predict_tensor(model, profiles: list, act: int, bandwidth: float,
     if n < 2:
         return Prediction("tensor", math.inf, "needs at least one worker")
     try:
-        shards = plan_shards(model, [p.speed for p in profiles])
+        shards = plan_shards(model, [p.parallel_speed for p in profiles])
     except ConfigError as e:
         return Prediction("tensor", math.inf, str(e))
     kv_bytes = 2 * 4 * h.seq_len * h.kv_dim
@@ -103,8 +103,9 @@ def predict_tensor(model, profiles: list, act: int, bandwidth: float,
             return Prediction("tensor", math.inf, f"{p.name} would need {need / 2**30:.1f} GiB "
                                                   f"for its share, its budget is "
                                                   f"{p.ram_budget / 2**30:.1f} GiB")
-        compute = max(compute, h.n_layers * read / p.speed)
-        head = max(head, lay["wcls"].nbytes * (s.vocab[1] - s.vocab[0]) / h.vocab_size / p.speed)
+        speed = p.parallel_speed
+        compute = max(compute, h.n_layers * read / speed)
+        head = max(head, lay["wcls"].nbytes * (s.vocab[1] - s.vocab[0]) / h.vocab_size / speed)
     rtt = max(p.rtt for p in profiles[1:])
     bw = min(p.bandwidth or bandwidth for p in profiles[1:])
     record = _net.FRAME_HEADER_BYTES + _net.ACT_HEADER_BYTES + _net.act_row_bytes(h.dim, act)

@@ -155,7 +155,8 @@ class Session:
             self.conn.send_json(P.PONG, {})
             return
         seconds = P.get_num(ping, "measure", 0.01, 5.0, self.conn.peer)
-        speed = measure_model_speed(self.w.opts.model_path, seconds)
+        node = P.get_int(ping, "node", 0, 1 << 16, self.conn.peer) if "node" in ping else 0
+        speed = measure_model_speed(self.w.opts.model_path, seconds, node=node)
         self.conn.send_json(P.PONG, {"speed": speed})
 
     def handshake(self) -> None:

@@ -30,10 +30,16 @@ def layer_read_bytes(h) -> int:
     return total
 
 
-def measure_model_speed(path, seconds: float = 0.2, nthreads: "int | None" = None) -> float:
-    """Weight bytes per second this node reads running its own model's layer 0 for one token
-    (`layer_read_bytes` / measured seconds per layer): the kernels on the model's own shapes,
-    norms, RoPE, attention and the Python between them included."""
+WINDOW_BYTES = 256 << 20       # a speed is measured over this much of the model (past the caches)
+
+
+def measure_model_speed(path, seconds: float = 0.2, nthreads: "int | None" = None,
+                        node: int = 0) -> float:
+    """Weight bytes per second this node reads running its own model's layers for one token
+    (`layer_read_bytes` per layer / measured seconds per layer): the kernels on the model's own
+    shapes, norms, RoPE, attention and the Python between them included. It runs a window of
+    consecutive layers of about WINDOW_BYTES, window `node` of the model, so nodes measured at
+    the same time on one machine read different memory, as they do when they run."""
     from ..engine import forward as fw
     from ..engine.model import Compute
     from ..engine.state import RunState
@@ -43,19 +49,23 @@ def measure_model_speed(path, seconds: float = 0.2, nthreads: "int | None" = Non
     mf = open_model_file(path, max_seq_len=16)
     try:
         h = mf.header
-        s = RunState(h, 1, layers=range(1))
-        m = Compute(h, ResidentWeights(mf, layers=range(1)))
+        per_layer = layer_read_bytes(h)
+        k = max(1, min(h.n_layers, -(-WINDOW_BYTES // max(per_layer, 1))))
+        start = (node * k) % h.n_layers
+        layers = range(start, min(h.n_layers, start + k))
+        s = RunState(h, 1, layers=layers)
+        m = Compute(h, ResidentWeights(mf, layers=layers))
         r = s.rows(1)
         tokens = np.zeros(1, dtype=np.intp)
 
         def one() -> None:
             fw.set_positions(s, r, 0)
             fw.embed(m, r, tokens)
-            fw.run_layers(m, s, r, 0, 0, 1)
+            fw.run_layers(m, s, r, 0, layers.start, layers.stop)
 
         if nthreads is not None:
             set_nthreads(nthreads)
-        one()                                   # pages the layer in
+        one()                                   # pages the layers in
         n, t0 = 0, time.perf_counter()
         best = float("inf")
         while True:
@@ -64,7 +74,7 @@ def measure_model_speed(path, seconds: float = 0.2, nthreads: "int | None" = Non
             best = min(best, time.perf_counter() - t1)
             n += 1
             if time.perf_counter() - t0 >= seconds and n >= 3:
-                return layer_read_bytes(h) / best
+                return per_layer * len(layers) / best
     finally:
         mf.close()
 
@@ -73,19 +83,22 @@ PAD_BYTES = 32_000            # bandwidth probe: a PING this large
 
 
 def measure_nodes(path, root: NodeProfile, links: list, seconds: float = 0.3) -> list:
-    """Profiles of the root and the workers, speeds measured at the same time on the model's own
-    layer (nodes that share a machine share its memory bandwidth while they run), each link's
-    bandwidth from a PING of PAD_BYTES."""
-    for link in links:
+    """Profiles of the root and the workers with two speeds each: `speed` measured alone (the
+    root now, the workers at their start), what a pipeline sees, where one node computes at a
+    time; and `busy_speed`, measured by every node at once on different layers, what tensor
+    parallelism sees when nodes share a machine's memory bandwidth. Each link's bandwidth from
+    a PING of PAD_BYTES."""
+    solo = measure_model_speed(path, seconds)
+    for i, link in enumerate(links, 1):
         with P.blame(link):
-            link.conn.send_json(P.PING, {"measure": seconds})
-    root = replace(root, speed=measure_model_speed(path, seconds))
-    out = [root]
+            link.conn.send_json(P.PING, {"measure": seconds, "node": i})
+    busy = measure_model_speed(path, seconds) if links else solo
+    out = [replace(root, speed=solo, busy_speed=busy)]
     for link in links:
         with P.blame(link):
             pong = link.conn.expect_json(P.PONG)
             speed = P.get_num(pong, "speed", 1.0, 1e15, link.address)
-            out.append(replace(link.profile, speed=speed, bandwidth=_bandwidth(link)))
+            out.append(replace(link.profile, busy_speed=speed, bandwidth=_bandwidth(link)))
         link.profile = out[-1]
     return out
 

@@ -98,7 +98,7 @@ class TensorModel(Model):
     def _split(self) -> None:
         """Shares over the root and the live workers (by speed); ASSIGN each worker its own."""
         live = self._alive()
-        speeds = [self.root_profile.speed] + [l.profile.speed for l in live]
+        speeds = [self.root_profile.parallel_speed] + [l.profile.parallel_speed for l in live]
         self.shards = plan_shards(self.file, speeds)
         h, mb = self.header, self.state.max_batch
         for i, (link, shard) in enumerate(zip(live, self.shards[1:]), 1):
@@ -126,7 +126,7 @@ class TensorModel(Model):
     def layout_table(self) -> str:
         live = self._alive()
         names = ["root"] + [l.address for l in live]
-        speeds = [self.root_profile.speed] + [l.profile.speed for l in live]
+        speeds = [self.root_profile.parallel_speed] + [l.profile.parallel_speed for l in live]
         rows = ["tensor-parallel layout (every layer split):",
                 f"  {'node':<22} {'GB/s':>6} {'heads':>10} {'kv heads':>10} {'hidden units':>14} "
                 f"{'vocabulary':>16}"]
