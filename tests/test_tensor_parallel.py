@@ -383,8 +383,9 @@ def predictions(preset: str, n: int, speed: float, rtt: float, **kw) -> dict:
 
 
 def test_planner_arithmetic_on_the_8b_shape():
-    """Independent arithmetic: 2 equal nodes halve the compute and add 2 syncs per layer of
-    half a round trip plus the record's wire time and the fixed overhead."""
+    """Independent arithmetic: 2 equal nodes halve the compute (the layers' part waits for the
+    slower node: STRAGGLE), and add 2 syncs per layer of half a round trip plus the record's
+    wire time and the fixed overhead, then the logits of half the vocabulary."""
     h = preset_header("llama-3.1-8b", max_seq_len=1024)
     p, pick = predictions("llama-3.1-8b", 2, 10e9, 0.2e-3)
     lay = layouts.simulated_model(h).layout
@@ -393,7 +394,9 @@ def test_planner_arithmetic_on_the_8b_shape():
     assert p["root alone"].seconds == pytest.approx(alone, rel=1e-3)
     record = 12 + 16 + 4096 // 32 * 34
     sync = 0.1e-3 + record / 125e6 + layouts.SYNC_OVERHEAD
-    tensor = alone / 2 + 2 * h.n_layers * sync + 0.1e-3 + 64128 * 4 / 125e6 + 0.1e-3
+    head = lay["wcls"].nbytes / 10e9
+    tensor = (alone - head) / 2 * (1 + layouts.STRAGGLE) + head / 2 + 2 * h.n_layers * sync + \
+        0.1e-3 + 64128 * 4 / 125e6 + 0.1e-3
     assert p["tensor"].seconds == pytest.approx(tensor, rel=0.01)
     assert pick.layout == "tensor"
     assert p["pipeline"].seconds >= p["root alone"].seconds - 1e-9

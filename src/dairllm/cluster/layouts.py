@@ -10,7 +10,7 @@ alone). `plan --simulate` feeds the same predictions with profiles instead of me
 Predictions (per decoded token; L layers, N nodes, speed = weight bytes per second as measured):
     root alone   L * read_bytes / speed + classifier / speed
     pipeline     the layer assignment's sum of stage times and round trips (cluster/assign.py)
-    tensor       L * max_i(share_i / speed_i) + max_i(classifier_i / speed_i)
+    tensor       L * max_i(share_i / speed_i) * (1 + STRAGGLE) + max_i(classifier_i / speed_i)
                  + 2 L * sync + gather + rtt / 2 (the TOKENS record)
                  sync = rtt / 2 (two nodes exchange) or rtt (others relay through the root)
                         + (N - 1) * partial_bytes / bandwidth + SYNC_OVERHEAD
@@ -44,6 +44,10 @@ PARALLEL = ("auto", "tensor", "pipeline")
 # sockets on both ends (measured on the development host over loopback: a PING round trip
 # between two dairllm processes is 0.16 ms, of which the kernel's loopback is ~0.03 ms).
 SYNC_OVERHEAD = 60e-6
+# Every sync waits for the slowest node, and nodes do not finish a half layer in lockstep: on
+# the development host the root waited 0.3-0.6 ms per sync beyond the link on the 8B shape's
+# 3.3 ms half layers, about a tenth of them.
+STRAGGLE = 0.10
 
 
 @dataclass
@@ -111,7 +115,7 @@ def predict_tensor(model, profiles: list, act: int, bandwidth: float,
     record = _net.FRAME_HEADER_BYTES + _net.ACT_HEADER_BYTES + _net.act_row_bytes(h.dim, act)
     sync = (rtt / 2 if n == 2 else rtt) + (n - 1) * record / bw + sync_overhead
     gather = rtt / 2 + max(s.vocab[1] - s.vocab[0] for s in shards[1:]) * 4 / bw
-    seconds = compute + head + 2 * h.n_layers * sync + gather + rtt / 2
+    seconds = compute * (1 + STRAGGLE) + head + 2 * h.n_layers * sync + gather + rtt / 2
     return Prediction("tensor", seconds, f"{n} nodes, syncs {2 * h.n_layers * sync * 1e3:.1f} ms")
 
 
