@@ -412,6 +412,16 @@ def test_auto_never_picks_a_layout_slower_than_the_root_alone():
     assert pick.layout == "tensor"
 
 
+def test_auto_keeps_the_root_alone_unless_another_layout_is_clearly_faster():
+    def pred(layout, ms):
+        return layouts.Prediction(layout, ms / 1e3)
+    close = [pred("root alone", 100), pred("pipeline", 95), pred("tensor", 93)]
+    assert layouts.choose(close, "auto").layout == "root alone"
+    clear = [pred("root alone", 100), pred("pipeline", 95), pred("tensor", 85)]
+    assert layouts.choose(clear, "auto").layout == "tensor"
+    assert layouts.choose(close, "tensor").layout == "tensor"       # asked for: given
+
+
 def test_planner_refuses_what_does_not_fit():
     p, _ = predictions("llama-3.1-8b", 2, 10e9, 0.2e-3, ram=1 << 30)
     assert not p["tensor"].feasible and "would need" in p["tensor"].note

@@ -142,9 +142,14 @@ def predict_all(model, costs: ModelCosts, profiles: list, act: int, bandwidth: f
             predict_tensor(model, profiles, act, bandwidth, sync_overhead)]
 
 
+# With "auto", a layout that uses the network must beat the root alone by this much: speeds
+# measured in a fraction of a second on shared machines vary by about as much.
+MARGIN = 0.10
+
+
 def choose(predictions: list, parallel: str) -> Prediction:
-    """The requested layout, or with "auto" the fastest that can run (ties: the root alone,
-    then the pipeline)."""
+    """The requested layout, or with "auto" the fastest that can run, the root alone unless
+    another is predicted at least MARGIN faster."""
     if parallel not in PARALLEL:
         raise ConfigError(f"parallel must be one of {', '.join(PARALLEL)}, got {parallel!r}")
     by = {p.layout: p for p in predictions}
@@ -157,7 +162,11 @@ def choose(predictions: list, parallel: str) -> Prediction:
     if not runnable:
         raise ConfigError("no layout fits: " + "; ".join(f"{p.layout}: {p.note}"
                                                           for p in predictions))
-    return min(runnable, key=lambda p: p.seconds)
+    best = min(runnable, key=lambda p: p.seconds)
+    alone = by["root alone"]
+    if alone.feasible and best.seconds > alone.seconds * (1 - MARGIN):
+        return alone
+    return best
 
 
 def table(predictions: list, chosen: "Prediction | None" = None) -> str:
