@@ -23,7 +23,7 @@ from dairllm import Model, _net
 from dairllm.cluster import layouts, protocol as P
 from dairllm.cluster.assign import ModelCosts, NodeProfile
 from dairllm.cluster.local import LocalWorker
-from dairllm.cluster.root import connect_worker
+from dairllm.cluster.connect import connect_worker
 from dairllm.cluster.tensor import apportion, plan_shards
 from dairllm.cluster.tensor_root import TensorModel
 from dairllm.engine.shard import Shard
@@ -196,7 +196,7 @@ def test_q80_syncs_stay_within_activation_rounding():
 def test_uneven_shares_follow_speed(monkeypatch):
     """Shares sized by (here: given) speeds: a node three times faster takes three times the
     hidden units; results unchanged."""
-    from dairllm.cluster import tensor_root
+    from dairllm.cluster import connect
 
     def fixed(path, root, links, seconds=0.3):
         out = [NodeProfile("root", root.ram_budget, 3e9, 1)]
@@ -205,7 +205,7 @@ def test_uneven_shares_follow_speed(monkeypatch):
             out.append(link.profile)
         return out
 
-    monkeypatch.setattr(tensor_root, "measure_nodes", fixed)
+    monkeypatch.setattr(connect, "measure_nodes", fixed)
     path = golden_model("tiny_f32")
     ref, _ = single_node(path)
     with workers(path, 1) as ws:

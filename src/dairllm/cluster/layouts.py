@@ -24,15 +24,13 @@ from types import SimpleNamespace
 from typing import Sequence
 
 from .. import _net
-from ..engine.threads import get_nthreads, set_nthreads
+from ..engine.threads import set_nthreads
 from ..errors import ConfigError
-from ..formats.detect import open_model_file
-from ..formats.fingerprint import model_fingerprint
 from ..formats.modelfile import Header, tensor_layout
-from ..store.budget import available_ram
 from . import protocol as P
 from .assign import ModelCosts, NodeProfile, assign, manual
-from .root import ClusterModel, connect_worker, root_budget
+from .connect import connect
+from .root import ClusterModel
 from .speed import measure_nodes
 from .tensor import plan_shards
 from .tensor_root import TensorModel
@@ -199,16 +197,11 @@ def open_cluster(path, workers: Sequence[str], parallel: str = "auto",
     if max_batch <= 0 or timeout <= 0:
         raise ConfigError("max_batch and timeout must be positive")
     act = P.act_type(buffer_float_type)
-    key = secret if isinstance(secret, bytes) else P.resolve_secret(secret)
-    mf = open_model_file(path, max_seq_len=max_seq_len)
-    links: list = []
+    c = connect(path, workers, max_seq_len, max_batch, ram_budget, secret, timeout,
+                verify_model)
     try:
-        fp = model_fingerprint(path, full=verify_model)
-        for addr in workers:
-            links.append(connect_worker(addr, fp, key, timeout, path))
-        budget = root_budget(mf.header, ram_budget, max_batch)
-        root = NodeProfile("root", budget or available_ram(), 0.0, get_nthreads())
-        profiles = measure_nodes(path, root, links)
+        mf, links = c.file, c.links
+        profiles = [c.root] + [l.profile for l in links]
         costs = ModelCosts.of(mf.header, _net.act_row_bytes(mf.header.dim, act), max_batch)
         if layers:
             parallel = "pipeline"
@@ -216,19 +209,18 @@ def open_cluster(path, workers: Sequence[str], parallel: str = "auto",
         pick = choose(preds, parallel)
         (announce or log.info)(f"layouts (estimated time per decoded token):\n{table(preds, pick)}")
         if pick.layout == "tensor":
-            model = TensorModel.from_links(mf, path, fp, key, links, profiles[0], act,
+            model = TensorModel.from_links(mf, path, c.fingerprint, c.secret, links, c.root, act,
                                            max_batch, timeout)
         else:
             if pick.layout == "root alone" and not layers:
                 layers = f"0-{mf.header.n_layers - 1}" + "," * len(links)   # workers: spares
-            model = ClusterModel.from_links(mf, path, fp, key, links, profiles[0], act, layers,
-                                            timeout, link_bandwidth, max_batch, budget)
+            model = ClusterModel.from_links(mf, path, c.fingerprint, c.secret, links, c.root,
+                                            act, layers, timeout, link_bandwidth, max_batch,
+                                            c.budget)
         model.predictions, model.prediction = preds, pick
         return model
     except BaseException:
-        for link in links:
-            link.close()
-        mf.close()
+        c.close()
         raise
 
 
@@ -241,26 +233,18 @@ def probe(path, workers: Sequence[str], parallel: str = "auto",
     handshakes and a timed pass over layer 0 on every node: nothing else is loaded anywhere
     (`dairllm plan`)."""
     act = P.act_type(buffer_float_type)
-    key = P.resolve_secret(secret)
-    mf = open_model_file(path, max_seq_len=max_seq_len)
-    links: list = []
+    c = connect(path, workers, max_seq_len, max_batch, ram_budget, secret, timeout,
+                verify_model)
     try:
-        fp = model_fingerprint(path, full=verify_model)
-        for addr in workers:
-            links.append(connect_worker(addr, fp, key, timeout, path))
-        h = mf.header
-        root = NodeProfile("root", root_budget(h, ram_budget, max_batch) or available_ram(),
-                           0.0, get_nthreads())
-        profiles = measure_nodes(path, root, links)
-        costs = ModelCosts.of(h, _net.act_row_bytes(h.dim, act), max_batch)
+        profiles = [c.root] + [l.profile for l in c.links]
+        costs = ModelCosts.of(c.file.header, _net.act_row_bytes(c.file.header.dim, act),
+                              max_batch)
         a = manual(profiles, costs, layers, link_bandwidth) if layers else \
             assign(profiles, costs, link_bandwidth)
-        preds = predict_all(mf, costs, profiles, act, link_bandwidth, layers)
+        preds = predict_all(c.file, costs, profiles, act, link_bandwidth, layers)
         return a, preds, choose(preds, "pipeline" if layers else parallel)
     finally:
-        for link in links:
-            link.close()
-        mf.close()
+        c.close()
 
 
 def simulated_model(h: Header) -> SimpleNamespace:

@@ -24,118 +24,28 @@ both edges, so even with Q80 activations the tokens are bit-identical to a fault
 from __future__ import annotations
 
 import logging
-import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
 from .. import _net
 from ..engine import forward as fw
-from ..engine.model import DEFAULT_MAX_BATCH, Model
-from ..engine.state import RunState, run_state_bytes
-from ..engine.threads import get_nthreads, set_nthreads
+from ..engine.model import DEFAULT_MAX_BATCH
+from ..engine.state import RunState
+from ..engine.threads import set_nthreads
 from ..engine.weights import ResidentWeights
-from ..errors import ConfigError, DairError, ProtocolError
-from ..formats.fingerprint import model_fingerprint
-from ..formats.detect import open_model_file
-from ..formats.modelfile import Header, tensor_layout
+from ..errors import ConfigError, ProtocolError
 from ..formats.quant import FloatType
-from ..store.budget import available_ram, resolve_budget
-from ..store.residency import full_resident_bytes
 from . import protocol as P
 from .protocol import FAULTS, blame
 from .assign import ModelCosts, NodeProfile, assign, manual
-from .speed import measure_model_speed
+from .connect import ClusterDriver, NetStats, WorkerLink, connect, connect_worker
 from .stage_weights import close_weights, weights_for_range
 
 log = logging.getLogger("dairllm.cluster.root")
 
-
-
-def parse_address(addr: str) -> tuple:
-    host, sep, port = addr.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"worker address {addr!r} must be host:port")
-    return host.strip("[]"), int(port)
-
-
-@dataclass
-class WorkerLink:
-    address: str
-    conn: "P.Connection | None"
-    info: dict
-    profile: NodeProfile
-    alive: bool = True
-    traffic: "P.Traffic | None" = None     # survives the connection (stats after a fault)
-
-    def __post_init__(self) -> None:
-        if self.traffic is None and self.conn is not None:
-            self.traffic = self.conn.traffic
-
-    def close(self, bye: bool = True) -> None:
-        if self.conn is not None:
-            if bye and self.alive:
-                try:
-                    self.conn.send(P.BYE)
-                except DairError:
-                    pass
-            self.conn.close()
-            self.conn = None
-
-
-def connect_worker(address: str, fingerprint: str, secret: "bytes | None",
-                   timeout: float, path: object = "model") -> WorkerLink:
-    """Connect, authenticate and read the worker's profile; refuse a different model file."""
-    host, port = parse_address(address)
-    conn = P.Connection.connect(host, port, timeout)
-    try:
-        nonce = P.new_nonce()
-        conn.send_json(P.HELLO, {"version": P.PROTOCOL_VERSION, "nonce": nonce})
-        ch = conn.expect_json(P.CHALLENGE)
-        wnonce = P.check_nonce(ch.get("nonce"), conn.peer)
-        if ch.get("auth") and secret is None:
-            raise ConfigError(f"worker {address} requires a shared secret (--secret or "
-                              f"{P.SECRET_ENV})")
-        conn.send_json(P.AUTH, {"mac": P.mac(secret, b"root", wnonce) if secret else ""})
-        info = conn.expect_json(P.INFO)
-        if secret is not None and not P.mac_matches(secret, b"worker", nonce, info.get("mac")):
-            raise ProtocolError(f"worker {address} failed authentication (wrong secret)")
-        wfp = P.get_str(info, "fingerprint", conn.peer, 200)
-        if wfp.split(":")[0] != fingerprint.split(":")[0]:
-            raise ConfigError(f"worker {address} fingerprints its model by {wfp.split(':')[0]} "
-                              f"blocks and the root by {fingerprint.split(':')[0]}: start both "
-                              f"with --verify-model, or neither")
-        if not _same_model(wfp, fingerprint):
-            name = P.get_str(info, "model_name", conn.peer, 1000)
-            raise ConfigError(f"worker {address} has a different model: its {name} has "
-                              f"fingerprint {wfp}, the root's {path} has {fingerprint}")
-        rtt = math.inf
-        for _ in range(5):                     # the fastest of a few: the first ones warm up
-            t0 = time.perf_counter()
-            conn.send_json(P.PING, {})
-            conn.expect(P.PONG)
-            rtt = min(rtt, time.perf_counter() - t0)
-        prof = NodeProfile(address, P.get_int(info, "ram_budget", 1, 1 << 60, conn.peer),
-                           P.get_num(info, "speed", 1.0, 1e15, conn.peer),
-                           P.get_int(info, "threads", 1, 1 << 16, conn.peer), rtt=rtt)
-        return WorkerLink(address, conn, info, prof)
-    except BaseException:
-        conn.close()
-        raise
-
-
-def root_budget(h: Header, ram_budget: "int | str | None", max_batch: int) -> "int | None":
-    """The root's RAM budget in bytes ("50%": of what the whole model needs resident)."""
-    full = full_resident_bytes(tensor_layout(h), run_state_bytes(h, max_batch))
-    return resolve_budget(ram_budget, full)
-
-
-def _same_model(a: str, b: str) -> bool:
-    """Sampled fingerprints compare with sampled ones, full with full (--verify-model on both);
-    a root that checks fully refuses a worker that only sampled."""
-    return a == b
 
 
 @dataclass
@@ -151,26 +61,7 @@ class PipeStage:
     name: str
 
 
-@dataclass
-class NetStats:
-    """Wire traffic and waits of the forwards since the last reset."""
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    forwards: int = 0                     # chunks through the pipeline
-    tokens: int = 0                       # rows through the pipeline
-    stage_seconds: dict = field(default_factory=dict)   # stage name -> seconds (incl. network)
-    decode_bytes: list = field(default_factory=list)    # bytes on the wire per decoded token
-    decode_seconds: list = field(default_factory=list)
-    faults: list = field(default_factory=list)          # (worker, error, recovery seconds)
-
-    def as_dict(self) -> dict:
-        d = dict(vars(self))
-        d["bytes_per_decoded_token"] = (float(np.mean(self.decode_bytes))
-                                        if self.decode_bytes else 0.0)
-        return d
-
-
-class ClusterModel(Model):
+class ClusterModel(ClusterDriver):
     """Model.forward / generate / reset, with the layers spread over the root and its workers."""
 
     @classmethod
@@ -186,22 +77,13 @@ class ClusterModel(Model):
         if timeout <= 0:
             raise ConfigError(f"timeout must be positive, got {timeout}")
         act = P.act_type(buffer_float_type)
-        key = secret if isinstance(secret, bytes) else P.resolve_secret(secret)
-        mf = open_model_file(path, max_seq_len=max_seq_len)
-        links: list = []
+        c = connect(path, workers, max_seq_len, max_batch, ram_budget, secret, timeout,
+                    verify_model)
         try:
-            fp = model_fingerprint(path, full=verify_model)
-            for addr in workers:
-                links.append(connect_worker(addr, fp, key, timeout, path))
-            budget = root_budget(mf.header, ram_budget, max_batch)
-            root = NodeProfile("root", budget or available_ram(),
-                               measure_model_speed(path, 0.1), get_nthreads())
-            return cls.from_links(mf, path, fp, key, links, root, act, layers, timeout,
-                                  link_bandwidth, max_batch, budget)
+            return cls.from_links(c.file, path, c.fingerprint, c.secret, c.links, c.root, act,
+                                  layers, timeout, link_bandwidth, max_batch, c.budget)
         except BaseException:
-            for link in links:
-                link.close()
-            mf.close()
+            c.close()
             raise
 
     @classmethod
@@ -235,9 +117,6 @@ class ClusterModel(Model):
         return "layer assignment:\n" + self.assignment.table()
 
     # -- assignment -----------------------------------------------------------------------------
-
-    def _alive(self) -> list:
-        return [l for l in self.links if l.alive]
 
     def _plan(self, layers: "str | None") -> None:
         """Assign layers over the root and the workers; send each worker its range."""
@@ -470,23 +349,6 @@ class ClusterModel(Model):
             n = position - p0
             kept.append((p0, chunk[:n], {i: rows[:n] for i, rows in inputs.items()}))
         self.history = kept
-
-    def _traffic(self) -> tuple:
-        return (sum(l.traffic.sent for l in self.links if l.traffic is not None),
-                sum(l.traffic.received for l in self.links if l.traffic is not None))
-
-    def reset(self) -> None:
-        super().reset()
-        self.history = []
-
-    def reset_stats(self) -> None:
-        self.net_stats = NetStats()
-
-    def close(self) -> None:
-        for link in self.links:
-            link.close()
-        super().close()
-
 
 def _last_row(s: RunState, r):
     one = s.rows(1)

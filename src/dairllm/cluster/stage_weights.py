@@ -11,7 +11,7 @@ import logging
 from ..engine.weights import ResidentWeights
 from ..errors import ConfigError
 from ..formats.modelfile import ModelFile
-from ..store.residency import PAGE, Residency, model_units, spread
+from ..store.residency import Residency, model_units, spread
 from ..store.store import LayerStore
 
 log = logging.getLogger(__name__)

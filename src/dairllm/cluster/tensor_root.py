@@ -23,27 +23,23 @@ from typing import Sequence
 
 import numpy as np
 
-from ..engine.model import DEFAULT_MAX_BATCH, Compute, Model
+from ..engine.model import DEFAULT_MAX_BATCH, Compute
 from ..engine.shard import ShardWeights
 from ..engine.state import RunState
-from ..engine.threads import get_nthreads, set_nthreads
+from ..engine.threads import set_nthreads
 from ..engine.weights import ResidentWeights
 from ..errors import ConfigError
-from ..formats.detect import open_model_file
-from ..formats.fingerprint import model_fingerprint
 from ..formats.quant import FloatType
-from ..store.budget import available_ram
 from . import protocol as P
 from .assign import NodeProfile
 from .protocol import FAULTS, blame
-from .root import NetStats, connect_worker, root_budget
-from .speed import measure_nodes
+from .connect import ClusterDriver, NetStats, connect, connect_worker
 from .tensor import RootCollective, head_rows, plan_shards, shard_to_json
 
 log = logging.getLogger("dairllm.cluster.tensor")
 
 
-class TensorModel(Model):
+class TensorModel(ClusterDriver):
     """Model.forward / generate / reset with every layer split over the root and its workers."""
 
     @classmethod
@@ -51,29 +47,18 @@ class TensorModel(Model):
              nthreads: "int | None" = None, max_batch: int = DEFAULT_MAX_BATCH,
              buffer_float_type: str = "q80", ram_budget: "int | str | None" = None,
              secret: "str | bytes | None" = None, timeout: float = 60.0,
-             verify_model: bool = False, **unused) -> "TensorModel":
-        if unused.get("layers"):
-            raise ConfigError("--layers sets a pipeline's stages; a tensor-parallel layout "
-                              "splits every layer")
+             verify_model: bool = False) -> "TensorModel":
         set_nthreads(nthreads)
         if max_batch <= 0 or timeout <= 0:
             raise ConfigError("max_batch and timeout must be positive")
         act = P.act_type(buffer_float_type)
-        key = secret if isinstance(secret, bytes) else P.resolve_secret(secret)
-        mf = open_model_file(path, max_seq_len=max_seq_len)
-        links: list = []
+        c = connect(path, workers, max_seq_len, max_batch, ram_budget, secret, timeout,
+                    verify_model)
         try:
-            fp = model_fingerprint(path, full=verify_model)
-            for addr in workers:
-                links.append(connect_worker(addr, fp, key, timeout, path))
-            budget = root_budget(mf.header, ram_budget, max_batch)
-            root = NodeProfile("root", budget or available_ram(), 0.0, get_nthreads())
-            root = measure_nodes(path, root, links)[0]
-            return cls.from_links(mf, path, fp, key, links, root, act, max_batch, timeout)
+            return cls.from_links(c.file, path, c.fingerprint, c.secret, c.links, c.root, act,
+                                  max_batch, timeout)
         except BaseException:
-            for link in links:
-                link.close()
-            mf.close()
+            c.close()
             raise
 
     @classmethod
@@ -91,9 +76,6 @@ class TensorModel(Model):
         return model
 
     # -- layout ---------------------------------------------------------------------------------
-
-    def _alive(self) -> list:
-        return [l for l in self.links if l.alive]
 
     def _split(self) -> None:
         """Shares over the root and the live workers (by speed); ASSIGN each worker its own."""
@@ -227,22 +209,5 @@ class TensorModel(Model):
             except FAULTS as e:
                 log.warning("worker %s is gone too (%s)", link.address, e)
         self.links = fresh
-
-    def _traffic(self) -> tuple:
-        return (sum(l.traffic.sent for l in self.links if l.traffic is not None),
-                sum(l.traffic.received for l in self.links if l.traffic is not None))
-
-    def reset(self) -> None:
-        super().reset()
-        self.history = []
-
-    def reset_stats(self) -> None:
-        self.net_stats = NetStats()
-
-    def close(self) -> None:
-        for link in self.links:
-            link.close()
-        super().close()
-
 
 __all__ = ["TensorModel"]
