@@ -124,6 +124,17 @@ class NetStats:
     decode_seconds: list = field(default_factory=list)
     faults: list = field(default_factory=list)          # (worker, error, recovery seconds)
 
+    def count(self, rows: int, before: tuple, after: tuple, seconds: float) -> None:
+        """One chunk of `rows` through the cluster: (sent, received) link bytes before and after
+        it, and how long it took."""
+        self.bytes_sent += after[0] - before[0]
+        self.bytes_received += after[1] - before[1]
+        self.forwards += 1
+        self.tokens += rows
+        if rows == 1:
+            self.decode_bytes.append(sum(after) - sum(before))
+            self.decode_seconds.append(seconds)
+
     def as_dict(self) -> dict:
         d = dict(vars(self))
         d["bytes_per_decoded_token"] = (float(np.mean(self.decode_bytes))

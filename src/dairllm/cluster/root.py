@@ -170,15 +170,7 @@ class ClusterModel(ClusterDriver):
             inputs = self._forward_chunk(chunk, p0)
             self.history.append((p0, chunk, inputs))
             self.n_past = p0 + chunk.size
-            st = self.net_stats
-            sent1 = self._traffic()
-            st.bytes_sent += sent1[0] - sent0[0]
-            st.bytes_received += sent1[1] - sent0[1]
-            st.forwards += 1
-            st.tokens += chunk.size
-            if chunk.size == 1:
-                st.decode_bytes.append(sum(sent1) - sum(sent0))
-                st.decode_seconds.append(time.perf_counter() - t0)
+            self.net_stats.count(chunk.size, sent0, self._traffic(), time.perf_counter() - t0)
             r = self.state.rows(chunk.size)      # the state may be new after a recovery
             if logits is None:
                 continue

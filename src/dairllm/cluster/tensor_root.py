@@ -134,14 +134,7 @@ class TensorModel(ClusterDriver):
             except FAULTS as e:
                 self._recover(e)
         self.history.append((p0, chunk))
-        st, sent1 = self.net_stats, self._traffic()
-        st.bytes_sent += sent1[0] - sent0[0]
-        st.bytes_received += sent1[1] - sent0[1]
-        st.forwards += 1
-        st.tokens += chunk.size
-        if chunk.size == 1:
-            st.decode_bytes.append(sum(sent1) - sum(sent0))
-            st.decode_seconds.append(time.perf_counter() - t0)
+        self.net_stats.count(chunk.size, sent0, self._traffic(), time.perf_counter() - t0)
 
     def _step(self, chunk: np.ndarray, p0: int, want: "str | None" = None) -> None:
         """The chunk through every node's shard; with `want`, the gathered logits of those rows
