@@ -263,6 +263,58 @@ def test_a_killed_worker_costs_a_resplit_not_the_run():
     assert len(faults) == 1 and faults[0][0] == ws[1].addr
 
 
+def open_hybrid(path, ws, layers: str = "0,1-2,3", act: str = "f32"):
+    """Root: layer 0; workers 1+2 as a tensor group: layers 1-2; worker 3: layer 3."""
+    return layouts.open_cluster(path, [w.addr for w in ws], parallel="hybrid", groups="1,2",
+                                layers=layers, buffer_float_type=act, timeout=20)
+
+
+def test_hybrid_layout_gives_the_single_node_logits_and_tokens():
+    path = golden_model("tiny_f32")
+    ref, ref_tokens = single_node(path)
+    with workers(path, 3) as ws:
+        with open_hybrid(path, ws) as m:
+            assert [(ps.start, ps.end, len(ps.members)) for ps in m.pipe] == \
+                [(0, 1, 0), (1, 3, 1), (3, 4, 0)]
+            assert m.prediction.layout == "hybrid"
+            prompt = m.forward(TOKENS, 0)
+            m.reset()
+            tokens = list(m.generate(TOKENS, 8))
+    print(f"hybrid: {rel_err(prompt, ref):.2g} of the largest logit")
+    assert rel_err(prompt, ref) < F32_TOL and tokens == ref_tokens
+
+
+def test_hybrid_group_member_killed_moves_the_stage():
+    """A group member dies: its lead's stage moves whole to another node, the sequence is
+    replayed there, the tokens are those of a fault-free run."""
+    path = golden_model("tiny_f32")
+    _, ref_tokens = single_node(path, steps=12)
+    with workers(path, 3) as ws:
+        with open_hybrid(path, ws) as m:
+            out = []
+            for i, t in enumerate(m.generate(TOKENS, 12)):
+                out.append(t)
+                if i == 4:
+                    ws[1].proc.kill()
+                    ws[1].proc.wait(10)
+            assert not any(ps.members for ps in m.pipe)
+            assert len(m.net_stats.faults) >= 1
+    assert out == ref_tokens
+
+
+def test_groups_are_checked():
+    from dairllm.cluster.root import parse_groups, _check_groups
+    assert parse_groups("1,2;3,4") == [[0, 1], [2, 3]]
+    with pytest.raises(ConfigError, match="worker numbers"):
+        parse_groups("1,a")
+    with pytest.raises(ConfigError, match="at least two"):
+        _check_groups([[0]], 3)
+    with pytest.raises(ConfigError, match="in two groups"):
+        _check_groups([[0, 1], [1, 2]], 3)
+    with pytest.raises(ConfigError, match="not one of"):
+        _check_groups([[0, 5]], 3)
+
+
 # ---------------------------------------------------------------------------------------------
 # Hostile and broken peers
 

@@ -30,22 +30,14 @@ from ..formats.modelfile import Header, tensor_layout
 from . import protocol as P
 from .assign import ModelCosts, NodeProfile, assign, manual
 from .connect import connect
-from .root import ClusterModel
+from .root import ClusterModel, parse_groups, stage_units, unit_profile
 from .speed import measure_nodes
-from .tensor import plan_shards
+from .tensor import STRAGGLE, SYNC_OVERHEAD, plan_shards, sync_seconds
 from .tensor_root import TensorModel
 
 log = logging.getLogger("dairllm.cluster.layouts")
 
-PARALLEL = ("auto", "tensor", "pipeline")
-# Seconds per all-reduce beyond the wire: (de)quantizing, adding and the Python around the
-# sockets on both ends (measured on the development host over loopback: a PING round trip
-# between two dairllm processes is 0.16 ms, of which the kernel's loopback is ~0.03 ms).
-SYNC_OVERHEAD = 60e-6
-# Every sync waits for the slowest node, and nodes do not finish a half layer in lockstep: on
-# the development host the root waited 0.3-0.6 ms per sync beyond the link on the 8B shape's
-# 3.3 ms half layers, about a tenth of them.
-STRAGGLE = 0.10
+PARALLEL = ("auto", "tensor", "pipeline", "hybrid")
 
 
 @dataclass
@@ -111,7 +103,7 @@ def predict_tensor(model, profiles: list, act: int, bandwidth: float,
     rtt = max(p.rtt for p in profiles[1:])
     bw = min(p.bandwidth or bandwidth for p in profiles[1:])
     record = _net.FRAME_HEADER_BYTES + _net.ACT_HEADER_BYTES + _net.act_row_bytes(h.dim, act)
-    sync = (rtt / 2 if n == 2 else rtt) + (n - 1) * record / bw + sync_overhead
+    sync = sync_seconds(n, rtt, record, bw, sync_overhead)
     gather = rtt / 2 + max(s.vocab[1] - s.vocab[0] for s in shards[1:]) * 4 / bw
     seconds = compute * (1 + STRAGGLE) + head + 2 * h.n_layers * sync + gather + rtt / 2
     return Prediction("tensor", seconds, f"{n} nodes, syncs {2 * h.n_layers * sync * 1e3:.1f} ms")
@@ -133,11 +125,24 @@ def _shard_bytes(h: Header, lay, s) -> tuple:
     return attn + dense, attn + dense
 
 
+def predict_hybrid(costs: ModelCosts, root: NodeProfile, links: list, groups: list,
+                   bandwidth: float, layers: "str | None" = None) -> Prediction:
+    """A pipeline whose stages may be tensor groups (`groups`: indices into `links`)."""
+    if not groups:
+        return Prediction("hybrid", math.inf, "no --groups given")
+    profiles = [root] + [unit_profile(lead, members, costs, bandwidth)
+                         for lead, members in stage_units(links, groups)]
+    p = predict_pipeline(costs, profiles, bandwidth, layers)
+    return Prediction("hybrid", p.seconds, p.note)
+
+
 def predict_all(model, costs: ModelCosts, profiles: list, act: int, bandwidth: float,
-                layers: "str | None" = None, sync_overhead: float = SYNC_OVERHEAD) -> list:
-    return [predict_alone(costs, profiles[0]),
-            predict_pipeline(costs, profiles, bandwidth, layers),
-            predict_tensor(model, profiles, act, bandwidth, sync_overhead)]
+                layers: "str | None" = None, sync_overhead: float = SYNC_OVERHEAD,
+                hybrid: "Prediction | None" = None) -> list:
+    out = [predict_alone(costs, profiles[0]),
+           predict_pipeline(costs, profiles, bandwidth, layers),
+           predict_tensor(model, profiles, act, bandwidth, sync_overhead)]
+    return out + ([hybrid] if hybrid is not None else [])
 
 
 # With "auto", a layout that uses the network must beat the root alone by this much: speeds
@@ -152,7 +157,7 @@ def choose(predictions: list, parallel: str) -> Prediction:
         raise ConfigError(f"parallel must be one of {', '.join(PARALLEL)}, got {parallel!r}")
     by = {p.layout: p for p in predictions}
     if parallel != "auto":
-        pick = by[parallel]
+        pick = by.get(parallel) or Prediction(parallel, math.inf, "not a candidate here")
         if not pick.feasible:
             raise ConfigError(f"{parallel} layout cannot run: {pick.note}")
         return pick
@@ -186,9 +191,10 @@ def open_cluster(path, workers: Sequence[str], parallel: str = "auto",
                  layers: "str | None" = None, ram_budget: "int | str | None" = None,
                  secret: "str | bytes | None" = None, timeout: float = 60.0,
                  link_bandwidth: float = 125e6, verify_model: bool = False,
-                 announce=None):
+                 groups: "str | list | None" = None, announce=None):
     """Connect, measure, predict, print the table (to `announce`, a callable; default the log)
-    and open the chosen layout over the connected workers."""
+    and open the chosen layout over the connected workers. `groups` ("1,2;3,4": worker numbers
+    from 1): the tensor groups of a hybrid layout, one pipeline stage each."""
     if parallel not in PARALLEL:
         raise ConfigError(f"parallel must be one of {', '.join(PARALLEL)}, got {parallel!r}")
     if layers and parallel == "tensor":
@@ -203,9 +209,15 @@ def open_cluster(path, workers: Sequence[str], parallel: str = "auto",
         mf, links = c.file, c.links
         profiles = [c.root] + [l.profile for l in links]
         costs = ModelCosts.of(mf.header, _net.act_row_bytes(mf.header.dim, act), max_batch)
-        if layers:
-            parallel = "pipeline"
-        preds = predict_all(mf, costs, profiles, act, link_bandwidth, layers)
+        group_list = parse_groups(groups) if isinstance(groups, str) or groups is None \
+            else groups
+        if parallel == "hybrid" and not group_list:
+            raise ConfigError("--parallel hybrid needs --groups (e.g. 1,2;3,4)")
+        if layers and parallel not in ("pipeline", "hybrid"):
+            parallel = "hybrid" if group_list else "pipeline"
+        hybrid = predict_hybrid(costs, c.root, links, group_list, link_bandwidth, layers) \
+            if group_list else None
+        preds = predict_all(mf, costs, profiles, act, link_bandwidth, layers, hybrid=hybrid)
         pick = choose(preds, parallel)
         (announce or log.info)(f"layouts (estimated time per decoded token):\n{table(preds, pick)}")
         if pick.layout == "tensor":
@@ -216,7 +228,8 @@ def open_cluster(path, workers: Sequence[str], parallel: str = "auto",
                 layers = f"0-{mf.header.n_layers - 1}" + "," * len(links)   # workers: spares
             model = ClusterModel.from_links(mf, path, c.fingerprint, c.secret, links, c.root,
                                             act, layers, timeout, link_bandwidth, max_batch,
-                                            c.budget)
+                                            c.budget, group_list if pick.layout == "hybrid"
+                                            else None)
         model.predictions, model.prediction = preds, pick
         return model
     except BaseException:
@@ -228,7 +241,7 @@ def probe(path, workers: Sequence[str], parallel: str = "auto",
           ram_budget: "int | str | None" = None, buffer_float_type: str = "q80",
           layers: "str | None" = None, max_seq_len: "int | None" = None, max_batch: int = 64,
           secret: "str | None" = None, timeout: float = 30.0, verify_model: bool = False,
-          link_bandwidth: float = 125e6) -> tuple:
+          link_bandwidth: float = 125e6, groups: "str | None" = None) -> tuple:
     """(pipeline assignment, predictions, the layout `parallel` picks) from the workers'
     handshakes and a timed pass over layer 0 on every node: nothing else is loaded anywhere
     (`dairllm plan`)."""
@@ -241,8 +254,13 @@ def probe(path, workers: Sequence[str], parallel: str = "auto",
                               max_batch)
         a = manual(profiles, costs, layers, link_bandwidth) if layers else \
             assign(profiles, costs, link_bandwidth)
-        preds = predict_all(c.file, costs, profiles, act, link_bandwidth, layers)
-        return a, preds, choose(preds, "pipeline" if layers else parallel)
+        group_list = parse_groups(groups)
+        hybrid = predict_hybrid(costs, c.root, c.links, group_list, link_bandwidth, layers) \
+            if group_list else None
+        preds = predict_all(c.file, costs, profiles, act, link_bandwidth, layers, hybrid=hybrid)
+        if layers and parallel not in ("pipeline", "hybrid"):
+            parallel = "hybrid" if group_list else "pipeline"
+        return a, preds, choose(preds, parallel)
     finally:
         c.close()
 

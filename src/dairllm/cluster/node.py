@@ -34,7 +34,7 @@ from ..store.residency import full_resident_bytes
 from . import protocol as P
 from .speed import measure_model_speed
 from .stage_weights import close_weights, streamed_layers, weights_for_range
-from .tensor import TensorStage
+from .tensor_node import GroupLead, TensorStage
 
 log = logging.getLogger("dairllm.cluster.node")
 
@@ -187,13 +187,18 @@ class Session:
             self.conn.decoder.set_cap(P.TOKENS, 12 + 4 * max_batch)
             cap = P.record_bytes(max_batch, self.stage.file.header.dim, FloatType.F32)
             self.conn.decoder.set_cap(P.PARTIAL, cap)
+            self.conn.decoder.set_cap(P.FORWARD, cap)
             self.conn.send_json(P.READY, {"load_seconds": 0.0,
                                           "layer_bytes": self.stage.layer_bytes,
                                           "streamed_layers": 0})
             return
-        if parallel != "pipeline":
+        if parallel == "group":
+            max_batch, seq = check_assignment(self.w, a, self.conn.peer)
+            self.stage = GroupLead.open(self.w, a, self.conn.peer, max_batch, seq)
+        elif parallel == "pipeline":
+            self.stage = Stage.open(self.w, a, self.conn.peer)
+        else:
             raise ProtocolError(f"{self.conn.peer}: unknown parallel layout {parallel!r}")
-        self.stage = Stage.open(self.w, a, self.conn.peer)
         cap = P.record_bytes(self.stage.max_batch, self.stage.dim, FloatType.F32)
         self.conn.decoder.set_cap(P.FORWARD, cap)
         self.conn.send_json(P.READY, {"load_seconds": self.stage.load_seconds,
@@ -214,8 +219,9 @@ class Session:
         st = self.stage
         if st is None:
             raise ProtocolError(f"{self.conn.peer}: FORWARD before ASSIGN")
-        if not isinstance(st, Stage):
-            raise ProtocolError(f"{self.conn.peer}: FORWARD in a tensor-parallel session")
+        if isinstance(st, TensorStage):              # a group member: the lead's rows
+            st.run_rows(payload, self.conn.peer)
+            return
         pos0, n, ftype = _net.parse_act_header(payload, len(payload), st.dim, st.max_batch,
                                                st.seq_len)
         if pos0 > st.n_past:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -43,6 +43,7 @@ from .protocol import FAULTS, blame
 from .assign import ModelCosts, NodeProfile, assign, manual
 from .connect import ClusterDriver, NetStats, WorkerLink, connect, connect_worker
 from .stage_weights import close_weights, weights_for_range
+from .tensor import group_speed, plan_shards, shard_to_json
 
 log = logging.getLogger("dairllm.cluster.root")
 
@@ -59,6 +60,7 @@ class PipeStage:
     link: "WorkerLink | None"
     wire: bool
     name: str
+    members: tuple = ()                   # hybrid: the workers `link` leads a tensor group of
 
 
 class ClusterModel(ClusterDriver):
@@ -89,13 +91,15 @@ class ClusterModel(ClusterDriver):
     @classmethod
     def from_links(cls, mf, path, fp: str, secret: "bytes | None", links: list,
                    root: NodeProfile, act: int, layers: "str | None", timeout: float,
-                   link_bandwidth: float, max_batch: int,
-                   budget: "int | None") -> "ClusterModel":
+                   link_bandwidth: float, max_batch: int, budget: "int | None",
+                   groups: "list | None" = None) -> "ClusterModel":
         """A ClusterModel over workers already connected (`links`): assigns the layers and sends
-        every worker its range."""
+        every worker its range. `groups`: lists of indices into `links` (hybrid layout): each
+        group runs one stage as a tensor-parallel group led by its first worker."""
         model = cls(mf, ResidentWeights(mf, layers=range(0)), max_batch)
         model.root_budget = budget
         model._secret = secret
+        model.groups = _check_groups(groups or [], len(links))
         model._setup(path, fp, links, root, act, layers, timeout, link_bandwidth)
         return model
 
@@ -119,26 +123,37 @@ class ClusterModel(ClusterDriver):
     # -- assignment -----------------------------------------------------------------------------
 
     def _plan(self, layers: "str | None") -> None:
-        """Assign layers over the root and the workers; send each worker its range."""
-        profiles = [self.root_profile] + [l.profile for l in self.links]
+        """Assign layers over the root and the stage nodes (a worker, or a group of workers in
+        a hybrid layout); send each its range."""
+        units = stage_units(self.links, self.groups)
+        profiles = [self.root_profile] + [unit_profile(lead, members, self.costs,
+                                                       self.link_bandwidth)
+                                          for lead, members in units]
         if layers:
             a = manual(profiles, self.costs, layers, self.link_bandwidth)
         else:
             a = assign(profiles, self.costs, self.link_bandwidth)
         self.assignment = a
-        self.pipe = [PipeStage(st.start, st.end, link, link is not None, st.name)
-                     for st, link in zip(a.stages, [None] + self.links) if st.n_layers]
+        self.pipe = [PipeStage(st.start, st.end, lead, lead is not None, st.name, members)
+                     for st, (lead, members) in zip(a.stages, [(None, ())] + units)
+                     if st.n_layers]
         self._send_assignments([ps for ps in self.pipe if ps.link is not None])
         self._local_state()
 
     def _send_assignments(self, stages: list) -> None:
         """ASSIGN to every stage's worker, then wait for every READY."""
         for ps in stages:
+            extra = {}
+            if ps.members:
+                speeds = [p.profile.parallel_speed for p in (ps.link, *ps.members)]
+                shards = [replace(sh, vocab=(0, 0)) for sh in plan_shards(self.file, speeds)]
+                extra = {"parallel": "group", "members": [m.address for m in ps.members],
+                         "shards": [shard_to_json(sh) for sh in shards]}
             with blame(ps.link):
                 ps.link.conn.send_json(P.ASSIGN, {
                     "start": ps.start, "end": ps.end, "max_seq_len": self.header.seq_len,
                     "max_batch": self.state.max_batch, "act_type": P.ACT_NAMES[self.act],
-                    "fingerprint": self.fingerprint})
+                    "fingerprint": self.fingerprint, **extra})
         for ps in stages:
             with blame(ps.link):
                 ready = ps.link.conn.expect_json(P.READY)
@@ -259,6 +274,7 @@ class ClusterModel(ClusterDriver):
                 orphans = [ps for ps in self.pipe if ps.link is link]
                 for ps in orphans:
                     ps.link = self._new_owner(ps)
+                    ps.members = ()                 # a group's stage moves whole to one node
                     self._rename(ps)
                 self._send_assignments([ps for ps in orphans if ps.link is not None])
                 if any(ps.link is None for ps in orphans):
@@ -341,6 +357,59 @@ class ClusterModel(ClusterDriver):
             n = position - p0
             kept.append((p0, chunk[:n], {i: rows[:n] for i, rows in inputs.items()}))
         self.history = kept
+
+def _check_groups(groups: list, n_links: int) -> list:
+    seen: set = set()
+    for g in groups:
+        if len(g) < 2:
+            raise ConfigError(f"a tensor group needs at least two workers, got {g}")
+        for i in g:
+            if not 0 <= i < n_links or i in seen:
+                raise ConfigError(f"--groups: worker {i + 1} is not one of the {n_links} "
+                                  f"workers, or is in two groups")
+            seen.add(i)
+    return [list(g) for g in groups]
+
+
+def stage_units(links: list, groups: list) -> list:
+    """(lead link, member links) of every stage node in worker order: a group counts once, at
+    its first worker's place; a worker in no group is a stage of its own."""
+    member_of = {i: g for g in groups for i in g}
+    units = []
+    for i, link in enumerate(links):
+        g = member_of.get(i)
+        if g is None:
+            units.append((link, ()))
+        elif i == g[0]:
+            units.append((link, tuple(links[j] for j in g[1:])))
+    return units
+
+
+def unit_profile(lead: WorkerLink, members: tuple, costs: ModelCosts,
+                 link_bandwidth: float) -> NodeProfile:
+    """A worker's profile, or a group's as one node: RAM summed, and the speed at which it runs
+    layers split over its members, syncs included (over the lead's link to the root: the root
+    cannot time the links inside the group)."""
+    if not members:
+        return lead.profile
+    nodes = [lead.profile] + [m.profile for m in members]
+    speed = group_speed(costs.compute_bytes, [p.parallel_speed for p in nodes],
+                        max(p.rtt for p in nodes), costs.record_bytes,
+                        min(p.bandwidth or link_bandwidth for p in nodes))
+    return replace(lead.profile, name=f"{lead.address}+{len(members)}",
+                   ram_budget=sum(p.ram_budget for p in nodes), speed=speed, busy_speed=0.0)
+
+
+def parse_groups(spec: "str | None") -> list:
+    """'1,2;3,4' (worker numbers from 1, in --workers order) -> [[0, 1], [2, 3]]."""
+    if not spec:
+        return []
+    try:
+        return [[int(x) - 1 for x in part.split(",") if x.strip()] for part in spec.split(";")
+                if part.strip()]
+    except ValueError:
+        raise ConfigError(f"--groups {spec!r}: use worker numbers like 1,2;3,4") from None
+
 
 def _last_row(s: RunState, r):
     one = s.rows(1)

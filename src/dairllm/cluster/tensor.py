@@ -27,15 +27,10 @@ import time
 import numpy as np
 
 from .. import _net
-from ..engine import forward as fw
-from ..engine.model import Compute
-from ..engine.shard import Shard, ShardWeights, column_block
-from ..engine.state import RunState
+from ..engine.shard import Shard, column_block
 from ..errors import ConfigError, ProtocolError
-from ..formats.detect import open_model_file
 from ..formats.modelfile import Header, ModelFile
 from ..formats.quant import FloatType
-from ..store.budget import available_ram
 from . import protocol as P
 from .protocol import blame
 
@@ -110,6 +105,31 @@ def plan_shards(mf: ModelFile, speeds: "list[float]") -> list:
     return [Shard(a, k, f, v).check(h, mf) for a, k, f, v in zip(heads, kv, ffn, vocab)]
 
 
+# Every sync waits for the slowest node, and nodes do not finish a half layer in lockstep: on
+# the development host the root waited 0.3-0.6 ms per sync beyond the link on the 8B shape's
+# 3.3 ms half layers, about a tenth of them.
+STRAGGLE = 0.10
+# Seconds per all-reduce beyond the wire: (de)quantizing, adding and the Python around the
+# sockets on both ends (measured on the development host over loopback: a PING round trip
+# between two dairllm processes is 0.16 ms, of which the kernel's loopback is ~0.03 ms).
+SYNC_OVERHEAD = 60e-6
+
+
+def sync_seconds(nodes: int, rtt: float, record_bytes: int, bandwidth: float,
+                 overhead: float = SYNC_OVERHEAD) -> float:
+    """One all-reduce: two nodes exchange (half a round trip), more relay through the lead
+    (a round trip), and the lead's link carries every other node's partial."""
+    return (rtt / 2 if nodes == 2 else rtt) + (nodes - 1) * record_bytes / bandwidth + overhead
+
+
+def group_speed(read_bytes: int, speeds: "list[float]", rtt: float, record_bytes: int,
+                bandwidth: float) -> float:
+    """Weight bytes per second a group splitting every layer sustains, syncs included: what a
+    pipeline stage run by the group counts as its speed."""
+    compute = read_bytes / sum(speeds) * (1 + STRAGGLE)
+    return read_bytes / (compute + 2 * sync_seconds(len(speeds), rtt, record_bytes, bandwidth))
+
+
 def shard_to_json(s: Shard) -> dict:
     return {"heads": list(s.heads), "kv_heads": list(s.kv_heads), "ffn": list(s.ffn),
             "vocab": list(s.vocab)}
@@ -125,6 +145,17 @@ def shard_from_json(a: dict, h: Header, peer: str) -> Shard:
         return tuple(v)
     return Shard(pair("heads", h.n_heads), pair("kv_heads", h.n_kv_heads), pair("ffn", h.ff_dim),
                  pair("vocab", h.vocab_size, empty=True))
+
+
+def check_split(shards: list, h: Header, what: str) -> list:
+    """ProtocolError unless the shards split every head, KV head and hidden unit of h between
+    them, in order (a group's plan as a worker receives it)."""
+    for field, total in (("heads", h.n_heads), ("ffn", h.ff_dim)):
+        ranges = [getattr(s, field) for s in shards]
+        if ranges[0][0] != 0 or ranges[-1][1] != total or any(
+                a[1] != b[0] for a, b in zip(ranges, ranges[1:])):
+            raise ProtocolError(f"{what}: the shards' {field} do not split 0..{total - 1}")
+    return shards
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,81 +267,5 @@ def _check_record(payload: bytes, p0: int, n: int, dim: int, act: int, seq_len: 
                             f"{p0}+{n} (type {act})")
 
 
-# ---------------------------------------------------------------------------------------------
-# The worker's side
-
-class TensorStage:
-    """A worker's shard of every layer, run on the root's TOKENS records."""
-
-    def __init__(self, file: ModelFile, shard: Shard, conn: P.Connection, act: int,
-                 max_batch: int, node: int, nodes: int, budget: "int | None") -> None:
-        h = file.header
-        self.file, self.shard, self.max_batch, self.conn = file, shard, max_batch, conn
-        self.seq_len, self.vocab_size, self.n_layers = h.seq_len, h.vocab_size, h.n_layers
-        sh = shard.header(h)
-        self.state = RunState(sh, max_batch)
-        cap = budget or available_ram()
-        if self.state.nbytes > cap:
-            raise ConfigError(f"shard {shard} with max_batch {max_batch} and max_seq_len "
-                              f"{h.seq_len} needs {self.state.nbytes / 2**20:.0f} MiB of KV cache "
-                              f"and buffers, more than this worker's {cap / 2**20:.0f} MiB")
-        weights = ShardWeights(file, shard)
-        self.layer_bytes = weights.nbytes
-        self.collective = WorkerCollective(conn, act, h, max_batch, node, nodes)
-        self.compute = Compute(sh, weights, collective=self.collective)
-        v0, v1 = shard.vocab
-        self._logits = np.empty((max_batch, v1 - v0), dtype=np.float32)
-        self.n_past = 0
-
-    @classmethod
-    def open(cls, path, a: dict, conn: P.Connection, max_batch: int, seq_len: int,
-             budget: "int | None") -> "TensorStage":
-        act = P.act_type(P.get_str(a, "act_type", conn.peer, 8))
-        nodes = P.get_int(a, "nodes", 2, 1 << 16, conn.peer)
-        node = P.get_int(a, "node", 1, nodes - 1, conn.peer)
-        mf = open_model_file(path, max_seq_len=seq_len)
-        try:
-            shard = shard_from_json(a, mf.header, conn.peer).check(mf.header, mf)
-            return cls(mf, shard, conn, act, max_batch, node, nodes, budget)
-        except BaseException:
-            mf.close()
-            raise
-
-    def run_tokens(self, payload: bytes, peer: str) -> None:
-        pos0, ids, want = P.parse_token_record(payload, self.max_batch, self.seq_len,
-                                               self.vocab_size, peer)
-        if pos0 > self.n_past:
-            raise ProtocolError(f"{peer}: tokens at position {pos0} but only positions "
-                                f"0..{self.n_past - 1} are cached")
-        m, s = self.compute, self.state
-        r = s.rows(ids.size)
-        self.collective.p0 = pos0
-        fw.set_positions(s, r, pos0)
-        fw.embed(m, r, ids)
-        fw.run_layers(m, s, r, pos0, 0, self.n_layers)
-        self.n_past = pos0 + ids.size
-        if want is not None:
-            self.conn.send(P.LOGITS, *P.logits_record(head_rows(m, s, r, want, self._logits)))
-
-    def close(self) -> None:
-        c = self.collective
-        if c.syncs:
-            log.info("tensor shard %s: %d syncs, %.3f ms waiting for the root's partial on "
-                     "average", self.shard, c.syncs, c.wait_seconds / c.syncs * 1e3)
-        self.file.close()
-
-
-def head_rows(m: Compute, s: RunState, r, want: str, buf: np.ndarray) -> np.ndarray:
-    """This node's logits (its vocabulary rows) for all rows of r, or the last one."""
-    if want == "last" and r.n > 1:
-        one = s.rows(1)
-        one.x[0] = r.x[r.n - 1]
-        r = one
-    out = buf[:r.n]
-    if out.shape[1]:
-        fw.head(m, r, out)
-    return out
-
-
-__all__ = ["plan_shards", "apportion", "RootCollective", "WorkerCollective", "TensorStage",
-           "shard_to_json", "shard_from_json", "head_rows"]
+__all__ = ["plan_shards", "apportion", "RootCollective", "WorkerCollective", "shard_to_json",
+           "shard_from_json", "check_split"]

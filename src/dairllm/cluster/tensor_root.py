@@ -34,7 +34,8 @@ from . import protocol as P
 from .assign import NodeProfile
 from .protocol import FAULTS, blame
 from .connect import ClusterDriver, NetStats, connect, connect_worker
-from .tensor import RootCollective, head_rows, plan_shards, shard_to_json
+from .tensor import RootCollective, plan_shards, shard_to_json
+from .tensor_node import head_rows
 
 log = logging.getLogger("dairllm.cluster.tensor")
 

@@ -96,11 +96,15 @@ def add_cluster_arguments(p: argparse.ArgumentParser, workers_required: bool = F
                         "file; the root runs its own layer range too")
     p.add_argument("--buffer-float-type", default="q80", choices=["f32", "f16", "q80"],
                    help="activation type on the wire (default q80, as distributed-llama)")
-    p.add_argument("--parallel", default="auto", choices=["auto", "tensor", "pipeline"],
+    p.add_argument("--parallel", default="auto", choices=["auto", "tensor", "pipeline", "hybrid"],
                    help="layout over the nodes: tensor (every layer split over all nodes: more "
-                        "nodes, more speed), pipeline (layer ranges per node: more memory) or "
-                        "auto (default: the fastest predicted from each node's measured speed "
-                        "and each link's round trip, never slower than the root alone)")
+                        "nodes, more speed), pipeline (layer ranges per node: more memory), "
+                        "hybrid (a pipeline whose stages are the tensor --groups) or auto "
+                        "(default: the fastest predicted from each node's measured speed and "
+                        "each link's round trip, never slower than the root alone)")
+    p.add_argument("--groups", default=None, metavar="GROUPS",
+                   help="tensor groups of a hybrid layout, worker numbers in --workers order: "
+                        "'1,2;3,4' (workers on fast links together; each group runs one stage)")
     p.add_argument("--layers", default=None, metavar="RANGES",
                    help="manual assignment, one range per node, root first: 0-7,8-19,20-31")
     add_secret_argument(p)
@@ -123,7 +127,7 @@ def cluster_options(args: argparse.Namespace) -> dict:
         raise ConfigError(f"--worker-timeout must be positive, got {args.worker_timeout}")
     return dict(buffer_float_type=args.buffer_float_type, layers=args.layers,
                 secret=args.secret, timeout=args.worker_timeout, verify_model=args.verify_model,
-                parallel=args.parallel)
+                parallel=args.parallel, groups=args.groups)
 
 
 def open_model(args: argparse.Namespace, announce=None):

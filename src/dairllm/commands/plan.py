@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
                            ram_budget=args.ram_budget, buffer_float_type=args.buffer_float_type,
                            layers=args.layers, max_seq_len=args.max_seq_len, secret=args.secret,
                            timeout=args.worker_timeout, verify_model=args.verify_model,
-                           link_bandwidth=args.link_bandwidth * 1e6 / 8)
+                           link_bandwidth=args.link_bandwidth * 1e6 / 8, groups=args.groups)
     print("pipeline layer assignment:")
     print(a.table())
     print("\nlayouts (estimated time per decoded token):")
