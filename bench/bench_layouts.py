@@ -62,7 +62,8 @@ def main() -> int:
                     help="one-way delay and rate of each worker's link (default 0.1:1000); "
                          "'none' for plain loopback")
     ap.add_argument("--layouts", default="tensor,pipeline",
-                    help="comma-separated: tensor, pipeline, auto (one node always runs)")
+                    help="comma-separated: tensor, pipeline, hybrid, auto (one node always runs)")
+    ap.add_argument("--groups", default=None, help="tensor groups for hybrid, e.g. 1,2")
     ap.add_argument("--act", default="q80", choices=["f32", "f16", "q80"])
     ap.add_argument("--threads", type=int, default=1, help="kernel threads per node")
     ap.add_argument("--steps", type=int, default=16)
@@ -89,7 +90,8 @@ def main() -> int:
             tables: list = []
             models[name] = open_cluster(path, addrs, parallel=name, nthreads=args.threads,
                                         max_seq_len=args.seq_len, buffer_float_type=args.act,
-                                        timeout=300, announce=tables.append)
+                                        timeout=300, groups=args.groups,
+                                        announce=tables.append)
             print(f"{name}: {models[name].prediction.layout} chosen\n{tables[-1]}\n{models[name].layout_table()}", flush=True)
         for m in models.values():
             generate(m, prompt, 2)                     # warm up: page the weights in

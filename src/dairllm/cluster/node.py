@@ -5,7 +5,10 @@
 
 A session: handshake (and HMAC check when a secret is set), INFO with this node's profile, then
 ASSIGN (map the model, keep the KV caches of the assigned layers only), then FORWARD records,
-each answered with a RESULT record, until BYE or the root goes away. Anything malformed closes
+each answered with a RESULT record, until BYE or the root goes away. ASSIGN names the layout:
+"pipeline" (a layer range, the default), "tensor" (a shard of every layer or of a group's range:
+TOKENS or the lead's FORWARD rows in, partial sums exchanged; cluster/tensor_node.py) or "group"
+(this worker leads a tensor group that runs one pipeline stage). Anything malformed closes
 that connection only; the listener keeps accepting, so a new root (or the same one after a fault)
 can connect again. Each connection runs in its own thread with its own KV cache.
 """

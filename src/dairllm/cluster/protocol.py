@@ -14,6 +14,8 @@ Session (root R, worker W):
 Tensor parallel (ASSIGN {"parallel": "tensor", heads, kv_heads, ffn, ...}): per chunk
     R->W TOKENS record; twice per layer every node's PARTIAL reaches every other (through R);
     W->R LOGITS when the TOKENS record asked for logits (cluster/tensor.py).
+Hybrid (ASSIGN {"parallel": "group", members, shards, start, end}): the worker answers FORWARD
+    as a pipeline stage and is itself the root of its members' "tensor" sessions.
 """
 from __future__ import annotations
 
