@@ -233,6 +233,39 @@ def test_record_longer_than_its_header_implies_refused(extra):
         _net.parse_act_header(longer, len(longer), DIM, MAX_BATCH, SEQ)
 
 
+def test_worker_refuses_forward_over_its_session_cap_before_the_payload():
+    """A real native worker, assigned max_batch 4 of dim 256 (F32 cap 16 + 4096 bytes), answers
+    a FORWARD header announcing one byte more with an ERROR without waiting for the payload."""
+    from dairllm.cluster.local import free_port
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "dairllm", "worker", "--host", "127.0.0.1",
+                             "--port", str(port), "--nthreads", "1",
+                             "--model", str(golden.model("tiny_q40"))],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        assert "listening" in proc.stdout.readline()
+        conn = P.Connection.connect("127.0.0.1", port, timeout=20)
+        try:
+            conn.send_json(P.HELLO, {"version": P.PROTOCOL_VERSION, "nonce": P.new_nonce()})
+            conn.expect_json(P.CHALLENGE)
+            conn.send_json(P.AUTH, {"mac": ""})
+            info = conn.expect_json(P.INFO)
+            conn.send_json(P.ASSIGN, {"start": 0, "end": 4, "max_seq_len": SEQ,
+                                      "max_batch": MAX_BATCH, "act_type": "f32",
+                                      "fingerprint": info["fingerprint"]})
+            conn.expect_json(P.READY)
+            conn.sock.sendall(_net.frame_header(P.FORWARD, session_cap() + 1))   # header only
+            with pytest.raises(P.RemoteError, match=f"exceeds the cap of {session_cap()} bytes"):
+                conn.recv(timeout=10)
+        finally:
+            conn.close()
+    finally:
+        proc.kill()
+        proc.wait(10)
+        proc.stdout.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # More active experts than experts
 
