@@ -110,7 +110,8 @@ def add_cluster_arguments(p: argparse.ArgumentParser, workers_required: bool = F
     add_secret_argument(p)
     p.add_argument("--worker-timeout", type=float, default=60.0,
                    help="seconds a worker may take to answer before its layers are reassigned "
-                        "(default 60)")
+                        "(--protocol dllama: before generation stops with an error naming it; "
+                        "default 60)")
     add_verify_argument(p)
     if protocols:
         p.add_argument("--protocol", choices=["native", "dllama"], default="native",
@@ -139,6 +140,8 @@ def open_model(args: argparse.Namespace, announce=None):
               repack=getattr(args, "repack", False))
     protocol = getattr(args, "protocol", "native")
     if args.workers and protocol == "dllama":
+        if args.worker_timeout <= 0:
+            raise ConfigError(f"--worker-timeout must be positive, got {args.worker_timeout}")
         if args.buffer_float_type != "q80":
             log.info("--buffer-float-type ignored: the dllama graph syncs by the weight type")
         kw.update(protocol="dllama", local_weights=args.local_weights,

@@ -616,26 +616,56 @@ _BUILDERS = {
 # ---------------------------------------------------------------------------------------------
 # Links: the node's sockets and the three sync types
 
+class PeerLost(ProtocolError):
+    """A peer node went silent past its socket's timeout, or its connection broke, mid-sync."""
+
+
 class Links:
-    """Sockets of node k: index 0.. as in spec §4.4 (root: workers 1..N-1; worker: root first)."""
+    """Sockets of node k: index 0.. as in spec §4.4 (root: workers 1..N-1; worker: root first).
+
+    Every read and write goes through `send` / `recv_into`, which turn a socket timeout or error
+    into one PeerLost naming the peer (`names[s]`, default "node k: node m"); how long a silent
+    peer is waited for is each socket's own timeout (None: forever)."""
 
     CHUNK = 32768   # bytes per socket sent before receiving (the peers do the same; no deadlock)
 
-    def __init__(self, socks: list, node_index: int, n_nodes: int) -> None:
+    def __init__(self, socks: list, node_index: int, n_nodes: int,
+                 names: "list[str] | None" = None) -> None:
         if len(socks) != n_nodes - 1:
             raise ValueError(f"{len(socks)} sockets for {n_nodes} nodes")
         self.socks, self.k, self.N = socks, node_index, n_nodes
+        self.names = list(names) if names is not None else \
+            [f"node {self.k}: node {self.peer_node(s)}" for s in range(len(socks))]
 
     def peer_node(self, s: int) -> int:
         return s + 1 if s >= self.k else s
 
-    def _recv_into(self, sock, view) -> None:
+    def _lost(self, s: int, e: OSError, doing: str) -> PeerLost:
+        who = self.names[s]
+        if isinstance(e, TimeoutError):
+            t = self.socks[s].gettimeout()
+            return PeerLost(f"{who} did not answer within {t:g} s {doing} (stopped, hung or "
+                            f"overloaded; a slow node needs a longer timeout)")
+        return PeerLost(f"{who}: connection lost {doing} ({e.strerror or e})")
+
+    def send(self, s: int, data, doing: str = "during a sync") -> None:
+        try:
+            self.socks[s].sendall(data)
+        except OSError as e:                        # socket.timeout is a TimeoutError
+            raise self._lost(s, e, doing) from None
+
+    def recv_into(self, s: int, view, doing: str = "during a sync") -> None:
         view = memoryview(view).cast("B")
         got, total = 0, view.nbytes
+        sock = self.socks[s]
         while got < total:
-            n = sock.recv_into(view[got:], total - got)
+            try:
+                n = sock.recv_into(view[got:], total - got)
+            except OSError as e:
+                raise self._lost(s, e, doing) from None
             if n == 0:
-                raise ProtocolError(f"node {self.k}: peer closed the socket during a sync")
+                raise PeerLost(f"{self.names[s]} closed the socket {doing} "
+                               f"after {got} of {total} bytes (it died or dropped the session)")
             got += n
 
     def sync(self, rows: np.ndarray, sb: int, kind: Sync, b: int) -> None:
@@ -643,30 +673,30 @@ class Links:
         if kind is Sync.WITH_ROOT:
             if self.k == 0:
                 data = rows[:b].tobytes()
-                for s in self.socks:
-                    s.sendall(data)
+                for s in range(len(self.socks)):
+                    self.send(s, data)
             else:
-                self._recv_into(self.socks[0], rows[:b])
+                self.recv_into(0, rows[:b])
             return
         own = slice(self.k * sb, (self.k + 1) * sb)
         if kind is Sync.NODE_SLICES_EXCEPT_ROOT:
             if self.k == 0:
                 tmp = np.empty((b, sb), np.uint8)
-                for s, sock in enumerate(self.socks):
+                for s in range(len(self.socks)):
                     m = self.peer_node(s)
-                    self._recv_into(sock, tmp)
+                    self.recv_into(s, tmp)
                     rows[:b, m * sb:(m + 1) * sb] = tmp
             else:
-                self.socks[0].sendall(rows[:b, own].tobytes())
+                self.send(0, rows[:b, own].tobytes())
             return
         step = max(1, self.CHUNK // max(sb, 1))
         for y0 in range(0, b, step):
             y1 = min(b, y0 + step)
             data = rows[y0:y1, own].tobytes()
-            for sock in self.socks:
-                sock.sendall(data)
+            for s in range(len(self.socks)):
+                self.send(s, data)
             tmp = np.empty((y1 - y0, sb), np.uint8)
-            for s, sock in enumerate(self.socks):
+            for s in range(len(self.socks)):
                 m = self.peer_node(s)
-                self._recv_into(sock, tmp)
+                self.recv_into(s, tmp)
                 rows[y0:y1, m * sb:(m + 1) * sb] = tmp

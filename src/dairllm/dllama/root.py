@@ -27,13 +27,14 @@ from ..formats.modelfile import ModelFile
 from ..formats.quant import FloatType
 from ..sockets import tune
 from . import localweights
-from .executor import Executor, Links, default_kernels
+from .executor import Executor, Links, PeerLost, default_kernels
 from .graph import build_net_config, build_node_config, check_cluster, slice_weight, weight_plan
 from .weights import read_weights_into
 
 log = logging.getLogger(__name__)
 
 ACK_BYTES = _net.dllama_pack_u32(_net.DLLAMA_ACK)
+SETUP = "during setup"
 
 
 def sync_type_for(weights: FloatType, asked: "FloatType | str | None" = None) -> FloatType:
@@ -58,10 +59,12 @@ def parse_worker(spec: str) -> tuple[str, int]:
 class DllamaRoot(Generates):
     """Node 0 of a dllama cluster (same interface as dairllm.engine.Model for generate)."""
 
-    def __init__(self, mf: ModelFile, socks: list[socket.socket], ex: Executor, n_nodes: int) -> None:
+    def __init__(self, mf: ModelFile, socks: list[socket.socket], ex: Executor, n_nodes: int,
+                 names: "list[str] | None" = None) -> None:
         self.file, self.header = mf, mf.header
         self.socks, self.ex, self.n_nodes = socks, ex, n_nodes
-        self.links = Links(socks, 0, n_nodes)
+        self.links = Links(socks, 0, n_nodes, names)
+        self.failed: "PeerLost | None" = None     # a worker was lost: the cluster is out of step
         self.position = 0
         self.stats = GenerateStats()
         self.bytes_sent_setup = 0
@@ -72,6 +75,11 @@ class DllamaRoot(Generates):
     def open(cls, path, workers: Sequence[str], sync_type: "FloatType | str | None" = None,
              max_seq_len: int | None = None, nthreads: int | None = None, local_weights: bool = False,
              kernels=None, timeout: float = 60.0) -> "DllamaRoot":
+        """Connect and set up every worker. `timeout` (seconds) bounds every wait for a worker,
+        at setup and in each forward's syncs: a worker silent that long (stopped, hung) or
+        disconnected stops the forward with one PeerLost naming it."""
+        if not timeout > 0:
+            raise ConfigError(f"timeout must be positive, got {timeout}")
         if has_gguf_magic(path):
             raise ConfigError(f"{path}: a GGUF file cannot be served over the distributed-llama "
                               "protocol (its workers need the .m byte layout); use the native "
@@ -92,19 +100,17 @@ class DllamaRoot(Generates):
         try:
             for i, (host, port) in enumerate(addrs):
                 socks.append(_handshake(i, addrs, timeout))
-            for s in socks:
-                s.sendall(ACK_BYTES)
-            root = cls(mf, socks, ex, n_nodes)
+            root = cls(mf, socks, ex, n_nodes, [f"worker {w}" for w in workers])
+            for i in range(len(socks)):
+                root.links.send(i, ACK_BYTES, SETUP)
             readers = [_net.DllamaReader(s, f"worker {workers[i]}") for i, s in enumerate(socks)]
-            for i, (s, st) in enumerate(zip(socks, readers)):
+            for i, st in enumerate(readers):
                 node = build_node_config(h, n_nodes, i + 1, sync)
                 for payload in (net.pack(), node.pack()):
-                    s.sendall(ACK_BYTES + payload)
+                    root.links.send(i, ACK_BYTES + payload, SETUP)
                     root.bytes_sent_setup += 4 + len(payload)
                     st.ack("config")
             root._send_weights(readers, workers, local_weights)
-            for s in socks:
-                s.settimeout(None)
         except BaseException:
             for s in socks:
                 s.close()
@@ -115,22 +121,23 @@ class DllamaRoot(Generates):
         return root
 
     def _send_weights(self, readers, workers, local_weights: bool) -> None:
-        socks, n = self.socks, self.n_nodes
+        n, send = self.n_nodes, self.links.send
         if local_weights:
             request = localweights.make_request(self.file)
-            for s, st, w in zip(socks, readers, workers):
-                s.sendall(request)
+            for i, (st, w) in enumerate(zip(readers, workers)):
+                send(i, request, SETUP)
                 self.bytes_sent_setup += len(request)
                 localweights.read_answer(st, w)
         else:
             for rec in weight_plan(self.file, n):
-                for k, s in enumerate(socks, start=1):
+                for k in range(1, n):
                     data = slice_weight(self.file, rec, n, k)
-                    s.sendall(_net.dllama_pack_weight_header(rec.op_name, rec.op_index, rec.offset, data.nbytes))
-                    s.sendall(memoryview(data))
+                    send(k - 1, _net.dllama_pack_weight_header(rec.op_name, rec.op_index, rec.offset,
+                                                               data.nbytes), SETUP)
+                    send(k - 1, memoryview(data), SETUP)
                     self.bytes_sent_setup += data.nbytes + 24 + len(rec.op_name)
-        for s, st in zip(socks, readers):
-            s.sendall(_net.dllama_pack_u32(0))
+        for i, st in enumerate(readers):
+            send(i, _net.dllama_pack_u32(0), SETUP)
             st.ack("weights loaded")
 
     def close(self) -> None:
@@ -138,6 +145,7 @@ class DllamaRoot(Generates):
         stop = _net.dllama_pack_control(self.position, 0)
         for s in self.socks:
             try:
+                s.settimeout(min(s.gettimeout() or 1.0, 1.0))   # a stopped worker: do not wait
                 s.sendall(stop)
             except OSError:
                 pass
@@ -154,6 +162,8 @@ class DllamaRoot(Generates):
             raise InputError("token ids must be a non-empty sequence within the vocabulary")
         if position < 0 or position + tokens.size > self.seq_len:
             raise InputError(f"positions {position}..{position + tokens.size - 1} exceed seq_len {self.seq_len}")
+        if self.failed is not None:
+            raise PeerLost(f"the dllama cluster is out of step since: {self.failed}")
         out = np.empty((tokens.size, self.vocab_size), np.float32)
         nb = self.ex.nb
         tok_pipe = self.ex.pipes[1].view(np.float32)
@@ -163,9 +173,13 @@ class DllamaRoot(Generates):
             b, p0 = chunk.size, position + c0
             tok_pipe[:b] = chunk.astype(np.float32)
             control = _net.dllama_pack_control(p0, b)
-            for s in self.socks:
-                s.sendall(control)
-            self.ex.forward(p0, b, self.links)
+            try:
+                for s in range(len(self.socks)):
+                    self.links.send(s, control, "sending a forward")
+                self.ex.forward(p0, b, self.links)
+            except PeerLost as e:
+                self.failed = e
+                raise
             out[c0:c0 + b] = lg[:b]
             self.position = p0 + b - 1
         return out
