@@ -107,8 +107,7 @@ def test_native_and_dllama_sessions_at_once_keep_their_arithmetic():
 
     worker = WorkerCommand(native_path)
     try:
-        # native first: the worker serves a dllama session on its accept loop, a native one on a
-        # thread of its own
+        # native first, then dllama: each session runs on a thread of its own
         native = ClusterModel.open(native_path, workers=[worker.address], max_seq_len=96, max_batch=32,
                                    buffer_float_type="f32", layers="0-1,2-3", timeout=30)
         try:

@@ -1,7 +1,8 @@
 """The native worker: serve roots one session at a time per connection, run a layer range.
 
     worker = NativeWorker(NodeOptions(model_path="model.m", nthreads=2))
-    worker.handle(sock)           # per accepted connection (commands/worker.py runs the listener)
+    worker.handle(sock)           # per accepted connection, on its own thread (commands/worker.py
+                                  # runs the listener and the gate)
 
 A session: handshake (and HMAC check when a secret is set), INFO with this node's profile, then
 ASSIGN (map the model, keep the KV caches of the assigned layers only), then FORWARD records,
@@ -32,7 +33,7 @@ from ..formats.fingerprint import model_fingerprint
 from ..formats.detect import open_model_file, read_model_header
 from ..formats.modelfile import tensor_layout
 from ..formats.quant import FloatType
-from ..store.budget import available_ram, resolve_budget
+from ..store.budget import RamLedger, available_ram, resolve_budget
 from ..store.residency import full_resident_bytes
 from . import protocol as P
 from .speed import measure_model_speed
@@ -91,10 +92,15 @@ class NativeWorker:
                  fp, h.n_layers, speed / 1e9, self.profile.ram_budget / 2**20,
                  time.perf_counter() - t0)
         self._sessions = threading.BoundedSemaphore(MAX_SESSIONS)
+        self.ram = RamLedger(self.profile.ram_budget)   # one budget across all sessions
 
-    def handle(self, sock: socket.socket, first: bytes = b"", peer: "str | None" = None) -> None:
+    def handle(self, sock: socket.socket, first: bytes = b"", peer: "str | None" = None,
+               authenticated=None) -> None:
         """Serve one connection to its end; never raises (errors are logged, the socket closed).
-        `first`: bytes the caller already read from the socket (protocol dispatch)."""
+        `first`: bytes the caller already read from the socket (protocol dispatch);
+        `authenticated()`: called once the root has passed the handshake, before it gets a slot.
+        The handshake must end within opts.handshake_timeout; a session slot (MAX_SESSIONS) is
+        granted only after it."""
         if peer is None:
             try:
                 peer = "{}:{}".format(*sock.getpeername()[:2])
@@ -103,12 +109,16 @@ class NativeWorker:
         conn = P.Connection(sock, f"root {peer}", self.opts.handshake_timeout)
         if first:
             conn.decoder.feed(first)
-        if not self._sessions.acquire(blocking=False):
-            conn.send_error(f"worker busy ({MAX_SESSIONS} sessions)")
-            conn.close()
-            return
         session = Session(self, conn)
+        slot = False
         try:
+            session.handshake()
+            if authenticated is not None:
+                authenticated()
+            slot = self._sessions.acquire(blocking=False)
+            if not slot:
+                raise ConfigError(f"worker busy ({MAX_SESSIONS} sessions)")
+            session.introduce()
             session.run()
         except (P.PeerLost, P.RemoteError) as e:
             log.info("%s: session ended: %s", conn.peer, e)
@@ -120,7 +130,8 @@ class NativeWorker:
             conn.send_error(f"worker error: {type(e).__name__}: {e}")
         finally:
             session.close()
-            self._sessions.release()
+            if slot:
+                self._sessions.release()
             conn.close()
 
 
@@ -133,7 +144,7 @@ class Session:
         self.stage = None
 
     def run(self) -> None:
-        self.handshake()
+        """After handshake(): records until BYE; a root silent for opts.idle_timeout is dropped."""
         self.conn.timeout = self.w.opts.idle_timeout
         while True:
             t, payload = self.conn.recv()
@@ -163,8 +174,9 @@ class Session:
         self.conn.send_json(P.PONG, {"speed": speed})
 
     def handshake(self) -> None:
-        c, prof, secret = self.conn, self.w.profile, self.w.opts.secret
-        hello = c.expect_json(P.HELLO)
+        c, secret = self.conn, self.w.opts.secret
+        deadline = time.monotonic() + self.w.opts.handshake_timeout
+        hello = c.expect_json(P.HELLO, max(deadline - time.monotonic(), 0.001))
         version = P.get_int(hello, "version", 0, 255, c.peer)
         if version != P.PROTOCOL_VERSION:
             raise ProtocolError(f"{c.peer}: protocol version {version}, this worker speaks "
@@ -172,13 +184,17 @@ class Session:
         root_nonce = P.check_nonce(hello.get("nonce"), c.peer)
         nonce = P.new_nonce()
         c.send_json(P.CHALLENGE, {"nonce": nonce, "auth": secret is not None})
-        auth = c.expect_json(P.AUTH)
+        auth = c.expect_json(P.AUTH, max(deadline - time.monotonic(), 0.001))
         if secret is not None and not P.mac_matches(secret, b"root", nonce, auth.get("mac")):
             raise ProtocolError(f"{c.peer}: authentication failed (missing or wrong secret)")
-        info = prof.as_dict()
-        if secret is not None:
-            info["mac"] = P.mac(secret, b"worker", root_nonce)
-        c.send_json(P.INFO, info)
+        self.root_nonce = root_nonce
+
+    def introduce(self) -> None:
+        """INFO: this node's profile (and its own MAC), once the root has authenticated."""
+        info = self.w.profile.as_dict()
+        if self.w.opts.secret is not None:
+            info["mac"] = P.mac(self.w.opts.secret, b"worker", self.root_nonce)
+        self.conn.send_json(P.INFO, info)
 
     def assign(self, a: dict) -> None:
         self.close()                                   # drop the previous range (and its KV)
@@ -186,7 +202,7 @@ class Session:
         if parallel == "tensor":
             max_batch, seq = check_assignment(self.w, a, self.conn.peer)
             self.stage = TensorStage.open(self.w.opts.model_path, a, self.conn, max_batch, seq,
-                                          self.w.ram_budget)
+                                          self.w.ram)
             self.conn.decoder.set_cap(P.TOKENS, 12 + 4 * max_batch)
             cap = P.record_bytes(max_batch, self.stage.file.header.dim, FloatType.F32)
             self.conn.decoder.set_cap(P.PARTIAL, cap)
@@ -265,18 +281,21 @@ class Stage:
         s.dim, s.seq_len = h.dim, h.seq_len
         layers = range(start, end)
         s.state = RunState(h, max_batch, layers=layers)   # lazy zeros
-        cap = worker.ram_budget or available_ram()
-        if s.state.nbytes > cap:
-            s.file.close()
-            raise ConfigError(f"layers {start}..{end - 1} with max_batch {max_batch} and "
-                              f"max_seq_len {seq} need {s.state.nbytes / 2**20:.0f} MiB of KV cache "
-                              f"and buffers, more than this worker's {cap / 2**20:.0f} MiB")
         try:
-            weights = weights_for_range(s.file, layers, worker.ram_budget, s.state.nbytes,
-                                        head=False)
+            s.reserved = worker.ram.reserve(s.state.nbytes, f"the KV cache and buffers of layers "
+                                            f"{start}..{end - 1} with max_batch {max_batch} and "
+                                            f"max_seq_len {seq}")
         except BaseException:
             s.file.close()
             raise
+        budget = None if worker.ram_budget is None else worker.ram.free() + s.reserved
+        try:
+            weights = weights_for_range(s.file, layers, budget, s.state.nbytes, head=False)
+        except BaseException:
+            worker.ram.release(s.reserved)
+            s.file.close()
+            raise
+        s.ram = worker.ram
         s.compute = Compute(h, weights)
         s.streamed = streamed_layers(weights)
         lay = s.file.layout
@@ -289,6 +308,7 @@ class Stage:
     def close(self) -> None:
         close_weights(self.compute.weights)
         self.file.close()
+        self.ram.release(self.reserved)
 
     def run(self, data: memoryview, pos0: int, n: int, ftype: int):
         s = self.state
@@ -307,21 +327,3 @@ def warn_if_open(host: str, secret: "bytes | None") -> None:
     if secret is None and not P.is_loopback(host):
         log.warning("listening on %s without a secret: anyone who can reach this port can use "
                     "this worker (set --secret or %s)", host or "all interfaces", P.SECRET_ENV)
-
-
-def serve(worker: NativeWorker, listener: socket.socket,
-          stop: "threading.Event | None" = None) -> None:
-    """Accept connections until `stop` is set; each one is served in its own thread."""
-    listener.settimeout(0.2)
-    while stop is None or not stop.is_set():
-        try:
-            sock, addr = listener.accept()
-        except socket.timeout:
-            continue
-        except OSError:
-            if stop is not None and stop.is_set():
-                return
-            raise
-        sock.settimeout(None)
-        threading.Thread(target=worker.handle, args=(sock, b"", f"{addr[0]}:{addr[1]}"),
-                         daemon=True, name=f"session {addr[0]}:{addr[1]}").start()

@@ -29,7 +29,7 @@ from ..errors import ConfigError, ProtocolError
 from ..formats.detect import open_model_file
 from ..formats.modelfile import ModelFile
 from ..formats.quant import FloatType
-from ..store.budget import available_ram
+from ..store.budget import RamLedger
 from . import protocol as P
 from .connect import connect_worker
 from .tensor import (RootCollective, WorkerCollective, check_split, shard_from_json,
@@ -46,19 +46,18 @@ def _layers(a: dict, n_layers: int, peer: str) -> range:
 
 
 def _shard_compute(file: ModelFile, shard: Shard, layers: range, max_batch: int,
-                   budget: "int | None", collective) -> tuple:
-    """(run state, weights, Compute) of a shard over `layers`; ConfigError past the budget."""
+                   ram: RamLedger, collective) -> tuple:
+    """(run state, weights, Compute, bytes reserved in `ram`) of a shard over `layers`;
+    ConfigError when its KV cache and buffers do not fit what the worker's sessions leave."""
     h = file.header
     sh = shard.header(h)
     state = RunState(sh, max_batch, layers=layers)
-    cap = budget or available_ram()
-    if state.nbytes > cap:
-        raise ConfigError(f"shard {shard} of layers {layers.start}..{layers.stop - 1} with "
-                          f"max_batch {max_batch} and max_seq_len {h.seq_len} needs "
-                          f"{state.nbytes / 2**20:.0f} MiB of KV cache and buffers, more than "
-                          f"this worker's {cap / 2**20:.0f} MiB")
+    reserved = ram.reserve(state.nbytes, f"the KV cache and buffers of shard {shard} of layers "
+                                         f"{layers.start}..{layers.stop - 1} with max_batch "
+                                         f"{max_batch} and "
+                                         f"max_seq_len {h.seq_len}")
     weights = ShardWeights(file, shard, layers=layers)
-    return state, weights, Compute(sh, weights, collective=collective)
+    return state, weights, Compute(sh, weights, collective=collective), reserved
 
 
 class TensorStage:
@@ -66,15 +65,16 @@ class TensorStage:
     lead's FORWARD rows (hybrid layout)."""
 
     def __init__(self, file: ModelFile, shard: Shard, conn: P.Connection, act: int,
-                 max_batch: int, node: int, nodes: int, budget: "int | None", layers: range,
+                 max_batch: int, node: int, nodes: int, ram: RamLedger, layers: range,
                  takes_rows: bool) -> None:
         h = file.header
         self.file, self.shard, self.max_batch, self.conn = file, shard, max_batch, conn
         self.seq_len, self.vocab_size, self.dim = h.seq_len, h.vocab_size, h.dim
         self.layers, self.takes_rows = layers, takes_rows
         self.collective = WorkerCollective(conn, act, h, max_batch, node, nodes)
-        self.state, weights, self.compute = _shard_compute(file, shard, layers, max_batch,
-                                                           budget, self.collective)
+        self.ram = ram
+        self.state, weights, self.compute, self.reserved = _shard_compute(
+            file, shard, layers, max_batch, ram, self.collective)
         self.layer_bytes = weights.nbytes
         v0, v1 = shard.vocab
         self._logits = np.empty((max_batch, v1 - v0), dtype=np.float32)
@@ -82,7 +82,7 @@ class TensorStage:
 
     @classmethod
     def open(cls, path, a: dict, conn: P.Connection, max_batch: int, seq_len: int,
-             budget: "int | None") -> "TensorStage":
+             ram: RamLedger) -> "TensorStage":
         act = P.act_type(P.get_str(a, "act_type", conn.peer, 8))
         nodes = P.get_int(a, "nodes", 2, MAX_GROUP, conn.peer)
         node = P.get_int(a, "node", 1, nodes - 1, conn.peer)
@@ -96,7 +96,7 @@ class TensorStage:
             if source == "tokens" and len(layers) != h.n_layers:
                 raise ProtocolError(f"{conn.peer}: a shard fed tokens runs every layer")
             shard = shard_from_json(a, h, conn.peer).check(h, mf)
-            return cls(mf, shard, conn, act, max_batch, node, nodes, budget, layers,
+            return cls(mf, shard, conn, act, max_batch, node, nodes, ram, layers,
                        source == "rows")
         except BaseException:
             mf.close()
@@ -144,6 +144,7 @@ class TensorStage:
             log.info("tensor shard %s: %d syncs, %.3f ms waiting for the first partial on "
                      "average", self.shard, c.syncs, c.wait_seconds / c.syncs * 1e3)
         self.file.close()
+        self.ram.release(self.reserved)
 
 
 def head_rows(m: Compute, s: RunState, r, want: str, buf: np.ndarray) -> np.ndarray:
@@ -199,9 +200,9 @@ class GroupLead:
                 link.conn.decoder.set_cap(P.PARTIAL, P.record_bytes(max_batch, h.dim,
                                                                     FloatType.F32))
             g.collective = RootCollective(g.links, act, h, max_batch)
-            g.state, weights, g.compute = _shard_compute(g.file, g.shards[0], g.layers,
-                                                         max_batch, worker.ram_budget,
-                                                         g.collective)
+            g.state, weights, g.compute, g.reserved = _shard_compute(
+                g.file, g.shards[0], g.layers, max_batch, worker.ram, g.collective)
+            g.ram = worker.ram
         except BaseException:
             g.close()
             raise
@@ -227,6 +228,9 @@ class GroupLead:
         return r.x
 
     def close(self) -> None:
+        if getattr(self, "ram", None) is not None:
+            self.ram.release(self.reserved)
+            self.ram = None
         for link in getattr(self, "links", []):
             link.close()
         if getattr(self, "file", None) is not None:

@@ -1,28 +1,35 @@
 """`dairllm worker`: serve a root over the network until interrupted.
 
 The protocol is detected from the root's first bytes, so one port serves every kind of root:
-PROTOCOLS is a list of (name, detect(first_bytes) -> bool, serve(conn, listener, services))
-tried in order. A distributed-llama root opens with u32 nWorkers, u32 workerIndex
-(dllama.worker); a dairllm root with b"DAIR" (cluster.node).
+PROTOCOLS is a list of (name, detect(first_bytes) -> bool,
+serve(conn, listener, services, release)) tried in order. A distributed-llama root opens with u32
+nWorkers, u32 workerIndex (dllama.worker); a dairllm root with b"DAIR" (cluster.node).
+
+The accept loop never waits on a peer: each connection gets a thread that passes the gate (a cap
+on connections not yet authenticated, per address and in total; the oldest is cut past it),
+detects the protocol and runs the session, all within --handshake-timeout until the root has
+authenticated; sessions then end after --idle-timeout of silence. With --secret, dllama roots
+(which cannot authenticate) are refused unless --allow-dllama.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import select
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from .. import _ops
 from ..cluster import protocol as P
 from ..cluster.node import NativeWorker, NodeOptions, warn_if_open
-from ..dllama.worker import WorkerOptions, looks_like_dllama, run_session_logged
+from ..dllama.worker import MeshInbox, WorkerOptions, looks_like_dllama, run_session_logged
 from ..errors import ConfigError
 from ..formats.gguf import has_gguf_magic
 from ..formats.modelfile import ModelFile
-from ..sockets import listen
+from ..sockets import Gate, listen
 from .options import add_budget_argument, add_secret_argument, add_threads_argument, add_verify_argument
 
 HELP = ("serve this machine's layers to a dairllm root, or act as a drop-in distributed-llama "
@@ -31,7 +38,7 @@ HELP = ("serve this machine's layers to a dairllm root, or act as a drop-in dist
 log = logging.getLogger("dairllm.worker")
 
 PEEK_BYTES = 8          # enough for every detector
-PEEK_TIMEOUT = 30.0     # a root that connects and says nothing is dropped after this
+SESSION_SLOTS_DLLAMA = 1  # dllama sessions run one at a time (the mesh shares this port)
 
 
 @dataclass
@@ -40,23 +47,44 @@ class Services:
 
     native: "NativeWorker | None"          # None without --model: dairllm roots are refused
     dllama: WorkerOptions
+    allow_dllama: bool = True              # False: --secret without --allow-dllama
+    handshake_timeout: float = 15.0        # detection, then each protocol's handshake, within this
+    gate: Gate = field(default_factory=Gate)
+    mesh: MeshInbox = field(default_factory=MeshInbox)
+    dllama_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def _dllama_serve(conn: socket.socket, listener: socket.socket, services: Services) -> bool:
-    return run_session_logged(conn, listener, services.dllama)
+def _dllama_serve(conn: socket.socket, listener, services: Services, release) -> bool:
+    """One dllama session at a time: a second root waits (still unauthenticated, so capped by the
+    gate) until the first ends or its handshake time is up."""
+    if not services.allow_dllama:
+        log.error("a distributed-llama root connected; refused: its protocol cannot authenticate "
+                  "and this worker has a --secret (start it with --allow-dllama to serve it)")
+        conn.close()
+        return False
+    if not services.dllama_lock.acquire(timeout=services.handshake_timeout):
+        log.error("a distributed-llama root waited %.0f s for the running dllama session; dropped",
+                  services.handshake_timeout)
+        conn.close()
+        return False
+    try:
+        release()
+        return run_session_logged(conn, listener, services.dllama)
+    finally:
+        services.dllama_lock.release()
 
 
 def _native_detect(first: bytes) -> bool:
     return first[:4] == b"DAIR"
 
 
-def _native_serve(conn: socket.socket, listener: socket.socket, services: Services) -> bool:
-    """dairllm's own cluster protocol (cluster/node.py); each root in its own thread."""
+def _native_serve(conn: socket.socket, listener, services: Services, release) -> bool:
+    """dairllm's own cluster protocol (cluster/node.py); slots are granted after authentication."""
     if services.native is None:
         log.error("a dairllm root connected but this worker was started without --model")
         conn.close()
         return False
-    threading.Thread(target=services.native.handle, args=(conn,), daemon=True).start()
+    services.native.handle(conn, authenticated=release)
     return True
 
 
@@ -78,14 +106,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                            "OS reports available)")
     add_secret_argument(p)
     add_verify_argument(p)
+    p.add_argument("--allow-dllama", action="store_true",
+                   help="with --secret, still serve distributed-llama roots (their protocol has "
+                        "no authentication: anyone who reaches the port can use this worker)")
+    p.add_argument("--idle-timeout", type=float, default=3600.0,
+                   help="drop a session whose root has been silent this many seconds "
+                        "(default 3600)")
+    p.add_argument("--handshake-timeout", type=float, default=15.0, help=argparse.SUPPRESS)
     p.add_argument("--max-sessions", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--speed", type=float, default=None,
                    help=argparse.SUPPRESS)      # tests: skip measuring the kernel speed
 
 
 def _peek(conn: socket.socket, n: int, timeout: float) -> bytes:
-    """The first n bytes of a connection without consuming them (fewer if the peer stops)."""
+    """The first n bytes of a connection without consuming them (fewer if the peer stops or closes)."""
     deadline = time.monotonic() + timeout
+    hangup = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0)
+    poll = select.poll()
+    poll.register(conn, select.POLLIN | hangup)
     data = b""
     try:
         while time.monotonic() < deadline:
@@ -93,23 +131,71 @@ def _peek(conn: socket.socket, n: int, timeout: float) -> bytes:
             data = conn.recv(n, socket.MSG_PEEK)
             if len(data) >= n or not data:
                 break
+            if any(ev & hangup for _, ev in poll.poll(0)):
+                break            # part of a header, then the peer closed: nothing more will come
             time.sleep(0.01)     # part of the header has arrived; wait for the rest
     except OSError:
         pass
     return data
 
 
-def dispatch(conn: socket.socket, listener: socket.socket, services: Services) -> bool:
-    peer = conn.getpeername()
-    first = _peek(conn, PEEK_BYTES, PEEK_TIMEOUT)
+def dispatch(conn: socket.socket, listener, services: Services,
+             release: Callable[[], None] = lambda: None) -> bool:
+    """Detect the protocol from the first bytes and serve the connection to its end (on the
+    calling thread). `release` is called once the connection is authenticated."""
+    try:
+        peer = conn.getpeername()
+    except OSError:
+        conn.close()
+        return False
+    first = _peek(conn, PEEK_BYTES, services.handshake_timeout)
     for name, detect, serve in PROTOCOLS:
         if detect(first):
             log.info("root %s:%s speaks %s", peer[0], peer[1], name)
-            return serve(conn, listener, services)
+            return serve(conn, listener, services, release)
     log.error("connection from %s:%s dropped: unknown protocol (first bytes %s)", peer[0], peer[1],
               first.hex() or "none")
     conn.close()
     return False
+
+
+def _serve_one(conn: socket.socket, addr, services: Services) -> None:
+    """A connection's thread: through the gate, detection and its protocol's session."""
+    key = services.gate.admit(conn, addr[0])
+    try:
+        dispatch(conn, services.mesh, services, lambda: services.gate.release(key))
+    except Exception:                    # a bug must not go unnoticed, nor reach the accept loop
+        log.exception("connection from %s:%s failed", addr[0], addr[1])
+        conn.close()
+    finally:
+        services.gate.release(key)
+
+
+def accept_loop(listener: socket.socket, services: Services, max_sessions: "int | None" = None,
+                stop: "threading.Event | None" = None) -> None:
+    """Accept connections; each goes to a thread of its own (or to a dllama session's mesh), so
+    this loop never waits on a peer."""
+    threads: list[threading.Thread] = []
+    served = 0
+    listener.settimeout(0.5)
+    while (max_sessions is None or served < max_sessions) and not (stop and stop.is_set()):
+        try:
+            conn, addr = listener.accept()
+        except socket.timeout:
+            continue
+        except OSError as e:              # e.g. too many open files: keep serving those we have
+            log.warning("accept failed: %s", e)
+            time.sleep(0.1)
+            continue
+        if services.mesh.offer(conn, addr):
+            continue
+        t = threading.Thread(target=_serve_one, args=(conn, addr, services), daemon=True,
+                             name=f"conn {addr[0]}:{addr[1]}")
+        t.start()
+        served += 1
+        threads = [x for x in threads if x.is_alive()] + [t]
+    for t in threads:
+        t.join()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -118,24 +204,30 @@ def run(args: argparse.Namespace) -> int:
     nthreads = args.nthreads if args.nthreads is not None else _ops.get_num_threads()
     if nthreads < 1:
         raise ConfigError(f"--nthreads must be positive, got {nthreads}")
+    if args.idle_timeout <= 0 or args.handshake_timeout <= 0:
+        raise ConfigError("--idle-timeout and --handshake-timeout must be positive")
     secret = P.resolve_secret(args.secret)
     native = None
     if args.model:             # measure this node's profile now, before any root waits for it
         native = NativeWorker(NodeOptions(args.model, args.ram_budget, nthreads, secret,
-                                          args.verify_model, speed=args.speed))
+                                          args.verify_model, speed=args.speed,
+                                          handshake_timeout=args.handshake_timeout,
+                                          idle_timeout=args.idle_timeout))
     dllama_model = ModelFile(args.model) if args.model and not has_gguf_magic(args.model) else None
-    services = Services(native, WorkerOptions(nthreads=nthreads, model=dllama_model))
+    services = Services(native, WorkerOptions(nthreads=nthreads, model=dllama_model,
+                                              idle_timeout=args.idle_timeout,
+                                              ram=native.ram if native else None),
+                        allow_dllama=secret is None or args.allow_dllama,
+                        handshake_timeout=args.handshake_timeout)
     listener = listen(args.host, args.port)
     host, port = listener.getsockname()[:2]
     print(f"dairllm worker listening on {host}:{port}", flush=True)
     warn_if_open(args.host, secret)
-    served = 0
+    if secret is not None and args.allow_dllama:
+        log.warning("--allow-dllama: distributed-llama roots are served without authentication "
+                    "(their protocol has none); --secret guards dairllm roots only")
     try:
-        while args.max_sessions is None or served < args.max_sessions:
-            listener.settimeout(None)
-            conn, _ = listener.accept()
-            dispatch(conn, listener, services)
-            served += 1
+        accept_loop(listener, services, args.max_sessions)
     finally:
         listener.close()
     return 0

@@ -113,7 +113,7 @@ class Executor:
         self.nb, self.N, self.k = net.n_batches, net.n_nodes, node.node_index
         if self.k >= self.N:
             raise ProtocolError(f"node index {self.k} >= number of nodes {self.N}")
-        self._check_sizes(max_bytes if max_bytes is not None else memory_cap())
+        self.nbytes = self._check_sizes(max_bytes if max_bytes is not None else memory_cap())
         self.pipes = [np.zeros(s.nbytes, np.uint8) for _, s in net.pipes]
         self.buffers = [np.zeros(s.nbytes, np.uint8) for _, s in node.buffers]
         self.weights: dict[tuple[str, int], np.ndarray] = {}
@@ -139,7 +139,8 @@ class Executor:
 
     # ---- validation ----
 
-    def _check_sizes(self, cap: int) -> None:
+    def _check_sizes(self, cap: int) -> int:
+        """Bytes of every pipe, buffer and weight; ProtocolError past `cap`."""
         total = 0
         for kind, items in (("pipe", self.net.pipes), ("buffer", self.node.buffers)):
             for name, s in items:
@@ -150,6 +151,7 @@ class Executor:
             total += op.weight.nbytes
         if total > cap:
             raise ProtocolError(f"the configs need {total} bytes of memory, over the cap of {cap}")
+        return total
 
     def _check_sync_pipe(self, pipe: int) -> None:
         s = self.net.pipes[pipe][1]

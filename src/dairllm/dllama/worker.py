@@ -8,7 +8,9 @@ Anything hostile raises ProtocolError: the session is dropped and the worker lis
 from __future__ import annotations
 
 import logging
+import queue
 import socket
+import threading
 import time
 from dataclasses import dataclass
 
@@ -32,6 +34,9 @@ class WorkerOptions:
     kernels: object = None              # None: dairllm._ops
     setup_timeout: float = 60.0         # per blocking read before the first forward
     max_bytes: int | None = None        # allocation cap (default: 90% of RAM)
+    idle_timeout: float | None = None   # after setup: a root (or peer) silent this long is gone
+    ram: object = None                  # a store.budget.RamLedger shared with the worker's other
+                                        # sessions: the session reserves its graph's bytes there
 
 
 def looks_like_dllama(first: bytes) -> bool:
@@ -43,6 +48,54 @@ def looks_like_dllama(first: bytes) -> bool:
     return 1 <= n < _net.DLLAMA_MAX_NODES and i < n
 
 
+class MeshInbox:
+    """A listener stand-in for a worker whose accept loop runs elsewhere: the session arms it for
+    the connections its lower-indexed peers will open, the accept loop offers it each new one.
+
+    Armed before this worker ACKs the handshake: a root ACKs its workers only after every
+    handshake, so no peer can connect before the inbox expects it. Connections arrive in accept
+    order, as from the listener itself.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._wanted = 0
+        self._queue: "queue.Queue[tuple]" = queue.Queue()
+        self._timeout: "float | None" = None
+
+    def arm(self, n: int) -> None:
+        with self._lock:
+            self._wanted = n
+
+    def disarm(self) -> None:
+        with self._lock:
+            self._wanted = 0
+        while True:                                      # any the session did not take
+            try:
+                conn, _ = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            conn.close()
+
+    def offer(self, conn: socket.socket, addr) -> bool:
+        """Take conn if a session expects a peer; False: serve it as a new root."""
+        with self._lock:
+            if self._wanted <= 0:
+                return False
+            self._wanted -= 1
+        self._queue.put((conn, addr))
+        return True
+
+    def settimeout(self, timeout: "float | None") -> None:
+        self._timeout = timeout
+
+    def accept(self) -> tuple:
+        try:
+            return self._queue.get(timeout=self._timeout)
+        except queue.Empty:
+            raise socket.timeout("no peer connected") from None
+
+
 def serve_session(root: socket.socket, listener: socket.socket, opts: WorkerOptions) -> None:
     """Run one root's session to its end; raises ProtocolError (or OSError) on a bad peer."""
     peer_name = "root {}:{}".format(*root.getpeername()[:2])
@@ -50,9 +103,12 @@ def serve_session(root: socket.socket, listener: socket.socket, opts: WorkerOpti
     root.settimeout(opts.setup_timeout)
     reader = _net.DllamaReader(root, peer_name)
     peers: list[socket.socket] = []
+    reserved = 0
     try:
         n_workers, index, others = reader.handshake()
         log.info("%s: worker %d of %d", peer_name, index, n_workers)
+        if isinstance(listener, MeshInbox):
+            listener.arm(index)
         root.sendall(ACK_BYTES)
         reader.ack("root ready")
         peers = _build_mesh(listener, index, others, opts.setup_timeout)
@@ -68,17 +124,24 @@ def serve_session(root: socket.socket, listener: socket.socket, opts: WorkerOpti
         if hasattr(kernels, "set_num_threads"):
             kernels.set_num_threads(opts.nthreads)
         ex = Executor(net, node, kernels, opts.max_bytes if opts.max_bytes is not None else memory_cap())
+        if opts.ram is not None:             # zeroed pages: nothing touched before this check
+            reserved = opts.ram.reserve(ex.nbytes, f"a distributed-llama node's pipes, buffers "
+                                                   f"and weights")
         root.sendall(ACK_BYTES)
         n_records, n_bytes = _receive_weights(reader, root, ex, net, node, opts)
         root.sendall(ACK_BYTES)
         log.info("%s: node %d/%d ready (%d weight records, %.1f MB received)", peer_name, node.node_index,
                  net.n_nodes, n_records, n_bytes / 1e6)
-        root.settimeout(None)
+        root.settimeout(opts.idle_timeout)
         for p in peers:
-            p.settimeout(None)
+            p.settimeout(opts.idle_timeout)
         links = Links([root, *peers], node.node_index, net.n_nodes)
         _inference_loop(reader, ex, links, peer_name)
     finally:
+        if reserved:
+            opts.ram.release(reserved)
+        if isinstance(listener, MeshInbox):
+            listener.disarm()
         for s in [root, *peers]:
             try:
                 s.close()
@@ -198,4 +261,4 @@ def run_session_logged(root: socket.socket, listener: socket.socket, opts: Worke
     return False
 
 
-__all__ = ["WorkerOptions", "serve_session", "run_session_logged", "looks_like_dllama"]
+__all__ = ["MeshInbox", "WorkerOptions", "serve_session", "run_session_logged", "looks_like_dllama"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from dataclasses import dataclass
 
 from ..errors import ConfigError
@@ -99,3 +100,35 @@ def format_bytes(n: float) -> str:
             return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} GiB"
+
+
+class RamLedger:
+    """One RAM budget shared by a worker's sessions: each reserves its KV cache and buffers when it
+    is assigned work and releases them when it ends, so sessions together stay within `total`.
+
+        n = ledger.reserve(state_bytes, "layers 0..3")   # ConfigError when it does not fit
+        ledger.release(n)
+    """
+
+    def __init__(self, total: int) -> None:
+        self.total = int(total)
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def reserve(self, nbytes: int, what: str) -> int:
+        with self._lock:
+            if self.used + nbytes > self.total:
+                raise ConfigError(
+                    f"{what} need {nbytes / 2**20:.0f} MiB, more than "
+                    f"this worker's {self.total / 2**20:.0f} MiB RAM budget leaves "
+                    f"({self.used / 2**20:.0f} MiB held by its other sessions)")
+            self.used += nbytes
+        return nbytes
+
+    def release(self, nbytes: int) -> None:
+        with self._lock:
+            self.used = max(self.used - nbytes, 0)
+
+    def free(self) -> int:
+        with self._lock:
+            return self.total - self.used
