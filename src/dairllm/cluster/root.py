@@ -191,7 +191,7 @@ class ClusterModel(ClusterDriver):
                 continue
             if last_only:
                 if c0 + chunk.size == tokens.size:
-                    fw.head(self.compute, r if r.n == 1 else _last_row(self.state, r), logits)
+                    fw.head(self.compute, self.state.last_row(r), logits)
             else:
                 fw.head(self.compute, r, logits[c0:c0 + chunk.size])
 
@@ -409,9 +409,3 @@ def parse_groups(spec: "str | None") -> list:
                 if part.strip()]
     except ValueError:
         raise ConfigError(f"--groups {spec!r}: use worker numbers like 1,2;3,4") from None
-
-
-def _last_row(s: RunState, r):
-    one = s.rows(1)
-    one.x[0] = r.x[r.n - 1]
-    return one

@@ -25,7 +25,7 @@ from ..engine import forward as fw
 from ..engine.model import Compute
 from ..engine.shard import Shard, ShardWeights
 from ..engine.state import RunState
-from ..errors import ConfigError, ProtocolError
+from ..errors import ProtocolError
 from ..formats.detect import open_model_file
 from ..formats.modelfile import ModelFile
 from ..formats.quant import FloatType
@@ -149,10 +149,8 @@ class TensorStage:
 
 def head_rows(m: Compute, s: RunState, r, want: str, buf: np.ndarray) -> np.ndarray:
     """This node's logits (its vocabulary rows) for all rows of r, or the last one."""
-    if want == "last" and r.n > 1:
-        one = s.rows(1)
-        one.x[0] = r.x[r.n - 1]
-        r = one
+    if want == "last":
+        r = s.last_row(r)
     out = buf[:r.n]
     if out.shape[1]:
         fw.head(m, r, out)

@@ -167,8 +167,8 @@ class Model(Generates):
             self.n_past = p0 + chunk.size
             if want is not None:
                 r = self.state.rows(chunk.size)  # a driver may have rebuilt the state (a recovery)
-                if want == "last" and r.n > 1:
-                    r = _last_row(self.state, r)
+                if want == "last":
+                    r = self.state.last_row(r)
                 self._head(r, logits if want == "last" else logits[c0:c0 + chunk.size])
 
     def _layers(self, chunk: np.ndarray, p0: int, want: "str | None" = None) -> None:
@@ -191,10 +191,3 @@ class Model(Generates):
         until the next call)."""
         self._run(np.asarray(tokens, dtype=np.intp), position, self._logits1, last_only=True)
         return self._logits1[0]
-
-
-def _last_row(s: RunState, r) -> "object":
-    """Rows view holding only the last row of r (for a head over one row after a batch)."""
-    one = s.rows(1)
-    one.x[0] = r.x[r.n - 1]
-    return one

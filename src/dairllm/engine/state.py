@@ -85,6 +85,14 @@ class RunState:
             r = self._rows[n] = Rows(self, n)
         return r
 
+    def last_row(self, r: Rows) -> Rows:
+        """The rows view of one row holding r's last row of x (a head over it after a batch)."""
+        if r.n == 1:
+            return r
+        one = self.rows(1)
+        one.x[0] = r.x[r.n - 1]
+        return one
+
     @property
     def nbytes(self) -> int:
         """Bytes of every buffer this state holds (an upper bound on its resident memory)."""
