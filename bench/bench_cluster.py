@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from dairllm import Model  # noqa: E402
+from dairllm.cache import cache_dir  # noqa: E402
 from dairllm.cluster import protocol as P  # noqa: E402
 from dairllm.cluster.local import LocalWorker, free_port  # noqa: E402
 from dairllm.cluster.root import ClusterModel  # noqa: E402
@@ -43,7 +44,7 @@ from dairllm.synth import make_model  # noqa: E402
 
 
 def bench_model(seq_len: int) -> Path:
-    cache = Path(os.environ.get("DAIRLLM_CACHE") or Path.home() / ".cache" / "dairllm")
+    cache = cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     path = cache / f"bench-llama-3.2-1b-q40-s{seq_len}.m"
     if not path.exists():

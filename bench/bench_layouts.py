@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dairllm import Model  # noqa: E402
+from dairllm.cache import cache_dir  # noqa: E402
 from dairllm.cluster.layouts import open_cluster  # noqa: E402
 from dairllm.cluster.local import LocalWorker  # noqa: E402
 from dairllm.synth import make_model  # noqa: E402
@@ -38,7 +39,7 @@ from linksim import Link  # noqa: E402
 
 
 def bench_model(preset: str, seq_len: int) -> Path:
-    cache = Path(os.environ.get("DAIRLLM_CACHE") or Path.home() / ".cache" / "dairllm")
+    cache = cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     path = cache / f"bench-{preset}-q40-s{seq_len}.m"
     if not path.exists():

@@ -46,7 +46,7 @@ A64_PORT=${A64_PORT:-29431}
 PYTHON=$(command -v "${PYTHON:-python3}" || echo "${PYTHON:-python3}")   # a path: qemu-user does not search PATH
 GOLDEN=$REPO/tests/golden         # the suite's reference data, inside the repository
 ROOT_PKGS="python3 python3-venv python3-dev gcc libc6-dev ca-certificates file binutils ccache"
-PIP_PKGS="numpy cython pytest hypothesis gguf 'setuptools>=68' wheel auditwheel"
+PIP_PKGS="numpy xxhash cryptography cython pytest hypothesis gguf 'setuptools>=68' wheel auditwheel"
 CACHE_KEY="v1 $SUITE | $ROOT_PKGS | $PIP_PKGS"
 # The tests that matter on the board: kernels vs float64, formats, tokenizer, dllama protocol,
 # golden logits. (The multi-node dllama tests run on x86 already; the cross-arch runs cover them.)
@@ -159,7 +159,7 @@ make_rootfs() {   # minbase arm64, then compiler + venv with the build/test tool
             update-ca-certificates >/dev/null 2>&1 || true
             rm -rf /opt/venv && python3 -m venv /opt/venv && pip install -q -U pip && nice -n 15 pip install -q -U $PIP_PKGS
             apt-get clean && rm -rf /var/lib/apt/lists/* /root/.cache/pip
-            pip list 2>/dev/null | grep -iE '^(numpy|cython|pytest|hypothesis|gguf|setuptools|auditwheel) '" || return 1
+            pip list 2>/dev/null | grep -iE '^(numpy|xxhash|cryptography|cython|pytest|hypothesis|gguf|setuptools|auditwheel) '" || return 1
     echo "$CACHE_KEY" > "$ROOTFS/.dairllm-a64-ready"
 }
 mount_rootfs() {

@@ -65,3 +65,9 @@ def chat_pair(tmp_path_factory):
 def golden_dir():
     """tests/golden (see its README); helpers.golden has the accessors."""
     return golden.GOLDEN
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Lines a test left in config.dairllm_summaries (e.g. the chaos run's counts)."""
+    for line in getattr(config, "dairllm_summaries", []):
+        terminalreporter.write_line(line)

@@ -30,6 +30,7 @@ import pytest
 from dairllm import _net
 from dairllm.cluster import protocol as P
 from dairllm.cluster.connect import connect_worker
+from dairllm.cluster.secure import CIPHER, SealedChannel
 from dairllm.errors import ModelFormatError, ProtocolError
 from dairllm.formats.modelfile import ModelFile
 from dairllm.formats.quant import FloatType
@@ -97,8 +98,10 @@ class FakeWorker:
     """One native session on 127.0.0.1: HELLO -> CHALLENGE(auth) -> AUTH -> INFO (with the MAC
     that `worker_mac(root_nonce)` gives) -> PONG to every PING, until the root leaves."""
 
-    def __init__(self, secret: bytes, fingerprint: str, worker_mac) -> None:
+    def __init__(self, secret: bytes, fingerprint: str, worker_mac,
+                 extra_info: "dict | None" = None) -> None:
         self.secret, self.fingerprint, self.worker_mac = secret, fingerprint, worker_mac
+        self.extra_info = extra_info or {}
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.listener.settimeout(10)
         self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
@@ -117,13 +120,15 @@ class FakeWorker:
         try:
             hello = conn.expect_json(P.HELLO)
             nonce = "5a" * 16
-            conn.send_json(P.CHALLENGE, {"nonce": nonce, "auth": True})
+            conn.send_json(P.CHALLENGE, {"nonce": nonce, "auth": True, "seal": CIPHER})
             auth = conn.expect_json(P.AUTH)
             self.root_mac_ok = auth.get("mac") == hmac_sha256_by_hand(
                 self.secret, b"root" + bytes.fromhex(nonce))
             conn.send_json(P.INFO, {"fingerprint": self.fingerprint, "model_name": "fake.m",
                                     "ram_budget": 1 << 30, "speed": 1e9, "threads": 1,
-                                    "mac": self.worker_mac(hello["nonce"])})
+                                    "mac": self.worker_mac(hello["nonce"]),
+                                    **self.extra_info})
+            conn.seal(SealedChannel.for_worker(self.secret, hello["nonce"], nonce, conn.peer))
             for _ in range(20):                        # PINGs, then BYE or EOF
                 t, _ = conn.recv()
                 if t != P.PING:
@@ -167,6 +172,28 @@ def test_fake_worker_with_the_right_mac_is_accepted():
     finally:
         w.stop()
     assert w.root_mac_ok is True
+
+
+def test_a_workers_disk_speed_reaches_its_profile():
+    w = FakeWorker(SECRET, FP, right_mac, {"disk_speed": 1.5e9})
+    try:
+        link = connect_worker(w.address, FP, SECRET, timeout=10)
+        assert link.profile.disk_speed == 1.5e9
+        link.close()
+    finally:
+        w.stop()
+
+
+@pytest.mark.parametrize("value", [-1, 1e20, float("inf"), float("nan"), "fast", True, [1e9]])
+def test_root_refuses_an_absurd_disk_speed(value):
+    """The planner divides by a worker's disk speed: a value outside 1 kB/s..10 TB/s (or not a
+    number) is a protocol error naming the field, never a plan built on it."""
+    w = FakeWorker(SECRET, FP, right_mac, {"disk_speed": value})
+    try:
+        with pytest.raises(ProtocolError, match="disk_speed"):
+            connect_worker(w.address, FP, SECRET, timeout=10)
+    finally:
+        w.stop()
 
 
 @pytest.mark.parametrize("kind", list(WRONG_MACS))

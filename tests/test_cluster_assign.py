@@ -24,8 +24,9 @@ def brute_time(profiles, counts, c=COSTS):
     for i, (p, k) in enumerate(zip(profiles, counts)):
         fixed = c.act_bytes + (c.head_bytes if i == 0 else 0)
         t = c.head_bytes / p.speed if i == 0 else 0.0
+        per_token = c.read_bytes or c.layer_bytes    # a MoE layer: its core and active experts
         if k:
-            t += k * c.layer_bytes / p.speed
+            t += k * per_token / p.speed
             if i:
                 t += p.rtt + 2 * c.record_bytes / BW
             need = fixed + k * (c.layer_bytes + c.kv_layer_bytes)
@@ -35,7 +36,7 @@ def brute_time(profiles, counts, c=COSTS):
                     return None
                 second_slot = c.layer_bytes if room >= c.layer_bytes else 0
                 streamed = k - min(k - 1, (room - second_slot) // c.layer_bytes)
-                t += streamed * c.layer_bytes / p.disk_speed
+                t += streamed * per_token / p.disk_speed
         if fixed > p.ram_budget and (i == 0 or k):
             return None
         total += t
@@ -48,10 +49,10 @@ def compositions(n_layers, n_nodes):
         yield [b[i + 1] - b[i] for i in range(n_nodes)]
 
 
-def best_brute(profiles):
+def best_brute(profiles, c=COSTS):
     best = math.inf
-    for counts in compositions(COSTS.n_layers, len(profiles)):
-        t = brute_time(profiles, counts)
+    for counts in compositions(c.n_layers, len(profiles)):
+        t = brute_time(profiles, counts, c)
         if t is not None:
             best = min(best, t)
     return best
@@ -155,3 +156,20 @@ def test_table_mentions_every_node():
     for p in MIXED["tight RAM, equal speed"]:
         assert p.name in text
     assert "bytes/token" in text and "slowest stage" in text
+
+
+def test_streamed_moe_layers_cost_their_routed_bytes():
+    """A MoE layer streamed from disk reads its core and active experts (the expert cache reads
+    only routed experts), not the whole layer: 10 of its 100 MiB here. So a cluster too small
+    for the model streams at a tenth of the dense cost, and the plan is the brute force's."""
+    moe = ModelCosts(n_layers=8, layer_bytes=100 * MiB, kv_layer_bytes=4 * MiB,
+                     head_bytes=200 * MiB, act_bytes=1 * MiB, record_bytes=2204, dim=2048,
+                     read_bytes=10 * MiB)
+    profiles = MIXED["cluster too small: must stream"]
+    a = assign(profiles, moe, BW)
+    counts = [s.n_layers for s in a.stages]
+    assert sum(s.streamed for s in a.stages) > 0
+    assert a.time_per_token == pytest.approx(brute_time(profiles, counts, moe), rel=1e-9)
+    assert a.time_per_token == pytest.approx(best_brute(profiles, moe), abs=1e-5)
+    dense = assign(profiles, COSTS, BW)
+    assert a.time_per_token < dense.time_per_token / 5

@@ -94,7 +94,7 @@ def test_generate_with_workers_matches_single_node(worker):
 
 def test_plan_prints_assignment_without_loading(worker):
     model = golden.model("tiny_q40")
-    r = dairllm("plan", "--model", str(model), "--workers", worker.addr, "--ram-budget", "1M")
+    r = dairllm("plan", "--model", str(model), "--workers", worker.addr, "--ram-budget", "1.25M")
     assert r.returncode == 0, r.stderr
     assert worker.addr in r.stdout and "ms/token" in r.stdout and "slowest stage" in r.stdout
     assert f"link root <-> {worker.addr}" in r.stdout

@@ -160,7 +160,7 @@ def test_bad_inputs_raise_clear_errors(models):
 
 def test_max_seq_len_caps_the_kv_cache(models):
     with Model.open(models[Arch.LLAMA, FloatType.F32], max_seq_len=16) as m:
-        assert m.seq_len == 16 and m.state.k_cache[0].shape == (16, 32)
+        assert m.seq_len == 16 and m.state.k_cache[0].shape == (1, 16, 32)
         with pytest.raises(DairError):
             m.forward(TOKENS, 0)
 

@@ -5,9 +5,7 @@ import http.client
 import json
 import os
 import socket
-import threading
 import time
-from urllib.parse import urlsplit
 
 import pytest
 
@@ -17,37 +15,12 @@ pytest.importorskip("starlette")
 pytest.importorskip("transformers")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from dairllm import Model  # noqa: E402
 from dairllm.chat import GenerationConfig, Result, Session  # noqa: E402
-from dairllm.cluster.local import free_port  # noqa: E402
-from dairllm.convert.chat_template import ChatTemplate  # noqa: E402
-from dairllm.formats.tokenizer import Tokenizer  # noqa: E402
 from dairllm.server import create_app  # noqa: E402
-from helpers.hf import SPECIALS  # noqa: E402
+from helpers.serving import (Raw, Slow, chat_concurrently, live_server, make_session,  # noqa: E402
+                             wait_for_health)
 
 PROMPTS = ["Hello world!", "naïve café 東京 😀", "The quick brown fox", "def f(x):"]
-
-
-def make_session(model_path, tok_path) -> Session:
-    tok = Tokenizer.open(tok_path)
-    return Session(Model.open(model_path), tok,
-                   ChatTemplate.choose(tok.chat_template, bos_token=SPECIALS[0],
-                                       eos_token=SPECIALS[1]))
-
-
-class Slow:
-    """Wraps model.last_logits (what generation feeds the model through) with an adjustable
-    delay, to hold a generation open."""
-
-    def __init__(self, model) -> None:
-        self.delay = 0.0
-        self._forward = model.last_logits
-        model.last_logits = self
-
-    def __call__(self, ids, pos):
-        if self.delay:
-            time.sleep(self.delay)
-        return self._forward(ids, pos)
 
 
 @pytest.fixture(scope="module")
@@ -56,23 +29,11 @@ def server(chat_pair):
     session = make_session(model_path, tok_path)
     slow = Slow(session.model)
     app = create_app(session, "tiny", default_max_tokens=12, max_body=256 << 10)
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                        lifespan="on"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not srv.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.02)
-    ref = make_session(model_path, tok_path)       # a second model: the expected answers
+    ref = make_session(model_path, tok_path)           # a second model: the expected answers
     try:
-        yield dict(url=f"http://127.0.0.1:{port}", app=app, ref=ref, slow=slow,
-                   paths=(model_path, tok_path))
+        with live_server(app) as url:
+            yield dict(url=url, app=app, ref=ref, slow=slow, paths=(model_path, tok_path))
     finally:
-        srv.should_exit = True
-        thread.join(timeout=10)
-        assert not thread.is_alive(), "server did not stop"
         ref.model.close()
         session.model.close()
 
@@ -80,24 +41,6 @@ def server(chat_pair):
 @pytest.fixture
 def client(server):
     return openai.OpenAI(base_url=server["url"] + "/v1", api_key="none", timeout=60, max_retries=0)
-
-
-class Raw:
-    """Plain HTTP (stdlib) for what the openai client will not send."""
-
-    def __init__(self, url: str) -> None:
-        u = urlsplit(url)
-        self.host, self.port = u.hostname, u.port
-
-    def request(self, method: str, path: str, body=None, raw: bytes | None = None):
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=30)
-        try:
-            data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-            conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
-            r = conn.getresponse()
-            return r.status, json.loads(r.read() or b"null")
-        finally:
-            conn.close()
 
 
 def expected_chat(server, text: str, max_tokens: int = 12) -> str:
@@ -148,29 +91,7 @@ def test_completions_streaming_and_not(server, client):
 
 def test_concurrent_clients_queue_and_all_get_their_answer(server, client):
     want = {p: expected_chat(server, p) for p in PROMPTS}
-    got: dict = {}
-    errors: list = []
-
-    def ask(p: str, stream: bool) -> None:
-        try:
-            c = openai.OpenAI(base_url=server["url"] + "/v1", api_key="none", timeout=60,
-                              max_retries=0)
-            kw = dict(model="tiny", messages=[{"role": "user", "content": p}], temperature=0,
-                      max_tokens=12)
-            if stream:
-                got[p] = "".join(ch.choices[0].delta.content or ""
-                                 for ch in c.chat.completions.create(stream=True, **kw))
-            else:
-                got[p] = c.chat.completions.create(**kw).choices[0].message.content
-        except Exception as e:          # reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=ask, args=(p, i % 2 == 0)) for i, p in enumerate(PROMPTS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert not errors and got == want
+    assert chat_concurrently(server["url"], PROMPTS) == want
 
 
 def test_bad_requests_get_openai_errors(server, client):
@@ -246,17 +167,7 @@ def test_serve_command_subprocess(server):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     try:
-        raw = Raw(f"http://127.0.0.1:{port}")
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if raw.request("GET", "/health")[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "serve did not come up"
-            time.sleep(0.1)
+        wait_for_health(proc, Raw(f"http://127.0.0.1:{port}"))
         c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=30,
                           max_retries=0)
         r = c.chat.completions.create(model="t", messages=[{"role": "user", "content": "Hi"}],

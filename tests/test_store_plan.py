@@ -47,9 +47,45 @@ def header(arch=Arch.LLAMA, n_layers=12, **kw) -> Header:
 
 
 def sizes(layout):
+    """Per layer the bytes a plan pins or streams with it (a MoE layer without its experts: they
+    have the expert cache), the classifier's and the final norm's."""
     h = layout.header
-    layer = [layout.layer_range(l)[1] - layout.layer_range(l)[0] for l in range(h.n_layers)]
+    layer = [layout.layer_range(l)[1] - layout.layer_range(l)[0] - h.n_experts * expert_bytes(layout, l)
+             for l in range(h.n_layers)]
     return layer, layout["wcls"].nbytes, layout["final_norm"].nbytes
+
+
+def expert_bytes(layout, l: int, e: int = 0) -> int:
+    h = layout.header
+    if not h.n_experts:
+        return 0
+    return sum(layout[f"layers.{l}.experts.{e}.{n}"].nbytes for n in ("w1", "w2", "w3"))
+
+
+def expert_pages(layout, l: int, e: int = 0) -> int:
+    """Bytes of the whole pages expert e of layer l touches (its tensors are contiguous)."""
+    ts = [layout[f"layers.{l}.experts.{e}.{n}"] for n in ("w1", "w2", "w3")]
+    start, end = min(t.offset for t in ts), max(t.offset + t.nbytes for t in ts)
+    assert end - start == sum(t.nbytes for t in ts)
+    return -(-end // PAGE) * PAGE - start // PAGE * PAGE
+
+
+def core_slot(layout, l: int) -> int:
+    """A slot for layer l's core: each contiguous run of its non-expert tensors, plus up to two
+    pages for page alignment (experts sit between the router and the last norms in a .m file)."""
+    ts = sorted((t for t in layout.tensors if t.layer == l and ".experts." not in t.name),
+                key=lambda t: t.offset)
+    runs = 1 + sum(b.offset != a.offset + a.nbytes for a, b in zip(ts, ts[1:]))
+    return sum(t.nbytes for t in ts) + 2 * PAGE * runs
+
+
+def min_cache(layout) -> int:
+    """The smallest expert cache: one layer's routed experts."""
+    h = layout.header
+    if not h.n_experts:
+        return 0
+    return max(h.n_active_experts, 2) * max(expert_pages(layout, l, e) for l in range(h.n_layers)
+                                    for e in range(h.n_experts))
 
 
 STATE = 10_000
@@ -59,8 +95,11 @@ STATE = 10_000
 def test_full_and_minimum(arch):
     lay = tensor_layout(header(arch))
     layer, wcls, norm = sizes(lay)
-    full = STATE + norm + sum(layer) + wcls
-    minimum = STATE + norm + max(max(layer), wcls) + 2 * PAGE
+    h = lay.header
+    full = STATE + norm + sum(layer) + wcls + sum(
+        h.n_experts * expert_bytes(lay, l) for l in range(h.n_layers))
+    slot = max(max(core_slot(lay, l) for l in range(h.n_layers)), wcls + 2 * PAGE)
+    minimum = STATE + norm + slot + min_cache(lay)
     p = make_residency(lay, "100%", STATE)
     assert (p.full_bytes, p.min_bytes) == (full, minimum)
     assert p.streamed == () and p.slots == 0 and p.stream_bytes_per_token == 0
@@ -82,7 +121,11 @@ def test_plans_fit_their_budget_and_stream_less_with_more(arch):
         p = make_residency(lay, b, STATE)
         assert p.resident_bytes <= b
         assert sorted(p.pinned + p.streamed) == list(range(L + 1))
-        assert p.streamed, "below full, something streams"
+        if arch is Arch.QWEN3_MOE:   # below full, experts stream (and cores, when few fit)
+            assert p.expert_cache_bytes < p.all_expert_bytes
+            assert p.resident_bytes == b or p.expert_cache_bytes == p.all_expert_bytes
+        else:
+            assert p.streamed, "below full, something streams"
         if p.slots in last:
             assert p.stream_bytes_per_token <= last[p.slots]
         last[p.slots] = p.stream_bytes_per_token
@@ -91,16 +134,24 @@ def test_plans_fit_their_budget_and_stream_less_with_more(arch):
             assert p.stream_bytes_per_token == want
 
 
-def test_moe_reads_only_active_experts_per_token():
+@pytest.mark.parametrize("where", ["minimum", "cores fit"])
+def test_moe_reads_only_active_experts_per_token(where):
     h = header(Arch.QWEN3_MOE)
     lay = tensor_layout(h)
-    p = make_residency(lay, make_residency(lay, "100%", STATE).min_bytes, STATE)
-    expert = sum(lay[f"layers.0.experts.0.{n}"].nbytes for n in ("w1", "w2", "w3"))
-    layer, wcls, _ = sizes(lay)
-    streamed_layers = [i for i in p.streamed if i < h.n_layers]
-    want = sum(layer[i] - (h.n_experts - h.n_active_experts) * expert for i in streamed_layers)
-    want += wcls if h.n_layers in p.streamed else 0
-    assert p.stream_bytes_per_token == want
+    layer, wcls, norm = sizes(lay)
+    p0 = make_residency(lay, "100%", STATE)
+    budget = p0.min_bytes if where == "minimum" else STATE + norm + sum(layer) + wcls + 3 * min_cache(lay)
+    p = make_residency(lay, budget, STATE)
+    expert = expert_bytes(lay, 0)
+    all_pages = sum(expert_pages(lay, l, e) for l in range(h.n_layers) for e in range(h.n_experts))
+    if where == "cores fit":         # every core pinned, no slots, the rest is the cache
+        assert p.streamed == () and p.slots == 0
+        assert p.expert_cache_bytes == 3 * min_cache(lay)
+    miss = 1 - p.expert_cache_bytes / all_pages     # evenly routed tokens
+    want = sum(layer[i] if i < h.n_layers else wcls for i in p.streamed)
+    want += h.n_layers * h.n_active_experts * expert * miss
+    assert p.stream_bytes_per_token == pytest.approx(want, abs=1)
+    assert p.expert_cache_bytes >= min_cache(lay) and p.resident_bytes <= budget
 
 
 def test_two_slots_when_they_fit_one_at_the_minimum():

@@ -21,6 +21,7 @@ import pytest
 from dairllm import _net
 from dairllm.cluster import protocol as P
 from dairllm.cluster.local import LocalWorker
+from dairllm.cluster.secure import SealedChannel
 from dairllm.engine.state import RunState
 from dairllm.formats.detect import open_model_file
 from helpers import golden
@@ -49,10 +50,15 @@ def handshake(w: LocalWorker, secret: "str | None" = None,
     t0 = time.monotonic()
     conn = P.Connection(connect(w, timeout), "worker", timeout)
     try:
-        conn.send_json(P.HELLO, {"version": P.PROTOCOL_VERSION, "nonce": P.new_nonce()})
+        key = secret.encode() if secret else None
+        root_nonce = P.new_nonce()
+        conn.send_json(P.HELLO, {"version": P.PROTOCOL_VERSION, "nonce": root_nonce,
+                                 **P.seal_offer(key)})
         nonce = conn.expect_json(P.CHALLENGE)["nonce"]
-        conn.send_json(P.AUTH, {"mac": P.mac(secret.encode(), b"root", nonce) if secret else ""})
+        conn.send_json(P.AUTH, {"mac": P.mac(key, b"root", nonce) if key else ""})
         info = conn.expect_json(P.INFO)
+        if key:                                        # the links are sealed from here on
+            conn.seal(SealedChannel.for_root(key, root_nonce, nonce, conn.peer))
     except BaseException:
         conn.close()
         raise
@@ -205,7 +211,7 @@ def test_secret_refuses_dllama_roots_unless_allowed():
         s.close()
     finally:
         log = w.stop()
-    assert "without authentication" in log, log[-2000:]
+    assert "without authentication" in log and "plaintext" in log, log[-2000:]
 
 
 # ---------------------------------------------------------------------------------------------

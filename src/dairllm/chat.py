@@ -19,6 +19,7 @@ import numpy as np
 
 from .convert.chat_template import ChatTemplate
 from .engine.generate import GenerateStats, generate
+from .engine.speculative import MAX_DRAFT_TOKENS, METHODS, DraftModel, make_speculation
 from .errors import ConfigError
 from .sampling import Sampler
 
@@ -32,6 +33,9 @@ class GenerationConfig:
     top_p: float = 0.9
     seed: int | None = None
     stop: Sequence[str] = ()
+    logprobs: int | None = None       # record each token's log-probability and this many top ones
+    speculative: str | None = None       # "lookup" or "draft" (the Session's draft model)
+    draft_tokens: int = 4                # most drafts verified per pass
 
     def validate(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
@@ -42,6 +46,14 @@ class GenerationConfig:
             raise ValueError("top_p must be between 0 and 1")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop must be non-empty strings")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise ValueError("logprobs must be between 0 and 20")
+        if self.speculative is not None and self.speculative not in METHODS:
+            raise ValueError(f"speculative must be one of {', '.join(METHODS)}")
+        if not isinstance(self.draft_tokens, int) or not 1 <= self.draft_tokens <= MAX_DRAFT_TOKENS:
+            raise ValueError(f"draft_tokens must be an integer in 1..{MAX_DRAFT_TOKENS}")
+        if self.speculative is not None and self.logprobs is not None:
+            raise ValueError("logprobs are not recorded under speculative decoding")
 
 
 @dataclass
@@ -58,6 +70,8 @@ class Result:
     decode_seconds: float = 0.0
     token_ids: list = field(default_factory=list)
     stats: "GenerateStats | None" = None     # the generation loop's own timings
+    # with cfg.logprobs: per generated token (id, log p, ((id, log p), ...) the top ones)
+    logprobs: list = field(default_factory=list)
 
 
 def _clock_seed() -> int:
@@ -91,12 +105,15 @@ def _piece(tok, token_id: "int | None") -> str:
 
 
 class Session:
-    """One model, one tokenizer, one cached sequence. Not thread-safe: one request at a time."""
+    """One model, one tokenizer, one cached sequence. Not thread-safe: one request at a time.
+    `draft`: a draft model for requests with speculative="draft" (it keeps its own cache)."""
 
-    def __init__(self, model, tokenizer, template: ChatTemplate | None = None) -> None:
+    def __init__(self, model, tokenizer, template: ChatTemplate | None = None,
+                 draft: "DraftModel | None" = None) -> None:
         self.model = model
         self.tok = tokenizer
         self.template = template
+        self.draft = draft
         self.tokens: list[int] = []          # ids whose K/V sit in the cache, positions 0..n-1
         self.vocab_limit = min(tokenizer.vocab_size, model.vocab_size)
         if tokenizer.vocab_size > model.vocab_size:
@@ -141,8 +158,12 @@ class Session:
                  ) -> Iterator[str]:
         """Yield text pieces of the continuation of `prompt`. Reuses the cached prefix; stops on
         any EOS id, a stop string, max_tokens, the context end or `cancel`. Fills `result`.
-        The tokens come from the one generation loop (engine/generate.py)."""
+        The tokens come from the one generation loop (engine/generate.py), or with
+        cfg.speculative from its speculative form (engine/speculative.py)."""
         cfg.validate()
+        if cfg.speculative == "draft" and self.draft is None:
+            raise ValueError("speculative 'draft' needs a draft model, and none is loaded")
+        speculation = make_speculation(cfg.speculative, cfg.draft_tokens, self.draft)
         res = result if result is not None else Result()
         prompt = [int(t) for t in prompt]
         if not prompt:
@@ -154,11 +175,14 @@ class Session:
         res.prompt_tokens, res.cached_tokens = len(prompt), reuse
         sampler = Sampler(float(cfg.temperature), float(cfg.top_p),
                           cfg.seed if cfg.seed is not None else _clock_seed())
+        if cfg.logprobs is not None:
+            sampler = LogprobRecorder(sampler, cfg.logprobs, res.logprobs)
         steps = min(cfg.max_tokens, seq_len - len(prompt) + 1)
         stats = GenerateStats()
         del self.tokens[reuse:]
-        tokens = generate(self.model, np.asarray(prompt, dtype=np.intp), steps, stats, sampler,
-                          self.eos, self.vocab_limit, start=reuse, cancel=cancel)
+        loop = generate if speculation is None else speculation.generate
+        tokens = loop(self.model, np.asarray(prompt, dtype=np.intp), steps, stats, sampler,
+                      self.eos, self.vocab_limit, start=reuse, cancel=cancel)
         decoder = self.tok.decoder()
         text, sent = "", 0           # decoded so far; chars already yielded
         try:
@@ -190,6 +214,24 @@ class Session:
         if len(text) > sent:
             yield text[sent:]
         res.text = text
+
+
+class LogprobRecorder:
+    """A sampler that also records the model's log-probabilities (softmax of the raw logits,
+    before temperature, as OpenAI reports them) of each picked token and the top k."""
+
+    def __init__(self, sampler: Sampler, k: int, sink: list) -> None:
+        self.sampler, self.k, self.sink = sampler, k, sink
+
+    def sample(self, logits_row: np.ndarray) -> int:
+        token = self.sampler.sample(logits_row)
+        x = np.asarray(logits_row, dtype=np.float64)
+        top = x.max()
+        logp = x - (top + np.log(np.exp(x - top).sum()))
+        best = np.argsort(-logp, kind="stable")[:self.k]
+        self.sink.append((token, float(logp[token]),
+                          tuple((int(i), float(logp[i])) for i in best)))
+        return token
 
 
 # the generation loop's stop reason -> (finish_reason, stopped_by) as the API reports them

@@ -30,3 +30,9 @@ class ProtocolError(DairError):
 
 class ConfigError(DairError, ValueError):
     """Arguments or settings that cannot work together."""
+
+
+class IntegrityError(DairError):
+    """A node's weights or activations are not what they must be: a layer whose bytes differ
+    from the root's, non-finite activations or logits. A cluster root treats the node as unusable
+    (cluster/integrity.py); a single node stops with this error."""

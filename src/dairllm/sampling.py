@@ -69,6 +69,41 @@ class Sampler:
             return sample_cdf(p, coin)
         return sample_topp(p, self.topp, coin)
 
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def probs(self, logits_row: np.ndarray) -> np.ndarray:
+        """The distribution `sample` draws from, as float64 probabilities [n]: temperature,
+        softmax and the nucleus cut exactly as above (speculative decoding accepts and resamples
+        against it). Greedy: all mass on the first maximum."""
+        x = np.asarray(logits_row).astype(np.float32, copy=False)
+        out = np.zeros(x.size, dtype=np.float64)
+        if self.temperature == 0.0:
+            out[argmax_first(x)] = 1.0
+            return out
+        p = softmax_f32(x / self.temperature)
+        if self.topp <= 0 or self.topp >= 1:
+            return p / p.sum(dtype=np.float64)
+        kept = nucleus(p, self.topp)
+        out[kept] = p[kept]
+        return out / out.sum()
+
+
+def nucleus(p: np.ndarray, topp: np.float32) -> np.ndarray:
+    """Indices `sample_topp` can return: the candidates over the cutoff by descending probability
+    (equal ones in index order), up to and including the first whose running sum exceeds topp."""
+    n = p.size
+    cutoff = (np.float32(1.0) - topp) / np.float32(n - 1) if n > 1 else np.float32(0.0)
+    cand = np.flatnonzero(p >= cutoff)
+    if cand.size == 0:
+        return np.array([n - 1])
+    order = cand[np.lexsort((cand, -p[cand]))]
+    cum = np.cumsum(p[order], dtype=np.float32)
+    over = np.flatnonzero(cum > topp)
+    last = int(over[0]) if over.size else order.size - 1
+    return order[:last + 1]
+
 
 def argmax_first(x: np.ndarray) -> int:
     """Index of the first maximum; NaNs are skipped unless x[0] is one (as the C loop does)."""
@@ -129,4 +164,4 @@ def sample_topp(p: np.ndarray, topp: np.float32, coin: float) -> int:
 
 
 __all__ = ["Sampler", "xorshift_u32", "softmax_f32", "argmax_first", "sample_cdf",
-           "sample_topp"]
+           "sample_topp", "nucleus"]

@@ -30,6 +30,7 @@ from typing import Iterator
 
 import numpy as np
 
+from .cache import cache_dir as user_cache_dir
 from .errors import ConfigError, DairError, ModelFormatError
 from .formats.modelfile import (Arch, Header, Kind, ModelFile, ModelWriter, RopeType, TensorInfo,
                                 expected_file_size, parse_header)
@@ -315,8 +316,7 @@ def default_model(cache_dir: "str | os.PathLike | None" = None) -> tuple[Path, P
     """A small default model (preset tiny, Q40) and its tokenizer, built once and cached in
     $DAIRLLM_CACHE or ~/.cache/dairllm (rebuilt if a cached file does not open).
     Returns (model_path, tokenizer_path)."""
-    cache = Path(cache_dir or os.environ.get("DAIRLLM_CACHE") or
-                 Path.home() / ".cache" / "dairllm")
+    cache = Path(cache_dir) if cache_dir else user_cache_dir()
     try:
         cache.mkdir(parents=True, exist_ok=True)
     except OSError as e:

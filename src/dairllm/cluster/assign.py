@@ -13,7 +13,9 @@ so equal nodes under tight budgets share the layers evenly.
 Costs (per decoded token):
     compute(node, k layers) = k * read_bytes / node.speed    (decode streams every weight it
                               needs: a dense layer's all, a MoE layer's router and active experts)
-    streamed layers add       layer_bytes / node.disk_speed each
+    streamed layers add       stream_bytes / node.disk_speed each (a dense layer's bytes; a MoE
+                              layer's core and active experts: the layer store reads the
+                              routed experts only)
     a worker with layers adds one round trip (node.rtt) + 2 records / link_bandwidth
 Memory of a node: its resident layers, the KV cache of all its layers (seq_len positions),
 activation buffers, and on the root the classifier and final norm; a streaming node also needs
@@ -39,7 +41,7 @@ class NodeProfile:
     ram_budget: int               # bytes this node may keep resident
     speed: float                  # weight bytes per second through the matmul kernel
     threads: int = 1
-    disk_speed: float = 500e6     # bytes per second when streaming layers from disk
+    disk_speed: float = 500e6     # bytes per second when streaming (measured where it may stream)
     rtt: float = 0.0              # seconds for one round trip root <-> node (0 for the root)
     bandwidth: float = 0.0        # bytes per second root <-> node as measured (0: unknown)
     busy_speed: float = 0.0       # speed while every node computes at once (0: = speed)
@@ -65,12 +67,17 @@ class ModelCosts:
     def compute_bytes(self) -> int:
         return self.read_bytes or self.layer_bytes
 
+    @property
+    def stream_bytes(self) -> int:
+        """Bytes a streamed layer reads from disk per decoded token."""
+        return self.compute_bytes
+
     @classmethod
     def of(cls, h: Header, act_row_bytes: int, max_batch: int = 64) -> "ModelCosts":
         lay = tensor_layout(h)
         layer0 = sum(t.nbytes for t in lay.layer_tensors(0))
         wcls, fn = lay["wcls"], lay["final_norm"]
-        acts = 4 * max_batch * (3 * h.dim + 2 * h.q_dim + 3 * h.ff_dim)
+        acts = 4 * max_batch * (3 * h.dim + 2 * h.q_dim + 2 * h.kv_dim + 3 * h.ff_dim)
         return cls(h.n_layers, layer0, 2 * 4 * h.seq_len * h.kv_dim,
                    wcls.end - wcls.offset + fn.end - fn.offset, acts, 12 + 16 + act_row_bytes,
                    h.dim, layer_read_bytes(h))
@@ -146,7 +153,7 @@ def _stage_cost(c: ModelCosts, p: NodeProfile, k: int, is_root: bool, bw: float)
     resident = min(k - 1, (room - (slots - 1) * c.layer_bytes) // c.layer_bytes)
     streamed = k - resident
     mem = fixed + k * c.kv_layer_bytes + (resident + slots) * c.layer_bytes
-    t = head + k * c.compute_bytes / p.speed + streamed * c.layer_bytes / p.disk_speed
+    t = head + k * c.compute_bytes / p.speed + streamed * c.stream_bytes / p.disk_speed
     return resident, streamed, mem, t, net
 
 

@@ -7,8 +7,9 @@ budget, and `ClusterDriver`, what every cluster root shares (links, wire statist
 from __future__ import annotations
 
 import math
+import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import numpy as np
@@ -21,9 +22,11 @@ from ..formats.detect import open_model_file
 from ..formats.fingerprint import model_fingerprint
 from ..formats.modelfile import Header, ModelFile, tensor_layout
 from ..store.budget import available_ram, resolve_budget
+from ..store.disk import streaming_speed
 from ..store.residency import full_resident_bytes
 from . import protocol as P
 from .assign import NodeProfile
+from .secure import SealedChannel
 from .speed import measure_nodes
 
 
@@ -65,16 +68,21 @@ def connect_worker(address: str, fingerprint: str, secret: "bytes | None",
     conn = P.Connection.connect(host, port, timeout)
     try:
         nonce = P.new_nonce()
-        conn.send_json(P.HELLO, {"version": P.PROTOCOL_VERSION, "nonce": nonce})
+        conn.send_json(P.HELLO, {"version": P.PROTOCOL_VERSION, "nonce": nonce,
+                                 **P.seal_offer(secret)})
         ch = conn.expect_json(P.CHALLENGE)
         wnonce = P.check_nonce(ch.get("nonce"), conn.peer)
         if ch.get("auth") and secret is None:
             raise ConfigError(f"worker {address} requires a shared secret (--secret or "
                               f"{P.SECRET_ENV})")
+        if ch.get("auth"):
+            P.check_seal_offer(ch, f"worker {address}")
         conn.send_json(P.AUTH, {"mac": P.mac(secret, b"root", wnonce) if secret else ""})
         info = conn.expect_json(P.INFO)
         if secret is not None and not P.mac_matches(secret, b"worker", nonce, info.get("mac")):
             raise ProtocolError(f"worker {address} failed authentication (wrong secret)")
+        if secret is not None:
+            conn.seal(SealedChannel.for_root(secret, nonce, wnonce, conn.peer))
         wfp = P.get_str(info, "fingerprint", conn.peer, 200)
         if wfp.split(":")[0] != fingerprint.split(":")[0]:
             raise ConfigError(f"worker {address} fingerprints its model by {wfp.split(':')[0]} "
@@ -93,6 +101,8 @@ def connect_worker(address: str, fingerprint: str, secret: "bytes | None",
         prof = NodeProfile(address, P.get_int(info, "ram_budget", 1, 1 << 60, conn.peer),
                            P.get_num(info, "speed", 1.0, 1e15, conn.peer),
                            P.get_int(info, "threads", 1, 1 << 16, conn.peer), rtt=rtt)
+        if info.get("disk_speed"):             # measured by a node that may stream
+            prof = replace(prof, disk_speed=P.get_num(info, "disk_speed", 1e3, 1e13, conn.peer))
         return WorkerLink(address, conn, info, prof)
     except BaseException:
         conn.close()
@@ -175,6 +185,8 @@ def connect(path, workers: Sequence[str], max_seq_len: "int | None" = None,
             links.append(connect_worker(addr, fp, key, timeout, path))
         budget = root_budget(mf.header, ram_budget, max_batch)
         root = NodeProfile("root", budget or available_ram(), 0.0, get_nthreads())
+        if root.ram_budget < os.path.getsize(path):      # the root may stream its layers
+            root = replace(root, disk_speed=streaming_speed(path))
         if measure:
             root = measure_nodes(path, root, links)[0]
         return Connected(mf, path, fp, key, links, root, budget)

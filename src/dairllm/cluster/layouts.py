@@ -191,10 +191,16 @@ def open_cluster(path, workers: Sequence[str], parallel: str = "auto",
                  layers: "str | None" = None, ram_budget: "int | str | None" = None,
                  secret: "str | bytes | None" = None, timeout: float = 60.0,
                  link_bandwidth: float = 125e6, verify_model: bool = False,
-                 groups: "str | list | None" = None, announce=None):
+                 groups: "str | list | None" = None, announce=None,
+                 driver: type = ClusterModel, rebalance: str = "off", rejoin: bool = False,
+                 discovery_port: "int | None" = None):
     """Connect, measure, predict, print the table (to `announce`, a callable; default the log)
     and open the chosen layout over the connected workers. `groups` ("1,2;3,4": worker numbers
-    from 1): the tensor groups of a hybrid layout, one pipeline stage each."""
+    from 1): the tensor groups of a hybrid layout, one pipeline stage each. `driver`: the
+    ClusterModel class of a pipeline (cluster/lanes.py's Lane). A pipeline layout may change
+    while it runs (ClusterModel.start_elastic): `rebalance` "auto" re-plans when stage times
+    drift, `rejoin` retries workers that failed or left, `discovery_port` keeps discovering
+    workers that join."""
     if parallel not in PARALLEL:
         raise ConfigError(f"parallel must be one of {', '.join(PARALLEL)}, got {parallel!r}")
     if layers and parallel == "tensor":
@@ -226,11 +232,16 @@ def open_cluster(path, workers: Sequence[str], parallel: str = "auto",
         else:
             if pick.layout == "root alone" and not layers:
                 layers = f"0-{mf.header.n_layers - 1}" + "," * len(links)   # workers: spares
-            model = ClusterModel.from_links(mf, path, c.fingerprint, c.secret, links, c.root,
-                                            act, layers, timeout, link_bandwidth, max_batch,
-                                            c.budget, group_list if pick.layout == "hybrid"
-                                            else None)
+            model = driver.from_links(mf, path, c.fingerprint, c.secret, links, c.root,
+                                      act, layers, timeout, link_bandwidth, max_batch,
+                                      c.budget, group_list if pick.layout == "hybrid"
+                                      else None)
         model.predictions, model.prediction = preds, pick
+        if isinstance(model, ClusterModel) and not model.groups:
+            model.start_elastic(rebalance, rejoin, discovery_port)
+        elif rebalance == "auto" or discovery_port is not None:
+            log.info("%s layout: workers cannot join and layers are not re-balanced while it "
+                     "runs (pipeline layouts only)", pick.layout)
         return model
     except BaseException:
         c.close()

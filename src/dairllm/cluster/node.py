@@ -5,13 +5,17 @@
                                   # runs the listener and the gate)
 
 A session: handshake (and HMAC check when a secret is set), INFO with this node's profile, then
-ASSIGN (map the model, keep the KV caches of the assigned layers only), then FORWARD records,
-each answered with a RESULT record, until BYE or the root goes away. ASSIGN names the layout:
+ASSIGN (map the model, hash the assigned layers for the root to compare, keep the KV caches of
+those layers only), then FORWARD records, each answered with a RESULT record, until BYE or the
+root goes away. A non-finite output is an integrity fault naming the first layer that produced
+it (cluster/integrity.py), never a RESULT. ASSIGN names the layout:
 "pipeline" (a layer range, the default), "tensor" (a shard of every layer or of a group's range:
 TOKENS or the lead's FORWARD rows in, partial sums exchanged; cluster/tensor_node.py) or "group"
 (this worker leads a tensor group that runs one pipeline stage). Anything malformed closes
 that connection only; the listener keeps accepting, so a new root (or the same one after a fault)
-can connect again. Each connection runs in its own thread with its own KV cache.
+can connect again. Each connection runs in its own thread with its own KV cache; the sessions
+of a root's pipeline lanes (cluster/lanes.py) wait and talk concurrently and take turns to
+compute (one lock per node).
 """
 from __future__ import annotations
 
@@ -25,17 +29,23 @@ from pathlib import Path
 
 from .. import _net
 from ..engine import forward as fw
+from ..engine.finite import all_finite
 from ..engine.model import DEFAULT_MAX_BATCH, Compute
 from ..engine.state import RunState, run_state_bytes
 from ..engine.threads import get_nthreads, set_nthreads
-from ..errors import ConfigError, DairError, ProtocolError
+from ..errors import ConfigError, DairError, IntegrityError, ProtocolError
 from ..formats.fingerprint import model_fingerprint
+from ..formats.layer_hashes import layer_hashes
 from ..formats.detect import open_model_file, read_model_header
 from ..formats.modelfile import tensor_layout
 from ..formats.quant import FloatType
 from ..store.budget import RamLedger, available_ram, resolve_budget
 from ..store.residency import full_resident_bytes
 from . import protocol as P
+from ..store.disk import streaming_speed
+from .integrity import first_bad_layer, hashes_to_json, stage_fault
+from .rounding import RoundingPoints, parse_round_at
+from .secure import SealedChannel
 from .speed import measure_model_speed
 from .stage_weights import close_weights, streamed_layers, weights_for_range
 from .tensor_node import GroupLead, TensorStage
@@ -44,6 +54,10 @@ log = logging.getLogger("dairllm.cluster.node")
 
 MAX_BATCH_LIMIT = 4096
 MAX_SESSIONS = 4
+# What this worker understands beyond protocol version 1, announced in INFO: "round_at" (ASSIGN
+# names the run's rounding points; answers in F32 off them: cluster/rounding.py), "leave" (on
+# SIGTERM it answers the next FORWARD with ERROR {"leaving": true}).
+FEATURES = ("round_at", "leave")
 
 
 @dataclass
@@ -67,6 +81,7 @@ class Profile:
     threads: int
     speed: float
     n_layers: int
+    disk_speed: float = 0.0          # bytes/s reading the model file (0: not measured)
 
     def as_dict(self) -> dict:
         return dict(vars(self))
@@ -85,14 +100,42 @@ class NativeWorker:
         t0 = time.perf_counter()
         fp = model_fingerprint(path, full=opts.verify_model)
         speed = opts.speed or measure_model_speed(path, nthreads=opts.nthreads)
-        self.profile = Profile(fp, path.stat().st_size, path.name,
-                               int(self.ram_budget or available_ram()), get_nthreads(),
-                               float(speed), h.n_layers)
+        budget = int(self.ram_budget or available_ram())
+        # Only a node that cannot hold the whole file may stream: then its disk matters.
+        disk = streaming_speed(path) if budget < path.stat().st_size else 0.0
+        self.profile = Profile(fp, path.stat().st_size, path.name, budget, get_nthreads(),
+                               float(speed), h.n_layers, disk)
         log.info("model %s (%s), %d layers; speed %.2f GB/s, budget %.0f MiB (%.2f s)", path,
                  fp, h.n_layers, speed / 1e9, self.profile.ram_budget / 2**20,
                  time.perf_counter() - t0)
         self._sessions = threading.BoundedSemaphore(MAX_SESSIONS)
         self.ram = RamLedger(self.profile.ram_budget)   # one budget across all sessions
+        # Sessions run concurrently (a root's pipeline lanes), but compute one at a time: the
+        # node then uses the threads it was given, and each lane's stage takes its turn.
+        self.compute_lock = threading.Lock()
+        self.leaving = threading.Event()               # set on SIGTERM: hand the layers back
+        self._active: set = set()                      # sessions past the handshake
+        self._active_lock = threading.Lock()
+
+    def leave(self, wait: float = 10.0) -> bool:
+        """Stop serving: each root learns it at its next FORWARD (an ERROR that says so) and
+        moves the layers away; sessions holding no layers are closed now. Waits up to `wait`
+        seconds for the roots to close their sessions; True if they all did."""
+        self.leaving.set()
+        with self._active_lock:
+            for session in self._active:
+                if session.stage is None:
+                    session.conn.shutdown()
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            with self._active_lock:
+                if not self._active:
+                    return True
+            time.sleep(0.05)
+        with self._active_lock:
+            for session in self._active:
+                session.conn.shutdown()
+        return False
 
     def handle(self, sock: socket.socket, first: bytes = b"", peer: "str | None" = None,
                authenticated=None) -> None:
@@ -118,10 +161,19 @@ class NativeWorker:
             slot = self._sessions.acquire(blocking=False)
             if not slot:
                 raise ConfigError(f"worker busy ({MAX_SESSIONS} sessions)")
+            with self._active_lock:
+                self._active.add(session)
             session.introduce()
             session.run()
         except (P.PeerLost, P.RemoteError) as e:
             log.info("%s: session ended: %s", conn.peer, e)
+        except WorkerLeaving as e:                     # SIGTERM: the root moves our layers
+            log.info("%s: %s", conn.peer, e)
+            conn.send_error(str(e), leaving=True)
+            conn.wait_closed(5.0)
+        except IntegrityError as e:                    # damaged weights: the root must know
+            log.error("%s: %s; closing that connection", conn.peer, e)
+            conn.send_error(str(e), integrity=True)
         except DairError as e:                         # ProtocolError, ConfigError...
             log.warning("%s: %s; closing that connection", conn.peer, e)
             conn.send_error(str(e))
@@ -129,6 +181,8 @@ class NativeWorker:
             log.exception("%s: unexpected error", conn.peer)
             conn.send_error(f"worker error: {type(e).__name__}: {e}")
         finally:
+            with self._active_lock:
+                self._active.discard(session)
             session.close()
             if slot:
                 self._sessions.release()
@@ -183,18 +237,24 @@ class Session:
                                 f"{P.PROTOCOL_VERSION}")
         root_nonce = P.check_nonce(hello.get("nonce"), c.peer)
         nonce = P.new_nonce()
-        c.send_json(P.CHALLENGE, {"nonce": nonce, "auth": secret is not None})
+        c.send_json(P.CHALLENGE, {"nonce": nonce, "auth": secret is not None,
+                                  **P.seal_offer(secret)})
         auth = c.expect_json(P.AUTH, max(deadline - time.monotonic(), 0.001))
         if secret is not None and not P.mac_matches(secret, b"root", nonce, auth.get("mac")):
             raise ProtocolError(f"{c.peer}: authentication failed (missing or wrong secret)")
-        self.root_nonce = root_nonce
+        if secret is not None:
+            P.check_seal_offer(hello, c.peer)
+        self.root_nonce, self.nonce = root_nonce, nonce
 
     def introduce(self) -> None:
         """INFO: this node's profile (and its own MAC), once the root has authenticated."""
-        info = self.w.profile.as_dict()
+        info = {**self.w.profile.as_dict(), "features": list(FEATURES)}
         if self.w.opts.secret is not None:
             info["mac"] = P.mac(self.w.opts.secret, b"worker", self.root_nonce)
         self.conn.send_json(P.INFO, info)
+        if self.w.opts.secret is not None:         # everything after INFO is sealed
+            self.conn.seal(SealedChannel.for_worker(self.w.opts.secret, self.root_nonce,
+                                                    self.nonce, self.conn.peer))
 
     def assign(self, a: dict) -> None:
         self.close()                                   # drop the previous range (and its KV)
@@ -209,7 +269,8 @@ class Session:
             self.conn.decoder.set_cap(P.FORWARD, cap)
             self.conn.send_json(P.READY, {"load_seconds": 0.0,
                                           "layer_bytes": self.stage.layer_bytes,
-                                          "streamed_layers": 0})
+                                          "streamed_layers": 0,
+                                          "layer_hashes": self.stage.layer_hashes})
             return
         if parallel == "group":
             max_batch, seq = check_assignment(self.w, a, self.conn.peer)
@@ -222,7 +283,8 @@ class Session:
         self.conn.decoder.set_cap(P.FORWARD, cap)
         self.conn.send_json(P.READY, {"load_seconds": self.stage.load_seconds,
                                       "layer_bytes": self.stage.layer_bytes,
-                                      "streamed_layers": self.stage.streamed})
+                                      "streamed_layers": self.stage.streamed,
+                                      "layer_hashes": self.stage.layer_hashes})
 
     def close(self) -> None:
         if self.stage is not None:
@@ -241,13 +303,15 @@ class Session:
         if isinstance(st, TensorStage):              # a group member: the lead's rows
             st.run_rows(payload, self.conn.peer)
             return
+        if self.w.leaving.is_set():
+            raise WorkerLeaving("worker leaving (SIGTERM): move my layers elsewhere")
         pos0, n, ftype = _net.parse_act_header(payload, len(payload), st.dim, st.max_batch,
                                                st.seq_len)
         if pos0 > st.n_past:
             raise ProtocolError(f"{self.conn.peer}: rows at position {pos0} but only positions "
                                 f"0..{st.n_past - 1} are cached")
-        x = st.run(memoryview(payload)[_net.ACT_HEADER_BYTES:], pos0, n, ftype)
-        self.conn.send(P.RESULT, *P.act_record(pos0, x, ftype))
+        x, out_type = st.run(memoryview(payload)[_net.ACT_HEADER_BYTES:], pos0, n, ftype)
+        self.conn.send(P.RESULT, *P.act_record(pos0, x, out_type))
 
 
 def check_assignment(worker: NativeWorker, a: dict, peer: str) -> tuple:
@@ -261,8 +325,14 @@ def check_assignment(worker: NativeWorker, a: dict, peer: str) -> tuple:
     return max_batch, P.get_int(a, "max_seq_len", 1, h0.seq_len, peer)
 
 
+class WorkerLeaving(DairError):
+    """This worker was asked to stop (SIGTERM): its roots must take its layers elsewhere."""
+
+
 class Stage:
-    """This node's layers [start, end): weights mapped from the local file, their KV caches."""
+    """This node's layers [start, end): weights mapped from the local file, their KV caches.
+    `points`: the run's rounding points in [start, end] when the root named them (round_at),
+    else None (rounding only where records are typed, as before)."""
 
     def __init__(self) -> None:
         self.n_past = 0
@@ -278,6 +348,9 @@ class Stage:
         s.file = open_model_file(worker.opts.model_path, max_seq_len=seq)
         h = s.file.header
         s.start, s.end, s.max_batch = start, end, max_batch
+        round_at = parse_round_at(a.get("round_at"), start, end, peer)
+        s.points = None if round_at is None else RoundingPoints(
+            frozenset(round_at), P.act_type(P.get_str(a, "act_type", peer, 8)))
         s.dim, s.seq_len = h.dim, h.seq_len
         layers = range(start, end)
         s.state = RunState(h, max_batch, layers=layers)   # lazy zeros
@@ -296,7 +369,13 @@ class Stage:
             s.file.close()
             raise
         s.ram = worker.ram
+        s.compute_lock = worker.compute_lock
         s.compute = Compute(h, weights)
+        try:                                           # the bytes this node will multiply
+            s.layer_hashes = hashes_to_json(layer_hashes(s.file, layers))
+        except BaseException:
+            s.close()
+            raise
         s.streamed = streamed_layers(weights)
         lay = s.file.layout
         s.layer_bytes = sum(t.nbytes for l in layers for t in lay.layer_tensors(l))
@@ -310,14 +389,28 @@ class Stage:
         self.file.close()
         self.ram.release(self.reserved)
 
-    def run(self, data: memoryview, pos0: int, n: int, ftype: int):
+    def run(self, data: memoryview, pos0: int, n: int, ftype: int) -> tuple:
+        """The rows through this node's layers: (x, the wire type to answer in)."""
         s = self.state
         r = s.rows(n)
         P.decode_rows(data, n, self.dim, ftype, r.x)
         fw.set_positions(s, r, pos0)
-        fw.run_layers(self.compute, s, r, pos0, self.start, self.end)
+        out_type = ftype
+        with self.compute_lock:
+            if self.points is None:
+                fw.run_layers(self.compute, s, r, self.start, self.end)
+            else:
+                if ftype != self.points.act and self.start in self.points.points:
+                    self.points.round(r.x)
+                self.points.run(self.compute, s, r, self.start, self.end)
+                out_type = self.points.hop_type(self.end)
+        if not all_finite(r.x):
+            layers = range(self.start, self.end)
+            bad = first_bad_layer(self.compute, s, r, pos0, layers,
+                                  lambda: P.decode_rows(data, n, self.dim, ftype, r.x))
+            raise stage_fault(self.file.path, bad, pos0, n, layers)
         self.n_past = pos0 + n
-        return r.x
+        return r.x, out_type
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,14 +8,21 @@ Session (root R, worker W):
     R->W HELLO {version, nonce_r}      W->R CHALLENGE {nonce_w, auth}
     R->W AUTH {mac = HMAC(secret, "root" nonce_w)}        (W refuses a missing or wrong mac)
     W->R INFO {profile..., mac = HMAC(secret, "worker" nonce_r)}   (R refuses a wrong worker mac)
-    R->W ASSIGN {start, end, max_seq_len, max_batch, act_type, fingerprint}  W->R READY
+    R->W ASSIGN {start, end, max_seq_len, max_batch, act_type, fingerprint}
+    W->R READY {load_seconds, layer_bytes, streamed_layers, layer_hashes}   (R compares the
+         hashes of the layers W loaded with its own: cluster/integrity.py)
     R->W FORWARD record -> W->R RESULT record        (any number; one per stage boundary)
+    ERROR {message, integrity} either way; integrity: the sender's weights or activations are
+         bad (R raises IntegrityError and never uses that worker again in the run)
     R->W BYE (or the root just goes away): W waits for the next root.
 Tensor parallel (ASSIGN {"parallel": "tensor", heads, kv_heads, ffn, ...}): per chunk
     R->W TOKENS record; twice per layer every node's PARTIAL reaches every other (through R);
     W->R LOGITS when the TOKENS record asked for logits (cluster/tensor.py).
 Hybrid (ASSIGN {"parallel": "group", members, shards, start, end}): the worker answers FORWARD
     as a pipeline stage and is itself the root of its members' "tensor" sessions.
+With a secret, HELLO and CHALLENGE both announce {"seal": "chacha20-poly1305"} and every frame
+after INFO (both ways) is a sealed record under per-direction keys derived from the secret and both
+nonces (cluster/secure.py); a peer that does not announce it is refused.
 """
 from __future__ import annotations
 
@@ -34,9 +41,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import _net, _ops
-from ..errors import ConfigError, DairError, ProtocolError
+from ..errors import ConfigError, DairError, IntegrityError, ProtocolError
 from ..formats.quant import FloatType
 from ..sockets import tune
+from . import secure
+from .secure import SealedChannel
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +65,15 @@ class RemoteError(DairError):
     """The peer reported an error (an ERROR message) and closed the session."""
 
 
+class WorkerLeft(RemoteError):
+    """The worker is shutting down (SIGTERM) and asks the root to move its layers elsewhere."""
+
+
 class PeerLost(DairError, ConnectionError):
     """The peer went away or stopped answering within the timeout."""
 
 
-FAULTS = (PeerLost, RemoteError, ProtocolError)     # what a worker's failure looks like
+FAULTS = (PeerLost, RemoteError, ProtocolError, IntegrityError)   # what a worker's failure looks like
 
 
 @contextlib.contextmanager
@@ -203,6 +216,18 @@ def check_nonce(value: object, what: str) -> str:
     return value
 
 
+def seal_offer(secret: "bytes | None") -> dict:
+    """What HELLO and CHALLENGE add with a secret: the links will be sealed (secure.py)."""
+    return {"seal": secure.CIPHER} if secret is not None else {}
+
+
+def check_seal_offer(msg: dict, peer: str) -> None:
+    """With a secret, the peer must seal the link too (an older dairllm would not)."""
+    if msg.get("seal") != secure.CIPHER:
+        raise ProtocolError(f"{peer} does not offer to encrypt the link with {secure.CIPHER} "
+                            f"(an older dairllm?): with a secret every link is encrypted")
+
+
 def is_loopback(host: str) -> bool:
     if host in ("localhost", ""):
         return host == "localhost"
@@ -236,6 +261,7 @@ class Connection:
         self.timeout = timeout
         self.decoder = _net.FrameDecoder(peer)
         self.traffic = Traffic()
+        self.channel: "SealedChannel | None" = None     # set by seal() after the handshake
         self._chunk = bytearray(1 << 16)
         tune(sock)
 
@@ -253,9 +279,18 @@ class Connection:
         except OSError:
             pass
 
+    def seal(self, channel: "SealedChannel") -> None:
+        """From now on every frame both ways is a sealed record of `channel` (secure.py)."""
+        if self.decoder.buffered:
+            raise ProtocolError(f"{self.peer}: {self.decoder.buffered} unsealed bytes arrived "
+                                f"after the handshake")
+        self.channel = channel
+
     def send(self, msg_type: int, *parts) -> int:
         length = sum(len(memoryview(p).cast("B")) for p in parts)
         data = [_net.frame_header(msg_type, length), *parts]
+        if self.channel is not None:
+            data = self.channel.seal(b"".join(data))       # parts: contiguous buffers
         try:
             self.sock.settimeout(self.timeout)
             if hasattr(self.sock, "sendmsg"):
@@ -267,7 +302,8 @@ class Connection:
             raise PeerLost(f"{self.peer}: send timed out after {self.timeout:g} s") from None
         except OSError as e:
             raise PeerLost(f"{self.peer}: {e}") from None
-        n = _net.FRAME_HEADER_BYTES + length
+        n = sum(len(p) for p in data) if self.channel is not None \
+            else _net.FRAME_HEADER_BYTES + length
         self.traffic.sent += n
         return n
 
@@ -284,38 +320,105 @@ class Connection:
     def send_json(self, msg_type: int, obj: dict) -> int:
         return self.send(msg_type, json.dumps(obj, separators=(",", ":")).encode())
 
-    def send_error(self, message: str) -> None:
+    def send_error(self, message: str, integrity: bool = False, leaving: bool = False) -> None:
+        """ERROR; `integrity`: this node's weights or activations are bad (the root then raises
+        IntegrityError and never uses this node again in the run); `leaving`: the worker is
+        shutting down (the root raises WorkerLeft and moves its layers at once)."""
+        msg = {"message": message[:1000], "integrity": integrity}
+        if leaving:
+            msg["leaving"] = True
         try:
-            self.send_json(ERROR, {"message": message[:1000]})
+            self.send_json(ERROR, msg)
         except DairError:
+            pass
+
+    def shutdown(self) -> None:
+        """End the connection from another thread (a recv waiting on it sees EOF)."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def wait_closed(self, timeout: float) -> None:
+        """Wait (bounded) until the peer closes, discarding what it sends: it has read our last
+        frame by then."""
+        deadline = time.monotonic() + timeout
+        try:
+            while (left := deadline - time.monotonic()) > 0:
+                self.sock.settimeout(left)
+                if not self.sock.recv(1 << 16):
+                    return
+        except OSError:
             pass
 
     def recv(self, timeout: "float | None" = None) -> tuple:
         """The next frame (type, payload bytes); ERROR frames raise RemoteError."""
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        wait = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + wait
         while True:
             frame = self.decoder.next_frame()
             if frame is not None:
-                self.traffic.received += _net.FRAME_HEADER_BYTES + len(frame[1])
+                if self.channel is None:
+                    self.traffic.received += _net.FRAME_HEADER_BYTES + len(frame[1])
                 if frame[0] == ERROR:
-                    raise RemoteError(f"{self.peer}: {_error_text(frame[1])}")
+                    text, integrity, leaving = _error_text(frame[1])
+                    kind = IntegrityError if integrity else WorkerLeft if leaving else RemoteError
+                    raise kind(f"{self.peer}: {text}")
                 return frame
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise PeerLost(f"{self.peer}: no answer within {self.timeout if timeout is None else timeout:g} s")
-            want = min(self.decoder.wanted(), len(self._chunk))
-            try:
-                self.sock.settimeout(left)
-                n = self.sock.recv_into(self._chunk, want)
-            except socket.timeout:
-                raise PeerLost(f"{self.peer}: no answer within "
-                               f"{self.timeout if timeout is None else timeout:g} s") from None
-            except OSError as e:
-                raise PeerLost(f"{self.peer}: {e}") from None
+            if self.channel is not None:
+                self._recv_record(deadline, wait)
+                continue
+            n = self._recv_chunk(self.decoder.wanted(), deadline, wait)
             if n == 0:
                 self.decoder.eof()
                 raise PeerLost(f"{self.peer}: connection closed")
             self.decoder.feed(memoryview(self._chunk)[:n])
+
+    def _recv_record(self, deadline: float, wait: float) -> None:
+        """Read one sealed record, open it and feed the frame inside to the decoder."""
+        self.channel.check_usable()
+        header = self._recv_exact(secure.RECORD_HEADER_BYTES, deadline, wait, True)
+        n = self.channel.record_length(header)
+        frame = self.channel.open(header, self._recv_exact(n, deadline, wait, False))
+        self.traffic.received += secure.RECORD_HEADER_BYTES + n
+        self.decoder.feed(frame)
+
+    def _recv_exact(self, n: int, deadline: float, wait: float,
+                    between_records: bool) -> bytearray:
+        """n bytes, else PeerLost (an EOF between records) or ProtocolError (inside one). Up to
+        1 MiB is read in place; beyond, the buffer grows only as bytes arrive (the length is not
+        authenticated before the whole record is in)."""
+        out = bytearray(min(n, 1 << 20))
+        got = 0
+        while got < n:
+            if got < len(out):
+                with memoryview(out) as view:
+                    k = self._recv_into(view[got:], deadline, wait)
+            else:
+                k = self._recv_into(memoryview(self._chunk)[:n - got], deadline, wait)
+                out += memoryview(self._chunk)[:k]
+            if k == 0:
+                if got or not between_records:
+                    raise ProtocolError(f"{self.peer}: connection closed mid-record")
+                raise PeerLost(f"{self.peer}: connection closed")
+            got += k
+        return out
+
+    def _recv_chunk(self, want: int, deadline: float, wait: float) -> int:
+        """At most `want` bytes into self._chunk before the deadline: the byte count."""
+        return self._recv_into(memoryview(self._chunk)[:want], deadline, wait)
+
+    def _recv_into(self, buf: memoryview, deadline: float, wait: float) -> int:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise PeerLost(f"{self.peer}: no answer within {wait:g} s")
+        try:
+            self.sock.settimeout(left)
+            return self.sock.recv_into(buf)
+        except socket.timeout:
+            raise PeerLost(f"{self.peer}: no answer within {wait:g} s") from None
+        except OSError as e:
+            raise PeerLost(f"{self.peer}: {e}") from None
 
     def expect(self, msg_type: int, timeout: "float | None" = None) -> bytes:
         t, payload = self.recv(timeout)
@@ -338,11 +441,15 @@ def parse_json(payload: bytes, peer: str, msg_type: int) -> dict:
     return obj
 
 
-def _error_text(payload: bytes) -> str:
+def _error_text(payload: bytes) -> tuple:
+    """(message, whether the peer reports an integrity fault, whether it is leaving) of an
+    ERROR payload."""
     try:
-        return str(json.loads(payload.decode("utf-8", "replace")).get("message", "error"))[:1000]
+        obj = json.loads(payload.decode("utf-8", "replace"))
+        return (str(obj.get("message", "error"))[:1000], obj.get("integrity") is True,
+                obj.get("leaving") is True)
     except (ValueError, AttributeError):
-        return payload[:200].decode("utf-8", "replace")
+        return payload[:200].decode("utf-8", "replace"), False, False
 
 
 def get_int(obj: dict, key: str, lo: int, hi: int, peer: str) -> int:

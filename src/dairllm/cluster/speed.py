@@ -61,7 +61,7 @@ def measure_model_speed(path, seconds: float = 0.2, nthreads: "int | None" = Non
         def one() -> None:
             fw.set_positions(s, r, 0)
             fw.embed(m, r, tokens)
-            fw.run_layers(m, s, r, 0, layers.start, layers.stop)
+            fw.run_layers(m, s, r, layers.start, layers.stop)
 
         if nthreads is not None:
             set_nthreads(nthreads)

@@ -32,6 +32,7 @@ from ..errors import ConfigError, ProtocolError
 from ..formats.modelfile import Header, ModelFile
 from ..formats.quant import FloatType
 from . import protocol as P
+from .integrity import check_rows
 from .protocol import blame
 
 log = logging.getLogger("dairllm.cluster.tensor")
@@ -171,14 +172,29 @@ class RootCollective:
     """The root's side of the all-reduce (see the module docstring). A worker that fails is
     named on the error (`err.link`) for recovery."""
 
-    def __init__(self, links: list, act: int, h: Header, max_batch: int) -> None:
+    def __init__(self, links: list, act: int, h: Header, max_batch: int,
+                 first_layer: int = 0) -> None:
         self.links, self.act = links, act
         self.dim, self.seq_len = h.dim, h.seq_len
+        self.first_layer = first_layer
         self.p0 = 0
         self._partial = np.empty((max_batch, h.dim), dtype=np.float32)
         self._wire = np.empty((max_batch, _net.act_row_bytes(h.dim, act)), dtype=np.uint8)
         self.wait_seconds = 0.0
         self.syncs = 0
+
+    @property
+    def p0(self) -> int:
+        return self._p0
+
+    @p0.setter
+    def p0(self, value: int) -> None:
+        """A new chunk: its syncs count from the first layer again (two per layer)."""
+        self._p0, self._chunk_syncs = value, 0
+
+    def _block(self) -> str:
+        layer, ffn = divmod(self._chunk_syncs, 2)
+        return f"layer {self.first_layer + layer} ({'feed-forward' if ffn else 'attention'})"
 
     def all_reduce(self, dx: np.ndarray) -> None:
         n = dx.shape[0]
@@ -201,9 +217,13 @@ class RootCollective:
                 received.append((link, payload))
             P.decode_rows(memoryview(payload)[_net.ACT_HEADER_BYTES:], n, self.dim, self.act,
                           self._partial)
+            with blame(link):
+                check_rows(self._partial[:n], f"{link.address}: partial sum of {self._block()} "
+                                              f"at positions {self.p0}..{self.p0 + n - 1}")
             dx += self._partial[:n]
         self.wait_seconds += time.perf_counter() - t0
         self.syncs += 1
+        self._chunk_syncs += 1
         if not early:
             self._send_all(own)
             for link, payload in received:

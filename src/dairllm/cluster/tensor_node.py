@@ -29,9 +29,11 @@ from ..errors import ProtocolError
 from ..formats.detect import open_model_file
 from ..formats.modelfile import ModelFile
 from ..formats.quant import FloatType
+from ..formats.layer_hashes import EDGE_UNITS, layer_hashes
 from ..store.budget import RamLedger
 from . import protocol as P
 from .connect import connect_worker
+from .integrity import check_reported_hashes, hashes_to_json, ready_timeout
 from .tensor import (RootCollective, WorkerCollective, check_split, shard_from_json,
                      shard_to_json)
 
@@ -71,6 +73,8 @@ class TensorStage:
         self.file, self.shard, self.max_batch, self.conn = file, shard, max_batch, conn
         self.seq_len, self.vocab_size, self.dim = h.seq_len, h.vocab_size, h.dim
         self.layers, self.takes_rows = layers, takes_rows
+        edges = () if takes_rows else EDGE_UNITS   # fed tokens: it embeds and has logits too
+        self.layer_hashes = hashes_to_json(layer_hashes(file, [*layers, *edges]))
         self.collective = WorkerCollective(conn, act, h, max_batch, node, nodes)
         self.ram = ram
         self.state, weights, self.compute, self.reserved = _shard_compute(
@@ -135,7 +139,7 @@ class TensorStage:
         return r
 
     def _layers(self, r, pos0: int) -> None:
-        fw.run_layers(self.compute, self.state, r, pos0, self.layers.start, self.layers.stop)
+        fw.run_layers(self.compute, self.state, r, self.layers.start, self.layers.stop)
         self.n_past = pos0 + r.n
 
     def close(self) -> None:
@@ -193,11 +197,15 @@ class GroupLead:
                     "nodes": len(g.shards), "start": g.layers.start, "end": g.layers.stop,
                     "input": "rows", "max_seq_len": seq_len, "max_batch": max_batch,
                     "act_type": P.ACT_NAMES[act], "fingerprint": fp})
+            g.layer_hashes = hashes_to_json(layer_hashes(g.file, g.layers))
             for link in g.links:
-                link.conn.expect_json(P.READY)
+                ready = link.conn.expect_json(P.READY, ready_timeout(
+                    worker.opts.handshake_timeout, g.file.file_size))
+                check_reported_hashes(f"group member {link.address}", ready.get("layer_hashes"),
+                                      g.file, g.layers, link.info.get("model_name", "?"))
                 link.conn.decoder.set_cap(P.PARTIAL, P.record_bytes(max_batch, h.dim,
                                                                     FloatType.F32))
-            g.collective = RootCollective(g.links, act, h, max_batch)
+            g.collective = RootCollective(g.links, act, h, max_batch, g.layers.start)
             g.state, weights, g.compute, g.reserved = _shard_compute(
                 g.file, g.shards[0], g.layers, max_batch, worker.ram, g.collective)
             g.ram = worker.ram
@@ -211,7 +219,7 @@ class GroupLead:
                  g.layers.stop - 1, len(g.shards), ", ".join(members))
         return g
 
-    def run(self, data: memoryview, pos0: int, n: int, ftype: int) -> np.ndarray:
+    def run(self, data: memoryview, pos0: int, n: int, ftype: int) -> tuple:
         s = self.state
         r = s.rows(n)
         P.decode_rows(data, n, self.dim, ftype, r.x)
@@ -221,9 +229,9 @@ class GroupLead:
             link.conn.send(P.FORWARD, *record)
         self.collective.p0 = pos0
         fw.set_positions(s, r, pos0)
-        fw.run_layers(self.compute, s, r, pos0, self.layers.start, self.layers.stop)
+        fw.run_layers(self.compute, s, r, self.layers.start, self.layers.stop)
         self.n_past = pos0 + n
-        return r.x
+        return r.x, ftype          # (x, the wire type to answer in: the request's)
 
     def close(self) -> None:
         if getattr(self, "ram", None) is not None:

@@ -29,9 +29,11 @@ from ..engine.state import RunState
 from ..engine.threads import set_nthreads
 from ..engine.weights import ResidentWeights
 from ..errors import ConfigError
+from ..formats.layer_hashes import EDGE_UNITS, layer_hashes
 from ..formats.quant import FloatType
 from . import protocol as P
 from .assign import NodeProfile
+from .integrity import check_reported_hashes, check_rows, ready_timeout
 from .protocol import FAULTS, blame
 from .connect import ClusterDriver, NetStats, connect, connect_worker
 from .tensor import RootCollective, plan_shards, shard_to_json
@@ -90,9 +92,15 @@ class TensorModel(ClusterDriver):
                     "parallel": "tensor", **shard_to_json(shard), "node": i,
                     "nodes": len(self.shards), "max_seq_len": h.seq_len, "max_batch": mb,
                     "act_type": P.ACT_NAMES[self.act], "fingerprint": self.fingerprint})
+        # Every node runs a slice of every layer, embeds its tokens and has a slice of the logits.
+        layers = [*range(h.n_layers), *EDGE_UNITS]
+        layer_hashes(self.file, layers)      # ours, while the workers hash theirs
         for link, shard in zip(live, self.shards[1:]):
             with blame(link):
-                link.conn.expect_json(P.READY)
+                ready = link.conn.expect_json(P.READY, ready_timeout(
+                    self.timeout, self.file.file_size))
+                check_reported_hashes(link.address, ready.get("layer_hashes"), self.file, layers,
+                                      link.info.get("model_name", "?"))
             link.conn.decoder.set_cap(P.PARTIAL, P.record_bytes(mb, h.dim, FloatType.F32))
             link.conn.decoder.set_cap(P.LOGITS, 8 + 4 * mb * (shard.vocab[1] - shard.vocab[0]))
         root_shard = self.shards[0]
@@ -160,6 +168,8 @@ class TensorModel(ClusterDriver):
                 payload = link.conn.expect(P.LOGITS)
                 self._logits[:n, w0:w1] = P.parse_logits_record(payload, n, w1 - w0,
                                                                  link.address)
+                check_rows(self._logits[:n, w0:w1], f"{link.address}: logits of vocabulary "
+                                                    f"rows {w0}..{w1 - 1} at position {p0}..")
 
     def _head(self, r, out: np.ndarray) -> None:
         out[...] = self._logits[:out.shape[0]]

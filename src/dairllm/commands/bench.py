@@ -47,7 +47,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-repack", action="store_true",
                    help="skip the run on Q40x8 weights (generate --repack; its copy is made once)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--child", choices=["dairllm", "dairllm-x8", "llamacpp"], help=argparse.SUPPRESS)
+    p.add_argument("--ram-budget", default=None,
+                   help="streaming instead: run dairllm alone under this RAM budget and report "
+                        "decode and prompt speed against the disk bound (bytes that had to be "
+                        "read / the disk's speed measured in the same run)")
+    p.add_argument("--drop-cache", action="store_true",
+                   help="with --ram-budget: start from a cold page cache and evict streamed bytes "
+                        "after use, as on a machine whose RAM cannot cache the model")
+    p.add_argument("--child", choices=["dairllm", "dairllm-x8", "llamacpp", "streaming"],
+                   help=argparse.SUPPRESS)
     p.add_argument("--gguf", help=argparse.SUPPRESS)
 
 
@@ -272,9 +280,75 @@ def child_llamacpp(args) -> dict:
                 rss_anon=mem.get("RssAnon"), nthreads=n)
 
 
+def child_streaming(args) -> dict:
+    """A prompt in one pass, then decoded tokens one by one, under the RAM budget: times and the
+    layer store's counts for each phase."""
+    from ..modes import Model
+    from ..store.disk import drop_from_page_cache
+    from ..store.store import disk_read_bytes
+
+    P, G = args.prompt_tokens, args.gen_tokens
+    if args.drop_cache:
+        drop_from_page_cache(args.model)
+    with Model.open(args.model, max_seq_len=P + G + 8, max_batch=P, nthreads=args.nthreads,
+                    ram_budget=args.ram_budget,
+                    stream_options={"drop_cache": args.drop_cache}) as m:
+        st = m.weights.stats
+        prompt = _prompt(m.vocab_size, P)
+        d0, b0, t0 = disk_read_bytes(), st.bytes_read, time.perf_counter()
+        token = int(np.argmax(m.forward(prompt, 0)[-1]))
+        prompt_s = time.perf_counter() - t0
+        d1, b1, t1 = disk_read_bytes(), st.bytes_read, time.perf_counter()
+        for i in range(G):
+            token = int(np.argmax(m.forward([token], P + i)[-1]))
+        decode_s = time.perf_counter() - t1
+        d2, b2 = disk_read_bytes(), st.bytes_read
+        return dict(engine="dairllm", prompt_tokens_per_s=P / prompt_s,
+                    decode_tokens_per_s=G / decode_s, prompt_bytes=b1 - b0,
+                    prompt_disk_bytes=d1 - d0, decode_bytes_per_token=(b2 - b1) / G,
+                    decode_disk_bytes_per_token=(d2 - d1) / G, prompt_s=prompt_s,
+                    decode_s=decode_s, peak_rss=_memory().get("VmHWM"),
+                    summary=m.weights.residency.summary(), stats=st.as_dict(),
+                    nthreads=_threads())
+
+
+def run_streaming(args, model: Path) -> int:
+    """`bench --ram-budget`: the streamed run between two measurements of the disk."""
+    from ..store.disk import streaming_speed
+
+    disk = [streaming_speed(model, 256 << 20)]
+    r = _spawn(args, "streaming", model)
+    disk.append(streaming_speed(model, 256 << 20))
+    bw = sum(disk) / 2
+    r.update(disk_bytes_per_s=disk, model=str(model), ram_budget=args.ram_budget,
+             drop_cache=args.drop_cache,
+             decode_bound_tokens_per_s=bw / max(r["decode_bytes_per_token"], 1),
+             prompt_bound_s=r["prompt_bytes"] / bw)
+    if args.json:
+        print(json.dumps(r, indent=2, default=str))
+        return 0
+    gb = 1e9
+    print(f"model: {model}, RAM budget {args.ram_budget}"
+          f"{', page cache dropped' if args.drop_cache else ''}: {r['summary']}")
+    print(f"disk: {disk[0] / gb:.2f} GB/s before, {disk[1] / gb:.2f} after (O_DIRECT, the faster "
+          f"of 1 and 8 reads at once)")
+    print(f"prompt: {r['prompt_tokens_per_s']:.1f} tokens/s, {r['prompt_bytes'] / gb:.2f} GB "
+          f"needed ({r['prompt_disk_bytes'] / gb:.2f} from disk): "
+          f"{r['prompt_bound_s'] / r['prompt_s']:.0%} of the disk bound")
+    print(f"decode: {r['decode_tokens_per_s']:.2f} tokens/s, "
+          f"{r['decode_bytes_per_token'] / gb:.3f} GB/token needed "
+          f"({r['decode_disk_bytes_per_token'] / gb:.3f} from disk): "
+          f"{r['decode_tokens_per_s'] / r['decode_bound_tokens_per_s']:.0%} of the disk bound "
+          f"({r['decode_bound_tokens_per_s']:.2f} tokens/s); peak RSS "
+          f"{r['peak_rss'] / 2**30:.2f} GiB")
+    return 0
+
+
 def _spawn(args, which: str, model: Path, gguf_path: "Path | None" = None) -> dict:
     cmd = [sys.executable, "-m", "dairllm", "bench", "--child", which, "--model", str(model),
            "--prompt-tokens", str(args.prompt_tokens), "--gen-tokens", str(args.gen_tokens)]
+    if args.ram_budget is not None:
+        cmd += ["--ram-budget", str(args.ram_budget)] + (["--drop-cache"] if args.drop_cache else [])
     if args.nthreads:
         cmd += ["--nthreads", str(args.nthreads)]
     if gguf_path is not None:
@@ -312,12 +386,17 @@ def kernel_section(args) -> "dict | None":
 
 def run(args: argparse.Namespace) -> int:
     if args.child:
-        result = child_llamacpp(args) if args.child == "llamacpp" else child_dairllm(args)
-        print(json.dumps(result))
+        child = {"llamacpp": child_llamacpp, "streaming": child_streaming}.get(args.child,
+                                                                              child_dairllm)
+        print(json.dumps(child(args)))
         return 0
     if args.prompt_tokens <= 0 or args.gen_tokens < 2:
         raise ConfigError("--prompt-tokens must be positive and --gen-tokens at least 2")
+    if args.drop_cache and args.ram_budget is None:
+        raise ConfigError("--drop-cache needs --ram-budget")
     model = Path(args.model) if args.model else synthetic_model(args)
+    if args.ram_budget is not None:
+        return run_streaming(args, model)
     report: dict = {"model": str(model), "weight_bytes_per_token": weight_bytes_per_token(model),
                     "cpu_count": os.cpu_count(), "load_average_before": os.getloadavg()[0]}
     if not args.no_kernels:

@@ -12,7 +12,8 @@ import threading
 
 from ..chat import Chat, GenerationConfig, Result, Session, template_for
 from .options import (add_cluster_arguments, add_model_arguments, add_runtime_arguments,
-                      add_sampling_arguments, open_model, open_tokenizer)
+                      add_sampling_arguments, add_speculative_arguments, open_draft, open_model,
+                      open_tokenizer, speculative_method)
 
 HELP = "chat with a model in the terminal (the model's own chat template, streaming replies)"
 
@@ -31,6 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_session_arguments(p)
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--max-tokens", type=int, default=1024, help="most tokens per reply")
+    add_speculative_arguments(p)
 
 
 def open_session(args: argparse.Namespace) -> Session:
@@ -38,16 +40,22 @@ def open_session(args: argparse.Namespace) -> Session:
     tok = open_tokenizer(args)
     template = template_for(tok, args.chat_template)
     model = open_model(args, announce=sys.stderr)
+    draft = None
     try:
-        return Session(model, tok, template)
+        if getattr(args, "draft_model", None):
+            draft = open_draft(args, model, tok)
+        return Session(model, tok, template, draft=draft)
     except BaseException:
+        if draft is not None:
+            draft.model.close()
         model.close()
         raise
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = GenerationConfig(max_tokens=args.max_tokens, temperature=args.temperature,
-                           top_p=args.topp, seed=args.seed)
+                           top_p=args.topp, seed=args.seed, speculative=speculative_method(args),
+                           draft_tokens=args.draft_tokens)
     cfg.validate()
     session = open_session(args)
     out = sys.stdout
@@ -84,8 +92,12 @@ def run(args: argparse.Namespace) -> int:
                 out.write(" [stopped]")
             out.write("\n")
             out.flush()
+            spec = res.stats.speculative if res.stats is not None else None
             print(f"[{res.prompt_tokens} prompt tokens ({res.cached_tokens} cached), "
-                  f"{res.completion_tokens} generated, {res.finish_reason}]", file=sys.stderr)
+                  f"{res.completion_tokens} generated, {res.finish_reason}"
+                  f"{'; ' + spec.summary() if spec is not None else ''}]", file=sys.stderr)
     finally:
+        if session.draft is not None:
+            session.draft.model.close()
         session.model.close()
     return 0

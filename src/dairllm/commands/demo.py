@@ -67,6 +67,24 @@ def real_model() -> "tuple[Path | None, str]":
     return path, ""
 
 
+def even_shares(n_layers: int, nodes: int) -> list:
+    return [n_layers // nodes + (1 if i < n_layers % nodes else 0) for i in range(nodes)]
+
+
+def even_layers(model_path, n_workers: int) -> str:
+    """The layers split evenly, root first ("0-9,10-19,20-29"): the demo shows every node at
+    work (left to the planner, a node whose disk reads fast may stream a layer instead of
+    passing it on, which on loopback can cost less than a hop)."""
+    from ..formats.detect import read_model_header
+
+    h = read_model_header(model_path, max_seq_len=MAX_SEQ_LEN)
+    out, start = [], 0
+    for k in even_shares(h.n_layers, n_workers + 1):
+        out.append(f"{start}-{start + k - 1}" if k > 1 else f"{start}")
+        start += k
+    return ",".join(out)
+
+
 def budgets(model_path, n_workers: int) -> list:
     """RAM budgets (root first) with room for an even share of the layers each (the root also
     for the classifier) and half a layer to spare, so no node can hold the whole model."""
@@ -77,7 +95,7 @@ def budgets(model_path, n_workers: int) -> list:
     h = read_model_header(model_path, max_seq_len=MAX_SEQ_LEN)
     c = ModelCosts.of(h, FloatType.Q80.nbytes(h.dim))
     nodes = n_workers + 1
-    shares = [h.n_layers // nodes + (1 if i < h.n_layers % nodes else 0) for i in range(nodes)]
+    shares = even_shares(h.n_layers, nodes)
     per_layer = c.layer_bytes + c.kv_layer_bytes
     out = [c.act_bytes + k * per_layer + c.layer_bytes // 2 for k in shares]
     out[0] += c.head_bytes
@@ -134,7 +152,8 @@ def run_on_cluster(args, model_path: Path, tok_path: Path, real: bool, workers: 
 
     tok = Tokenizer.open(tok_path)
     with ClusterModel.open(model_path, workers=workers, buffer_float_type=args.buffer_float_type,
-                           ram_budget=root_budget, timeout=30.0, max_seq_len=MAX_SEQ_LEN) as model:
+                           ram_budget=root_budget, timeout=30.0, max_seq_len=MAX_SEQ_LEN,
+                           layers=even_layers(model_path, len(workers))) as model:
         print("layer assignment:")
         print(model.assignment.table(), flush=True)
         session = Session(model, tok, template_for(tok) if real else None)

@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+import time
 
 import numpy as np
 
 from .options import add_budget_argument
 
-HELP = "show a .m model's header, sizes, RAM per layer and (with --tensors) every tensor"
+HELP = ("show a .m model's header, sizes, RAM per layer, (with --tensors) every tensor and "
+        "(with --verify) damaged scales")
 
 KV_BYTES = 4      # the KV cache holds float32 values, as dllama's does
 
@@ -19,6 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "in $DAIRLLM_CACHE or ~/.cache/dairllm)")
     p.add_argument("--tensors", action="store_true", help="also list every tensor")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument("--verify", action="store_true",
+                   help="read every quantisation scale and float value: report non-finite or "
+                        "absurd ones per tensor (exit code 1 when any is found)")
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="size the KV cache for this context instead of the model's seq_len")
     add_budget_argument(p, "show what a run under this RAM budget would pin, stream, and read "
@@ -89,6 +95,41 @@ def plan_section(mf, args: argparse.Namespace) -> "dict | None":
                        DEFAULT_MAX_BATCH)
 
 
+PROGRESS_FROM_BYTES = 256 << 20     # smaller files verify in well under a second
+
+
+def verify_section(mf) -> dict:
+    """`--verify`: formats/scales.py over every tensor, with progress on stderr for big files."""
+    from ..formats.scales import verify_scales
+
+    last = [0.0]
+
+    def progress(done: int, total: int) -> None:
+        now = time.monotonic()
+        if total >= PROGRESS_FROM_BYTES and (now - last[0] >= 1.0 or done == total):
+            last[0] = now
+            print(f"verifying {mf.path}: {100 * done / total:.0f}% of {_mb(total)}",
+                  file=sys.stderr, flush=True)
+
+    return verify_scales(mf, progress).as_dict()
+
+
+def render_verify(v: dict) -> str:
+    head = (f"verify: {v['tensors_checked']} tensors checked, scales above "
+            f"{v['absurd_scale']:g} count as absurd")
+    if v["skipped"]:
+        head += f"; {len(v['skipped'])} of types without known scales skipped"
+    if v["ok"]:
+        return head + "\n  no non-finite or absurd numbers"
+    lines = [head, f"  DAMAGED: {len(v['damaged'])} tensors",
+             f"  {'tensor':<28} {'type':<7} {'non-finite':>10} {'absurd':>8}  first offsets"]
+    for t in v["damaged"]:
+        offsets = ", ".join(f"{o:,}" for o in t["first_offsets"])
+        lines.append(f"  {t['name']:<28} {t['type']:<7} {t['nonfinite']:>10,} {t['absurd']:>8,}"
+                     f"  {offsets}")
+    return "\n".join(lines)
+
+
 def _mb(n: int) -> str:
     return f"{n / 1e6:,.1f} MB"
 
@@ -118,6 +159,8 @@ def render_text(s: dict) -> str:
                      f"{_mb(x['ram_bytes']):>12}")
     if s.get("metadata"):
         lines += ["", "GGUF metadata:"] + [f"  {k:<40} {v}" for k, v in s["metadata"].items()]
+    if "verify" in s:
+        lines += ["", render_verify(s["verify"])]
     if s.get("plan"):
         lines += ["", "plan:"] + [f"  {k:<30} {v}" for k, v in s["plan"].items()]
     if "tensors" in s:
@@ -140,5 +183,7 @@ def run(args: argparse.Namespace) -> int:
         plan = plan_section(mf, args)
         if plan:
             summary["plan"] = plan
+        if args.verify:
+            summary["verify"] = verify_section(mf)
     print(json.dumps(summary, indent=1) if args.json else render_text(summary))
-    return 0
+    return 0 if summary.get("verify", {}).get("ok", True) else 1

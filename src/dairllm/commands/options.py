@@ -12,6 +12,7 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
+from ..cluster import protocol as P
 from ..cluster.protocol import SECRET_ENV
 from ..errors import ConfigError
 
@@ -64,6 +65,10 @@ def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
                    help="cap the context (and KV cache) below the model's sequence length")
     add_budget_argument(p, "cap resident weights + run state; layers that do not fit are "
                            "streamed from disk (see inspect --ram-budget)")
+    p.add_argument("--drop-cache", action="store_true",
+                   help="with --ram-budget: evict streamed bytes from the page cache after use "
+                        "(MoE experts are read with O_DIRECT), so a machine with spare RAM "
+                        "measures what one whose RAM cannot cache the model would see")
     p.add_argument("--repack", action="store_true",
                    help="read Q40 matrices from a Q40x8 copy of them (made once under "
                         "$DAIRLLM_CACHE, as big as those matrices): a faster decode on AVX2")
@@ -75,6 +80,60 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--topp", type=float, default=DEFAULT_TOPP,
                    help=f"top-p (nucleus) sampling (default {DEFAULT_TOPP})")
     p.add_argument("--seed", type=int, default=None, help="sampler seed (default: the clock)")
+
+
+def add_speculative_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--speculative", choices=["lookup", "draft"], default=None,
+                   help="speculative decoding: lookup (drafts copied from the context: repeat or "
+                        "edit a text) or draft (a --draft-model); the model verifies the drafts "
+                        "in one pass: the same output distribution (greedy: the same tokens, up "
+                        "to float rounding at near-ties)")
+    p.add_argument("--draft-model", default=None,
+                   help="a smaller or lower-precision model (.m or GGUF) with the same tokenizer, "
+                        "run on this node to draft tokens (implies --speculative draft)")
+    p.add_argument("--draft-tokenizer", default=None,
+                   help="the draft model's .t tokenizer, checked against the model's (default: "
+                        "a GGUF draft's own; a .m draft without one is checked by vocab size)")
+    p.add_argument("--draft-tokens", type=int, default=4,
+                   help="most drafts per pass (default 4; fewer after rejections)")
+
+
+def speculative_method(args: argparse.Namespace) -> "str | None":
+    """--speculative, or draft when only --draft-model is given."""
+    method = args.speculative or ("draft" if args.draft_model else None)
+    if method == "draft" and not args.draft_model:
+        raise ConfigError("--speculative draft needs --draft-model")
+    if method == "lookup" and args.draft_model:
+        raise ConfigError("--draft-model drafts with --speculative draft, not lookup")
+    if method is not None and not 1 <= args.draft_tokens <= 32:
+        raise ConfigError(f"--draft-tokens must be in 1..32, got {args.draft_tokens}")
+    return method
+
+
+def open_draft(args: argparse.Namespace, model, tok: "Tokenizer"):
+    """The --draft-model as an engine.speculative.DraftModel beside `model` (the same context
+    length, on this node), or None; ConfigError when its vocabulary or tokenizer differs."""
+    from ..engine.speculative import DraftModel, check_same_tokenizer
+    from ..modes import open_local
+    from ..tokenizer import Tokenizer, is_gguf
+
+    if not args.draft_model:
+        return None
+    if not os.path.isfile(args.draft_model):
+        raise ConfigError(f"--draft-model {args.draft_model}: no such file")
+    tok_path = args.draft_tokenizer or (args.draft_model if is_gguf(args.draft_model) else None)
+    draft = DraftModel(open_local(args.draft_model, max_seq_len=model.seq_len))
+    try:
+        draft.check_fits(model)
+        if tok_path is not None:
+            check_same_tokenizer(tok, Tokenizer.open(tok_path))
+        else:
+            log.info("draft model %s has no tokenizer to compare: checked its vocab size only",
+                     args.draft_model)
+    except BaseException:
+        draft.model.close()
+        raise
+    return draft
 
 
 def add_secret_argument(p: argparse.ArgumentParser) -> None:
@@ -107,6 +166,11 @@ def add_cluster_arguments(p: argparse.ArgumentParser, workers_required: bool = F
                         "'1,2;3,4' (workers on fast links together; each group runs one stage)")
     p.add_argument("--layers", default=None, metavar="RANGES",
                    help="manual assignment, one range per node, root first: 0-7,8-19,20-31")
+    add_discover_arguments(p)
+    p.add_argument("--rebalance", choices=["off", "auto"], default="auto",
+                   help="pipeline layouts: move layers when measured stage times drift (a busy "
+                        "node), with hysteresis (default auto). Either way, workers that fail "
+                        "or leave are retried and re-join, and with --discover new ones join")
     add_secret_argument(p)
     p.add_argument("--worker-timeout", type=float, default=60.0,
                    help="seconds a worker may take to answer before its layers are reassigned "
@@ -122,13 +186,66 @@ def add_cluster_arguments(p: argparse.ArgumentParser, workers_required: bool = F
                             "from their own copy of the model instead of receiving them")
 
 
+def add_discover_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--discover", action="store_true",
+                   help="instead of --workers: the workers on this LAN that advertise themselves "
+                        "(`dairllm worker --advertise`) and pass the handshake (same secret, same "
+                        "model); the others are listed with the reason and never used")
+    p.add_argument("--discover-timeout", type=float, default=2.0,
+                   help="seconds --discover waits for answers (default 2)")
+    add_discovery_port_argument(p)
+
+
+def add_discovery_port_argument(p: argparse.ArgumentParser) -> None:
+    from ..cluster.discovery import DISCOVERY_PORT
+
+    p.add_argument("--discovery-port", type=int, default=DISCOVERY_PORT,
+                   help=f"UDP port of worker discovery (default {DISCOVERY_PORT})")
+
+
+def discover_workers(args: argparse.Namespace, out=None) -> None:
+    """With --discover: set args.workers to the discovered workers that pass the handshake, after
+    printing every one found to `out` (default stderr), usable or not and why."""
+    if not getattr(args, "discover", False):
+        return
+    from ..cluster.discovery import check_workers, discover
+
+    if args.workers:
+        raise ConfigError("--discover finds the workers: drop --workers (or --discover)")
+    if getattr(args, "protocol", "native") != "native":
+        raise ConfigError("--discover needs the native protocol (only its handshake proves the "
+                          "secret)")
+    if args.discover_timeout <= 0:
+        raise ConfigError(f"--discover-timeout must be positive, got {args.discover_timeout}")
+    if not 0 < args.discovery_port < 65536:
+        raise ConfigError(f"--discovery-port must be 1..65535, got {args.discovery_port}")
+    if args.worker_timeout <= 0:
+        raise ConfigError(f"--worker-timeout must be positive, got {args.worker_timeout}")
+    found = discover(args.discover_timeout, args.discovery_port)
+    checked = check_workers(found, args.model, P.resolve_secret(args.secret),
+                            min(args.worker_timeout, max(args.discover_timeout, 5.0)),
+                            args.verify_model)
+    out = out or sys.stderr
+    print(f"discovered {len(checked)} worker(s) in {args.discover_timeout:g} s", file=out)
+    for c in checked:
+        print(f"  {c.address:<21} {'usable' if c.usable else 'unusable: ' + c.reason}", file=out)
+    out.flush()
+    usable = [c.address for c in checked if c.usable]
+    if not usable:
+        raise ConfigError(f"--discover found no usable worker on UDP port "
+                          f"{args.discovery_port} ({len(checked)} answered)")
+    args.workers = usable
+
+
 def cluster_options(args: argparse.Namespace) -> dict:
     """Keyword arguments for a native cluster root (cluster.layouts.open_cluster)."""
     if args.worker_timeout <= 0:
         raise ConfigError(f"--worker-timeout must be positive, got {args.worker_timeout}")
     return dict(buffer_float_type=args.buffer_float_type, layers=args.layers,
                 secret=args.secret, timeout=args.worker_timeout, verify_model=args.verify_model,
-                parallel=args.parallel, groups=args.groups)
+                parallel=args.parallel, groups=args.groups, rebalance=args.rebalance,
+                rejoin=True,
+                discovery_port=args.discovery_port if getattr(args, "discover", False) else None)
 
 
 def open_model(args: argparse.Namespace, announce=None):
@@ -137,8 +254,17 @@ def open_model(args: argparse.Namespace, announce=None):
     from ..modes import open_model as open_in_mode
 
     kw = dict(max_seq_len=args.max_seq_len, nthreads=args.nthreads, ram_budget=args.ram_budget,
-              repack=getattr(args, "repack", False))
+              repack=getattr(args, "repack", False),
+              slots=getattr(args, "parallel_requests", 1))
+    if getattr(args, "drop_cache", False):
+        if args.ram_budget is None:
+            raise ConfigError("--drop-cache needs --ram-budget (it applies to streamed weights)")
+        if args.workers:
+            raise ConfigError("--drop-cache applies to a single node's --ram-budget, not to "
+                              "a cluster root")
+        kw["stream_options"] = {"drop_cache": True}
     protocol = getattr(args, "protocol", "native")
+    discover_workers(args, announce)
     if args.workers and protocol == "dllama":
         if args.worker_timeout <= 0:
             raise ConfigError(f"--worker-timeout must be positive, got {args.worker_timeout}")

@@ -7,6 +7,7 @@ size a cluster before buying one."""
 from __future__ import annotations
 
 import argparse
+import sys
 
 from .options import add_budget_argument, add_cluster_arguments
 
@@ -42,6 +43,9 @@ def run(args: argparse.Namespace) -> int:
     if args.simulate:
         return simulate(args)
     from ..cluster.layouts import probe, table
+    from .options import discover_workers
+
+    discover_workers(args, sys.stdout)
 
     a, preds, pick = probe(args.model, args.workers or [], parallel=args.parallel,
                            ram_budget=args.ram_budget, buffer_float_type=args.buffer_float_type,
@@ -67,9 +71,9 @@ def simulate(args: argparse.Namespace) -> int:
     from ..formats.detect import read_model_header
     from ..synth import PRESETS, preset_header
 
-    if args.workers:
+    if args.workers or args.discover:
         from ..errors import ConfigError
-        raise ConfigError("--simulate predicts without workers: drop --workers")
+        raise ConfigError("--simulate predicts without workers: drop --workers/--discover")
     if args.model in PRESETS:
         h = preset_header(args.model, max_seq_len=args.max_seq_len or 4096)
         name = f"{args.model} shapes, Q40"

@@ -10,12 +10,18 @@ on connections not yet authenticated, per address and in total; the oldest is cu
 detects the protocol and runs the session, all within --handshake-timeout until the root has
 authenticated; sessions then end after --idle-timeout of silence. With --secret, dllama roots
 (which cannot authenticate) are refused unless --allow-dllama.
+
+SIGTERM: stop accepting, tell each dairllm root we are leaving (the answer to its next FORWARD),
+wait up to LEAVE_WAIT seconds for the roots to move our layers away and close, then exit 0.
+A second SIGTERM or a SIGINT exits at once.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import select
+import signal
 import socket
 import threading
 import time
@@ -24,13 +30,15 @@ from typing import Callable
 
 from .. import _ops
 from ..cluster import protocol as P
+from ..cluster.discovery import Advertiser
 from ..cluster.node import NativeWorker, NodeOptions, warn_if_open
 from ..dllama.worker import MeshInbox, WorkerOptions, looks_like_dllama, run_session_logged
 from ..errors import ConfigError
 from ..formats.gguf import has_gguf_magic
 from ..formats.modelfile import ModelFile
 from ..sockets import Gate, listen
-from .options import add_budget_argument, add_secret_argument, add_threads_argument, add_verify_argument
+from .options import (add_budget_argument, add_discovery_port_argument, add_secret_argument,
+                      add_threads_argument, add_verify_argument)
 
 HELP = ("serve this machine's layers to a dairllm root, or act as a drop-in distributed-llama "
         "worker (detected from the root's first bytes)")
@@ -39,6 +47,7 @@ log = logging.getLogger("dairllm.worker")
 
 PEEK_BYTES = 8          # enough for every detector
 SESSION_SLOTS_DLLAMA = 1  # dllama sessions run one at a time (the mesh shares this port)
+LEAVE_WAIT = 10.0         # seconds the roots get to move our layers after SIGTERM
 
 
 @dataclass
@@ -109,6 +118,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-dllama", action="store_true",
                    help="with --secret, still serve distributed-llama roots (their protocol has "
                         "no authentication: anyone who reaches the port can use this worker)")
+    p.add_argument("--advertise", action=argparse.BooleanOptionalAction, default=None,
+                   help="answer `--discover` roots on the LAN with this worker's port (default: "
+                        "on when listening beyond loopback with a secret, so only roots that "
+                        "share it can use what they find)")
+    add_discovery_port_argument(p)
     p.add_argument("--idle-timeout", type=float, default=3600.0,
                    help="drop a session whose root has been silent this many seconds "
                         "(default 3600)")
@@ -194,6 +208,15 @@ def accept_loop(listener: socket.socket, services: Services, max_sessions: "int 
         t.start()
         served += 1
         threads = [x for x in threads if x.is_alive()] + [t]
+    if stop is not None and stop.is_set():       # leaving: hand the layers back, bounded
+        listener.close()
+        if services.native is not None:
+            handed = services.native.leave(LEAVE_WAIT)
+            log.info("SIGTERM: left; %s", "every root moved its layers" if handed else
+                     f"roots did not answer within {LEAVE_WAIT:g} s: closed their sessions")
+        for t in threads:
+            t.join(1.0)
+        return
     for t in threads:
         t.join()
 
@@ -220,14 +243,71 @@ def run(args: argparse.Namespace) -> int:
                         allow_dllama=secret is None or args.allow_dllama,
                         handshake_timeout=args.handshake_timeout)
     listener = listen(args.host, args.port)
-    host, port = listener.getsockname()[:2]
-    print(f"dairllm worker listening on {host}:{port}", flush=True)
-    warn_if_open(args.host, secret)
-    if secret is not None and args.allow_dllama:
-        log.warning("--allow-dllama: distributed-llama roots are served without authentication "
-                    "(their protocol has none); --secret guards dairllm roots only")
+    advertiser = None
     try:
-        accept_loop(listener, services, args.max_sessions)
+        host, port = listener.getsockname()[:2]
+        advertiser = start_advertising(args, port, secret)   # before "listening": tests wait on it
+        print(f"dairllm worker listening on {host}:{port}", flush=True)
+        if advertiser is not None:
+            print(f"dairllm worker advertising on UDP port {advertiser.port}", flush=True)
+        warn_if_open(args.host, secret)
+        if secret is not None and args.allow_dllama:
+            log.warning("--allow-dllama: distributed-llama roots are served without "
+                        "authentication or encryption (their protocol has neither: its traffic "
+                        "is plaintext); --secret guards and encrypts dairllm roots' links only")
+        accept_loop(listener, services, args.max_sessions, stop=stop_on_sigterm())
     finally:
+        if advertiser is not None:
+            advertiser.stop()
         listener.close()
     return 0
+
+
+def stop_on_sigterm() -> threading.Event:
+    """An event set by the first SIGTERM; a second SIGTERM, or SIGINT after it, exits at once.
+    (Signals reach the main thread only: elsewhere, e.g. a test's thread, the event is unset.)"""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        return stop
+
+    def on_signal(signum, frame) -> None:
+        if stop.is_set():
+            os._exit(1)
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop.set()                      # no logging here: a handler may interrupt a log call
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return stop
+
+
+def should_advertise(advertise: "bool | None", host: str, secret: "bytes | None") -> bool:
+    """--advertise / --no-advertise, else on when reachable beyond this machine and guarded by a
+    secret (an advertised worker without one would invite anyone on the LAN)."""
+    if advertise is not None:
+        return advertise
+    return secret is not None and not P.is_loopback(host)
+
+
+def start_advertising(args: argparse.Namespace, tcp_port: int,
+                      secret: "bytes | None") -> "Advertiser | None":
+    if not should_advertise(args.advertise, args.host, secret):
+        return None
+    if not 0 < args.discovery_port < 65536:
+        raise ConfigError(f"--discovery-port must be 1..65535, got {args.discovery_port}")
+    if args.model is None:
+        log.warning("--advertise without --model: dairllm roots that find this worker will "
+                    "refuse it")
+    try:
+        advertiser = Advertiser(tcp_port, args.discovery_port)
+    except OSError as e:
+        if args.advertise:
+            raise ConfigError(f"cannot advertise on UDP port {args.discovery_port}: {e}") from None
+        log.warning("not advertising (UDP port %d: %s); roots need --workers", args.discovery_port,
+                    e)
+        return None
+    if secret is None:
+        log.warning("advertising without a secret: any root on the LAN can find and use this "
+                    "worker")
+    return advertiser

@@ -1,8 +1,11 @@
 """The forward pass: our run.c. One line per kernel call, shapes in comments.
 
-A batch of n tokens at positions p0..p0+n-1 goes through three stages that the execution modes
-compose: `embed` (tokens -> x), `run_layers` (a range of transformer blocks over x; a cluster node
-runs its own range, the layer streamer swaps the weight provider) and `head` (x -> logits).
+A batch of n tokens goes through three stages that the execution modes compose: `embed`
+(tokens -> x), `run_layers` (a range of transformer blocks over x; a cluster node runs its own
+range, the layer streamer swaps the weight provider) and `head` (x -> logits). The rows are
+segments of one or more sequences (set_positions: one sequence at p0..; set_segments: a batch of
+sequences, engine/batch.py): every matmul runs once over all rows, attention per segment
+against that sequence's slot of the KV cache.
 Buffer names are defined in state.py. Math follows distributed-llama's single-node graph:
 every matmul input is quantized into the form its weight's kernel takes (Q80 blocks for Q40/Q80,
 F32 for F32/F16: engine/kernels.py), once per form. The residual stream stays F32, except in the
@@ -20,6 +23,7 @@ import numpy as np
 
 from .. import _ops as ops
 from .kernels import Q80
+from .state import Segment
 
 if TYPE_CHECKING:
     from .kernels import MatmulInput
@@ -57,20 +61,23 @@ def embed(m: "Compute", r: "Rows", tokens: np.ndarray) -> None:
     np.take(m.weights.embedding, tokens, axis=0, out=r.x)   # x: (n, dim)
 
 
-def attention_block(m: "Compute", s: "RunState", r: "Rows", w: "LayerWeights", p0: int) -> None:
+def attention_block(m: "Compute", s: "RunState", r: "Rows", w: "LayerWeights") -> None:
     n, l = r.n, w.index
-    k = s.k_cache[l][p0:p0 + n]                         # (n, kv_dim): this batch's cache rows
-    v = s.v_cache[l][p0:p0 + n]
     xin = normed(m, r, w.attn_norm)                     # xb = rmsnorm(x) * attn_norm
-    m.matmul_many((r.q, k, v), (w.q, w.k, w.v), xin)    # q = Wq xb (n, q_dim); k, v into the cache
+    m.matmul_many((r.q, r.k, r.v), (w.q, w.k, w.v), xin)   # q = Wq xb (n, q_dim); k, v (n, kv_dim)
     if m.qk_norm:                                       # Qwen3: rmsnorm of every head
         qh = r.q.reshape(n * m.n_heads, m.head_dim)
-        kh = k.reshape(n * m.n_kv_heads, m.head_dim)
+        kh = r.k.reshape(n * m.n_kv_heads, m.head_dim)
         ops.rmsnorm(qh, qh, w.q_norm, m.eps, dllama=m.dllama)
         ops.rmsnorm(kh, kh, w.k_norm, m.eps, dllama=m.dllama)
-    ops.rope(r.q, r.pos, s.rope, m.head_dim, s.rope_neox, k, dllama=m.dllama)   # rotate q and k
-    ops.attention(r.att, r.q, s.k_cache[l], s.v_cache[l], r.pos, m.n_heads, m.n_kv_heads,
-                  m.head_dim, dllama=m.dllama)          # att: (n, q_dim), causal over 0..pos
+    ops.rope(r.q, r.pos, s.rope, m.head_dim, s.rope_neox, r.k, dllama=m.dllama)   # rotate q and k
+    for seg in r.segments:                              # each sequence against its own cache
+        k_cache, v_cache = s.k_cache[l][seg.slot], s.v_cache[l][seg.slot]   # (seq_len, kv_dim)
+        rows = seg.rows
+        k_cache[seg.p0:seg.p0 + seg.n] = r.k[rows]
+        v_cache[seg.p0:seg.p0 + seg.n] = r.v[rows]
+        ops.attention(r.att[rows], r.q[rows], k_cache, v_cache, r.pos[rows], m.n_heads,
+                      m.n_kv_heads, m.head_dim, dllama=m.dllama)   # att: causal over 0..pos
     m.matmul(r.dx, w.wo, r.ain.fresh())                 # dx = Wo att      (n, dim)
     residual(m, r)
 
@@ -92,7 +99,9 @@ def moe_ffn(m: "Compute", s: "RunState", r: "Rows", w: "LayerWeights", xin: "Mat
     m.matmul(r.gate, w.moe_gate, xin)                   # gate = Wg xb     (n, E)
     ops.moe_route(r.route_idx, r.route_w, r.gate, m.k_active, dllama=m.dllama)   # top-k, renormalised
     r.dx.fill(0.0)
-    for e, rows, wts in route_groups(r.route_idx, r.route_w):
+    groups = list(route_groups(r.route_idx, r.route_w))
+    w.experts.prefetch([e for e, _, _ in groups])       # streamed: read the chosen ones at once
+    for e, rows, wts in groups:
         ew = w.experts[e]
         c = rows.size
         rc, eout = s.rows(c), s.eout[:c]                # first c rows of the buffers
@@ -120,11 +129,11 @@ def route_groups(idx: np.ndarray, wts: np.ndarray):
         yield int(flat[chunk[0]]), chunk // k, wts.ravel()[chunk]
 
 
-def run_layers(m: "Compute", s: "RunState", r: "Rows", p0: int, start: int, end: int) -> None:
-    """Transformer blocks start..end-1 over the n rows of x at positions p0.. (rows already set)."""
+def run_layers(m: "Compute", s: "RunState", r: "Rows", start: int, end: int) -> None:
+    """Transformer blocks start..end-1 over the n rows of x (rows, positions and segments set)."""
     for l in range(start, end):
         w = m.weights.layer(l)                          # views of layer l's weights
-        attention_block(m, s, r, w, p0)
+        attention_block(m, s, r, w)
         ffn_block(m, s, r, w)
         m.weights.release(l)
 
@@ -136,4 +145,13 @@ def head(m: "Compute", r: "Rows", logits: np.ndarray) -> None:
 
 
 def set_positions(s: "RunState", r: "Rows", p0: int) -> None:
-    np.add(s.arange[:r.n], p0, out=r.pos)               # pos = p0, p0+1, ..., p0+n-1
+    """The n rows are one sequence's (cache slot 0) at positions p0, p0+1, ..., p0+n-1."""
+    set_segments(s, r, (Segment(0, 0, r.n, p0),))
+
+
+def set_segments(s: "RunState", r: "Rows", segments: "tuple[Segment, ...]") -> None:
+    """The rows are runs of several sequences' tokens (a batch): segment i's rows hold its
+    sequence's positions p0.. and attend to its slot of the KV cache."""
+    for seg in segments:
+        np.add(s.arange[:seg.n], seg.p0, out=r.pos[seg.rows])
+    r.segments = segments

@@ -3,6 +3,7 @@
 Every driver runs it: a single node, the native cluster root and the dllama root (each a
 `LogitsSource`), and the chat session behind `chat` and `serve` (which adds stop strings and
 text on top of the tokens). Statistics have one set of names wherever they are reported.
+Speculative decoding (speculative.py) keeps this loop's contract with drafts verified k at a time.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from ..errors import DairError
 
 if TYPE_CHECKING:
     from ..formats.modelfile import Header
+    from .speculative import Speculation, SpecStats
 
 
 class InputError(DairError, ValueError):
@@ -41,6 +43,7 @@ class GenerateStats:
     decode_seconds: float = 0.0           # forwards of generated tokens; the first token comes
     stop_reason: str = ""                 # out of the prompt pass and counts there
     positions: int = 0                    # positions the model holds (K/V) after the loop
+    speculative: "SpecStats | None" = None   # drafts proposed/accepted (speculative decoding)
 
     @property
     def prompt_tokens_per_s(self) -> float:
@@ -55,7 +58,9 @@ class GenerateStats:
         return dict(prompt_tokens=self.prompt_tokens, generated_tokens=self.generated_tokens,
                     prompt_seconds=self.prompt_seconds, decode_seconds=self.decode_seconds,
                     prompt_tokens_per_s=self.prompt_tokens_per_s,
-                    decode_tokens_per_s=self.decode_tokens_per_s, stop_reason=self.stop_reason)
+                    decode_tokens_per_s=self.decode_tokens_per_s, stop_reason=self.stop_reason,
+                    **({} if self.speculative is None
+                       else {"speculative": self.speculative.as_dict()}))
 
 
 def check_prompt(model: LogitsSource, prompt_tokens: "Sequence[int]", steps: int) -> np.ndarray:
@@ -103,13 +108,23 @@ class Generates:
         return self.header.vocab_size
 
     def generate(self, prompt_tokens: "Sequence[int]", steps: int, sampler=None,
-                 stop_ids: Iterable[int] = (), vocab_limit: "int | None" = None) -> Iterator[int]:
+                 stop_ids: Iterable[int] = (), vocab_limit: "int | None" = None,
+                 speculation: "Speculation | None" = None) -> Iterator[int]:
         """Yield up to `steps` new tokens after the prompt, from a fresh sequence (see
-        `generate` below); the statistics land in self.stats."""
+        `generate` below; `speculation`: decode speculatively, engine/speculative.py); the
+        statistics land in self.stats."""
         prompt = check_prompt(self, prompt_tokens, steps)
         self.reset()
         self.stats = GenerateStats()
-        return generate(self, prompt, int(steps), self.stats, sampler, stop_ids, vocab_limit)
+        loop = generate if speculation is None else speculation.generate
+        return loop(self, prompt, int(steps), self.stats, sampler, stop_ids, vocab_limit)
+
+
+def stop_reason(token: int, stop, cancel) -> str:
+    """Why a generation ends instead of yielding `token` ("cancelled", "eos"), or ""."""
+    if cancel is not None and cancel.is_set():
+        return "cancelled"
+    return "eos" if token in stop else ""
 
 
 def generate(model: LogitsSource, prompt: np.ndarray, steps: int, stats: GenerateStats,
@@ -131,11 +146,8 @@ def generate(model: LogitsSource, prompt: np.ndarray, steps: int, stats: Generat
     tok = np.zeros(1, dtype=np.intp)
     pos = int(prompt.size)
     for i in range(steps):
-        if cancel is not None and cancel.is_set():
-            stats.stop_reason = "cancelled"
-            return
-        if token in stop:
-            stats.stop_reason = "eos"
+        stats.stop_reason = stop_reason(token, stop, cancel)
+        if stats.stop_reason:
             return
         stats.generated_tokens += 1
         yield token

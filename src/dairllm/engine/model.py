@@ -19,6 +19,7 @@ from .. import _ops as ops
 from ..errors import ConfigError
 from ..formats.modelfile import Arch, Header, ModelFile
 from . import forward as fw
+from .finite import check_head
 from .generate import Generates, GenerateStats, InputError
 from .kernels import Matrix, MatmulInput, TypeKernels
 from .state import RunState
@@ -167,9 +168,13 @@ class Model(Generates):
             self.n_past = p0 + chunk.size
             if want is not None:
                 r = self.state.rows(chunk.size)  # a driver may have rebuilt the state (a recovery)
+                first = p0
                 if want == "last":
                     r = self.state.last_row(r)
-                self._head(r, logits if want == "last" else logits[c0:c0 + chunk.size])
+                    first = p0 + chunk.size - 1
+                out = logits if want == "last" else logits[c0:c0 + chunk.size]
+                self._head(r, out)
+                check_head(r.x, out, first, self.file.path)
 
     def _layers(self, chunk: np.ndarray, p0: int, want: "str | None" = None) -> None:
         """x = every transformer block over the embedded chunk at positions p0.. (x: its rows).
@@ -178,7 +183,7 @@ class Model(Generates):
         r = s.rows(chunk.size)
         fw.set_positions(s, r, p0)
         fw.embed(m, r, chunk)
-        fw.run_layers(m, s, r, p0, 0, self.header.n_layers)
+        fw.run_layers(m, s, r, 0, self.header.n_layers)
 
     def _head(self, r, out: np.ndarray) -> None:
         """out = logits of the rows of x in r."""

@@ -122,6 +122,9 @@ class _Experts:
     def __len__(self) -> int:
         return self._n
 
+    def prefetch(self, ids) -> None:
+        pass                                # sliced from the mapping when first indexed
+
     def __getitem__(self, e: int) -> ExpertWeights:
         ew = self._cache.get(e)
         if ew is None:

@@ -6,6 +6,7 @@ Short names used by forward.py (B = rows of the current batch):
     x      (B, dim)      residual stream
     xb     (B, dim)      normed x (attention and FFN input)
     q      (B, q_dim)    queries
+    k, v   (B, kv_dim)   this batch's keys and values, before they are copied into the cache
     att    (B, q_dim)    attention output
     dx     (B, dim)      a block's output before the residual add; dxq its Q80 blocks (.m
                          files with Q40/Q80 weights, whose block outputs are rounded through Q80)
@@ -14,7 +15,10 @@ Short names used by forward.py (B = rows of the current batch):
     xin, ain, hin        matmul inputs over xb, att and hb (kernels.MatmulInput): the float32
                          rows and their blocks in each activation form the model's weights take
     pos    (B,) int32    absolute position of each row
-    k_cache[l], v_cache[l]  (seq_len, kv_dim) f32, row p = key/value at position p
+    segments             which sequence (cache slot) each run of rows belongs to: Segment
+    k_cache[l], v_cache[l]  (slots, seq_len, kv_dim) f32, [slot, p] = key/value of sequence
+                         `slot` at position p (one slot for a single sequence; a batch of
+                         sequences decoded together holds one slot each)
 MoE (Qwen3-MoE) only:
     gate   (B, n_experts)    router logits
     route_idx, route_w (B, k)  chosen experts and their normalised weights
@@ -23,6 +27,8 @@ MoE (Qwen3-MoE) only:
     eout   (B, dim)      that expert's output for those rows
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 
@@ -35,15 +41,35 @@ from .kernels import Form, MatmulInput, forms_for
 _INPUTS = {"xin": "xb", "ain": "att", "hin": "hb", "ein": "ein"}   # matmul input -> its x
 
 
-class Rows:
-    """Views of the first n rows of every activation buffer (cached per n by RunState)."""
+class Segment(NamedTuple):
+    """Rows first..first+n-1 of a batch: tokens of the sequence in cache `slot` at positions
+    p0..p0+n-1."""
 
-    __slots__ = ("n", "x", "xb", "q", "att", "dx", "dxq", "hb", "hb2", "pos", "gate",
-                 "route_idx", "route_w", "xin", "ain", "hin", "ein")
+    slot: int
+    first: int
+    n: int
+    p0: int
+
+    @property
+    def rows(self) -> slice:
+        return slice(self.first, self.first + self.n)
+
+
+_ROW_BUFFERS = ("x", "xb", "q", "k", "v", "att", "dx", "dxq", "hb", "hb2", "pos", "gate",
+                "route_idx", "route_w")
+
+
+class Rows:
+    """Views of the first n rows of every activation buffer (cached per n by RunState), and the
+    segments (sequences) those rows belong to (set with their positions: forward.set_positions
+    or forward.set_segments)."""
+
+    __slots__ = ("n", "segments", *_ROW_BUFFERS, "xin", "ain", "hin", "ein")
 
     def __init__(self, s: "RunState", n: int) -> None:
         self.n = n
-        for name in self.__slots__[1:13]:
+        self.segments: "tuple[Segment, ...]" = (Segment(0, 0, n, 0),)
+        for name in _ROW_BUFFERS:
             buf = getattr(s, name)
             setattr(self, name, None if buf is None else buf[:n])
         for name, x in _INPUTS.items():
@@ -53,12 +79,17 @@ class Rows:
 
 
 class RunState:
-    """Buffers for one sequence: activations for `max_batch` rows and the KV cache of `layers`."""
+    """Buffers for `slots` sequences (one unless decoded as a batch): activations for `max_batch`
+    rows and the KV cache of `layers`, one region per slot."""
 
-    def __init__(self, h: Header, max_batch: int, layers: "range | None" = None) -> None:
+    def __init__(self, h: Header, max_batch: int, layers: "range | None" = None,
+                 slots: int = 1) -> None:
+        if slots <= 0:
+            raise ValueError(f"slots must be positive, got {slots}")
         self.header = h
         self.seq_len = h.seq_len
         self.max_batch = max_batch
+        self.slots = slots
         self.forms: list[Form] = forms_for(h.matrix_types)   # quantized forms the weights take
         self.layers = range(h.n_layers) if layers is None else layers
         for name in _OPTIONAL:
@@ -69,7 +100,7 @@ class RunState:
             target[name] = np.zeros(shape, dtype=dtype)
         self.arange = np.arange(max_batch, dtype=np.int32)
         # np.zeros maps fresh zero pages: a long context costs RSS only as positions fill.
-        kv = (self.seq_len, h.kv_dim)
+        kv = (slots, self.seq_len, h.kv_dim)
         self.k_cache: list = [None] * h.n_layers
         self.v_cache: list = [None] * h.n_layers
         for l in self.layers:
@@ -124,6 +155,8 @@ def buffer_shapes(h: Header, max_batch: int) -> dict:
     act("x", h.dim)
     act("xb", h.dim, matmul_input=True)
     act("q", h.q_dim)
+    act("k", h.kv_dim)
+    act("v", h.kv_dim)
     act("att", h.q_dim, matmul_input=True)
     act("dx", h.dim)
     if h.weight_type.is_block:                   # .m Q40/Q80: block outputs rounded via Q80
@@ -140,14 +173,20 @@ def buffer_shapes(h: Header, max_batch: int) -> dict:
     return out
 
 
-def run_state_bytes(h: Header, max_batch: int, layers: "range | None" = None) -> int:
-    """Bytes a RunState for `h` holds (activations, KV cache of `layers`, rope table) plus the
-    float32 logits of a full batch: the engine's share of a RAM budget, counted without
-    allocating anything."""
+def kv_slot_bytes(h: Header, layers: "range | None" = None) -> int:
+    """Bytes of one sequence's KV cache (keys and values of `layers`, seq_len positions)."""
+    n_layers = h.n_layers if layers is None else len(layers)
+    return 2 * n_layers * h.seq_len * h.kv_dim * 4
+
+
+def run_state_bytes(h: Header, max_batch: int, layers: "range | None" = None,
+                    slots: int = 1) -> int:
+    """Bytes a RunState for `h` holds (activations, KV cache of `layers` for `slots` sequences,
+    rope table) plus the float32 logits of a full batch: the engine's share of a RAM budget,
+    counted without allocating anything."""
     buffers = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize
                   for shape, dtype in buffer_shapes(h, max_batch).values())
-    n_layers = h.n_layers if layers is None else len(layers)
-    kv = 2 * n_layers * h.seq_len * h.kv_dim * 4
+    kv = slots * kv_slot_bytes(h, layers)
     rope = h.seq_len * h.head_dim * 4
     index = max_batch * 4                                # arange
     return buffers + kv + rope + index + max_batch * h.vocab_size * 4

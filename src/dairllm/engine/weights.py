@@ -70,15 +70,32 @@ class LayerWeights:
     experts: "Sequence[ExpertWeights] | None" = None  # indexable by expert id; only routed ones are read
 
 
-def layer_weights(mf: ModelFile, l: int) -> LayerWeights:
-    """Views of layer l's tensors (no bytes are read until a kernel touches them)."""
+class ExpertList(tuple):
+    """A MoE layer's experts, indexable by expert id. `prefetch(ids)` announces the experts a batch
+    is routed to before the first is used: nothing to do for resident views; the layer store
+    (store/experts.py) starts reading them all at once."""
+
+    def prefetch(self, ids) -> None:
+        pass
+
+
+def expert_views(mf: ModelFile, l: int) -> ExpertList:
+    """Views of layer l's experts (w1, w2, w3 each)."""
+    p = f"layers.{l}.experts."
+    return ExpertList(ExpertWeights(*(matrix_view(mf, f"{p}{e}.{n}") for n in ("w1", "w2", "w3")))
+                      for e in range(mf.header.n_experts))
+
+
+def layer_weights(mf: ModelFile, l: int, experts: "Sequence[ExpertWeights] | None" = None
+                  ) -> LayerWeights:
+    """Views of layer l's tensors (no bytes are read until a kernel touches them); a MoE layer's
+    `experts` may come from elsewhere (the layer store's expert cache)."""
     h = mf.header
     p = f"layers.{l}."
     qk = dict(q_norm=mf.f32(p + "q_norm"), k_norm=mf.f32(p + "k_norm")) if h.has_qk_norm else {}
     if h.is_moe:
-        ffn = dict(moe_gate=matrix_view(mf, p + "moe_gate"), experts=tuple(
-            ExpertWeights(*(matrix_view(mf, f"{p}experts.{e}.{n}") for n in ("w1", "w2", "w3")))
-            for e in range(h.n_experts)))
+        ffn = dict(moe_gate=matrix_view(mf, p + "moe_gate"),
+                   experts=expert_views(mf, l) if experts is None else experts)
     else:
         ffn = {n: matrix_view(mf, p + n) for n in ("w1", "w2", "w3")}
     return LayerWeights(

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import _ops
+from ..cache import cache_dir
 from ..errors import ConfigError
 from .fingerprint import model_fingerprint
 from .modelfile import Arch, ModelFile, close_mapping
@@ -72,7 +73,7 @@ def sidecar_key(path: Path) -> str:
 
 
 def default_dir() -> Path:
-    return Path(os.environ.get("DAIRLLM_CACHE") or "~/.cache/dairllm").expanduser() / "repacked"
+    return cache_dir() / "repacked"
 
 
 class RepackedFile:
