@@ -73,7 +73,7 @@ common = dict(
     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
 )
 # csrc/: the portable kernels (the spec), the x86 and ARM paths, the table that picks between them
-KERNEL_SOURCES = ["dl_scalar", "dl_x86", "dl_arm", "dl_dispatch",
+KERNEL_SOURCES = ["dl_scalar", "dl_x86", "dl_x86_vnni", "dl_arm", "dl_dispatch",
                   "dl_gguf_scalar", "dl_x86_kquant", "dl_arm_kquant"]      # + the GGUF block types
 KERNEL_HEADERS = ["dl_kernels.h", "dl_table.h", "dl_dllama.h", "dl_omp.h", "dl_gguf.h", "dl_gguf_blocks.h",
                   "dl_x86_util.h", "dl_arm_util.h"]

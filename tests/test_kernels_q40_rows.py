@@ -19,6 +19,9 @@ ROWS = list(range(1, 10))
 # (n, d): n = 13 blocks (5 past a group of 8 blocks), d = 37 (4 groups of 8 rows + 5 rows past them),
 # 40 (5 groups), 8 (one group), 3 (no whole group)
 SHAPES = [(416, 37), (256, 40), (2048 + 96, 8), (64, 3)]
+# up to how many activation rows each path's Q40 matmul is batch-invariant (bit for bit)
+BIT_EXACT_ROWS = {"scalar": 4, "avx2": 4, "avx512vnni": 8, "neon": 0, "neon-dotprod": 0}
+SUPPORTED = _ops.build_info()["simd_supported"]
 
 
 def q40x8(w: np.ndarray) -> np.ndarray:
@@ -47,12 +50,12 @@ def test_k_rows_q40x8_match_float64(path, rng, k, n_threads):
     assert_matmul_close(out, ref_dequantize_q40(w), ref_dequantize_q80(xq))
 
 
-@pytest.mark.parametrize("k", [2, 4, 5, 9])
+@pytest.mark.parametrize("k", [2, 4, 5, 8, 9])
 def test_k_rows_equal_one_row_calls(path, rng, k):
     """Each activation row of a k-row call gets what a call with that row alone gets, up to f32
-    summation order; on the scalar and AVX2 paths up to 4 rows bit for bit (one weight row against
-    all activation rows sums each exactly as the one-row kernel), so a sequence decoded in a small
-    batch sees the logits of its solo run."""
+    summation order; bit for bit up to 4 rows on the scalar and avx2 paths, up to 8 on avx512vnni
+    (one weight row against all activation rows sums each exactly as the one-row kernel), so a
+    sequence decoded in a small batch sees the logits of its solo run."""
     n, d = 416, 37
     w, xq = random_q40(rng, d, n), random_q80(rng, k, n)
     out = np.empty((k, d), np.float32)
@@ -60,7 +63,7 @@ def test_k_rows_equal_one_row_calls(path, rng, k):
     for t in range(k):
         one = np.empty((1, d), np.float32)
         _ops.matmul_q40(one, w, xq[t:t + 1].copy())
-        if k <= 4 and _ops.get_simd_path() in ("scalar", "avx2"):
+        if k <= BIT_EXACT_ROWS[_ops.get_simd_path()]:
             np.testing.assert_array_equal(out[t], one[0])
         else:
             np.testing.assert_allclose(out[t], one[0], rtol=1e-5, atol=1e-5 * np.abs(one).max())
@@ -115,3 +118,35 @@ def test_k_rows_bad_shapes_raise(rng):
         _ops.matmul_q40x8(np.empty((k, d), np.float32), q40x8(w)[:, :-1].copy(), xq)   # not whole Q40x8 blocks
     with pytest.raises(ValueError):
         _ops.matmul_q40(np.empty((k, d), np.float32), w, xq[:, ::2])    # not contiguous
+
+
+def with_path(name: str, fn):
+    before = _ops.get_simd_path()
+    _ops.set_simd_path(name)
+    try:
+        return fn()
+    finally:
+        _ops.set_simd_path(before)
+
+
+@pytest.mark.skipif("avx512vnni" not in SUPPORTED, reason="the CPU has no AVX512 VNNI")
+@pytest.mark.parametrize("layout", ["q40", "q40x8"])
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 9, 17, 40])
+def test_vnni_path_gives_the_avx2_bits(rng, k, layout):
+    """avx512vnni computes every block dot exactly and the avx2 kernels' float operations in their
+    order, so where both use the same form (one weight row against up to 4 activation rows, 8-row
+    groups past 8; every Q40x8 call) the outputs are the same bits; extremes included."""
+    n, d = 2048 + 96, 37 if layout == "q40" else 40
+    w, xq = random_q40(rng, d, n), random_q80(rng, k, n)
+    w.reshape(d, -1, 18)[:3, :, 2:] = 0xff
+    xq.reshape(k, -1, 34)[:, :5, 2:] = np.array(-128, np.int8).view(np.uint8)
+    x8 = q40x8(w) if layout == "q40x8" else None
+
+    def run():
+        out = np.empty((k, d), np.float32)
+        if x8 is None:
+            _ops.matmul_q40(out, w, xq, n_threads=2)
+        else:
+            _ops.matmul_q40x8(out, x8, xq, n_threads=2)
+        return out
+    np.testing.assert_array_equal(with_path("avx512vnni", run), with_path("avx2", run))

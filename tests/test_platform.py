@@ -108,8 +108,9 @@ def test_openmp_runtime_loaded_iff_built_with_openmp(info):
 
 
 def test_selected_is_the_best_supported_path(info):
-    """dl_init picks the highest-numbered supported path: avx2 > scalar, neon-dotprod > neon."""
-    order = ["scalar", "avx2", "neon", "neon-dotprod"]
+    """dl_init picks the highest-numbered supported path: avx512vnni > avx2 > scalar,
+    neon-dotprod > neon."""
+    order = ["scalar", "avx2", "neon", "neon-dotprod", "avx512vnni"]
     best = max(info["simd_supported"], key=order.index)
     assert info["simd_selected"] == best
 
@@ -129,7 +130,7 @@ def test_forcing_each_path():
             assert _ops.get_simd_path() == name
             assert dairllm.build_info()["simd_selected"] == name
         compiled = set(_ops.build_info()["simd_compiled"])
-        for name in ("scalar", "avx2", "neon", "neon-dotprod"):
+        for name in ("scalar", "avx2", "neon", "neon-dotprod", "avx512vnni"):
             if name not in _ops.build_info()["simd_supported"]:
                 with pytest.raises(ValueError, match="not available" if name in compiled else "."):
                     _ops.set_simd_path(name)
@@ -142,11 +143,15 @@ def test_forcing_each_path():
 
 @pytest.mark.skipif(MACHINE != "x86_64", reason="x86_64 only")
 def test_x86_avx2_selected_when_the_cpu_has_it(info):
-    assert "avx2" in info["simd_compiled"] and "neon" not in info["simd_compiled"]
+    """avx2 wherever the CPU has AVX2 and FMA; avx512vnni (selected over it) wherever it also has
+    AVX512F, VL, BW and VNNI."""
+    assert {"avx2", "avx512vnni"} <= set(info["simd_compiled"]) and "neon" not in info["simd_compiled"]
     npf = numpy_cpu_features()
     has = bool(npf.get("AVX2")) and bool(npf.get("FMA3"))
+    vnni = has and all(npf.get(f) for f in ("AVX512F", "AVX512VL", "AVX512BW", "AVX512VNNI"))
     assert ("avx2" in info["simd_supported"]) == has, (npf, info)
-    assert info["simd_selected"] == ("avx2" if has else "scalar")
+    assert ("avx512vnni" in info["simd_supported"]) == vnni, (npf, info)
+    assert info["simd_selected"] == ("avx512vnni" if vnni else "avx2" if has else "scalar")
     flags = set()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists() and not os.environ.get("QEMU_CPU"):   # qemu-user shows the host's file
@@ -156,6 +161,8 @@ def test_x86_avx2_selected_when_the_cpu_has_it(info):
                 break
     if flags:
         assert ("avx2" in flags and "fma" in flags) == has, "NumPy and /proc/cpuinfo disagree"
+        assert ({"avx512f", "avx512vl", "avx512bw", "avx512_vnni"} <= flags and has) == vnni, \
+            "NumPy and /proc/cpuinfo disagree on AVX512 VNNI"
 
 
 # ------------------------------------------------------------------------------- aarch64

@@ -23,7 +23,7 @@ dl_table dl_k;
 static int g_path = -1;
 static int g_supported[DL_N_PATHS];
 static char g_features[128];
-static const char *const g_names[DL_N_PATHS] = {"scalar", "avx2", "neon", "neon-dotprod"};
+static const char *const g_names[DL_N_PATHS] = {"scalar", "avx2", "neon", "neon-dotprod", "avx512vnni"};
 
 static void add_feature(const char *name) {
     size_t len = strlen(g_features);
@@ -36,8 +36,9 @@ static void fill(int path) {
     dl_fill_scalar(&dl_k);
     dl_fill_gguf_scalar(&dl_k);
 #if DL_X86
-    if (path == DL_PATH_AVX2) {
-        dl_fill_avx2(&dl_k);
+    if (path == DL_PATH_AVX2 || path == DL_PATH_AVX512_VNNI) {
+        if (path == DL_PATH_AVX2) dl_fill_avx2(&dl_k);
+        else dl_fill_avx512vnni(&dl_k);
         dl_fill_gguf_avx2(&dl_k);
     }
     /* the bandwidth probe measures memory, not a path: the fastest reader whatever is selected */
@@ -64,8 +65,12 @@ void dl_init(void) {
     if (avx2) add_feature("avx2");
     if (fma) add_feature("fma");
     if (avx2 && fma) add_feature("f16c");
+    int vnni = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+               __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni");
     if (__builtin_cpu_supports("avx512f")) add_feature("avx512f");
+    if (vnni) add_feature("avx512vnni");
     g_supported[DL_PATH_AVX2] = avx2 && fma;
+    g_supported[DL_PATH_AVX512_VNNI] = avx2 && fma && vnni;
 #endif
 #if DL_ARM
     unsigned long hw = getauxval(AT_HWCAP);
@@ -89,7 +94,7 @@ const char *dl_path_name(int path) { return path >= 0 && path < DL_N_PATHS ? g_n
 int dl_path_compiled(int path) {
     if (path == DL_PATH_SCALAR) return 1;
 #if DL_X86
-    if (path == DL_PATH_AVX2) return 1;
+    if (path == DL_PATH_AVX2 || path == DL_PATH_AVX512_VNNI) return 1;
 #endif
 #if DL_ARM
     if (path == DL_PATH_NEON || path == DL_PATH_NEON_DOTPROD) return 1;

@@ -51,7 +51,8 @@ _Static_assert(sizeof(dl_block_q80) == DL_Q80_BYTES, "Q80 block is 34 bytes");
 #define DL_PATH_AVX2 1
 #define DL_PATH_NEON 2
 #define DL_PATH_NEON_DOTPROD 3
-#define DL_N_PATHS 4
+#define DL_PATH_AVX512_VNNI 4
+#define DL_N_PATHS 5
 
 /* -- configuration -- */
 void dl_init(void);                           /* detect CPU features, select the best path */

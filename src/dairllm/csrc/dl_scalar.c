@@ -103,9 +103,12 @@ void dl_q80_prep(float *dx, int32_t *sx, uint8_t *xr, const dl_block_q80 *xq, in
         for (int j = 0; j < DL_QK; j++) s += xq[b].qs[j];
         sx[b] = s;
     }
-    if (xr == NULL) return;
-    /* per group of 8 blocks, pair k = 0..3 of blocks (k, k + 4): 64 bytes
-     * [x_k[0:16] x_k+4[0:16] | x_k[16:32] x_k+4[16:32]] (nb % 8 tail blocks are not copied) */
+    if (xr != NULL) dl_k.q80_layout(xr, xq, B, nb);
+}
+
+/* The "pair layout" (avx2): per group of 8 blocks, pair k = 0..3 of blocks (k, k + 4): 64 bytes
+ * [x_k[0:16] x_k+4[0:16] | x_k[16:32] x_k+4[16:32]] (nb % 8 tail blocks are not copied). */
+static void q80_pairs(uint8_t *xr, const dl_block_q80 *xq, int64_t B, int64_t nb) {
     for (int64_t t = 0; t < B; t++)
         for (int64_t g = 0; g + 8 <= nb; g += 8)
             for (int k = 0; k < 4; k++) {
@@ -254,6 +257,7 @@ void dl_residual_q80(float *x, float *dx, dl_block_q80 *dxq, int64_t nb) {
 
 void dl_fill_scalar(dl_table *t) {
     t->quantize_q80 = quantize_q80_scalar;
+    t->q80_layout = q80_pairs;
     t->matmul_q40 = matmul_q40_scalar;
     t->matmul_q40x8 = matmul_q40x8_scalar;
     t->matmul_q80 = matmul_q80_scalar;

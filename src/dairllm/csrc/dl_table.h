@@ -12,6 +12,8 @@
 
 typedef struct {
     void (*quantize_q80)(dl_block_q80 *out, const float *x, int64_t nb);
+    /* the activation layout the path's Q40 kernel reads (dl_q80_prep's xr) */
+    void (*q80_layout)(uint8_t *xr, const dl_block_q80 *xq, int64_t B, int64_t nb);
     void (*matmul_q40)(float *out, const dl_block_q40 *w, const dl_block_q80 *xq, const float *dx,
                        const int32_t *sx, const uint8_t *xr, int64_t B, int64_t d, int64_t nb, int64_t r0,
                        int64_t r1);
@@ -60,6 +62,7 @@ void dl_fill_gguf_scalar(dl_table *t);         /* dl_gguf_scalar.c: every GGUF e
 #if defined(__x86_64__) || defined(_M_X64)
 #define DL_X86 1
 void dl_fill_avx2(dl_table *t);                /* dl_x86.c */
+void dl_fill_avx512vnni(dl_table *t);          /* dl_x86_vnni.c: dl_fill_avx2 and its own Q40 matmuls */
 void dl_fill_gguf_avx2(dl_table *t);           /* dl_x86_kquant.c */
 double dl_sum_f64_avx2(const double *x, int64_t n);
 #endif

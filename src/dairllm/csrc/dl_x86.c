@@ -164,41 +164,6 @@ DL_AVX2 static void rows1_q40_avx2(float *out, const dl_block_q40 *w, const dl_b
  * the 8 rows' nibble bytes) is paid once per block for all activation rows: ~44 vector ops per
  * 8-row block (Q40x8: ~20), then ~21 per activation row, against ~65 for the one-row kernel. */
 
-/* The 8 rows' block (rows `stride` blocks apart) in lane = row form, and their f32 scales. */
-DL_AVX2 static inline __m256 unpack8_q40(__m256i w[8], const dl_block_q40 *p, int64_t stride) {
-    const __m256i m = _mm256_set1_epi8(0x0f);
-#define ROWS(r) _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)p[(r) * stride].qs)), \
-                                        _mm_loadu_si128((const __m128i *)p[((r) + 4) * stride].qs), 1)
-    __m256i a = ROWS(0), b = ROWS(1), c = ROWS(2), e = ROWS(3);      /* halves: rows r | r + 4 */
-#undef ROWS
-    __m256i t0 = _mm256_unpacklo_epi32(a, b), t1 = _mm256_unpackhi_epi32(a, b);
-    __m256i t2 = _mm256_unpacklo_epi32(c, e), t3 = _mm256_unpackhi_epi32(c, e);
-    __m256i q[4] = {_mm256_unpacklo_epi64(t0, t2), _mm256_unpackhi_epi64(t0, t2),     /* q[c]: dword c of */
-                    _mm256_unpacklo_epi64(t1, t3), _mm256_unpackhi_epi64(t1, t3)};    /* rows 0..3 | 4..7 */
-    for (int k = 0; k < 4; k++) {
-        w[k] = _mm256_and_si256(q[k], m);
-        w[4 + k] = _mm256_and_si256(_mm256_srli_epi16(q[k], 4), m);
-    }
-    return scales8(p, stride * DL_Q40_BYTES);
-}
-
-/* The same from a Q40x8 block: the layout already holds each dword c of the 8 rows side by side. */
-DL_AVX2 static inline __m256 unpack8_q40x8(__m256i w[8], const dl_block_q40x8 *p) {
-    const __m256i m = _mm256_set1_epi8(0x0f);
-    for (int k = 0; k < 4; k++) {
-        __m256i q = _mm256_loadu_si256((const __m256i *)p->qs[k]);
-        w[k] = _mm256_and_si256(q, m);
-        w[4 + k] = _mm256_and_si256(_mm256_srli_epi16(q, 4), m);
-    }
-    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p->d));
-}
-
-DL_AVX2 static inline __m256i bcast32(const int8_t *p) {
-    int32_t v;
-    memcpy(&v, p, 4);
-    return _mm256_set1_epi32(v);
-}
-
 /* int32 lane r: sum_j w_rj * x_j over the block (w unsigned, no -8 yet) for the 8 rows of w. */
 DL_AVX2 static inline __m256i dot8_u4_i8(const __m256i w[8], const int8_t *x) {
     __m256i s = _mm256_maddubs_epi16(w[0], bcast32(x));

@@ -5,6 +5,7 @@
 #include "dl_table.h"
 
 #include <immintrin.h>
+#include <string.h>
 
 #define DL_AVX2 __attribute__((target("avx2,fma,f16c")))
 
@@ -68,6 +69,44 @@ DL_AVX2 static inline __m256 scales8(const void *blocks, int64_t stride) {
     h = _mm_blend_epi16(h, LD(7), 0x80);
 #undef LD
     return _mm256_cvtph_ps(h);
+}
+
+/* 8 Q40 blocks `stride` blocks apart (block b of 8 rows: stride = a row's blocks; 8 consecutive
+ * blocks of one row: stride = 1) with block k in lane k: w[c] (c < 4) lane k = the low nibbles of
+ * bytes 4c..4c+3 of block k (elements 4c..4c+3), w[4 + c] their high nibbles (elements 16 + 4c..),
+ * unsigned 0..15 (a 4 x 4 dword transpose per 128-bit half); returns the 8 blocks' f32 scales. */
+DL_AVX2 static inline __m256 unpack8_q40(__m256i w[8], const dl_block_q40 *p, int64_t stride) {
+    const __m256i m = _mm256_set1_epi8(0x0f);
+#define ROWS(r) _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)p[(r) * stride].qs)), \
+                                        _mm_loadu_si128((const __m128i *)p[((r) + 4) * stride].qs), 1)
+    __m256i a = ROWS(0), b = ROWS(1), c = ROWS(2), e = ROWS(3);      /* halves: blocks r | r + 4 */
+#undef ROWS
+    __m256i t0 = _mm256_unpacklo_epi32(a, b), t1 = _mm256_unpackhi_epi32(a, b);
+    __m256i t2 = _mm256_unpacklo_epi32(c, e), t3 = _mm256_unpackhi_epi32(c, e);
+    __m256i q[4] = {_mm256_unpacklo_epi64(t0, t2), _mm256_unpackhi_epi64(t0, t2),     /* q[c]: dword c of */
+                    _mm256_unpacklo_epi64(t1, t3), _mm256_unpackhi_epi64(t1, t3)};    /* blocks 0..3 | 4..7 */
+    for (int k = 0; k < 4; k++) {
+        w[k] = _mm256_and_si256(q[k], m);
+        w[4 + k] = _mm256_and_si256(_mm256_srli_epi16(q[k], 4), m);
+    }
+    return scales8(p, stride * DL_Q40_BYTES);
+}
+
+/* The same from a Q40x8 block: the layout already holds each dword c of the 8 rows side by side. */
+DL_AVX2 static inline __m256 unpack8_q40x8(__m256i w[8], const dl_block_q40x8 *p) {
+    const __m256i m = _mm256_set1_epi8(0x0f);
+    for (int k = 0; k < 4; k++) {
+        __m256i q = _mm256_loadu_si256((const __m256i *)p->qs[k]);
+        w[k] = _mm256_and_si256(q, m);
+        w[4 + k] = _mm256_and_si256(_mm256_srli_epi16(q, 4), m);
+    }
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p->d));
+}
+
+DL_AVX2 static inline __m256i bcast32(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm256_set1_epi32(v);
 }
 
 /* NaN -> 0, then clamp to [-127, 127] (as the scalar path) */

@@ -153,7 +153,7 @@ def _repacked_weights(mf: ModelFile, arithmetic: str) -> "RepackedWeights | None
     """The Q40x8 sidecar's weights, or None (logged) where it would not help or cannot be used."""
     reason = unsupported_reason(mf)
     simd = _ops.build_info()["simd_selected"]
-    if reason is None and simd != "avx2":
+    if reason is None and simd not in ("avx2", "avx512vnni"):
         reason = f"no fast Q40x8 kernel on the {simd} path"
     if reason is None and arithmetic != "exact":
         reason = f"{arithmetic} arithmetic needs the file's Q40 layout"
