@@ -45,7 +45,15 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--ghz", type=float, default=2.9, help="core clock for the cycles column")
     p.add_argument("--x8", action="store_true", help="the matrix in the Q40x8 layout (--repack)")
+    p.add_argument("--paths", default=None,
+                   help="SIMD paths to compare, e.g. avx2,avx512vnni (default: the selected one)")
     a = p.parse_args()
+    for path in (a.paths.split(",") if a.paths else [_ops.get_simd_path()]):
+        _ops.set_simd_path(path)
+        run(a)
+
+
+def run(a: argparse.Namespace) -> None:
     rng = np.random.default_rng(0)
     w = random_q40(rng, a.d, a.n)
     matmul = _ops.matmul_q40

