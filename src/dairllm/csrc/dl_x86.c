@@ -88,8 +88,6 @@ DL_AVX2 static float dot_q40_avx2(const dl_block_q40 *w, const dl_block_q80 *x, 
     return hsum_ps(acc) + dl_dot_q40_blocks(w, x, dx, b, nb);
 }
 
-#define TOK_TILE 32              /* activation rows per pass over weights: their accumulators */
-
 /* One Q40 row against tn activation rows (xq, their pair layout xr from dl_q80_prep, dx, sx: rows nb
  * blocks apart); out[t * d] = row t's dot. Per group of 8 weight blocks, loaded and unpacked once
  * for all tn rows: blocks k and k + 4 share a register (low nibbles pair with elements 0..15 of
@@ -171,26 +169,7 @@ DL_AVX2 static inline __m256i dot8_u4_i8(const __m256i w[8], const int8_t *x) {
     return _mm256_madd_epi16(s, _mm256_set1_epi16(1));
 }
 
-/* out[t][0..8) for the tn activation rows xq[0..tn) (rows nb blocks apart; dx, sx likewise) against one
- * group of 8 weight rows: Q40 rows `nb` blocks apart from w (x8 == NULL), or the Q40x8 group x8.
- * The group's unpacked block stays in registers while every activation row uses it (sharing the
- * activation broadcasts between two groups instead, with the weights in L1, measured slower). */
-DL_AVX2 static void group8_rows_q40(float *out, int64_t d, const dl_block_q40 *w, const dl_block_q40x8 *x8,
-                                    const dl_block_q80 *xq, const float *dx, const int32_t *sx,
-                                    int64_t tn, int64_t nb) {
-    __m256 acc[TOK_TILE];
-    __m256i wq[8];
-    for (int64_t t = 0; t < tn; t++) acc[t] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; b++) {
-        const __m256 dw = x8 ? unpack8_q40x8(wq, x8 + b) : unpack8_q40(wq, w + b, nb);
-        for (int64_t t = 0; t < tn; t++) {
-            const int64_t tb = t * nb + b;
-            const __m256i p = _mm256_sub_epi32(dot8_u4_i8(wq, xq[tb].qs), _mm256_set1_epi32(8 * sx[tb]));
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(dw, _mm256_set1_ps(dx[tb])), acc[t]);
-        }
-    }
-    for (int64_t t = 0; t < tn; t++) _mm256_storeu_ps(out + t * d, acc[t]);
-}
+DL_DEFINE_GROUP8_ROWS(group8_rows_q40, DL_AVX2, dot8_u4_i8)
 
 /* Rows [r0, r8) (r8 - r0 a multiple of 8) of a Q40 (x8 == NULL) or Q40x8 matrix for all B activation
  * rows, TOK_TILE at a time. */

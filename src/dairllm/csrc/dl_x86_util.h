@@ -109,6 +109,37 @@ DL_AVX2 static inline __m256i bcast32(const int8_t *p) {
     return _mm256_set1_epi32(v);
 }
 
+#define TOK_TILE 32              /* activation rows per pass over weights: their accumulators */
+
+/* Row lanes: out[t][0..8) for the tn activation rows xq[0..tn) (rows nb blocks apart; dx, sx
+ * likewise) against one group of 8 weight rows: Q40 rows `nb` blocks apart from w (x8 == NULL), or
+ * the Q40x8 group x8. The group's unpacked block stays in registers while every activation row
+ * uses it. DOT(wq, x): lane r = row r's integer dot with the 32 int8 at x, before the -8 (one per
+ * path: AVX2 maddubs, VNNI vpdpbusd; the same integers, so the same floats). A Q40x8 group is one
+ * stream from memory: prefetched (a Q40 group is 8 rows far apart: left to the hardware). */
+#define DL_DEFINE_GROUP8_ROWS(NAME, ATTR, DOT)                                                        \
+    ATTR static void NAME(float *out, int64_t d, const dl_block_q40 *w, const dl_block_q40x8 *x8,     \
+                          const dl_block_q80 *xq, const float *dx, const int32_t *sx, int64_t tn,    \
+                          int64_t nb) {                                                               \
+        __m256 acc[TOK_TILE];                                                                         \
+        __m256i wq[8];                                                                                \
+        for (int64_t t = 0; t < tn; t++) acc[t] = _mm256_setzero_ps();                                \
+        for (int64_t b = 0; b < nb; b++) {                                                            \
+            if (x8) {                                                                                 \
+                _mm_prefetch((const char *)(x8 + b) + DL_PREFETCH, _MM_HINT_T0);                      \
+                _mm_prefetch((const char *)(x8 + b) + DL_PREFETCH + 128, _MM_HINT_T0);                \
+            }                                                                                         \
+            const __m256 dw = x8 ? unpack8_q40x8(wq, x8 + b) : unpack8_q40(wq, w + b, nb);            \
+            for (int64_t t = 0; t < tn; t++) {                                                        \
+                const int64_t tb = t * nb + b;                                                        \
+                const __m256i p = _mm256_sub_epi32(DOT(wq, xq[tb].qs), _mm256_set1_epi32(8 * sx[tb]));\
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(dw, _mm256_set1_ps(dx[tb])), \
+                                         acc[t]);                                                     \
+            }                                                                                         \
+        }                                                                                             \
+        for (int64_t t = 0; t < tn; t++) _mm256_storeu_ps(out + t * d, acc[t]);                       \
+    }
+
 /* NaN -> 0, then clamp to [-127, 127] (as the scalar path) */
 DL_AVX2 static inline __m256 clamp127(__m256 v) {
     v = _mm256_and_ps(v, _mm256_cmp_ps(v, v, _CMP_ORD_Q));

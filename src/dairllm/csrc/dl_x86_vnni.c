@@ -27,7 +27,6 @@
 
 #define DL_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
 
-#define TOK_TILE 32              /* activation rows per pass over weights: their accumulators */
 #ifndef BLOCK_LANES_MAX_B
 #define BLOCK_LANES_MAX_B 8      /* up to this many activation rows, block lanes for every row */
 #endif
@@ -139,28 +138,7 @@ DL_VNNI static void rows_block_lanes(float *out, const dl_block_q40 *w, const dl
     }
 }
 
-/* Row lanes: out[t][0..8) for tn activation rows against one group of 8 weight rows, Q40 rows
- * nb blocks apart from w (x8 == NULL) or the Q40x8 group x8. */
-DL_VNNI static void group8_rows_vnni(float *out, int64_t d, const dl_block_q40 *w, const dl_block_q40x8 *x8,
-                                     const dl_block_q80 *xq, const float *dx, const int32_t *sx,
-                                     int64_t tn, int64_t nb) {
-    __m256 acc[TOK_TILE];
-    __m256i wq[8];
-    for (int64_t t = 0; t < tn; t++) acc[t] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; b++) {
-        if (x8) {                           /* one stream: prefetch it (8 file rows: 8 streams) */
-            _mm_prefetch((const char *)(x8 + b) + DL_PREFETCH, _MM_HINT_T0);
-            _mm_prefetch((const char *)(x8 + b) + DL_PREFETCH + 128, _MM_HINT_T0);
-        }
-        const __m256 dw = x8 ? unpack8_q40x8(wq, x8 + b) : unpack8_q40(wq, w + b, nb);
-        for (int64_t t = 0; t < tn; t++) {
-            const int64_t tb = t * nb + b;
-            const __m256i p = _mm256_sub_epi32(dot_bcast(wq, xq[tb].qs), _mm256_set1_epi32(8 * sx[tb]));
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(dw, _mm256_set1_ps(dx[tb])), acc[t]);
-        }
-    }
-    for (int64_t t = 0; t < tn; t++) _mm256_storeu_ps(out + t * d, acc[t]);
-}
+DL_DEFINE_GROUP8_ROWS(group8_rows_vnni, DL_VNNI, dot_bcast)
 
 /* Row lanes over 16 rows in 512-bit vectors: two Q40x8 groups (ga, gb) side by side, so one
  * broadcast activation load feeds 16 rows (in 256 bits it feeds 8: loads, not multiplies, bound
