@@ -235,20 +235,35 @@ def report(results: list[dict], disk: dict) -> None:
     widths = [max(len(str(x)) for x in col) for col in zip(hdr, *rows)]
     for row in (hdr, *rows):
         print("  ".join(str(x).rjust(w) for x, w in zip(row, widths)))
-    warm = {r["budget"] + (f" {r['expert_io']}" if r.get("expert_io") else ""): r
-            for r in results if r["warm"]}
-    resident = [r for r in warm.values() if not r["streams"]]
-    if resident:
-        base = resident[0]
-        print(f"\nwarm page cache, decode vs fully resident ({base['decode_tokens_per_s']:.2f} tok/s): "
-              + ", ".join(f"{b}: {r['decode_tokens_per_s'] / base['decode_tokens_per_s']:.0%}"
-                          for b, r in warm.items() if r is not base))
+    warm_report([r for r in results if r["warm"]])
     digests = {r["logits_digest"] for r in results}
     print(f"last logits identical across runs: {'yes' if len(digests) == 1 else 'NO'}")
 
 
+def warm_report(warm: list[dict]) -> None:
+    """Each budget's decode speed over the resident run's of the same round, the median over
+    rounds (and every round's)."""
+    ratios: dict = {}
+    for i in sorted({r["round"] for r in warm}):
+        runs = [r for r in warm if r["round"] == i]
+        base = next((r for r in runs if not r["streams"]), None)
+        for r in runs:
+            if base is not None and r is not base:
+                name = r["budget"] + (f" {r['expert_io']}" if r.get("expert_io") else "")
+                ratios.setdefault(name, []).append(r["decode_tokens_per_s"]
+                                                   / base["decode_tokens_per_s"])
+    if ratios:
+        base_speeds = [r["decode_tokens_per_s"] for r in warm if not r["streams"]]
+        print(f"\nwarm page cache, decode vs fully resident in the same round (resident "
+              f"{statistics.median(base_speeds):.2f} tok/s, median of {len(base_speeds)}): "
+              + ", ".join(f"{b}: {statistics.median(v):.0%} (rounds: "
+                          f"{', '.join(f'{x:.0%}' for x in v)})" for b, v in ratios.items()))
+
+
 def warm_file(path: Path) -> float:
-    """Read the whole file into the page cache; seconds taken."""
+    """Read the whole file into the page cache, afresh (evicted first: the page cache then holds
+    it as one sequential read leaves it, in large folios, whatever wrote it); seconds taken."""
+    drop_from_page_cache(path)
     t0 = time.perf_counter()
     with open(path, "rb", buffering=0) as f:
         buf = bytearray(64 << 20)
@@ -303,6 +318,9 @@ def main() -> int:
     ap.add_argument("--warm-expert-io", default=None,
                     help="with --warm-compare: comma list of expert reads to run each budget "
                          "with, side by side (e.g. mapped,buffered)")
+    ap.add_argument("--warm-rounds", type=int, default=1,
+                    help="with --warm-compare: rounds of (resident, each budget), interleaved; "
+                         "the ratios are per round, then the median")
     ap.add_argument("--warm-only", action="store_true",
                     help="with --warm-compare: skip the runs that evict streamed bytes")
     ap.add_argument("--warm-compare", action="store_true",
@@ -344,12 +362,13 @@ def main() -> int:
         print(f"disk again after the runs: {fmt_disk(after)}", flush=True)
     if args.warm_compare:
         print(f"reading the file into the page cache: {warm_file(args.model):.1f} s", flush=True)
-        results.append(announce(run_child(args, "100%", modes[0], warm=True)))
         ios = args.warm_expert_io.split(",") if args.warm_expert_io else [None]
-        for budget in args.budgets.split(","):
-            for io in ios if budget != "100%" else []:
-                results.append(announce(run_child(args, budget, modes[0], warm=True,
-                                                  expert_io=io)))
+        for i in range(args.warm_rounds):  # interleaved: this host's speed drifts
+            runs = [run_child(args, "100%", modes[0], warm=True)]
+            for budget in args.budgets.split(","):
+                for io in ios if budget != "100%" else []:
+                    runs.append(run_child(args, budget, modes[0], warm=True, expert_io=io))
+            results += [announce(dict(r, round=i)) for r in runs]
     disk = {k: (before[k] + after[k]) / 2 for k in before}
     report(results, disk)
     if args.json:

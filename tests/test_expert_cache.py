@@ -5,6 +5,7 @@ ranges, a batch larger than the cache works through it, and the eviction policy 
 used often through a burst of others (a synthetic router bias), where plain LRU would not."""
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 import time
@@ -16,11 +17,13 @@ from dairllm.engine.weights import matrix_view
 from dairllm.formats.modelfile import Arch, ModelFile
 from dairllm.formats.quant import FloatType
 from dairllm.store.experts import ExpertCache
-from dairllm.store.residency import PAGE, model_units
-from dairllm.store.store import (DirectFiller, MappedExpertFiller, PreadFiller, Slot,
-                                 StoreStats)
+from dairllm.store.residency import PAGE, mapping_blocks, model_units
+from dairllm.store.disk import drop_from_page_cache
+from dairllm.store.store import (DirectFiller, InPlaceExpertFiller, MappedExpertFiller,
+                                 PreadFiller, Slot, StoreStats)
 
-FILLERS = {"buffered": PreadFiller, "direct": DirectFiller, "mapped": MappedExpertFiller}
+FILLERS = {"buffered": PreadFiller, "direct": DirectFiller, "mapped": MappedExpertFiller,
+           "in place": InPlaceExpertFiller}
 
 N_EXPERTS, K = 8, 2
 
@@ -30,6 +33,14 @@ def moe_path(tiny_model):
     return tiny_model(Arch.QWEN3_MOE, FloatType.Q40, n_layers=3, vocab_size=96, dim=128,
                       hidden_dim=256, moe_hidden_dim=96, n_heads=4, n_kv_heads=1, head_dim_key=32,
                       n_experts=N_EXPERTS, n_active_experts=K)
+
+
+@pytest.fixture(scope="module")
+def big_moe_path(tiny_model):
+    """Experts of 0.88 MB: a 2 MiB block (what one fault may map) holds parts of two or three."""
+    return tiny_model(Arch.QWEN3_MOE, FloatType.Q40, n_layers=3, vocab_size=96, dim=1024,
+                      hidden_dim=256, moe_hidden_dim=512, n_heads=8, n_kv_heads=1,
+                      head_dim_key=128, n_experts=N_EXPERTS, n_active_experts=K)
 
 
 class Recorder:
@@ -53,13 +64,21 @@ class Recorder:
         self.filler.load(slot, start, end)
 
 
+def make_filler(io: str, mf, fd: int, units):
+    moe = [u for u in units if u.experts]
+    if io == "in place":
+        return InPlaceExpertFiller(mf, fd, max(u.expert_slot_bytes for u in moe), False,
+                                   [a for u in moe for a in u.expert_areas])
+    return FILLERS[io](mf, fd, max(u.expert_page_bytes for u in moe), False)
+
+
 def open_cache(path, n_slots: int, io: str = "buffered", hold: bool = False,
                read_ahead: bool = False):
     mf = ModelFile(path)
     units = model_units(mf.layout)
-    slot_bytes = max(u.expert_page_bytes for u in units if u.experts)
     fd = os.open(path, os.O_RDONLY)
-    filler = FILLERS[io](mf, fd, slot_bytes, False)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)      # as the store's
+    filler = make_filler(io, mf, fd, units)
     rec = Recorder(filler, hold)
     slots = [Slot(i) for i in range(n_slots)]
     for s in slots:
@@ -236,28 +255,125 @@ def file_bytes(fd, spans) -> bytes:
     return b"".join(os.pread(fd, b - a, a) for a, b in spans)
 
 
-def test_mapped_slots_stay_within_the_cache(moe_path):
-    """Mapped experts: after every layer of random routing, the file's resident mapped pages
-    are at most the header's and the cache's slots (an expert's pages each), however
-    many experts went through; the bytes handed out are the file's (compared with pread, which
-    does not map them)."""
-    n_slots = 3
-    mf, units, cache, rec, stats, fd = open_cache(moe_path, n_slots, io="mapped")
-    slot_bytes = max(u.expert_page_bytes for u in units if u.experts)
-    before = file_rss(moe_path)            # the header's pages
-    rng = np.random.default_rng(3)
+def read_afresh(path) -> None:
+    """The file evicted from the page cache and read again sequentially, a page per read: the
+    kernel's readahead then grows its folios to huge ones (2 MiB, mapped by one entry; measured
+    on ext4 here: 80% of a 25 MB file, none with 1 MiB reads), which a single fault maps whole."""
+    drop_from_page_cache(path)
+    fd = os.open(path, os.O_RDONLY)
     try:
-        for _ in range(20):
-            cache.new_pass()
-            for u in units[:-1]:
-                ids = sorted(int(e) for e in rng.choice(N_EXPERTS, size=K, replace=False))
-                cache.prefetch(u, ids)
-                for e in ids:
-                    got = cache.acquire(u, e)
-                    raw = b"".join(np.asarray(m.data).view(np.uint8).tobytes()
-                                   for m in (got.w1, got.w2, got.w3))
-                    assert raw == file_bytes(fd, u.experts[e]), (u.index, e)
-                assert file_rss(moe_path) <= before + n_slots * slot_bytes
+        while os.read(fd, PAGE):
+            pass
+    finally:
+        os.close(fd)
+
+
+def cached(mf, offset: int) -> bool:
+    """Whether the page cache holds the page at `offset` (mincore: reads nothing, unlike a
+    read that fails for want of the page, which starts reading it)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    vec = ctypes.create_string_buffer(1)
+    page = mf.buffer.ctypes.data + offset // PAGE * PAGE
+    assert libc.mincore(ctypes.c_void_p(page), ctypes.c_size_t(1), vec) == 0, ctypes.get_errno()
+    return vec.raw[0] & 1 == 1
+
+
+def read_in_pages(path) -> None:
+    """The file evicted from the page cache and read back a page at a time, backwards: the
+    cache then holds single pages, which a fault maps with their fault-around block."""
+    drop_from_page_cache(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        for off in range(os.fstat(fd).st_size // PAGE * PAGE, -1, -PAGE):
+            os.pread(fd, 1, off)
+    finally:
+        os.close(fd)
+
+
+def mapped_pages(mf) -> set:
+    """File offsets of the pages of mf's mapping that are mapped now (/proc/self/pagemap)."""
+    base, n = mf.buffer.ctypes.data, -(-mf.buffer.size // PAGE)
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(base // PAGE * 8)
+        entries = np.frombuffer(f.read(8 * n), dtype="<u8")
+    return {int(i) * PAGE for i in np.flatnonzero(entries >> np.uint64(63))}
+
+
+def random_routing(cache, units, passes: int, check) -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(passes):
+        cache.new_pass()
+        for u in units[:-1]:
+            ids = sorted(int(e) for e in rng.choice(N_EXPERTS, size=K, replace=False))
+            cache.prefetch(u, ids)
+            for e in ids:
+                check(u, e, cache.acquire(u, e))
+
+
+@pytest.mark.parametrize("folios", ["huge", "pages"])
+def test_mapped_into_slots_stays_within_the_cache(big_moe_path, folios):
+    """Experts mapped into slots: after every layer of random routing, the file's resident
+    mapped pages are at most the header's and the slots' (an expert's pages each); the bytes
+    handed out are the file's (compared with pread, which does not map them)."""
+    (read_afresh if folios == "huge" else read_in_pages)(big_moe_path)
+    n_slots = 2
+    mf, units, cache, rec, stats, fd = open_cache(big_moe_path, n_slots, io="mapped")
+    before = file_rss(big_moe_path)        # the header's pages
+
+    def check(u, e, got):
+        raw = b"".join(np.asarray(m.data).view(np.uint8).tobytes() for m in (got.w1, got.w2, got.w3))
+        assert raw == file_bytes(fd, u.experts[e]), (u.index, e)
+        assert file_rss(big_moe_path) <= before + n_slots * rec.filler.slot_bytes
+    try:
+        random_routing(cache, units, 20, check)
         assert stats.expert_evictions > 20
+    finally:
+        close(mf, cache, fd)
+
+
+@pytest.mark.parametrize("folios", ["huge", "pages"])
+def test_in_place_maps_only_what_the_slots_account_for(big_moe_path, folios):
+    """Experts mapped in place, with the file cached in huge folios (as a sequential read leaves
+    it: a fault maps 2 MiB) or in single pages (a fault maps its fault-around block): after every
+    expert handed out, every mapped page of the experts' areas is inside the blocks of an
+    expert the cache holds now (what its slot accounts for), however many went through; the
+    bytes handed out are the file's."""
+    (read_afresh if folios == "huge" else read_in_pages)(big_moe_path)
+    mf, units, cache, rec, stats, fd = open_cache(big_moe_path, 2, io="in place")
+    experts = {p for u in units for a, b in u.expert_areas          # pages no core shares
+               for p in range(-(-a // PAGE) * PAGE, b // PAGE * PAGE, PAGE)}
+
+    def check(u, e, got):
+        assert same_bytes(mf, u.index, e, got), (u.index, e)
+        allowed = {p for l, x in cache.holding()
+                   for a, b in mapping_blocks(units[l].experts[x]) for p in range(a, b, PAGE)}
+        stray = (mapped_pages(mf) & experts) - allowed     # (a core's pages are the plan's)
+        assert not stray, f"{len(stray)} expert pages mapped outside the cached experts' blocks"
+    try:
+        random_routing(cache, units, 20, check)
+        assert stats.expert_evictions > 20
+    finally:
+        close(mf, cache, fd)
+
+
+def test_in_place_maps_cached_experts_at_once_and_reads_the_others(big_moe_path):
+    """In place, an expert the page cache holds is mapped on the spot (no I/O thread); one it
+    does not hold is read by the I/O threads, exactly its bytes. Both hand out the file's."""
+    read_afresh(big_moe_path)
+    mf, units, cache, rec, stats, fd = open_cache(big_moe_path, 4, io="in place")
+    try:
+        cache.new_pass()
+        got = run_batch(cache, units[0], [0, 3])
+        assert rec.loads == [] and stats.expert_reads == 2
+        assert all(same_bytes(mf, 0, e, w) for e, w in got.items())
+        drop_from_page_cache(big_moe_path)     # layer 2's experts are mapped by nobody
+        u, cold = units[2], [1, 6]             # 3.5 MB apart: one's read brings in none of the other
+        assert not any(cached(mf, (s + e) // 2) for e_ in cold for s, e in u.experts[e_])
+        cache.new_pass()
+        got = run_batch(cache, u, cold)
+        assert sorted(rec.loads) == sorted(s for e in cold for s in u.experts[e])
+        assert stats.expert_reads == 4
+        assert all(same_bytes(mf, 2, e, w) for e, w in got.items())
     finally:
         close(mf, cache, fd)

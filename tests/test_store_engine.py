@@ -273,3 +273,20 @@ def test_expert_reads_identical(models, wt):
             with open_budgeted(path, budget, expert_io=io) as m:
                 assert m.weights.expert_io == (io or "mapped")
                 assert np.array_equal(run(m), want), (budget, io)
+
+
+def test_experts_mapped_in_place_identical(tiny_model):
+    """Experts of 0.9 MB (a 2 MiB block holds parts of two or three): with room for whole
+    blocks the mapped cache maps them in place (views of the model's own mapping), below that
+    into slots; the same logits either way, experts going through the cache."""
+    path = tiny_model(Arch.QWEN3_MOE, FloatType.Q40, n_layers=2, vocab_size=128, seq_len=SEQ,
+                      dim=1024, hidden_dim=256, moe_hidden_dim=512, n_heads=8, n_kv_heads=1,
+                      head_dim_key=128, n_experts=16, n_active_experts=2)
+    want = resident_logits(path)
+    for budget, how in (("75%", "in place"), (minimum(path), "into slots")):
+        with open_budgeted(path, budget) as m:
+            store = m.weights
+            assert (store.expert_io, store.expert_filler) == ("mapped", how), budget
+            assert not store.residency.experts_resident
+            assert np.array_equal(run(m), want), budget
+            assert store.stats.expert_evictions > 0

@@ -75,6 +75,7 @@ class ExpertCache:
         self._free = list(slots)
         self.n_slots = len(slots)
         self._entries: dict[tuple, _Entry] = {}
+        self._stable: dict[tuple, ExpertWeights] = {}     # views that never move (in place)
         self._heap: list = []            # (rank, key); stale when the entry's rank moved on
         self._batch: dict[tuple, None] = {}   # keys announced for the layer being computed
         self._current: "tuple | None" = None  # handed out last: the forward pass computes it
@@ -130,9 +131,14 @@ class ExpertCache:
         self._read_ahead(unit)
         return entry.weights
 
+    def holding(self) -> list:
+        """The (layer, expert) keys that have a slot now (read, or being read)."""
+        return list(self._entries)
+
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._entries.clear()
+        self._stable.clear()
         self._heap.clear()
         self._filler.close()
 
@@ -161,9 +167,23 @@ class ExpertCache:
         spans = unit.experts[e]
         slot.unit = _SpanUnit(spans)
         self._filler.assign(slot, slot.unit)
-        entry = _Entry((unit.index, e), slot, self._pool.submit(self._read, slot, spans))
+        read = self._read_now(slot, spans) or self._pool.submit(self._read, slot, spans)
+        entry = _Entry((unit.index, e), slot, read)
         self._entries[entry.key] = entry
         return entry
+
+    def _read_now(self, slot, spans) -> "Future | None":
+        """The read done here if the filler can do it at once (an expert mapped in place from
+        a warm page cache): cheaper than a thread's wake-up."""
+        load_now = getattr(self._filler, "load_now", None)
+        t0 = time.perf_counter()
+        if load_now is None or not load_now(slot, spans):
+            return None
+        with self._lock:
+            self._stats.read_seconds += time.perf_counter() - t0
+        done: Future = Future()
+        done.set_result(None)
+        return done
 
     def _read(self, slot, spans) -> None:
         t0 = time.perf_counter()
@@ -182,9 +202,14 @@ class ExpertCache:
         self._free.append(entry.slot)
 
     def _views(self, slot, layer: int, e: int) -> ExpertWeights:
-        src = self._source(slot)
-        p = f"layers.{layer}.experts.{e}."
-        return ExpertWeights(*(matrix_view(src, p + n) for n in ("w1", "w2", "w3")))
+        w = self._stable.get((layer, e))
+        if w is None:
+            src = self._source(slot)
+            p = f"layers.{layer}.experts.{e}."
+            w = ExpertWeights(*(matrix_view(src, p + n) for n in ("w1", "w2", "w3")))
+            if getattr(self._filler, "stable_views", False):    # in place: same views each time
+                self._stable[(layer, e)] = w
+        return w
 
     # -- policy ---------------------------------------------------------------------------------
 

@@ -81,6 +81,26 @@ class Unit:
         return max((expert_pages(spans) for spans in self.experts), default=0)
 
     @property
+    def expert_slot_bytes(self) -> int:
+        """What one expert read in place may keep mapped (the MAP_BLOCKs its spans touch,
+        store.InPlaceExpertFiller): the expert cache's slot at most."""
+        areas = self.expert_areas
+        return max((sum(b - a for a, b in mapping_blocks(spans, areas)) for spans in self.experts),
+                   default=0)
+
+    @property
+    def expert_areas(self) -> tuple:
+        """The file ranges its routed experts fill (one per expert tensor group)."""
+        return merge_spans(s for ex in self.experts for s in ex)
+
+    @property
+    def expert_margin_bytes(self) -> int:
+        """Expert pages that faults on the core's own pages may map: those in the MAP_BLOCKs an
+        expert area shares with what is beside it (read in place; the cache keeps room)."""
+        return sum(min(e - s, -(-s // MAP_BLOCK) * MAP_BLOCK - s + e % MAP_BLOCK)
+                   for s, e in self.expert_areas)
+
+    @property
     def experts_page_bytes(self) -> int:
         """What all of its experts keep mapped (the expert cache's accounting)."""
         return sum(expert_pages(spans) for spans in self.experts)
@@ -93,6 +113,31 @@ class Unit:
 def expert_pages(spans) -> int:
     """Bytes of the pages that hold `spans` (each span widened to page boundaries)."""
     return sum(-(-e // PAGE) * PAGE - s // PAGE * PAGE for s, e in spans)
+
+
+def _huge_page_bytes() -> int:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 2 << 20
+
+
+# The most a page fault on a file mapping maps at once: the kernel maps the page cache's whole
+# folio around the page (up to one huge page, mapped by one PMD entry when the folio is that
+# large and aligned; sequential reads leave a file's cache in such folios) or the fault-around
+# block of cached pages. Both lie inside the aligned block of this size around the fault.
+MAP_BLOCK = _huge_page_bytes()
+
+
+def mapping_blocks(spans, within: tuple = ()) -> tuple:
+    """`spans` widened to the MAP_BLOCKs they touch (what read faults inside them may map),
+    cut to the ranges `within` (sorted) if given."""
+    blocks = tuple((s - s % MAP_BLOCK, -(-e // MAP_BLOCK) * MAP_BLOCK) for s, e in spans)
+    if not within:
+        return blocks
+    return tuple((max(a, s), min(b, e)) for a, b in blocks for s, e in within
+                 if min(b, e) > max(a, s))
 
 
 MERGE_GAP = 256       # GGUF pads tensors to 32 bytes: read the padding rather than split a span
